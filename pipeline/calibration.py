@@ -1,0 +1,157 @@
+"""Calibrated stacking for GZSL (Chao et al., ECCV 2016) and the validation split to tune it.
+
+A GZSL model trained on seen classes scores them too high, so almost every test image is predicted
+as a seen class. Calibrated stacking subtracts a constant ``gamma`` from every seen-class score.
+
+``gamma`` is a hyper-parameter and must be chosen **without test-unseen labels**. Following Xian et
+al. ("ZSL - the Good, the Bad and the Ugly"), the caller splits the *seen* classes class-wise with
+:func:`split_seen_classes` into pseudo-seen classes (trained on) and pseudo-unseen classes (held
+out), trains on ``train_mask``, scores the ``val_mask`` samples and passes those scores to
+:func:`tune_gamma`. Nothing in this module accepts, or may be given, labels or scores of test
+samples of unseen classes: ``tune_gamma`` only ever sees the validation set built from seen
+classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["apply_calibrated_stacking", "tune_gamma", "split_seen_classes"]
+
+_TIE_TOL = 1e-12
+
+
+def apply_calibrated_stacking(scores: np.ndarray, seen_mask: np.ndarray, gamma: float) -> np.ndarray:
+    """Return ``scores - gamma * seen_mask`` as a new float64 array (the input is not modified).
+
+    Args:
+        scores: ``(n, C)`` class scores.
+        seen_mask: ``(C,)`` boolean, True for seen-class columns.
+        gamma: amount subtracted from every seen-class score.
+    """
+    arr = np.asarray(scores, dtype=np.float64)
+    mask = np.asarray(seen_mask)
+    if arr.ndim != 2:
+        raise ValueError(f"scores must be 2-D (n, C), got shape {arr.shape}")
+    if mask.dtype != np.bool_:
+        raise ValueError(f"seen_mask must be boolean, got dtype {mask.dtype}")
+    if mask.shape != (arr.shape[1],):
+        raise ValueError(f"seen_mask shape {mask.shape} does not match {arr.shape[1]} score columns")
+    g = float(gamma)
+    if not np.isfinite(g):
+        raise ValueError(f"gamma must be finite, got {gamma!r}")
+    return arr - np.where(mask, g, 0.0)  # a new array; seen columns get exactly s - g
+
+
+def tune_gamma(
+    scores_val: np.ndarray,
+    y_val: np.ndarray,
+    seen_idx: Sequence[int],
+    unseen_idx: Sequence[int],
+    n_points: int = 200,
+) -> tuple[float, dict[str, Any]]:
+    """Pick the ``gamma`` that maximises GZSL ``H`` on a validation set built from seen classes.
+
+    Args:
+        scores_val: ``(n_val, C)`` scores of the validation samples.
+        y_val: their labels (column indices), each in ``seen_idx`` or ``unseen_idx``.
+        seen_idx: columns of the pseudo-seen classes (those the model was trained on).
+        unseen_idx: columns of the pseudo-unseen classes (seen classes held out from training).
+        n_points: size of the gamma grid (``gamma = 0`` is always added to it).
+
+    Returns:
+        ``(gamma, info)`` with ``info = {"seen", "unseen", "H", "gammas", "H_grid"}``: the
+        validation accuracies at the chosen gamma, the grid searched and ``H`` along it. Ties
+        are broken towards the smallest ``|gamma|``.
+    """
+    from pipeline import evaluation as ev  # lazy: evaluation imports this module
+
+    s, y = ev._scores(scores_val, y_val)
+    if s.shape[0] == 0:
+        raise ValueError("tune_gamma got an empty validation set")
+    if int(n_points) < 2:
+        raise ValueError(f"n_points must be >= 2, got {n_points}")
+    seen, unseen, is_seen, is_unseen = ev._check_split(s, y, seen_idx, unseen_idx)
+    if not is_seen.any() or not is_unseen.any():
+        raise ValueError(f"validation set needs samples of both pseudo-seen and pseudo-unseen "
+                         f"classes, got {int(is_seen.sum())} and {int(is_unseen.sum())}")
+    gammas = np.union1d(ev._gamma_grid(s, seen, unseen, int(n_points)), [0.0])
+    acc_s, acc_u = ev._curve(s, y, seen, unseen, is_seen, is_unseen, gammas)
+    h = np.array([ev.harmonic_mean(a, b) for a, b in zip(acc_s, acc_u)])
+    best = np.nanmax(h)
+    cands = np.flatnonzero(h >= best - _TIE_TOL)
+    i = int(min(cands, key=lambda k: (abs(gammas[k]), gammas[k])))
+    info = {
+        "seen": float(acc_s[i]),
+        "unseen": float(acc_u[i]),
+        "H": float(h[i]),
+        "gammas": gammas.tolist(),
+        "H_grid": h.tolist(),
+    }
+    LOG.debug("tuned gamma=%.6g val S=%.4f U=%.4f H=%.4f", gammas[i], acc_s[i], acc_u[i], h[i])
+    return float(gammas[i]), info
+
+
+def split_seen_classes(
+    labels: np.ndarray,
+    seen_classes: Sequence[int],
+    *,
+    val_class_fraction: float,
+    val_sample_fraction: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """Class-wise split of the seen classes into pseudo-seen / pseudo-unseen (Xian et al.).
+
+    A seeded random ``round(val_class_fraction * k)`` of the ``k`` seen classes (at least 1, at
+    most ``k - 2``) becomes pseudo-unseen: all their samples go to validation. From each
+    pseudo-seen class ``round(val_sample_fraction * n_c)`` samples (at least 1 and at most
+    ``n_c - 1`` when ``n_c >= 2``) also go to validation; the rest form the training set.
+    Samples whose label is not in ``seen_classes`` are in neither mask.
+
+    Args:
+        labels: class index per sample (training pool, seen classes only in practice).
+        seen_classes: the seen classes to split; at least 3.
+        val_class_fraction: fraction of seen classes held out as pseudo-unseen, in (0, 1).
+        val_sample_fraction: fraction of each pseudo-seen class's samples for validation, in (0, 1).
+        seed: random seed; the split is a deterministic function of all arguments.
+
+    Returns:
+        ``(train_mask, val_mask, pseudo_seen, pseudo_unseen)``; masks are boolean over samples,
+        class lists are sorted.
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {y.shape}")
+    classes = sorted({int(c) for c in seen_classes})
+    if len(classes) < 3:
+        raise ValueError(f"need at least 3 seen classes to split, got {classes}")
+    for name, frac in (("val_class_fraction", val_class_fraction),
+                       ("val_sample_fraction", val_sample_fraction)):
+        if not 0.0 < float(frac) < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {frac!r}")
+    rng = np.random.default_rng(seed)
+    k = len(classes)
+    n_unseen = min(max(1, int(round(val_class_fraction * k))), k - 2)
+    chosen = rng.choice(np.array(classes), size=n_unseen, replace=False)
+    pseudo_unseen = sorted(int(c) for c in chosen)
+    pseudo_seen = [c for c in classes if c not in set(pseudo_unseen)]
+
+    train_mask = np.zeros(y.shape[0], dtype=bool)
+    val_mask = np.isin(y, pseudo_unseen)
+    for c in pseudo_seen:
+        idx = np.flatnonzero(y == c)
+        n_c = idx.size
+        n_val = 0
+        if n_c >= 2:
+            n_val = min(max(1, int(round(val_sample_fraction * n_c))), n_c - 1)
+        picked = rng.permutation(idx)
+        val_mask[picked[:n_val]] = True
+        train_mask[picked[n_val:]] = True
+    LOG.debug("split %d seen classes: %d pseudo-seen, %d pseudo-unseen; %d train, %d val samples",
+              k, len(pseudo_seen), len(pseudo_unseen), int(train_mask.sum()), int(val_mask.sum()))
+    return train_mask, val_mask, pseudo_seen, pseudo_unseen

@@ -1,0 +1,232 @@
+"""Typed, validated configuration for every job: the one source of truth.
+
+Each job has one pydantic model. Unknown keys are rejected (``extra="forbid"``), so a typo in a
+YAML file or an override fails loudly instead of being ignored. Jobs build a config from
+``conf/base.yaml`` + ``conf/<job>.yaml`` + command-line flags with :func:`build_config`; the
+library only ever sees the validated object.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "ConfigError",
+    "ExtractConfig",
+    "ClassesConfig",
+    "TrainConfig",
+    "EvaluateConfig",
+    "LabelConfig",
+    "IndexConfig",
+    "SearchConfig",
+    "AddClassesConfig",
+    "CONFIGS",
+    "build_config",
+    "parse_memory",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work is done."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {name}.",
+    "a picture of a {name}.",
+    "an image showing a {name}.",
+    "a drawing of a {name}.",
+    "a silhouette of a {name}.",
+)
+
+
+class ExtractConfig(_Config):
+    """``zsl extract``: image shards -> feature Parquet shards."""
+
+    input: str = Field(description="Folder of images, .tar shards, or Parquet with image bytes (local or fsspec URI).")
+    output: str = Field(description="Output directory (local or fsspec URI).")
+    input_format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
+    image_column: str = "image"
+    label_column: str = "label"
+    encoder: str = Field("effnet-lite0", description="'effnet-lite0' or 'open_clip:<arch>'.")
+    pretrained: str | None = Field(
+        None, description="open_clip checkpoint path or pretrained tag; 'random' allows random weights (tests)."
+    )
+    shard_size: int = Field(256, gt=0, description="Images per shard for folder inputs.")
+    batch_size: int = Field(64, gt=0, description="Images per encoder forward pass.")
+    num_actors: int | None = Field(None, gt=0, description="Encoder actors; default: GPUs, or CPUs - 1.")
+    address: str | None = Field(None, description="Ray cluster address; default starts a local cluster.")
+    max_image_pixels: int = Field(89_478_485, gt=0, description="Refuse images with more pixels (decompression bombs).")
+    limit: int | None = Field(None, gt=0, description="Only the first N shards (smoke runs).")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ClassesConfig(_Config):
+    """``zsl classes``: class table -> class embeddings."""
+
+    input: str = Field(description="Class table: CSV, YAML or Parquet (name[, description][, attributes...]).")
+    output: str
+    text_model: str = Field("minilm", description="'minilm' (offline default) or 'open_clip:<arch>'.")
+    pretrained: str | None = None
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    name_column: str = "name"
+    description_column: str = "description"
+    attribute_normalization: Literal["l2", "zscore", "none"] = "l2"
+    missing_attributes: Literal["error", "column_mean", "zero"] = "error"
+    missing_value: float | None = Field(-1.0, description="Attribute value that means 'missing' (AwA uses -1).")
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_name(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one prompt template is needed")
+        for t in v:
+            if "{name}" not in t:
+                raise ValueError(f"template {t!r} has no '{{name}}' placeholder")
+        return v
+
+
+class TrainConfig(_Config):
+    """``zsl train``: seen-class features + class semantics -> a ZSL model directory."""
+
+    features: str
+    classes: str
+    seen: tuple[str, ...] = Field(description="Seen class names (training classes).")
+    method: Literal["eszsl", "devise"] = "devise"
+    semantics: Literal["text", "attributes", "both"] = "text"
+    output: str
+    # ESZSL regularisers (gamma: feature side, lambda: semantic side), as 10**k.
+    eszsl_gamma: float = Field(1.0, gt=0)
+    eszsl_lambda: float = Field(1.0, gt=0)
+    # DeViSE-style projection.
+    epochs: int = Field(30, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    margin: float = Field(0.2, ge=0)
+    ridge: float = Field(10.0, gt=0, description="Ridge penalty of the closed-form initialisation.")
+    weight_decay: float = Field(1e-4, ge=0)
+    calibration: bool = Field(True, description="Tune calibrated stacking on held-out seen classes.")
+    val_class_fraction: float = Field(0.3, gt=0, lt=1)
+    val_sample_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+
+
+class EvaluateConfig(_Config):
+    model: str
+    features: str
+    classes: str
+    unseen: tuple[str, ...]
+    json_path: str | None = None
+    html: str | None = None
+    allow_train_features: bool = False
+
+
+class LabelConfig(_Config):
+    model: str
+    features: str
+    classes: str
+    output: str
+    top_k: int = Field(5, gt=0)
+    calibrated: bool = True
+    batch_size: int = Field(65_536, gt=0)
+    overwrite: bool = False
+
+
+class IndexConfig(_Config):
+    features: str
+    model: str
+    output: str
+    max_memory: str = Field("4G", description="Memory budget for the index, e.g. '512M', '16G'.")
+    index_factory: str | None = Field(None, description="Force a FAISS index_factory string.")
+    nprobe: int | None = Field(None, gt=0)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_parses(cls, v: str) -> str:
+        parse_memory(v)
+        return v
+
+
+class SearchConfig(_Config):
+    index: str
+    text: str
+    k: int = Field(10, gt=0)
+
+
+class AddClassesConfig(_Config):
+    model: str
+    classes: str
+    input: str
+    relabel: str | None = Field(None, description="A `zsl label` output directory to re-label in place.")
+
+
+CONFIGS: dict[str, type[_Config]] = {
+    "extract": ExtractConfig,
+    "classes": ClassesConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "label": LabelConfig,
+    "index": IndexConfig,
+    "search": SearchConfig,
+    "add-classes": AddClassesConfig,
+}
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_memory(text: str | int) -> int:
+    """Parse a memory size such as ``"16G"`` into bytes.
+
+    >>> parse_memory("16G")
+    17179869184
+    >>> parse_memory("512M")
+    536870912
+    >>> parse_memory("1.5K")
+    1536
+    >>> parse_memory(100)
+    100
+    """
+    if isinstance(text, int):
+        if text <= 0:
+            raise ValueError(f"memory size must be positive, got {text}")
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot parse memory size {text!r}; use e.g. '512M' or '16G'")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return int(value)
+
+
+def build_config(job: str, *layers: dict[str, Any] | None) -> _Config:
+    """Merge config layers (later wins; ``None`` values are skipped) and validate them.
+
+    Raises :class:`ConfigError` with a one-line message naming the bad field.
+    """
+    cls = CONFIGS[job]
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if value is not None:
+                merged[key.replace("-", "_")] = value
+    try:
+        return cls(**merged)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(sorted(cls.model_fields))
+                problems.append(f"unknown key '{loc}' for {job} (known: {known})")
+            elif err["type"] == "missing":
+                problems.append(f"missing required '{loc}'")
+            else:
+                problems.append(f"'{loc}': {err['msg']}")
+        raise ConfigError(f"{job} config: " + "; ".join(problems)) from None

@@ -1,0 +1,166 @@
+"""Filesystem helpers over fsspec: URIs, atomic writes, manifests.
+
+Every output file is written to a temporary name beside its final name and renamed into place,
+so a reader never sees a partial file and a killed job leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "filesystem",
+    "join",
+    "exists",
+    "makedirs",
+    "list_files",
+    "read_bytes",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "read_json",
+    "write_parquet_atomic",
+    "read_parquet_dir",
+    "iter_parquet_files",
+    "fingerprint",
+    "TMP_PREFIX",
+]
+
+TMP_PREFIX = "._tmp-"
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for a local path or any fsspec URI."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def _protocol_prefix(uri: str) -> str:
+    return "" if "://" not in str(uri) else str(uri).split("://", 1)[0] + "://"
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None, recursive: bool = True) -> list[str]:
+    """Sorted file URIs under ``uri`` (skipping temporary and hidden files)."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri}: no such file or directory")
+    if fs.isfile(path):
+        found = [path]
+    elif recursive:
+        found = fs.find(path)
+    else:
+        found = [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
+    prefix = _protocol_prefix(uri)
+    out = []
+    for p in sorted(found):
+        name = p.rsplit("/", 1)[-1]
+        if name.startswith("."):
+            continue
+        if suffixes and not name.lower().endswith(suffixes):
+            continue
+        out.append(prefix + p if prefix and not p.startswith(prefix) else p)
+    return out
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def _tmp_name(path: str) -> str:
+    head, _, tail = path.rpartition("/")
+    return f"{head}/{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{tail}" if head else f"{TMP_PREFIX}{tail}"
+
+
+def _commit(fs: fsspec.AbstractFileSystem, tmp: str, path: str) -> None:
+    if isinstance(fs, LocalFileSystem):
+        os.replace(tmp, path)  # atomic on POSIX
+    else:
+        fs.mv(tmp, path)  # object stores: the final key appears in one PUT/copy
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    parent = path.rpartition("/")[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+            if hasattr(f, "flush"):
+                f.flush()
+            if hasattr(f, "fileno"):
+                try:
+                    os.fsync(f.fileno())
+                except (OSError, ValueError, AttributeError, NotImplementedError):
+                    pass
+        _commit(fs, tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def write_json_atomic(uri: str, obj: Any) -> None:
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    try:
+        return json.loads(read_bytes(uri))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{uri}: not valid JSON ({exc})") from None
+
+
+def write_parquet_atomic(uri: str, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+
+
+def iter_parquet_files(uri: str) -> Iterator[str]:
+    yield from list_files(uri, suffixes=(".parquet",), recursive=False)
+
+
+def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read every finished ``*.parquet`` file directly under ``uri`` in name order."""
+    files = list(iter_parquet_files(uri))
+    if not files:
+        raise FileNotFoundError(f"{uri}: no .parquet files")
+    fs, _ = filesystem(uri)
+    tables = []
+    for f in files:
+        _, p = filesystem(f)
+        tables.append(pq.read_table(p, columns=columns, filesystem=fs))
+    return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a JSON-able object (configs, class sets)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

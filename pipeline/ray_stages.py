@@ -1,0 +1,182 @@
+"""The only Ray code: cluster start-up and the extraction dataflow on Ray Data.
+
+Dataflow (one Ray Data pipeline, streaming):
+
+    shard specs --map_batches(decode_shard, CPU tasks)--> pixels
+                --map_batches(EncodeActor, actor pool, GPU if any)--> embeddings
+                --iter_batches--> driver, which groups rows by shard and writes each shard atomically.
+
+The mappers (:func:`decode_shard`, :class:`EncodeActor`) are plain Python, testable without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipeline.images import DecodeError, decode_image
+from pipeline.shards import Shard, read_shard
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["init_ray", "decode_shard", "EncodeActor", "ResourcePlan", "plan_resources", "run_extraction"]
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` or start a local cluster sized to this machine (idempotent)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    kwargs = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=True,
+                  logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # Ray's session files stay out of the working tree (and socket paths short).
+        temp_dir = os.environ.get("ZSL_RAY_TMPDIR", os.path.join(tempfile.gettempdir(), "zsl-ray"))
+        ray.init(num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir, **kwargs)
+
+
+def decode_shard(batch: dict, *, image_size: int, max_pixels: int, image_column: str,
+                 label_column: str) -> dict:
+    """Ray mapper (CPU task): shard specs -> decoded rows. Broken items become error rows."""
+    cols: dict[str, list] = {k: [] for k in
+                             ("shard_id", "shard_n", "image_id", "uri", "label", "caption", "width", "height",
+                              "error", "stage")}
+    pixels: list[np.ndarray] = []
+    blank = np.zeros((image_size, image_size, 3), np.uint8)
+    for spec in batch["shard"]:
+        shard = Shard.from_json(str(spec))
+        rows = []
+        try:
+            for rec in read_shard(shard, image_column=image_column, label_column=label_column):
+                px, w, h, err, stage = blank, 0, 0, rec.error, "read" if rec.error else ""
+                if err is None:
+                    try:
+                        px, w, h = decode_image(rec.data, size=image_size, max_pixels=max_pixels)
+                    except DecodeError as exc:
+                        err, stage = str(exc), "decode"
+                rows.append((rec, px, w, h, err, stage))
+        except (OSError, ValueError) as exc:  # the whole shard is unreadable
+            LOG.warning("shard %d (%s) unreadable: %s", shard.shard_id, shard.source, exc)
+            from pipeline.shards import Record
+
+            rows = [(Record(image_id=f"{shard.source}", uri=shard.source), blank, 0, 0,
+                     f"unreadable shard: {exc}", "read")]
+        for rec, px, w, h, err, stage in rows:
+            cols["shard_id"].append(shard.shard_id)
+            cols["shard_n"].append(len(rows))
+            cols["image_id"].append(rec.image_id)
+            cols["uri"].append(rec.uri)
+            cols["label"].append(rec.label or "")  # "" = none: Ray turns None in object columns into NaN
+            cols["caption"].append(rec.caption or "")
+            cols["width"].append(w)
+            cols["height"].append(h)
+            cols["error"].append(err or "")
+            cols["stage"].append(stage)
+            pixels.append(px)
+    out = {k: np.array(v, dtype=object) for k, v in cols.items()}
+    out["shard_id"] = np.asarray(cols["shard_id"], np.int64)
+    out["shard_n"] = np.asarray(cols["shard_n"], np.int64)
+    out["width"] = np.asarray(cols["width"], np.int32)
+    out["height"] = np.asarray(cols["height"], np.int32)
+    out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return out
+
+
+class EncodeActor:
+    """Ray mapper (actor): holds the image encoder, turns pixels into embeddings."""
+
+    def __init__(self, *, encoder: str, pretrained: str | None, device: str, threads: int) -> None:
+        import torch
+
+        from pipeline.encoders import load_image_encoder
+
+        torch.set_num_threads(max(1, threads))  # Ray sets OMP_NUM_THREADS=1 in workers
+        self.encoder = load_image_encoder(encoder, pretrained, device=device)
+
+    def __call__(self, batch: dict) -> dict:
+        pixels = batch.pop("pixels")
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        emb = np.zeros((len(ok), self.encoder.dim), np.float32)
+        if ok.any():
+            emb[ok] = self.encoder.encode(pixels[ok])
+            bad = ok & ~np.isfinite(emb).all(axis=1)
+            for i in np.flatnonzero(bad):
+                batch["error"][i], batch["stage"][i] = "encoder produced non-finite values", "encode"
+        batch["embedding"] = emb
+        return batch
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    num_actors: int
+    actor_cpus: float
+    actor_gpus: float
+    threads: int
+    device: str
+
+
+def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: str) -> ResourcePlan:
+    """Size the encoder pool so that decode tasks always keep at least one CPU.
+
+    >>> plan_resources(cpus=2, gpus=0, num_actors=None, device="auto")
+    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu')
+    >>> plan_resources(cpus=16, gpus=2, num_actors=None, device="auto")
+    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda')
+    """
+    use_gpu = gpus >= 1 and device in ("auto", "cuda")
+    if device == "cuda" and not use_gpu:
+        raise ValueError("device 'cuda' requested but the Ray cluster has no GPU")
+    if use_gpu:
+        n = num_actors or int(gpus)
+        return ResourcePlan(n, 1.0, 1.0, max(1, min(4, int(cpus) // (2 * n))), "cuda")
+    spare = max(0.5, cpus - 1)  # one CPU stays free for listing/reading/decoding
+    n = num_actors or max(1, min(4, int(math.ceil(spare))))
+    per = round(spare / n, 3)
+    # Logical CPUs keep a slot free for decode tasks; torch threads may use the whole core count.
+    return ResourcePlan(n, per, 0.0, max(1, int(cpus) // n), "cpu")
+
+
+def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None, image_size: int,
+                   batch_size: int, num_actors: int | None, device: str, max_pixels: int,
+                   image_column: str, label_column: str,
+                   on_rows: Callable[[dict], None]) -> ResourcePlan:
+    """Run decode + encode on Ray Data; hand each output batch (numpy dict) to ``on_rows``."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    res = ray.cluster_resources()
+    plan = plan_resources(cpus=res.get("CPU", 1), gpus=res.get("GPU", 0), num_actors=num_actors, device=device)
+    LOG.info("encoder pool: %s", plan)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ds = ray.data.from_items([{"shard": s.to_json()} for s in shards], override_num_blocks=len(shards))
+    # ray_remote_args_fn keeps Ray Data from fusing decoding into the encoder actors (fusion rules skip
+    # ops that have one): decoding stays in CPU tasks, the actors only encode.
+    ds = ds.map_batches(decode_shard, batch_size=1, batch_format="numpy", ray_remote_args_fn=lambda: {"num_cpus": 1},
+                        fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels,
+                                       image_column=image_column, label_column=label_column))
+    ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy",
+                        compute=ActorPoolStrategy(size=plan.num_actors),
+                        num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
+                        fn_constructor_kwargs=dict(encoder=encoder, pretrained=pretrained,
+                                                   device=plan.device, threads=plan.threads))
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        on_rows(batch)
+    return plan
+
+
+def iter_rows(batch: dict) -> Iterator[dict]:
+    keys = list(batch)
+    for i in range(len(batch[keys[0]])):
+        yield {k: batch[k][i] for k in keys}

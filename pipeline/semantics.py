@@ -1,0 +1,246 @@
+"""Class semantics: read class tables, embed names/descriptions, normalise attributes.
+
+A class table is CSV, YAML or Parquet. Recognised columns: ``name`` (or ``class``), optional
+``description``, and any number of numeric attribute columns (as in AwA/CUB/aPY attribute
+tables). YAML is either a list of ``{name, description, attributes: {attr: value}}`` mappings or
+``{classes: [...]}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import yaml
+
+from pipeline import io as zio
+from pipeline.schema import classes_schema
+
+LOG = logging.getLogger(__name__)
+
+__all__ = [
+    "ClassTable",
+    "read_class_table",
+    "display_name",
+    "class_prompts",
+    "embed_class_texts",
+    "normalize_attributes",
+    "class_set_table",
+    "load_class_set",
+    "ClassSet",
+]
+
+_NAME_COLUMNS = ("name", "class", "class_name")
+
+
+@dataclass
+class ClassTable:
+    """Parsed class table. ``attributes`` is ``(n, a)`` float with NaN for missing values."""
+
+    names: list[str]
+    descriptions: list[str | None]
+    attribute_names: list[str]
+    attributes: np.ndarray | None
+    source: str
+
+
+def display_name(name: str) -> str:
+    """Human text of a dataset class name.
+
+    >>> display_name("grizzly+bear")
+    'grizzly bear'
+    >>> display_name("002.Laysan_Albatross")
+    'Laysan Albatross'
+    """
+    name = re.sub(r"^\d+\.", "", name)
+    return re.sub(r"[+_]+", " ", name).strip()
+
+
+def _read_frame(uri: str) -> pd.DataFrame:
+    low = uri.lower()
+    try:
+        if low.endswith((".yaml", ".yml")):
+            raw = yaml.safe_load(zio.read_bytes(uri))
+            rows = raw.get("classes") if isinstance(raw, dict) else raw
+            if not isinstance(rows, list):
+                raise ValueError("expected a list of classes (or a 'classes:' list)")
+            flat = []
+            for i, r in enumerate(rows):
+                if isinstance(r, str):
+                    r = {"name": r}
+                if not isinstance(r, dict):
+                    raise ValueError(f"entry {i} is {type(r).__name__}, expected a mapping")
+                row = {k: v for k, v in r.items() if k != "attributes"}
+                attrs = r.get("attributes") or {}
+                if not isinstance(attrs, dict):
+                    raise ValueError(f"entry {i} ('{r.get('name')}'): attributes must be a mapping attr -> value")
+                row.update({f"attr:{k}": v for k, v in attrs.items()})
+                flat.append(row)
+            return pd.DataFrame(flat)
+        fs, path = zio.filesystem(uri)
+        if low.endswith(".parquet"):
+            return pd.read_parquet(path, filesystem=fs)
+        with fs.open(path, "r") as f:
+            return pd.read_csv(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: class table not found") from None
+    except (ValueError, yaml.YAMLError, pd.errors.ParserError) as exc:
+        raise ValueError(f"{uri}: cannot read class table: {exc}") from None
+
+
+def read_class_table(uri: str, *, name_column: str = "name", description_column: str = "description",
+                     missing_value: float | None = -1.0) -> ClassTable:
+    """Read and check a class table; raise ``ValueError`` naming the row/field on bad input."""
+    df = _read_frame(uri)
+    col = name_column if name_column in df.columns else next((c for c in _NAME_COLUMNS if c in df.columns), None)
+    if col is None:
+        raise ValueError(f"{uri}: no class-name column (looked for {name_column!r}, {', '.join(_NAME_COLUMNS)})")
+    names = df[col]
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not n.strip():
+            raise ValueError(f"{uri}: row {i + 1}: empty or non-text class name {n!r}")
+    names = [n.strip() for n in names]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{uri}: duplicate class names: {', '.join(dup)}")
+    descriptions: list[str | None] = [None] * len(names)
+    if description_column in df.columns:
+        descriptions = [d.strip() if isinstance(d, str) and d.strip() else None for d in df[description_column]]
+    attr_cols = [c for c in df.columns if c not in (col, description_column)]
+    attributes = None
+    attr_names: list[str] = []
+    if attr_cols:
+        bad = [c for c in attr_cols if not pd.api.types.is_numeric_dtype(df[c]) and not df[c].isna().all()]
+        if bad:
+            c = bad[0]
+            row = next(i for i, v in enumerate(df[c]) if not _is_number(v))
+            raise ValueError(f"{uri}: row {row + 1} ('{names[row]}'), attribute '{c}': not a number ({df[c][row]!r})")
+        attributes = df[attr_cols].to_numpy(dtype=np.float64)
+        if missing_value is not None:
+            attributes[attributes == missing_value] = np.nan
+        attr_names = [c[5:] if str(c).startswith("attr:") else str(c) for c in attr_cols]
+    return ClassTable(names, descriptions, attr_names, attributes, uri)
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def normalize_attributes(attributes: np.ndarray, *, method: str = "l2", missing: str = "error",
+                         names: Sequence[str] = (), attribute_names: Sequence[str] = ()) -> np.ndarray:
+    """Fill missing values as asked, then L2- or z-score-normalise per class row / per attribute."""
+    a = np.array(attributes, dtype=np.float64)
+    nan = np.isnan(a)
+    if nan.any():
+        if missing == "error":
+            r, c = map(int, np.argwhere(nan)[0])
+            who = names[r] if names else f"row {r + 1}"
+            attr = attribute_names[c] if attribute_names else f"column {c}"
+            raise ValueError(f"class '{who}', attribute '{attr}': missing value ({int(nan.sum())} missing in all);"
+                             " set missing_attributes to 'column_mean' or 'zero' to fill them")
+        if missing == "column_mean":
+            means = np.nanmean(np.where(nan.all(0), 0.0, a), axis=0) if nan.all(0).any() else np.nanmean(a, axis=0)
+            a[nan] = np.take(np.nan_to_num(means), np.argwhere(nan)[:, 1])
+        else:
+            a[nan] = 0.0
+        LOG.warning("filled %d missing attribute values with %s", int(nan.sum()), missing)
+    if method == "l2":
+        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    elif method == "zscore":
+        a = (a - a.mean(0)) / np.where(a.std(0) > 0, a.std(0), 1.0)
+    elif method != "none":
+        raise ValueError(f"unknown attribute normalisation {method!r}")
+    return a.astype(np.float32)
+
+
+def class_prompts(name: str, description: str | None, templates: Sequence[str]) -> list[str]:
+    """The texts averaged into a class embedding: each template, plus the description if any."""
+    text = display_name(name)
+    prompts = [t.format(name=text) for t in templates]
+    if description:
+        prompts.append(f"{text}: {description}")
+    return prompts
+
+
+def embed_class_texts(encoder, names: Sequence[str], descriptions: Sequence[str | None],
+                      templates: Sequence[str]) -> np.ndarray:
+    """Prompt-ensemble class embeddings: mean of normalised prompt embeddings, renormalised."""
+    prompts, owner = [], []
+    for i, (n, d) in enumerate(zip(names, descriptions)):
+        p = class_prompts(n, d, templates)
+        prompts += p
+        owner += [i] * len(p)
+    emb = encoder.encode(prompts)
+    out = np.zeros((len(names), emb.shape[1]), np.float64)
+    np.add.at(out, np.asarray(owner), emb)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out.astype(np.float32)
+
+
+@dataclass
+class ClassSet:
+    """Embedded classes as written by ``zsl classes``."""
+
+    names: list[str]
+    descriptions: list[str | None]
+    text: np.ndarray
+    attributes: np.ndarray | None
+    manifest: dict
+
+    def index_of(self, names: Sequence[str], what: str = "class") -> list[int]:
+        pos = {n: i for i, n in enumerate(self.names)}
+        missing = [n for n in names if n not in pos]
+        if missing:
+            raise ValueError(f"unknown {what}(es): {', '.join(missing)} (known: {', '.join(self.names)})")
+        return [pos[n] for n in names]
+
+    def semantics(self, kind: str) -> np.ndarray:
+        if kind == "text":
+            return self.text
+        if self.attributes is None:
+            raise ValueError(f"semantics '{kind}' needs attributes, but the class set has none")
+        if kind == "attributes":
+            return self.attributes
+        if kind == "both":
+            return np.hstack([self.text, self.attributes]) / np.sqrt(2.0)
+        raise ValueError(f"unknown semantics {kind!r}; use text, attributes or both")
+
+
+def class_set_table(names, descriptions, text: np.ndarray, attributes: np.ndarray | None) -> pa.Table:
+    n_attr = 0 if attributes is None else attributes.shape[1]
+    schema = classes_schema(text.shape[1], n_attr)
+    cols = {
+        "name": pa.array(names, pa.string()),
+        "description": pa.array(descriptions, pa.string()),
+        "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(text.reshape(-1), pa.float32()), text.shape[1]),
+    }
+    if n_attr:
+        cols["attributes"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(attributes.reshape(-1), pa.float32()), n_attr)
+    return pa.table(cols, schema=schema)
+
+
+def load_class_set(uri: str) -> ClassSet:
+    """Load a ``zsl classes`` output directory (``classes.parquet`` + ``manifest.json``)."""
+    manifest_uri = zio.join(uri, "manifest.json")
+    if not zio.exists(manifest_uri):
+        raise FileNotFoundError(f"{uri}: no manifest.json; is this a `zsl classes` output?")
+    manifest = zio.read_json(manifest_uri)
+    fs, path = zio.filesystem(zio.join(uri, "classes.parquet"))
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path, filesystem=fs)
+    text = np.stack(t.column("text_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    attrs = None
+    if "attributes" in t.column_names:
+        attrs = np.stack(t.column("attributes").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return ClassSet(t.column("name").to_pylist(), t.column("description").to_pylist(), text, attrs, manifest)
