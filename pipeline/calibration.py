@@ -69,20 +69,19 @@ def tune_gamma(
         validation accuracies at the chosen gamma, the grid searched and ``H`` along it. Ties
         are broken towards the smallest ``|gamma|``.
     """
-    from pipeline import evaluation as ev  # lazy: evaluation imports this module
-
-    s, y = ev._scores(scores_val, y_val)
+    s, y = _scores(scores_val, y_val)
     if s.shape[0] == 0:
         raise ValueError("tune_gamma got an empty validation set")
     if int(n_points) < 2:
         raise ValueError(f"n_points must be >= 2, got {n_points}")
-    seen, unseen, is_seen, is_unseen = ev._check_split(s, y, seen_idx, unseen_idx)
+    seen, unseen, is_seen, is_unseen = _check_split(s, y, seen_idx, unseen_idx)
     if not is_seen.any() or not is_unseen.any():
         raise ValueError(f"validation set needs samples of both pseudo-seen and pseudo-unseen "
                          f"classes, got {int(is_seen.sum())} and {int(is_unseen.sum())}")
-    gammas = np.union1d(ev._gamma_grid(s, seen, unseen, int(n_points)), [0.0])
-    acc_s, acc_u = ev._curve(s, y, seen, unseen, is_seen, is_unseen, gammas)
-    h = np.array([ev.harmonic_mean(a, b) for a, b in zip(acc_s, acc_u)])
+    gammas = np.union1d(_gamma_grid(s, seen, unseen, int(n_points)), [0.0])
+    acc_s, acc_u = _sweep(s, y, seen, unseen, is_seen, is_unseen, gammas)
+    tot = acc_s + acc_u
+    h = np.divide(2 * acc_s * acc_u, tot, out=np.zeros_like(tot), where=tot > 0)
     best = np.nanmax(h)
     cands = np.flatnonzero(h >= best - _TIE_TOL)
     i = int(min(cands, key=lambda k: (abs(gammas[k]), gammas[k])))
@@ -155,3 +154,84 @@ def split_seen_classes(
     LOG.debug("split %d seen classes: %d pseudo-seen, %d pseudo-unseen; %d train, %d val samples",
               k, len(pseudo_seen), len(pseudo_unseen), int(train_mask.sum()), int(val_mask.sum()))
     return train_mask, val_mask, pseudo_seen, pseudo_unseen
+
+
+# ---- shared validation and the O(n)-per-gamma sweep (also used by pipeline.evaluation) ----
+
+
+def _labels(y: np.ndarray, name: str = "y_true") -> np.ndarray:
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64)
+    return arr
+
+
+def _scores(scores: np.ndarray, y_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64)
+    y = _labels(y_true)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be 2-D (n, C), got shape {s.shape}")
+    if s.shape[0] != y.shape[0]:
+        raise ValueError(f"scores has {s.shape[0]} rows but y_true has {y.shape[0]} labels")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN or infinite values")
+    if y.size and (y.min() < 0 or y.max() >= s.shape[1]):
+        raise ValueError(f"y_true holds column indices outside [0, {s.shape[1]}): {np.unique(y)}")
+    return s, y
+
+
+def _index(idx: Sequence[int], n_cols: int, name: str) -> np.ndarray:
+    arr = np.unique(np.asarray(list(idx), dtype=np.int64))
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if arr.min() < 0 or arr.max() >= n_cols:
+        raise ValueError(f"{name} holds column indices outside [0, {n_cols}): {arr.tolist()}")
+    return arr
+
+
+def _check_split(s: np.ndarray, y: np.ndarray, seen_idx: Sequence[int], unseen_idx: Sequence[int]):
+    seen = _index(seen_idx, s.shape[1], "seen_idx")
+    unseen = _index(unseen_idx, s.shape[1], "unseen_idx")
+    both = np.intersect1d(seen, unseen)
+    if both.size:
+        raise ValueError(f"classes in both seen_idx and unseen_idx: {both.tolist()}")
+    bad = np.setdiff1d(np.unique(y), np.union1d(seen, unseen))
+    if bad.size:
+        raise ValueError(f"labels in neither seen_idx nor unseen_idx: {bad.tolist()}")
+    return seen, unseen, np.isin(y, seen), np.isin(y, unseen)
+
+
+def _class_mean_fn(y: np.ndarray, sel: np.ndarray):
+    """``correct -> per-class mean accuracy over the samples in sel`` (nan if none), vectorised."""
+    if not sel.any():
+        return lambda correct: float("nan")
+    _, inv, counts = np.unique(y[sel], return_inverse=True, return_counts=True)
+    return lambda correct: float(np.mean(np.bincount(inv, weights=correct[sel]) / counts))
+
+
+def _sweep(s, y, seen, unseen, is_seen, is_unseen, gammas: np.ndarray):
+    """Seen/unseen per-class accuracies for each gamma, in O(n) per gamma."""
+    rows = np.arange(len(s))
+    col_s = seen[np.argmax(s[:, seen], axis=1)]
+    col_u = unseen[np.argmax(s[:, unseen], axis=1)]
+    best_s, best_u = s[rows, col_s], s[rows, col_u]
+    tie_seen = col_s < col_u  # argmax over all columns breaks ties towards the lower index
+    mean_s, mean_u = _class_mean_fn(y, is_seen), _class_mean_fn(y, is_unseen)
+    acc_s, acc_u = np.empty(len(gammas)), np.empty(len(gammas))
+    for i, g in enumerate(gammas):
+        cal = best_s - g
+        pick_seen = (cal > best_u) | ((cal == best_u) & tie_seen)
+        correct = np.where(pick_seen, col_s, col_u) == y
+        acc_s[i], acc_u[i] = mean_s(correct), mean_u(correct)
+    return acc_s, acc_u
+
+
+def _gamma_grid(s: np.ndarray, seen: np.ndarray, unseen: np.ndarray, n_points: int) -> np.ndarray:
+    gap = s[:, seen].max(axis=1) - s[:, unseen].max(axis=1)
+    lo, hi = float(gap.min()), float(gap.max())
+    margin = max(0.05 * (hi - lo), 1e-6 * max(1.0, abs(lo), abs(hi)))
+    return np.linspace(lo - margin, hi + margin, n_points)

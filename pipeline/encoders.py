@@ -212,7 +212,8 @@ def load_text_encoder(name: str = DEFAULT_TEXT, pretrained: str | None = None, *
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(_minilm_path(), device=device)
-        dim = model.get_sentence_embedding_dimension()
+        dim = (model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
+               else model.get_sentence_embedding_dimension())
         return TextEncoder(lambda t: model.encode(t, convert_to_numpy=True, show_progress_bar=False),
                            model_id=DEFAULT_TEXT, dim=int(dim))
     if name.startswith("open_clip:"):

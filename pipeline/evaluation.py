@@ -26,21 +26,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.calibration import apply_calibrated_stacking
+from pipeline.calibration import (
+    _check_split, _class_mean_fn, _gamma_grid, _index, _labels, _scores, _sweep,
+    apply_calibrated_stacking,
+)
 
 LOG = logging.getLogger(__name__)
 
 __all__ = [
-    "GZSLResult",
-    "per_class_accuracy",
-    "mean_per_class_accuracy",
-    "harmonic_mean",
-    "zsl_accuracy",
-    "gzsl_accuracy",
-    "seen_unseen_curve",
-    "ausuc",
-    "confusion_matrix",
-    "evaluate_scores",
+    "GZSLResult", "per_class_accuracy", "mean_per_class_accuracy", "harmonic_mean", "zsl_accuracy",
+    "gzsl_accuracy", "seen_unseen_curve", "ausuc", "confusion_matrix", "evaluate_scores",
 ]
 
 
@@ -54,40 +49,6 @@ class GZSLResult:
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
-
-
-def _labels(y: np.ndarray, name: str = "y_true") -> np.ndarray:
-    arr = np.asarray(y)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise ValueError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
-        arr = arr.astype(np.int64)
-    return arr
-
-
-def _scores(scores: np.ndarray, y_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(scores, dtype=np.float64)
-    y = _labels(y_true)
-    if s.ndim != 2:
-        raise ValueError(f"scores must be 2-D (n, C), got shape {s.shape}")
-    if s.shape[0] != y.shape[0]:
-        raise ValueError(f"scores has {s.shape[0]} rows but y_true has {y.shape[0]} labels")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores contain NaN or infinite values")
-    if y.size and (y.min() < 0 or y.max() >= s.shape[1]):
-        raise ValueError(f"y_true holds column indices outside [0, {s.shape[1]}): {np.unique(y)}")
-    return s, y
-
-
-def _index(idx: Sequence[int], n_cols: int, name: str) -> np.ndarray:
-    arr = np.unique(np.asarray(list(idx), dtype=np.int64))
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty")
-    if arr.min() < 0 or arr.max() >= n_cols:
-        raise ValueError(f"{name} holds column indices outside [0, {n_cols}): {arr.tolist()}")
-    return arr
 
 
 def per_class_accuracy(
@@ -133,7 +94,7 @@ def harmonic_mean(seen: float, unseen: float) -> float:
 
 
 def _mean_or_nan(y: np.ndarray, pred: np.ndarray, sel: np.ndarray) -> float:
-    return mean_per_class_accuracy(y[sel], pred[sel]) if sel.any() else float("nan")
+    return _class_mean_fn(y, sel)(pred == y)
 
 
 def zsl_accuracy(scores: np.ndarray, y_true: np.ndarray, unseen_idx: Sequence[int]) -> float:
@@ -159,18 +120,6 @@ def _gzsl_predict(s: np.ndarray, seen: np.ndarray, unseen: np.ndarray, gamma: fl
     return np.argmax(cal, axis=1)
 
 
-def _check_split(s: np.ndarray, y: np.ndarray, seen_idx: Sequence[int], unseen_idx: Sequence[int]):
-    seen = _index(seen_idx, s.shape[1], "seen_idx")
-    unseen = _index(unseen_idx, s.shape[1], "unseen_idx")
-    both = np.intersect1d(seen, unseen)
-    if both.size:
-        raise ValueError(f"classes in both seen_idx and unseen_idx: {both.tolist()}")
-    bad = np.setdiff1d(np.unique(y), np.union1d(seen, unseen))
-    if bad.size:
-        raise ValueError(f"labels in neither seen_idx nor unseen_idx: {bad.tolist()}")
-    return seen, unseen, np.isin(y, seen), np.isin(y, unseen)
-
-
 def gzsl_accuracy(
     scores: np.ndarray,
     y_true: np.ndarray,
@@ -188,38 +137,6 @@ def gzsl_accuracy(
     pred = _gzsl_predict(s, seen, unseen, float(gamma))
     acc_s, acc_u = _mean_or_nan(y, pred, is_seen), _mean_or_nan(y, pred, is_unseen)
     return GZSLResult(seen=acc_s, unseen=acc_u, H=harmonic_mean(acc_s, acc_u))
-
-
-def _class_mean_fn(y: np.ndarray, sel: np.ndarray):
-    """``correct -> per-class mean accuracy over the samples in sel`` (nan if none), vectorised."""
-    if not sel.any():
-        return lambda correct: float("nan")
-    _, inv, counts = np.unique(y[sel], return_inverse=True, return_counts=True)
-    return lambda correct: float(np.mean(np.bincount(inv, weights=correct[sel]) / counts))
-
-
-def _curve(s, y, seen, unseen, is_seen, is_unseen, gammas: np.ndarray):
-    """Seen/unseen per-class accuracies for each gamma, in O(n) per gamma."""
-    rows = np.arange(len(s))
-    col_s = seen[np.argmax(s[:, seen], axis=1)]
-    col_u = unseen[np.argmax(s[:, unseen], axis=1)]
-    best_s, best_u = s[rows, col_s], s[rows, col_u]
-    tie_seen = col_s < col_u  # argmax over all columns breaks ties towards the lower index
-    mean_s, mean_u = _class_mean_fn(y, is_seen), _class_mean_fn(y, is_unseen)
-    acc_s, acc_u = np.empty(len(gammas)), np.empty(len(gammas))
-    for i, g in enumerate(gammas):
-        cal = best_s - g
-        pick_seen = (cal > best_u) | ((cal == best_u) & tie_seen)
-        correct = np.where(pick_seen, col_s, col_u) == y
-        acc_s[i], acc_u[i] = mean_s(correct), mean_u(correct)
-    return acc_s, acc_u
-
-
-def _gamma_grid(s: np.ndarray, seen: np.ndarray, unseen: np.ndarray, n_points: int) -> np.ndarray:
-    gap = s[:, seen].max(axis=1) - s[:, unseen].max(axis=1)
-    lo, hi = float(gap.min()), float(gap.max())
-    margin = max(0.05 * (hi - lo), 1e-6 * max(1.0, abs(lo), abs(hi)))
-    return np.linspace(lo - margin, hi + margin, n_points)
 
 
 def seen_unseen_curve(
@@ -242,7 +159,7 @@ def seen_unseen_curve(
         raise ValueError("seen_unseen_curve got no samples")
     seen, unseen, is_seen, is_unseen = _check_split(s, y, seen_idx, unseen_idx)
     gammas = _gamma_grid(s, seen, unseen, int(n_points))
-    acc_s, acc_u = _curve(s, y, seen, unseen, is_seen, is_unseen, gammas)
+    acc_s, acc_u = _sweep(s, y, seen, unseen, is_seen, is_unseen, gammas)
     return gammas, acc_s, acc_u
 
 

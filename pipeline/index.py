@@ -3,8 +3,8 @@
 Choose an index under a memory budget (as criteo/autofaiss does), build it (on GPU when there
 is one), save it atomically beside its id table and manifest, load it back with checks, search it.
 
-An index directory holds ``index.faiss``, ``ids.parquet`` (:data:`~pipeline.schema.INDEX_IDS_SCHEMA`)
-and ``manifest.json``; the manifest is written last, so its presence means the index is complete.
+An index directory holds ``index.faiss``, ``ids.parquet`` (``INDEX_IDS_SCHEMA``) and
+``manifest.json``; the manifest is written last, so its presence means the index is complete.
 faiss is imported lazily: importing this module never needs it.
 """
 
@@ -29,25 +29,22 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOG = logging.getLogger(__name__)
 
-__all__ = [
-    "INDEX_FORMAT", "choose_index", "estimate_memory", "build_index", "save_index",
-    "load_index", "search", "brute_force_search", "recall_at_k",
-]
+__all__ = ["INDEX_FORMAT", "choose_index", "estimate_memory", "build_index", "save_index",
+           "load_index", "search", "brute_force_search", "recall_at_k"]
 
 INDEX_FORMAT = "zsl-index/1"
 _FLAT_MAX_N = 20_000
 _HNSW_MAX_N = 1_000_000
 _HNSW_M = 32
 _ADD_BATCH = 65_536
+_NO_FAISS = "faiss is not installed: pip install 'zsl-pipeline[cpu]' (or [gpu] on CUDA machines)"
 
 
 def _faiss():
     try:
         import faiss
     except ImportError:
-        raise ImportError(
-            "faiss is not installed: pip install 'zsl-pipeline[cpu]' (or [gpu] on CUDA machines)"
-        ) from None
+        raise ImportError(_NO_FAISS) from None
     return faiss
 
 
@@ -58,14 +55,13 @@ def _nlist(n: int) -> int:
 
 
 def estimate_memory(factory: str, n: int, dim: int) -> int:
-    """Rough resident size in bytes of an index of ``n`` vectors of ``dim`` built from ``factory``.
+    """Rough size in bytes of an index of ``n`` vectors of ``dim`` made by ``factory``.
 
-    Counts the stored payload only: vectors or codes, 8-byte ids of inverted lists, IVF
-    centroids, PQ codebooks, OPQ matrices, and HNSW links (``2*M`` level-0 neighbours of 4 bytes
-    plus ~16 bytes of levels and offsets per vector). Temporary buffers of training and adding
-    (``train_sample * dim * 4`` plus one batch) are not counted. Understands ``Flat``,
-    ``HNSW{M}[,Flat]``, ``IVF{nlist},{Flat|PQ{m}[x{bits}]|SQ8|SQfp16}``, ``PQ{m}[x{bits}]`` and an
-    ``OPQ{m}[_{d}],`` prefix.
+    Counts the stored payload: vectors or codes, 8-byte ids of inverted lists, IVF centroids, PQ
+    codebooks, OPQ matrices, HNSW links (``2*M`` level-0 neighbours of 4 bytes + ~16 bytes per
+    vector); not the training sample or add batches held while building. Understands ``Flat``,
+    ``HNSW{M}[,Flat]``, ``IVF{nlist},`` + ``Flat``/``PQ{m}[x{bits}]``/``SQ8``/``SQfp16``,
+    ``PQ{m}[x{bits}]``, with an optional ``OPQ{m}[_{d}],`` prefix; else ``ValueError``.
 
     >>> estimate_memory("Flat", 1000, 512)
     2048000
@@ -105,13 +101,11 @@ def estimate_memory(factory: str, n: int, dim: int) -> int:
 def choose_index(n: int, dim: int, *, max_memory_bytes: int) -> str:
     """Pick a FAISS ``index_factory`` string for ``n`` vectors of ``dim`` within a memory budget.
 
-    In order: exact ``Flat`` for ``n <= 20_000``; ``HNSW32,Flat`` for ``n <= 1_000_000``;
-    ``IVF{nlist},Flat``; ``IVF{nlist},PQ{m}x8`` with ``m`` the largest divisor of ``dim`` that
-    fits. The first whose :func:`estimate_memory` fits ``max_memory_bytes`` wins. ``nlist`` is
-    about ``4*sqrt(n)`` as a power of two, in [16, 65536], and at most ``n // 39`` (FAISS wants
-    >= 39 training points per centroid); PQ needs ``n >= 256`` (one k-means of 256 codes).
-
-    Raises ``ValueError`` when nothing fits, saying how much memory is needed.
+    The first whose :func:`estimate_memory` fits wins: exact ``Flat`` (``n <= 20_000``),
+    ``HNSW32,Flat`` (``n <= 1_000_000``), ``IVF{nlist},Flat``, then ``IVF{nlist},PQ{m}x8`` with
+    ``m`` the largest divisor of ``dim`` that fits (needs ``n >= 256``). ``nlist`` is ~``4*sqrt(n)``
+    as a power of two in [16, 65536], at most ``n // 39`` (>= 39 training points per centroid).
+    Raises ``ValueError`` saying how much memory is needed when nothing fits.
 
     >>> from pipeline.config import parse_memory
     >>> choose_index(10_000, 512, max_memory_bytes=parse_memory("1G"))
@@ -127,17 +121,12 @@ def choose_index(n: int, dim: int, *, max_memory_bytes: int) -> str:
     ...
     ValueError: no index of 1000000000 vectors of dim 768 fits in 4294967296 bytes: needs at least 9202113024 bytes (IVF65536,PQ1x8); raise max_memory_bytes
     """
-    if n <= 0 or dim <= 0:
-        raise ValueError(f"need n > 0 and dim > 0, got n={n}, dim={dim}")
-    if max_memory_bytes <= 0:
-        raise ValueError(f"max_memory_bytes must be positive, got {max_memory_bytes}")
+    if n <= 0 or dim <= 0 or max_memory_bytes <= 0:
+        raise ValueError(f"need n, dim, max_memory_bytes > 0, got n={n}, dim={dim}, "
+                         f"max_memory_bytes={max_memory_bytes}")
     nlist = _nlist(n)
-    candidates = []
-    if n <= _FLAT_MAX_N:
-        candidates.append("Flat")
-    if n <= _HNSW_MAX_N:
-        candidates.append(f"HNSW{_HNSW_M},Flat")
-    candidates.append(f"IVF{nlist},Flat")
+    candidates = (["Flat"] if n <= _FLAT_MAX_N else []) + (
+        [f"HNSW{_HNSW_M},Flat"] if n <= _HNSW_MAX_N else []) + [f"IVF{nlist},Flat"]
     for c in candidates:
         if estimate_memory(c, n, dim) <= max_memory_bytes:
             return c
@@ -149,10 +138,9 @@ def choose_index(n: int, dim: int, *, max_memory_bytes: int) -> str:
             if estimate_memory(factory, n, dim) <= max_memory_bytes:
                 return factory
         smallest = f"IVF{nlist},PQ1x8"
-    raise ValueError(
-        f"no index of {n} vectors of dim {dim} fits in {max_memory_bytes} bytes: needs at least "
-        f"{estimate_memory(smallest, n, dim)} bytes ({smallest}); raise max_memory_bytes"
-    )
+    need = estimate_memory(smallest, n, dim)
+    raise ValueError(f"no index of {n} vectors of dim {dim} fits in {max_memory_bytes} bytes: "
+                     f"needs at least {need} bytes ({smallest}); raise max_memory_bytes")
 
 
 def _as_matrix(x: Any, dim: int, what: str) -> np.ndarray:
@@ -171,33 +159,58 @@ def _as_matrix(x: Any, dim: int, what: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
-    if size >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+def _no_polysemous(faiss, index) -> None:
+    """Skip polysemous training of PQ codes (slow annealing; only helps Hamming pre-filtering)."""
+    try:
+        inner = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        inner = faiss.downcast_index(index)
+        if isinstance(inner, faiss.IndexPreTransform):
+            inner = faiss.downcast_index(inner.index)
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False
 
 
-def build_index(
-    vectors: np.ndarray | Iterable[np.ndarray],
-    *,
-    dim: int,
-    factory: str,
-    n_total: int | None = None,
-    train_sample: int = 100_000,
-    use_gpu: bool | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> "faiss.Index":
+def _train_sample(source: Iterable, dim: int, n_total: int | None, size: int, seed: int):
+    """``(sample, batches)``: a seeded uniform sample (two passes over a re-iterable ``source``,
+    three without ``n_total``) or the head of a one-shot iterator, and the batches to add."""
+    batches, parts = iter(source), []
+    if batches is not source:
+        n = n_total if n_total is not None else sum(len(b) for b in source)
+        rng = np.random.default_rng(seed)
+        rows = np.arange(n) if size >= n else np.sort(rng.choice(n, size, replace=False))
+        start = 0
+        for b in source:
+            lo, hi = np.searchsorted(rows, [start, start + len(b)])
+            if hi > lo:
+                parts.append(_as_matrix(b, dim, "vectors")[rows[lo:hi] - start])
+            start += len(b)
+        batches = iter(source)
+    else:
+        head, got = [], 0
+        for b in batches:
+            head.append(b)
+            parts.append(_as_matrix(b, dim, "vectors")[: size - got])
+            got += len(parts[-1])
+            if got >= size:
+                break
+        batches = itertools.chain(head, batches)
+    return (np.concatenate(parts) if parts else None), batches
+
+
+def build_index(vectors: np.ndarray | Iterable[np.ndarray], *, dim: int, factory: str,
+                n_total: int | None = None, train_sample: int = 100_000,
+                use_gpu: bool | None = None, seed: int = 0,
+                progress: bool = False) -> "faiss.Index":
     """Build an inner-product index from one array or an iterable of ``(rows, dim)`` batches.
 
     Parameters
     ----------
     vectors
         L2-normalised embeddings: one array, or batches so that millions need not be held twice.
-        A re-iterable (list, or an object whose ``__iter__`` starts afresh) is read once more to
-        draw the training sample uniformly (one more if ``n_total`` is None, to count rows); it
-        then trains exactly as the concatenated array would. A one-shot iterator (generator)
-        trains on its first ``train_sample`` rows, so shuffle it upstream.
+        A re-iterable (list, object whose ``__iter__`` starts afresh) is read once more to draw a
+        uniform training sample (twice more without ``n_total``), and trains exactly as the
+        concatenated array would; a one-shot iterator trains on its first ``train_sample`` rows.
     dim, factory
         Vector dimension and FAISS ``index_factory`` string (see :func:`choose_index`).
     n_total
@@ -205,12 +218,10 @@ def build_index(
     train_sample
         Rows drawn (seeded, without replacement) to train indexes that need training.
     use_gpu
-        None or True: use all GPUs faiss sees, if any (True without GPUs logs a warning and
-        builds on CPU; an index type without GPU support also falls back to CPU). False: CPU.
-    seed
-        Seed of the training sample.
-    progress
-        Show a tqdm bar while adding.
+        None/True: all GPUs faiss sees, if any (else, or for index types without GPU support, CPU
+        with a warning when True was asked). False: CPU.
+    seed, progress
+        Seed of the training sample; show a tqdm bar while adding.
 
     Returns
     -------
@@ -221,7 +232,11 @@ def build_index(
     if train_sample <= 0:
         raise ValueError(f"train_sample must be positive, got {train_sample}")
     source = [vectors] if isinstance(vectors, np.ndarray) else vectors
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"bad index factory {factory!r} for dim {dim}: {exc}") from None
+    _no_polysemous(faiss, index)
     gpus = faiss.get_num_gpus() if use_gpu is not False else 0
     if use_gpu and not gpus:
         LOG.warning("use_gpu=True but faiss sees no GPU; building %s on CPU", factory)
@@ -233,56 +248,28 @@ def build_index(
             gpus = 0
     batches = iter(source)
     if not index.is_trained:
-        if batches is not source:  # re-iterable: uniform sample over all rows
-            n = n_total if n_total is not None else sum(len(b) for b in source)
-            rows, parts, start = _sample_rows(n, train_sample, seed), [], 0
-            for b in source:
-                stop = start + len(b)
-                lo, hi = np.searchsorted(rows, [start, stop])
-                if hi > lo:
-                    parts.append(_as_matrix(b, dim, "vectors")[rows[lo:hi] - start])
-                start = stop
-            batches = iter(source)
-        else:  # one-shot iterator: train on its head, then add the head too
-            head, parts, got = [], [], 0
-            for b in batches:
-                head.append(b)
-                parts.append(_as_matrix(b, dim, "vectors")[: train_sample - got])
-                got += len(parts[-1])
-                if got >= train_sample:
-                    break
-            batches = itertools.chain(head, batches)
-        if not parts:
+        sample, batches = _train_sample(source, dim, n_total, train_sample, seed)
+        if sample is None:
             raise ValueError(f"cannot train {factory}: no vectors given")
-        sample = np.concatenate(parts)
         LOG.info("training %s on %d vectors of dim %d", factory, len(sample), dim)
         try:
             index.train(sample)
         except RuntimeError as exc:
             raise ValueError(f"cannot train {factory} on {len(sample)} vectors: {exc}") from None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_total, unit="vec", desc=f"index {factory}")
-    try:
+    from tqdm.auto import tqdm
+    with tqdm(total=n_total, unit="vec", desc=f"index {factory}", disable=not progress) as bar:
         for b in batches:
             a = _as_matrix(b, dim, "vectors")
             for i in range(0, len(a), _ADD_BATCH):
                 index.add(a[i : i + _ADD_BATCH])
-            if bar is not None:
-                bar.update(len(a))
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(len(a))
     if n_total is not None and index.ntotal != n_total:
         LOG.warning("n_total=%d but %d vectors were added", n_total, index.ntotal)
     return faiss.index_gpu_to_cpu(index) if gpus else index
 
 
 def _set_nprobe(index: "faiss.Index", nprobe: int) -> int | None:
-    """Set nprobe of an IVF index (also under OPQ/IDMap wrappers); return the old value,
-    or None (nothing set) for an index without inverted lists."""
+    """Set an IVF index's nprobe (also under OPQ); return the old one, or None if not IVF."""
     faiss = _faiss()
     if int(nprobe) < 1:
         raise ValueError(f"nprobe must be >= 1, got {nprobe}")
@@ -298,9 +285,8 @@ def _set_nprobe(index: "faiss.Index", nprobe: int) -> int | None:
 def _factory_of(index: "faiss.Index") -> str:
     try:
         from faiss.contrib.factory_tools import reverse_index_factory
-
         return reverse_index_factory(index)
-    except Exception:  # noqa: BLE001 - best effort: unknown wrappers are not an error
+    except Exception:  # noqa: BLE001 - best effort: an unknown wrapper is not an error
         return "unknown"
 
 
@@ -317,10 +303,8 @@ def save_index(index: "faiss.Index", out_dir: str, *, ids: pa.Table, manifest: d
     check_schema(ids.schema, INDEX_IDS_SCHEMA, f"{out_dir}: ids")
     fids = np.sort(ids.column("faiss_id").to_numpy())
     if len(fids) != index.ntotal or not np.array_equal(fids, np.arange(index.ntotal)):
-        raise ValueError(
-            f"{out_dir}: ids must hold faiss_id 0..{index.ntotal - 1} once each "
-            f"(index has {index.ntotal} vectors, ids has {ids.num_rows} rows)"
-        )
+        raise ValueError(f"{out_dir}: ids must hold faiss_id 0..{index.ntotal - 1} once each "
+                         f"(index has {index.ntotal} vectors, ids has {ids.num_rows} rows)")
     fs, path = zio.filesystem(zio.join(out_dir, "manifest.json"))
     if fs.exists(path):
         fs.rm(path)
@@ -338,9 +322,8 @@ def save_index(index: "faiss.Index", out_dir: str, *, ids: pa.Table, manifest: d
     LOG.info("saved %s index of %d vectors to %s", out["factory"], index.ntotal, out_dir)
 
 
-def load_index(
-    out_dir: str, *, expected_dim: int | None = None, expected: dict | None = None
-) -> tuple["faiss.Index", pa.Table, dict]:
+def load_index(out_dir: str, *, expected_dim: int | None = None,
+               expected: dict | None = None) -> tuple["faiss.Index", pa.Table, dict]:
     """Load and check an index written by :func:`save_index`: ``(index, ids, manifest)``.
 
     Raises ``FileNotFoundError`` without ``manifest.json``; ``ValueError`` when the sha256 of
@@ -351,19 +334,16 @@ def load_index(
     faiss = _faiss()
     muri = zio.join(out_dir, "manifest.json")
     if not zio.exists(muri):
-        raise FileNotFoundError(
-            f"{out_dir}: no manifest.json; is this a `zsl index` output (or was it interrupted)?"
-        )
+        raise FileNotFoundError(f"{out_dir}: no manifest.json; is this a `zsl index` output "
+                                "(or was it interrupted)?")
     manifest = zio.read_json(muri)
     if manifest.get("format") != INDEX_FORMAT:
         raise ValueError(f"{muri}: format {manifest.get('format')!r}, expected {INDEX_FORMAT!r}")
     data = zio.read_bytes(zio.join(out_dir, "index.faiss"))
     sha = hashlib.sha256(data).hexdigest()
     if sha != manifest.get("sha256"):
-        raise ValueError(
-            f"{out_dir}/index.faiss: sha256 {sha} does not match the manifest's "
-            f"{manifest.get('sha256')}; the file is corrupted or was replaced"
-        )
+        raise ValueError(f"{out_dir}/index.faiss: sha256 {sha} does not match the manifest's "
+                         f"{manifest.get('sha256')}; the file is corrupted or was replaced")
     try:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
@@ -372,10 +352,8 @@ def load_index(
     ids = pq.read_table(ipath, filesystem=fs)
     check_schema(ids.schema, INDEX_IDS_SCHEMA, f"{out_dir}/ids.parquet")
     if not index.ntotal == ids.num_rows == manifest.get("ntotal"):
-        raise ValueError(
-            f"{out_dir}: index has {index.ntotal} vectors, ids.parquet {ids.num_rows} rows, "
-            f"manifest ntotal {manifest.get('ntotal')}"
-        )
+        raise ValueError(f"{out_dir}: index has {index.ntotal} vectors, ids.parquet "
+                         f"{ids.num_rows} rows, manifest ntotal {manifest.get('ntotal')}")
     if expected_dim is not None and expected_dim != index.d:
         raise ValueError(f"{out_dir}: index dim is {index.d}, expected {expected_dim}")
     for key, want in (expected or {}).items():
@@ -387,9 +365,8 @@ def load_index(
     return index, ids, manifest
 
 
-def search(
-    index: "faiss.Index", queries: np.ndarray, k: int, *, nprobe: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def search(index: "faiss.Index", queries: np.ndarray, k: int, *,
+           nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` by inner product: FAISS's raw ``(scores float32, ids int64)``, shape (nq, k).
 
     ``k`` is clamped to ``index.ntotal``. Where fewer than ``k`` hits are found (IVF with a small
@@ -412,12 +389,11 @@ def search(
     return scores, ids
 
 
-def brute_force_search(
-    vectors: np.ndarray, queries: np.ndarray, k: int, *, block: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
+def brute_force_search(vectors: np.ndarray, queries: np.ndarray, k: int, *,
+                       block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by inner product with numpy: ``(scores float32, ids int64)``, best first.
 
-    Ties are broken by the smaller id. Memory is ``block * len(vectors)`` floats at a time.
+    Ties go to the smaller id. Holds ``block * len(vectors)`` scores at a time; sorts them fully.
 
     >>> v = np.eye(3, dtype=np.float32)
     >>> brute_force_search(v, np.array([[0.0, 0.6, 0.8]]), 2)[1]
@@ -439,7 +415,7 @@ def brute_force_search(
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
-    """Mean fraction of each row's exact ids (ignoring -1) that the approximate row contains.
+    """Fraction of the exact ids (ignoring -1), over all rows, found in the same approximate row.
 
     >>> recall_at_k(np.array([[1, 2, -1]]), np.array([[1, 3, 2]]))
     0.6666666666666666

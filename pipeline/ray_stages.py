@@ -146,6 +146,10 @@ def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: 
     return ResourcePlan(n, per, 0.0, max(1, int(cpus) // n), "cpu")
 
 
+def _decode_task_args() -> dict:
+    return {"num_cpus": 1}
+
+
 def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None, image_size: int,
                    batch_size: int, num_actors: int | None, device: str, max_pixels: int,
                    image_column: str, label_column: str,
@@ -163,7 +167,7 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
     ds = ray.data.from_items([{"shard": s.to_json()} for s in shards], override_num_blocks=len(shards))
     # ray_remote_args_fn keeps Ray Data from fusing decoding into the encoder actors (fusion rules skip
     # ops that have one): decoding stays in CPU tasks, the actors only encode.
-    ds = ds.map_batches(decode_shard, batch_size=1, batch_format="numpy", ray_remote_args_fn=lambda: {"num_cpus": 1},
+    ds = ds.map_batches(decode_shard, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
                         fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels,
                                        image_column=image_column, label_column=label_column))
     ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy",

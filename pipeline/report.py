@@ -16,19 +16,15 @@ import math
 import os
 import tarfile
 import tempfile
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 LOG = logging.getLogger(__name__)
 
 __all__ = [
-    "plot_per_class_accuracy",
-    "plot_seen_unseen_curve",
-    "plot_confusion",
-    "render_report",
-    "write_report",
-    "default_thumbnail",
+    "plot_per_class_accuracy", "plot_seen_unseen_curve", "plot_confusion", "render_report",
+    "write_report", "default_thumbnail",
 ]
 
 _SEEN_COLOUR, _UNSEEN_COLOUR = "#4c72b0", "#dd8452"
@@ -56,9 +52,7 @@ def plot_per_class_accuracy(per_class: dict[str, float], *, unseen: set[str], ti
     ax.barh(range(len(names)), vals, color=colours)
     ax.set_yticks(range(len(names)), labels=names, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("top-1 accuracy (%)")
-    ax.set_title(title)
+    ax.set(xlim=(0, 100), xlabel="top-1 accuracy (%)", title=title)
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color=_SEEN_COLOUR, label="seen"),
@@ -82,11 +76,8 @@ def plot_seen_unseen_curve(curves: dict[str, tuple[list[float], list[float]]], *
         order = np.argsort(u, kind="stable")
         ax.plot(100 * u[order], 100 * s[order], marker=".", markersize=3,
                 label=f"{name} (AUSUC {_pct(area)})")
-    ax.set_xlim(0, 100)
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("unseen accuracy (%)")
-    ax.set_ylabel("seen accuracy (%)")
-    ax.set_title(title)
+    ax.set(xlim=(0, 100), ylim=(0, 100), xlabel="unseen accuracy (%)",
+           ylabel="seen accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(loc="upper right", fontsize=8)
@@ -105,23 +96,16 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], *, title: str) -> byte
     ticks = range(len(labels))
     ax.set_xticks(ticks, labels=labels, rotation=90, fontsize=7)
     ax.set_yticks(ticks, labels=labels, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _png(fig)
 
 
-def _pct(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def _pct(v: Any, *, percent: bool = True) -> str:
+    """``0.6667 -> '66.7%'`` (or ``'0.667'``); None/nan -> ``'n/a'``."""
+    if v is None or math.isnan(float(v)):
         return "n/a"
-    return f"{100.0 * float(v):.1f}%"
-
-
-def _num(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{float(v):.3g}"
+    return f"{100.0 * float(v):.1f}%" if percent else f"{float(v):.3g}"
 
 
 def _img(data: bytes, alt: str) -> str:
@@ -139,7 +123,7 @@ def _metrics_table(metrics: dict[str, dict]) -> str:
         g, c = m.get("gzsl", {}), m.get("gzsl_calibrated", {})
         cells = [_pct(m.get("zsl_unseen_top1")), _pct(g.get("seen")), _pct(g.get("unseen")),
                  _pct(g.get("H")), _pct(c.get("seen")), _pct(c.get("unseen")), _pct(c.get("H")),
-                 _num(c.get("gamma")), _pct(m.get("ausuc"))]
+                 _pct(c.get("gamma"), percent=False), _pct(m.get("ausuc"))]
         tds = "".join(f"<td>{html.escape(v)}</td>" for v in cells)
         rows.append(f"<tr><th>{html.escape(str(name))}</th>{tds}</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
@@ -157,7 +141,7 @@ def _gallery(search: dict, thumbnail: Callable[[str], bytes | None] | None) -> s
                 LOG.debug("thumbnail failed for %s", uri, exc_info=True)
         body = _img(data, uri) if data else f'<div class="uri">{html.escape(uri)}</div>'
         label = hit.get("label")
-        cap = f"{_num(hit.get('score'))} &middot; {html.escape(str(label)) if label else '&mdash;'}"
+        cap = f"{_pct(hit.get('score'), percent=False)} &middot; {html.escape(str(label)) if label else '&mdash;'}"
         items.append(f'<figure title="{html.escape(uri)}">{body}<figcaption>{cap}</figcaption></figure>')
     q = html.escape(str(search.get("query", "")))
     return f'<h3>&ldquo;{q}&rdquo;</h3><div class="gallery">{"".join(items) or "<p>no hits</p>"}</div>'

@@ -120,7 +120,7 @@ def read_class_table(uri: str, *, name_column: str = "name", description_column:
             c = bad[0]
             row = next(i for i, v in enumerate(df[c]) if not _is_number(v))
             raise ValueError(f"{uri}: row {row + 1} ('{names[row]}'), attribute '{c}': not a number ({df[c][row]!r})")
-        attributes = df[attr_cols].to_numpy(dtype=np.float64)
+        attributes = np.array(df[attr_cols].to_numpy(dtype=np.float64), copy=True)
         if missing_value is not None:
             attributes[attributes == missing_value] = np.nan
         attr_names = [c[5:] if str(c).startswith("attr:") else str(c) for c in attr_cols]
@@ -208,6 +208,9 @@ class ClassSet:
             return self.text
         if self.attributes is None:
             raise ValueError(f"semantics '{kind}' needs attributes, but the class set has none")
+        lacking = [n for n, row in zip(self.names, self.attributes) if np.isnan(row).any()]
+        if lacking:
+            raise ValueError(f"semantics '{kind}' needs attributes, missing for: {', '.join(lacking[:10])}")
         if kind == "attributes":
             return self.attributes
         if kind == "both":

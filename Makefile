@@ -1,0 +1,60 @@
+# zsl-pipeline — `make demo` sets everything up and runs the whole flow; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ZSL := $(BIN)/zsl
+DEMO := runs/demo
+# faiss-gpu where a GPU is visible, faiss-cpu elsewhere (never both: they are the same module).
+FAISS_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test test-all bench eval clean help
+
+help:
+	@echo "make demo   - install into $(VENV) and run extract -> classes -> train -> evaluate -> label -> index -> search -> report"
+	@echo "make test   - run the default test suite (slow/gpu/integration tests excluded)"
+	@echo "make bench  - extraction and labeling throughput vs bare loops -> tests/bench/results.json"
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev,$(FAISS_EXTRA)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(ZSL) demo-data --output $(DEMO)/data --per-class 100
+	$(ZSL) extract --input $(DEMO)/data/train --output $(DEMO)/features/train --shard-size 200
+	$(ZSL) extract --input $(DEMO)/data/test --output $(DEMO)/features/test --shard-size 200
+	$(ZSL) classes --input conf/demo/classes.yaml --output $(DEMO)/classes
+	$(ZSL) train --features $(DEMO)/features/train --classes $(DEMO)/classes --seen conf/demo/split.json --method devise --output $(DEMO)/models/devise
+	$(ZSL) train --features $(DEMO)/features/train --classes $(DEMO)/classes --seen conf/demo/split.json --method eszsl --semantics attributes --output $(DEMO)/models/eszsl
+	$(ZSL) evaluate --model $(DEMO)/models/devise --features $(DEMO)/features/test --classes $(DEMO)/classes --unseen conf/demo/split.json --json $(DEMO)/eval_devise.json
+	$(ZSL) evaluate --model $(DEMO)/models/eszsl --features $(DEMO)/features/test --classes $(DEMO)/classes --unseen conf/demo/split.json --json $(DEMO)/eval_eszsl.json
+	$(ZSL) label --model $(DEMO)/models/devise --features $(DEMO)/features/test --classes $(DEMO)/classes --output $(DEMO)/labels --overwrite
+	$(ZSL) index --features $(DEMO)/features/test --model $(DEMO)/models/devise --output $(DEMO)/index
+	$(ZSL) search --index $(DEMO)/index "a striped animal with hooves" -k 8 --json > $(DEMO)/search_1.json
+	$(ZSL) search --index $(DEMO)/index "an animal with a very long neck" -k 8 --json > $(DEMO)/search_2.json
+	$(ZSL) search --index $(DEMO)/index "a small pet with whiskers" -k 8 --json > $(DEMO)/search_3.json
+	$(ZSL) search --index $(DEMO)/index "a striped animal with hooves" -k 5
+	$(ZSL) report --evaluation $(DEMO)/eval_devise.json --evaluation $(DEMO)/eval_eszsl.json \
+		--search $(DEMO)/search_1.json --search $(DEMO)/search_2.json --search $(DEMO)/search_3.json \
+		--title "zsl-pipeline demo: animal-mnist, 7 seen / 3 unseen" --output $(DEMO)/report.html
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: install
+	$(BIN)/python -m jobs.bench --output tests/bench/results.json
+
+clean:
+	rm -rf runs

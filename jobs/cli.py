@@ -1,0 +1,383 @@
+"""The ``zsl`` command line: one thin entry point per job.
+
+Each command builds its typed config from ``conf/<job>.yaml`` (plus ``--config FILE`` and
+``--set key=value`` overrides, then flags), sets up logging, and calls the library.
+Bad input exits with status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Zero-shot labeling and text retrieval of images at scale.")
+LOG = logging.getLogger("zsl")
+CONF_DIR = Path(os.environ.get("ZSL_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+
+
+class BadInput(Exception):
+    """Reported as a one-line message with exit status 2."""
+
+
+def _setup_logging() -> dict:
+    base = _read_yaml(CONF_DIR / "base.yaml") if (CONF_DIR / "base.yaml").exists() else {}
+    level = os.environ.get("ZSL_LOG_LEVEL", base.get("log_level", "INFO"))
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    else:
+        root.setLevel(level)
+    for noisy in ("ray", "ray.data", "sentence_transformers", "httpx", "urllib3", "filelock", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return base
+
+
+def _read_yaml(path: Path | str) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise BadInput(f"config file {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise BadInput(f"config file {path}: invalid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"config file {path}: expected a mapping of key: value")
+    return data
+
+
+def _overrides(sets: list[str] | None) -> dict:
+    out = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise BadInput(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def load_config(job: str, flags: dict[str, Any], config: Path | None = None, sets: list[str] | None = None):
+    from pipeline.config import build_config
+
+    conf_file = CONF_DIR / f"{job}.yaml"
+    layers = [_read_yaml(conf_file) if conf_file.exists() else {}]
+    if config:
+        layers.append(_read_yaml(config))
+    layers += [_overrides(sets), flags]
+    return build_config(job, *layers)
+
+
+def names_or_file(value: str | None, key: str) -> list[str] | None:
+    """``a,b,c`` or a file: text (one name per line), or JSON (a list, or a dict with ``key``)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        text = path.read_text()
+        if path.suffix == ".json":
+            data = json.loads(text)
+            if isinstance(data, dict):
+                if key not in data:
+                    raise BadInput(f"{value}: no '{key}' list in the JSON file")
+                data = data[key]
+            return [str(x) for x in data]
+        return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise BadInput(f"--{key}: no class names given")
+    return names
+
+
+def _run(fn) -> None:
+    """Run a job body; turn bad input into exit code 2 with one line on stderr."""
+    from pipeline.config import ConfigError
+
+    _setup_logging()
+    try:
+        fn()
+    except (BadInput, ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        typer.echo(f"zsl: error: {msg}", err=True)
+        raise typer.Exit(2) from None
+
+
+ConfigOpt = typer.Option(None, "--config", help="Extra YAML config file (overrides conf/<job>.yaml).")
+SetOpt = typer.Option(None, "--set", help="Override a config key: --set key=value (repeatable).")
+
+
+@app.command()
+def extract(
+    input: str = typer.Option(..., help="Image folder, webdataset .tar shards, or Parquet with image bytes (any fsspec URI)."),
+    output: str = typer.Option(..., help="Output directory for feature shards."),
+    encoder: Optional[str] = typer.Option(None, help="'effnet-lite0' (default) or 'open_clip:<arch>'."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip checkpoint path or pretrained tag."),
+    input_format: Optional[str] = typer.Option(None, help="auto | folder | webdataset | parquet"),
+    shard_size: Optional[int] = typer.Option(None, help="Images per shard (folder input)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per encoder batch."),
+    num_actors: Optional[int] = typer.Option(None, help="Encoder actors (default: one per GPU, else CPUs-1)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local cluster)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N shards."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
+) -> None:
+    """Extract image features with Ray (decode on CPU tasks, encode in an actor pool), shard by shard."""
+    def body():
+        from pipeline.extract import run_extract
+
+        cfg = load_config("extract", dict(input=input, output=output, encoder=encoder, pretrained=pretrained,
+                                          input_format=input_format, shard_size=shard_size, batch_size=batch_size,
+                                          num_actors=num_actors, address=address, limit=limit, device=device),
+                          config, set)
+        m = run_extract(cfg)
+        typer.echo(f"extracted {m['n_images']} images ({m['n_errors']} errors) in {m['n_shards']} shards "
+                   f"with {m['model_id']} ({m['dim']}-d) -> {cfg.output}")
+    _run(body)
+
+
+@app.command()
+def classes(
+    input: str = typer.Option(..., help="Class table: CSV / YAML / Parquet with name[, description][, attributes]."),
+    output: str = typer.Option(..., help="Output directory for the embedded class set."),
+    text_model: Optional[str] = typer.Option(None, help="'minilm' (default) or 'open_clip:<arch>'."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip checkpoint path or tag."),
+    attribute_normalization: Optional[str] = typer.Option(None, help="l2 | zscore | none"),
+    missing_attributes: Optional[str] = typer.Option(None, help="error | column_mean | zero"),
+    config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
+) -> None:
+    """Embed classes from names, descriptions (prompt templates) and attribute tables."""
+    def body():
+        from pipeline.classes import run_classes
+
+        cfg = load_config("classes", dict(input=input, output=output, text_model=text_model, pretrained=pretrained,
+                                          attribute_normalization=attribute_normalization,
+                                          missing_attributes=missing_attributes), config, set)
+        m = run_classes(cfg)
+        typer.echo(f"embedded {m['n_classes']} classes ({m['text_model']}, {len(m['attribute_names'])} attributes)"
+                   f" -> {cfg.output}")
+    _run(body)
+
+
+@app.command()
+def train(
+    features: str = typer.Option(..., help="`zsl extract` output with labelled training images."),
+    classes: str = typer.Option(..., help="`zsl classes` output."),
+    seen: str = typer.Option(..., help="Seen classes: a,b,c or a file (lines, or JSON with a 'seen' list)."),
+    method: Optional[str] = typer.Option(None, help="devise | eszsl"),
+    output: str = typer.Option(..., help="Model directory to write."),
+    semantics: Optional[str] = typer.Option(None, help="text | attributes | both"),
+    calibration: Optional[bool] = typer.Option(None, "--calibration/--no-calibration",
+                                               help="Tune calibrated stacking on held-out seen classes."),
+    epochs: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
+) -> None:
+    """Train a ZSL model on seen classes (GZSL calibration tuned on held-out seen classes)."""
+    def body():
+        from pipeline.training import run_train
+
+        cfg = load_config("train", dict(features=features, classes=classes, seen=names_or_file(seen, "seen"),
+                                        method=method, output=output, semantics=semantics, calibration=calibration,
+                                        epochs=epochs, seed=seed), config, set)
+        m = run_train(cfg)
+        typer.echo(f"trained {cfg.method} on {m['n_train']} images of {len(m['seen'])} seen classes "
+                   f"(gamma={m['gamma']:.4f}) -> {cfg.output}")
+    _run(body)
+
+
+def _pct(v) -> str:
+    return "  n/a" if v is None or v != v else f"{100 * v:5.1f}"
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option(...), features: str = typer.Option(..., help="Held-out test features."),
+    classes: str = typer.Option(...),
+    unseen: str = typer.Option(..., help="Unseen classes: a,b,c or a file (lines, or JSON with 'unseen')."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
+    html: Optional[str] = typer.Option(None, help="Write an HTML report with plots here."),
+    allow_train_features: bool = typer.Option(False, help="Allow evaluating on the training features."),
+    config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
+) -> None:
+    """Standard ZSL / GZSL evaluation: per-class mean top-1, seen/unseen/H, calibrated stacking, AUSUC."""
+    def body():
+        from pipeline import io as zio
+        from pipeline.training import run_evaluate
+
+        cfg = load_config("evaluate", dict(model=model, features=features, classes=classes,
+                                           unseen=names_or_file(unseen, "unseen"), json_path=json_path, html=html,
+                                           allow_train_features=allow_train_features or None), config, set)
+        r = run_evaluate(cfg)
+        g, c = r["gzsl"], r["gzsl_calibrated"]
+        typer.echo(f"{'method':<8} {'ZSL-U':>6} | {'S':>6} {'U':>6} {'H':>6} | {'S(cal)':>6} {'U(cal)':>6} "
+                   f"{'H(cal)':>6} {'gamma':>7} | {'AUSUC':>6}")
+        typer.echo(f"{r['method']:<8} {_pct(r['zsl_unseen_top1']):>6} | {_pct(g['seen']):>6} {_pct(g['unseen']):>6} "
+                   f"{_pct(g['H']):>6} | {_pct(c['seen']):>6} {_pct(c['unseen']):>6} {_pct(c['H']):>6} "
+                   f"{c['gamma']:7.3f} | {_pct(r['ausuc']):>6}")
+        if cfg.json_path:
+            zio.write_json_atomic(cfg.json_path, r)
+        if cfg.html:
+            from pipeline.report import default_thumbnail, render_report, write_report
+
+            write_report(cfg.html, render_report(title=f"ZSL evaluation: {r['method']}", metrics={r["method"]: r},
+                                                 searches=[], thumbnail=default_thumbnail))
+    _run(body)
+
+
+@app.command()
+def label(
+    model: str = typer.Option(...), features: str = typer.Option(...), classes: str = typer.Option(...),
+    output: str = typer.Option(...), top_k: Optional[int] = typer.Option(None, "--top-k", "-k"),
+    calibrated: Optional[bool] = typer.Option(None, "--calibrated/--uncalibrated"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Relabel if model/classes changed."),
+    config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
+) -> None:
+    """Bulk-label features: top-k classes with scores per image, shard by shard (resumable)."""
+    def body():
+        from pipeline.labeling import run_label
+
+        cfg = load_config("label", dict(model=model, features=features, classes=classes, output=output,
+                                        top_k=top_k, calibrated=calibrated, overwrite=overwrite), config, set)
+        m = run_label(cfg)
+        typer.echo(f"labeled {m['n_labeled_this_run']} images in {m['n_shards']} shards against "
+                   f"{len(m['classes'])} classes -> {cfg.output}")
+    _run(body)
+
+
+@app.command()
+def index(
+    features: str = typer.Option(...), model: str = typer.Option(...), output: str = typer.Option(...),
+    max_memory: Optional[str] = typer.Option(None, help="Index memory budget, e.g. 512M, 16G."),
+    index_factory: Optional[str] = typer.Option(None, help="Force a FAISS index_factory string."),
+    use_gpu: Optional[str] = typer.Option(None, help="auto | yes | no"),
+    config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
+) -> None:
+    """Build a FAISS index of images in the model's text space (chosen under a memory budget)."""
+    def body():
+        from pipeline.retrieval import run_index
+
+        cfg = load_config("index", dict(features=features, model=model, output=output, max_memory=max_memory,
+                                        index_factory=index_factory, use_gpu=use_gpu), config, set)
+        m = run_index(cfg)
+        typer.echo(f"indexed {m['ntotal']} images with {m['factory']} ({m['index_bytes'] / 2**20:.1f} MiB) "
+                   f"-> {cfg.output}")
+    _run(body)
+
+
+@app.command()
+def search(
+    text: str = typer.Argument(..., help="Free-text query."),
+    index: str = typer.Option(..., help="`zsl index` output."),
+    k: int = typer.Option(10, "-k", "--k", help="Number of hits."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Retrieve images by free text."""
+    def body():
+        from pipeline.retrieval import search_text
+
+        cfg = load_config("search", dict(index=index, text=text, k=k))
+        hits = search_text(cfg.index, cfg.text, cfg.k)
+        if as_json:
+            typer.echo(json.dumps({"query": cfg.text, "hits": hits}, indent=2))
+        else:
+            for h in hits:
+                typer.echo(f"{h['rank']:3d}  {h['score']:.4f}  {h['uri']}" + (f"  [{h['label']}]" if h["label"] else ""))
+    _run(body)
+
+
+@app.command("add-classes")
+def add_classes_cmd(
+    model: str = typer.Option(..., help="Trained model directory (checked against the classes)."),
+    classes: str = typer.Option(..., help="`zsl classes` output to extend (updated in place)."),
+    input: str = typer.Option(..., help="Class table with the new classes (names/descriptions/attributes)."),
+    relabel: Optional[str] = typer.Option(None, help="A `zsl label` output to re-label against the enlarged set."),
+) -> None:
+    """Add classes from names/descriptions/attributes; optionally re-label existing features (no re-extraction)."""
+    def body():
+        from pipeline import io as zio
+        from pipeline.classes import add_classes
+        from pipeline.config import LabelConfig
+        from pipeline.labeling import run_label
+        from pipeline.models import load_model
+
+        cfg = load_config("add-classes", dict(model=model, classes=classes, input=input, relabel=relabel))
+        _, mman = load_model(cfg.model)
+        cs, added = add_classes(cfg.classes, cfg.input)
+        if mman["semantics"] != "text" and cs.attributes is None:
+            raise BadInput(f"model uses {mman['semantics']} semantics but the class set has no attributes")
+        typer.echo(f"added {len(added)} classes ({', '.join(added)}); {len(cs.names)} classes in {cfg.classes}")
+        if cfg.relabel:
+            lm = zio.read_json(zio.join(cfg.relabel, "manifest.json"))
+            lcfg = LabelConfig(**{**lm["config"], "model": cfg.model, "classes": cfg.classes, "overwrite": True})
+            m = run_label(lcfg)
+            typer.echo(f"re-labeled {m['n_labeled_this_run']} images against {len(m['classes'])} classes "
+                       f"-> {cfg.relabel}")
+    _run(body)
+
+
+@app.command()
+def report(
+    evaluation: list[str] = typer.Option(..., help="`zsl evaluate --json` files (repeatable)."),
+    search_json: Optional[list[str]] = typer.Option(None, "--search", help="`zsl search --json` files (repeatable)."),
+    output: str = typer.Option(..., help="HTML file to write."),
+    title: str = typer.Option("zsl-pipeline report"),
+) -> None:
+    """Write one HTML report: metrics table, per-class accuracy, seen-unseen curves, search galleries."""
+    def body():
+        from pipeline import io as zio
+        from pipeline.report import default_thumbnail, render_report, write_report
+
+        metrics = {}
+        for f in evaluation:
+            r = zio.read_json(f)
+            metrics[f"{r.get('method', '?')} ({r.get('semantics', '?')})"] = r
+        searches = [zio.read_json(f) for f in search_json or []]
+        write_report(output, render_report(title=title, metrics=metrics, searches=searches,
+                                           thumbnail=default_thumbnail))
+        typer.echo(f"report: {Path(output).resolve()}")
+    _run(body)
+
+
+@app.command("demo-data")
+def demo_data(
+    output: str = typer.Option(..., help="Folder to write the demo image folders and class table into."),
+    per_class: int = typer.Option(100, help="Images per class in each of train/test."),
+) -> None:
+    """Write the embedded demo data (animal-mnist silhouettes) as image folders."""
+    def body():
+        from pipeline.demo_data import write_demo_data
+
+        info = write_demo_data(output, per_class=per_class)
+        typer.echo(f"demo data: {info['n_train']} train / {info['n_test']} test images of {len(info['classes'])} "
+                   f"classes -> {output}")
+    _run(body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI in-process; return the exit status (tests call this)."""
+    import click
+
+    cmd = typer.main.get_command(app)
+    try:
+        rv = cmd.main(args=list(argv if argv is not None else sys.argv[1:]), prog_name="zsl", standalone_mode=False)
+        return int(rv or 0)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        return 1
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

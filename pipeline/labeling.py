@@ -1,0 +1,119 @@
+"""Bulk labeling: feature shards -> top-k classes per image, shard by shard, resumably.
+
+Each feature shard ``features/shard-N.parquet`` gives ``OUT/labels/shard-N.parquet`` (atomic).
+``OUT/manifest.json`` records the model and the class set; a rerun with the same model and classes
+only labels the missing shards, and a rerun with other ones is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import io as zio
+from pipeline.config import LabelConfig
+from pipeline.extract import read_features_manifest, table_embeddings
+from pipeline.models import load_model
+from pipeline.schema import LABELS_SCHEMA
+from pipeline.semantics import load_class_set
+from pipeline.training import class_scores
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["run_label", "topk"]
+
+LABELS_FORMAT = "zsl-labels/1"
+
+
+def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the ``k`` best columns per row, best first (ties: lower index first)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    idx = np.take_along_axis(part, order, axis=1)
+    return idx, np.take_along_axis(scores, idx, axis=1)
+
+
+def _identity(cfg: LabelConfig, model_manifest: dict, classes_manifest: dict, feats_manifest: dict) -> dict:
+    return {
+        "model": zio.fingerprint(model_manifest),
+        "classes": classes_manifest.get("fingerprint"),
+        "features": zio.fingerprint({k: feats_manifest.get(k) for k in ("model_id", "dim", "config")}),
+        "top_k": cfg.top_k,
+        "calibrated": cfg.calibrated,
+    }
+
+
+def run_label(cfg: LabelConfig, *, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    fman = read_features_manifest(cfg.features)
+    dim = int(fman["dim"])
+    model, mman = load_model(cfg.model, feature_dim=dim, feature_model=fman["model_id"])
+    classes = load_class_set(cfg.classes)
+    seen = set(mman["seen"])
+    unseen_mask = np.array([n not in seen for n in classes.names])
+    names = np.asarray(classes.names, dtype=object)
+    ident = _identity(cfg, mman, classes.manifest, fman)
+    labels_dir = zio.join(cfg.output, "labels")
+    run_uri = zio.join(cfg.output, "run.json")
+    if zio.exists(run_uri) and zio.read_json(run_uri) != ident:
+        if not cfg.overwrite:
+            raise ValueError(f"{cfg.output} holds labels from another model, class set or setting; "
+                             "use a new --output or --overwrite")
+        LOG.warning("%s: model/classes changed; relabeling every shard", cfg.output)
+        if zio.exists(labels_dir):
+            fs, p = zio.filesystem(labels_dir)
+            fs.rm(p, recursive=True)
+    zio.write_json_atomic(run_uri, ident)
+    shards = list(zio.iter_parquet_files(zio.join(cfg.features, "features")))
+    done = ({f.rsplit("/", 1)[-1] for f in zio.iter_parquet_files(labels_dir)} if zio.exists(labels_dir) else set())
+    todo = [s for s in shards if s.rsplit("/", 1)[-1] not in done]
+    LOG.info("labeling %d feature shards (%d already done) against %d classes", len(todo), len(shards) - len(todo),
+             len(names))
+    n_images = 0
+    for uri in tqdm(todo, desc="label", unit="shard", disable=not progress):
+        fs, path = zio.filesystem(uri)
+        table = pq.read_table(path, filesystem=fs, columns=["image_id", "uri", "label", "embedding"])
+        X = table_embeddings(table, dim, uri)
+        idx_parts, val_parts = [], []
+        for i in range(0, len(X), cfg.batch_size):
+            s = class_scores(model, mman, X[i : i + cfg.batch_size], classes, calibrated=cfg.calibrated)
+            ii, vv = topk(s, cfg.top_k)
+            idx_parts.append(ii)
+            val_parts.append(vv)
+        idx = np.concatenate(idx_parts) if idx_parts else np.zeros((0, min(cfg.top_k, len(names))), np.int64)
+        vals = np.concatenate(val_parts) if val_parts else np.zeros(idx.shape, np.float32)
+        out = pa.table({
+            "image_id": table.column("image_id"),
+            "uri": table.column("uri"),
+            "label": table.column("label"),
+            "top1": pa.array(names[idx[:, 0]].tolist() if len(idx) else [], pa.string()),
+            "top1_score": pa.array(vals[:, 0] if len(idx) else [], pa.float32()),
+            "top1_is_unseen": pa.array(unseen_mask[idx[:, 0]] if len(idx) else [], pa.bool_()),
+            "topk": pa.array([names[r].tolist() for r in idx], pa.list_(pa.string())),
+            "topk_scores": pa.array([v.astype(np.float32) for v in vals], pa.list_(pa.float32())),
+        }, schema=LABELS_SCHEMA)
+        zio.write_parquet_atomic(zio.join(labels_dir, uri.rsplit("/", 1)[-1]), out)
+        n_images += len(X)
+    manifest = {
+        "format": LABELS_FORMAT,
+        **ident,
+        "model_dir": cfg.model,
+        "features_dir": cfg.features,
+        "classes_dir": cfg.classes,
+        "classes": list(classes.names),
+        "gamma": mman.get("gamma") if cfg.calibrated else 0.0,
+        "n_shards": len(shards),
+        "n_labeled_this_run": n_images,
+        "config": cfg.model_dump(),
+        "seconds_last_run": round(time.perf_counter() - t0, 2),
+    }
+    zio.write_json_atomic(zio.join(cfg.output, "manifest.json"), manifest)
+    return manifest

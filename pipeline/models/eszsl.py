@@ -1,0 +1,48 @@
+"""ESZSL — "An embarrassingly simple approach to zero-shot learning" (Romera-Paredes & Torr, 2015).
+
+Closed form, with X (d, m) features, Y (m, z) in {-1, 1}, S (a, z) class semantics:
+
+    V = (X Xᵀ + γ I)⁻¹ X Y Sᵀ (S Sᵀ + λ I)⁻¹        score(x, s) = xᵀ V s
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.models.base import ZSLModel, _check_fit_inputs, l2n, register
+
+
+def eszsl_closed_form(X: np.ndarray, Y: np.ndarray, S: np.ndarray, gamma: float, lam: float) -> np.ndarray:
+    """The published closed form; ``X`` (d, m), ``Y`` (m, z), ``S`` (a, z) -> ``V`` (d, a)."""
+    d, a = X.shape[0], S.shape[0]
+    left = np.linalg.solve(X @ X.T + gamma * np.eye(d), X @ Y @ S.T)  # (d, a)
+    return np.linalg.solve((S @ S.T + lam * np.eye(a)).T, left.T).T
+
+
+@register
+class ESZSL(ZSLModel):
+    method = "eszsl"
+
+    def __init__(self, *, gamma: float = 1.0, lam: float = 1.0, **params) -> None:
+        super().__init__(gamma=gamma, lam=lam, **params)
+        self.V: np.ndarray | None = None
+
+    def fit(self, X, y, S):
+        _check_fit_inputs(X, y, S)
+        Xn = l2n(X).astype(np.float64)
+        Y = -np.ones((len(y), len(S)))
+        Y[np.arange(len(y)), y] = 1.0
+        self.V = eszsl_closed_form(Xn.T, Y, np.asarray(S, np.float64).T, self.params["gamma"], self.params["lam"])
+        return self
+
+    def scores(self, X, S):
+        return (l2n(X) @ self.V.astype(np.float32)) @ np.asarray(S, np.float32).T
+
+    def embed_images(self, X):
+        return l2n(l2n(X) @ self.V.astype(np.float32))
+
+    def state(self):
+        return {"V": self.V.astype(np.float32)}
+
+    def load_state(self, state):
+        self.V = state["V"]
