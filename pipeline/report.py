@@ -13,9 +13,7 @@ import html
 import io
 import logging
 import math
-import os
 import tarfile
-import tempfile
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -202,23 +200,10 @@ def render_report(
 
 
 def write_report(path_or_uri: str, html: str) -> None:
-    """Write ``html`` to a local path atomically (temp file in the same directory + ``os.replace``)."""
-    path = str(path_or_uri)
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    elif "://" in path:
-        raise ValueError(f"write_report supports local paths only, got {path_or_uri!r}")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="._tmp-", suffix=".html", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(html)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``html`` atomically (temp file + rename) to a local path or any fsspec URI."""
+    from pipeline.io import write_bytes_atomic
+
+    write_bytes_atomic(str(path_or_uri), html.encode("utf-8"))
 
 
 def _open_uri(uri: str):

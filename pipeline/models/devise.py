@@ -61,7 +61,7 @@ class DeViSE(ZSLModel):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
             LOG.debug("devise epoch %d: hinge %.4f", epoch, total / n)
         self.W = W.detach().numpy().astype(np.float32)
         return self

@@ -1,0 +1,168 @@
+"""End to end through the real CLI (`jobs.cli.main`) on real animal-mnist images, real models
+(EfficientNet-Lite0, all-MiniLM-L6-v2), a real local Ray cluster and real FAISS."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from pipeline.demo_data import ANIMAL_MNIST_CLASSES, load_animal_mnist
+
+SEEN = ["bear", "bird", "cow", "elephant"]
+UNSEEN = ["giraffe", "zebra"]
+CLASSES_YAML = """
+classes:
+  - {name: bear, description: a large heavy furry animal with big paws}
+  - {name: bird, description: a small animal with feathers and wings that flies}
+  - {name: cow, description: a farm animal with hooves and horns that gives milk}
+  - {name: elephant, description: a huge gray animal with a long trunk and big ears}
+  - {name: giraffe, description: a very tall animal with an extremely long neck}
+  - {name: zebra, description: a wild horse-like animal with black and white stripes}
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from pipeline.ray_stages import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    x, y = load_animal_mnist()
+    rng = np.random.default_rng(0)
+    for name in SEEN + UNSEEN:
+        idx = rng.permutation(np.flatnonzero(y == ANIMAL_MNIST_CLASSES.index(name)))
+        for split, part in (("train", idx[:12]), ("test", idx[12:20])):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in part:
+                Image.fromarray(x[i]).save(d / f"{i:05d}.png")
+    (root / "classes.yaml").write_text(CLASSES_YAML)
+    (root / "split.json").write_text(json.dumps({"seen": SEEN, "unseen": UNSEEN}))
+    (root / "new.yaml").write_text("classes:\n  - {name: kangaroo, description: a marsupial that hops}\n")
+    return root
+
+
+def run(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_full_flow(ray_cluster, data: Path, tmp_path: Path, capsys):
+    out = tmp_path
+    assert run("extract", "--input", data / "train", "--output", out / "ftrain", "--shard-size", "16") == 0
+    assert run("extract", "--input", data / "test", "--output", out / "ftest", "--shard-size", "16") == 0
+    man = json.loads((out / "ftrain" / "manifest.json").read_text())
+    assert (man["n_images"], man["n_errors"], man["dim"], man["n_shards"]) == (72, 0, 1280, 5)
+    shard = pq.read_table(out / "ftrain" / "features" / "shard-000000.parquet")
+    assert shard.schema.field("embedding").type == pa.list_(pa.float32(), 1280)
+    assert set(shard.column("label").to_pylist()) <= set(SEEN + UNSEEN)
+
+    # a rerun finds every shard done and changes nothing
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "ftrain" / "features").iterdir()}
+    assert run("extract", "--input", data / "train", "--output", out / "ftrain", "--shard-size", "16") == 0
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "ftrain" / "features").iterdir()}
+    # ... and a rerun with another shard size into the same output is refused, nothing written
+    assert run("extract", "--input", data / "train", "--output", out / "ftrain", "--shard-size", "8") == 2
+    assert "other settings" in capsys.readouterr().err
+
+    assert run("classes", "--input", data / "classes.yaml", "--output", out / "classes") == 0
+    split = data / "split.json"
+    assert run("train", "--features", out / "ftrain", "--classes", out / "classes", "--seen", split,
+               "--method", "devise", "--output", out / "model", "--epochs", "10") == 0
+    assert run("evaluate", "--model", out / "model", "--features", out / "ftest", "--classes", out / "classes",
+               "--unseen", split, "--json", out / "eval.json") == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["n_test_unseen"] == 16 and ev["n_test_seen"] == 32
+    assert 0.0 <= ev["zsl_unseen_top1"] <= 1.0 and 0.0 <= ev["gzsl_calibrated"]["H"] <= 1.0
+    # evaluating on the training features is refused
+    assert run("evaluate", "--model", out / "model", "--features", out / "ftrain", "--classes", out / "classes",
+               "--unseen", split) == 2
+
+    assert run("label", "--model", out / "model", "--features", out / "ftest", "--classes", out / "classes",
+               "--output", out / "labels", "-k", "3") == 0
+    labels = pq.read_table(out / "labels" / "labels").to_pandas()
+    assert len(labels) == 48 and labels["topk"].map(len).eq(3).all()
+    assert set(labels["top1"]) <= set(SEEN + UNSEEN)
+
+    assert run("index", "--features", out / "ftest", "--model", out / "model", "--output", out / "index") == 0
+    capsys.readouterr()
+    assert run("search", "--index", out / "index", "an animal with a long neck", "-k", "5", "--json") == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert len(hits) == 5 and all(h["uri"].endswith(".png") for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+    # new class from a name + description only; existing features are re-labelled, not re-extracted
+    feats_before = {p.name: p.stat().st_mtime_ns for p in (out / "ftest" / "features").iterdir()}
+    assert run("add-classes", "--model", out / "model", "--classes", out / "classes", "--input", data / "new.yaml",
+               "--relabel", out / "labels") == 0
+    relabeled = json.loads((out / "labels" / "manifest.json").read_text())
+    assert "kangaroo" in relabeled["classes"] and len(relabeled["classes"]) == 7
+    assert feats_before == {p.name: p.stat().st_mtime_ns for p in (out / "ftest" / "features").iterdir()}
+    relabels = pq.read_table(out / "labels" / "labels").to_pandas()
+    assert len(relabels) == 48 and relabels["topk"].map(len).eq(3).all()
+
+
+def test_webdataset_and_parquet_inputs(ray_cluster, data: Path, tmp_path: Path):
+    imgs = sorted((data / "train" / "bear").glob("*.png"))[:5]
+    tar_dir = tmp_path / "wds"
+    tar_dir.mkdir()
+    with tarfile.open(tar_dir / "00000.tar", "w") as tf:
+        for i, p in enumerate(imgs):
+            for name, payload in ((f"{i:09d}.png", p.read_bytes()),
+                                  (f"{i:09d}.json", json.dumps({"label": "bear"}).encode()),
+                                  (f"{i:09d}.txt", b"a bear silhouette")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    assert run("extract", "--input", tar_dir, "--output", tmp_path / "f_wds") == 0
+    t = pq.read_table(tmp_path / "f_wds" / "features")
+    assert t.num_rows == 5 and set(t.column("label").to_pylist()) == {"bear"}
+    assert t.column("caption").to_pylist()[0] == "a bear silhouette"
+
+    pq_dir = tmp_path / "pq"
+    pq_dir.mkdir()
+    pq.write_table(pa.table({"image": [p.read_bytes() for p in imgs] + [b"not an image"],
+                             "label": ["bear"] * 6}), pq_dir / "part-0.parquet", row_group_size=3)
+    assert run("extract", "--input", pq_dir, "--output", tmp_path / "f_pq") == 0
+    m = json.loads((tmp_path / "f_pq" / "manifest.json").read_text())
+    assert (m["n_images"], m["n_errors"], m["n_shards"]) == (5, 1, 2)
+    err = pq.read_table(tmp_path / "f_pq" / "errors").to_pylist()
+    assert err[0]["image_id"] == "part-0/5" and err[0]["stage"] == "decode"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["extract", "--input", "/nonexistent/dir", "--output", "/tmp/x"], "no such file"),
+    (["train", "--features", "/nonexistent", "--classes", "/x", "--seen", "a", "--output", "/tmp/m",
+      "--method", "nope"], "method"),
+    (["extract", "--input", "/tmp", "--output", "/tmp/x", "--set", "bogus_key=1"], "unknown key 'bogus_key'"),
+])
+def test_bad_input_exits_2_with_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zsl: error:") and needle in err[0].lower()
+
+
+def test_every_command_has_help(capsys):
+    for cmd in ("extract", "classes", "train", "evaluate", "label", "index", "search", "add-classes", "report"):
+        assert main([cmd, "--help"]) == 0
+        assert "Usage" in capsys.readouterr().out
