@@ -1,0 +1,534 @@
+"""``python -m jobs.bench``: pipeline throughput vs bare loops, measured side by side in one run.
+
+Two measurements, each as a RATIO of medians over repeats taken in the same process, interleaved
+(pipeline, bare, bare, pipeline, ...) so that load from other work on a shared machine hits both:
+
+1. **Extraction** — :func:`pipeline.extract.run_extract` (Ray Data: decode tasks, encoder actor
+   pool, driver-side shard writer) on a folder of real animal-mnist images, against a bare
+   in-process loop doing the same work on the same files: read bytes, ``decode_image``, batches of
+   ``batch_size``, ``ImageEncoder.encode``. Ray is started once before timing (its start-up is
+   reported separately, with one optional cold run); the actor start and model load inside each
+   pipeline run are part of its cost. The bare loop uses the torch thread count of the pipeline's
+   encoder actor (:func:`pipeline.ray_stages.plan_resources`).
+2. **Bulk labeling** — :func:`pipeline.labeling.run_label` over Parquet feature shards of synthetic
+   (but feature-like: non-negative, class-clustered) 1280-d rows with a real ESZSL model trained by
+   :func:`pipeline.training.run_train`, against the same math in bare NumPy on the in-memory matrix:
+   ``l2n(X) @ V @ S.T`` and ``np.argpartition`` top-k, no I/O.
+
+Writes one JSON file (atomically) and prints a short table. Absolute times on a busy machine are
+noise; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+LOG = logging.getLogger("zsl.bench")
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Extraction and labeling throughput of the pipeline vs bare loops (ratios).")
+
+FEATURE_MODEL = "effnet-lite0"  # the synthetic label features pose as this encoder's output
+TEXT_DIM = 384  # minilm's dimension, as in a real class set
+
+
+# -- small helpers -------------------------------------------------------------------------------
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b > 0 else float("nan")
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def _interleaved(repeats: int, pipeline: Callable[[int], float], bare: Callable[[int], float]
+                 ) -> tuple[list[float], list[float]]:
+    """Run both ``repeats`` times, alternating which goes first (ABBA), so drift hits both alike."""
+    p_s, b_s = [], []
+    for r in range(repeats):
+        order = ((pipeline, p_s), (bare, b_s)) if r % 2 == 0 else ((bare, b_s), (pipeline, p_s))
+        for fn, acc in order:
+            acc.append(fn(r))
+    return p_s, b_s
+
+
+def _machine() -> dict:
+    import faiss
+    import numpy as np
+    import pyarrow
+    import ray
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_default_threads": torch.get_num_threads(),
+        "cuda_available": bool(torch.cuda.is_available()),
+        "ray": ray.__version__,
+        "faiss": getattr(faiss, "__version__", "unknown"),
+        "numpy": np.__version__,
+        "pyarrow": pyarrow.__version__,
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# -- extraction ----------------------------------------------------------------------------------
+
+def _bare_extract(files: list[str], encoder, *, image_size: int, batch_size: int, max_pixels: int):
+    """The pipeline's per-image work without Ray: read, decode, batch, encode."""
+    import numpy as np
+
+    from pipeline import io as zio
+    from pipeline.images import decode_image
+
+    out, batch = [], []
+    for uri in files:
+        px, _, _ = decode_image(zio.read_bytes(uri), size=image_size, max_pixels=max_pixels)
+        batch.append(px)
+        if len(batch) == batch_size:
+            out.append(encoder.encode(np.stack(batch)))
+            batch = []
+    if batch:
+        out.append(encoder.encode(np.stack(batch)))
+    return np.concatenate(out)
+
+
+def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size: int, batch_size: int,
+                  cold: bool) -> dict:
+    import numpy as np
+    import ray
+    import torch
+
+    from pipeline.config import ExtractConfig
+    from pipeline.demo_data import write_demo_data
+    from pipeline.encoders import image_encoder_info, load_image_encoder
+    from pipeline.extract import load_features, run_extract
+    from pipeline.ray_stages import init_ray, plan_resources
+    from pipeline.shards import list_shards
+
+    data = work / "images"
+    info = write_demo_data(str(data), per_class=images_per_class)
+    src = str(data / "train")
+    files = [f for s in list_shards(src, input_format="folder", shard_size=shard_size) for f in s.members]
+    n = len(files)
+    LOG.info("extraction bench: %d images (%d classes), shard_size %d, batch %d, %d repeats",
+             n, len(info["classes"]), shard_size, batch_size, repeats)
+
+    def cfg(tag: str) -> ExtractConfig:
+        return ExtractConfig(input=src, output=str(work / f"extract-{tag}"), input_format="folder",
+                             encoder=FEATURE_MODEL, shard_size=shard_size, batch_size=batch_size)
+
+    def pipeline_run(tag: str) -> tuple[float, dict]:
+        c = cfg(tag)
+        shutil.rmtree(c.output, ignore_errors=True)
+        secs, manifest = _timed(lambda: run_extract(c, progress=False))
+        if manifest["n_images"] != n or manifest["n_errors"]:
+            raise RuntimeError(f"pipeline run {tag}: {manifest['n_images']} images, {manifest['n_errors']} errors "
+                               f"(expected {n}, 0)")
+        return secs, manifest
+
+    ray_was_running = ray.is_initialized()
+    cold_result = None
+    if cold and not ray_was_running:
+        # One CLI-like run: Ray start-up + actor start + model load + work (single sample).
+        t0 = time.perf_counter()
+        init_ray()
+        ray_init_s = time.perf_counter() - t0
+        secs, _ = pipeline_run("cold")
+        shutil.rmtree(cfg("cold").output, ignore_errors=True)
+        cold_result = {"seconds_incl_ray_init": ray_init_s + secs, "seconds_excl_ray_init": secs}
+    else:
+        ray_init_s, _ = _timed(init_ray)
+
+    res = ray.cluster_resources()
+    plan = plan_resources(cpus=res.get("CPU", 1), gpus=res.get("GPU", 0), num_actors=None, device="auto")
+    info_enc = image_encoder_info(FEATURE_MODEL)
+    max_pixels = cfg("bare").max_image_pixels
+    load_s, encoder = _timed(lambda: load_image_encoder(FEATURE_MODEL, device=plan.device))
+    prev_threads = torch.get_num_threads()
+    bare_out: dict = {}
+    manifests: dict = {}
+
+    def pipeline_rep(r: int) -> float:
+        secs, manifests["last"] = pipeline_run(f"r{r}")
+        if r < repeats - 1:
+            shutil.rmtree(cfg(f"r{r}").output, ignore_errors=True)
+        return secs
+
+    def bare_rep(r: int) -> float:
+        torch.set_num_threads(plan.threads)
+        try:
+            secs, bare_out["X"] = _timed(lambda: _bare_extract(files, encoder, image_size=info_enc.image_size,
+                                                               batch_size=batch_size, max_pixels=max_pixels))
+        finally:
+            torch.set_num_threads(prev_threads)
+        return secs
+
+    p_s, b_s = _interleaved(repeats, pipeline_rep, bare_rep)
+
+    # Same numbers out of both? (per image, matched by uri)
+    feats = load_features(cfg(f"r{repeats - 1}").output)
+    pos = {u: i for i, u in enumerate(feats.uris)}
+    Xp = feats.X[[pos[u] for u in files]]
+    max_abs_diff = float(np.abs(Xp - bare_out["X"]).max())
+
+    p_ips, b_ips = [n / s for s in p_s], [n / s for s in b_s]
+    p_med, b_med = _median(p_ips), _median(b_ips)
+    out = {
+        "n_images": n,
+        "pipeline": {"seconds": p_s, "images_per_s": p_ips, "median_images_per_s": p_med,
+                     "includes": "run_extract with Ray already up: listing, actor start + model load, "
+                                 "decode tasks, encode, driver-side shard grouping, Parquet writes, manifest"},
+        "bare": {"seconds": b_s, "images_per_s": b_ips, "median_images_per_s": b_med,
+                 "includes": "read bytes + decode_image + np.stack + encode in batches; encoder loaded "
+                             "once outside the timed region"},
+        "ratio": _ratio(p_med, b_med),
+        "pipeline_overhead_s_median": _median(p_s) - _median(b_s),
+        "ray_init_s": ray_init_s,
+        "ray_was_already_running": ray_was_running,
+        "bare_encoder_load_s": load_s,
+        "cold": None,
+        "torch_threads": {"pipeline_actor": plan.threads, "bare_loop": plan.threads, "driver_default": prev_threads},
+        "resource_plan": dict(manifests["last"]["resources"] or {}),
+        "embeddings_max_abs_diff_pipeline_vs_bare": max_abs_diff,
+        "notes": ("Both sides run on the same machine in the same process, interleaved. With Ray up the "
+                  "pipeline still starts its encoder actor and loads the model on every run; the bare "
+                  "loop's encoder is loaded once (bare_encoder_load_s)."),
+    }
+    if cold_result is not None:
+        cold_ips = n / cold_result["seconds_incl_ray_init"]
+        out["cold"] = {**cold_result, "images_per_s_incl_ray_init": cold_ips,
+                       # against the bare loop charged with its own one-off encoder load
+                       "bare_images_per_s_incl_encoder_load": n / (load_s + _median(b_s)),
+                       "ratio_vs_bare_incl_encoder_load": _ratio(cold_ips, n / (load_s + _median(b_s))),
+                       "samples": 1,
+                       "includes": "init_ray + the first run_extract of this process (a CLI invocation)"}
+    shutil.rmtree(data, ignore_errors=True)
+    return out
+
+
+# -- labeling ------------------------------------------------------------------------------------
+
+def _write_feature_dir(out: str, X, labels: list[str], *, shard_rows: int, id_prefix: str) -> dict:
+    """Feature shards + manifest laid out exactly as ``zsl extract`` writes them."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline import io as zio
+    from pipeline.extract import shard_name
+    from pipeline.schema import ERRORS_SCHEMA, FEATURES_FORMAT, features_schema
+
+    n, dim = X.shape
+    n_shards = 0
+    for sid, s in enumerate(range(0, n, shard_rows)):
+        e = min(n, s + shard_rows)
+        ids = [f"{id_prefix}/{i:08d}.png" for i in range(s, e)]
+        feats = pa.table({
+            "image_id": ids,
+            "uri": [f"synthetic://{i}" for i in ids],
+            "label": labels[s:e],
+            "caption": pa.nulls(e - s, pa.string()),
+            "width": np.full(e - s, 28, np.int32),
+            "height": np.full(e - s, 28, np.int32),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(X[s:e]).reshape(-1)), dim),
+        }, schema=features_schema(dim))
+        zio.write_parquet_atomic(zio.join(out, "errors", shard_name(sid)), ERRORS_SCHEMA.empty_table())
+        zio.write_parquet_atomic(zio.join(out, "features", shard_name(sid)), feats)
+        n_shards += 1
+    manifest = {"format": FEATURES_FORMAT, "model_id": FEATURE_MODEL, "dim": dim, "image_size": 224,
+                "n_shards": n_shards, "n_images": n, "n_errors": 0,
+                "config": {"input": f"synthetic:{id_prefix}", "encoder": FEATURE_MODEL, "shard_size": shard_rows},
+                "resources": None, "seconds_last_run": 0.0}
+    zio.write_json_atomic(zio.join(out, "manifest.json"), manifest)
+    return manifest
+
+
+def _synthetic_features(rng, centers, y, *, noise: float, chunk: int = 20_000):
+    """Non-negative, class-clustered rows (like pooled CNN features), generated in chunks."""
+    import numpy as np
+
+    X = np.empty((len(y), centers.shape[1]), np.float32)
+    for s in range(0, len(y), chunk):
+        e = min(len(y), s + chunk)
+        block = rng.standard_normal((e - s, centers.shape[1]), dtype=np.float32)
+        block *= noise
+        block += centers[y[s:e]]
+        np.maximum(block, 0.0, out=block)
+        X[s:e] = block
+    return X
+
+
+def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_seen: int, top_k: int,
+                repeats: int, seed: int) -> dict:
+    import numpy as np
+
+    from pipeline.classes import write_class_set
+    from pipeline.config import LabelConfig, TrainConfig
+    from pipeline.labeling import run_label
+    from pipeline.models import load_model
+    from pipeline.models.base import l2n
+    from pipeline.semantics import load_class_set
+    from pipeline.training import run_train
+
+    dim = 1280
+    rng = np.random.default_rng(seed)
+    names = [f"class_{i:03d}" for i in range(n_classes)]
+    # Feature-space class centres, and text embeddings that are a noisy linear image of them (so the
+    # trained model is a real, non-degenerate one).
+    centers = (np.maximum(rng.standard_normal((n_classes, dim)), 0.0) * 0.6).astype(np.float32)
+    R = rng.standard_normal((dim, TEXT_DIM)).astype(np.float32) / math.sqrt(dim)
+    text = l2n(centers @ R + 0.3 * rng.standard_normal((n_classes, TEXT_DIM)).astype(np.float32))
+
+    t_prep = time.perf_counter()
+    classes_dir, model_dir = str(work / "classes"), str(work / "model")
+    write_class_set(classes_dir, names, [None] * n_classes, text, None, {
+        "source": "synthetic (jobs.bench)", "text_model": "minilm", "text_model_name": "minilm",
+        "pretrained": None, "templates": ["a photo of a {name}."], "text_dim": TEXT_DIM, "attribute_names": [],
+        "attribute_normalization": "l2", "attribute_stats": None, "missing_attributes": "error",
+        "missing_value": -1.0})
+    seen = names[:n_seen]
+    y_train = np.repeat(np.arange(n_seen), 60)
+    train_dir = str(work / "features-train")
+    _write_feature_dir(train_dir, _synthetic_features(rng, centers, y_train, noise=0.5),
+                       [names[i] for i in y_train], shard_rows=shard_rows, id_prefix="train")
+    train_manifest = run_train(TrainConfig(features=train_dir, classes=classes_dir, seen=tuple(seen),
+                                           method="eszsl", output=model_dir))
+
+    y = rng.integers(0, n_classes, rows)
+    X = _synthetic_features(rng, centers, y, noise=0.5)
+    feats_dir = str(work / "features-label")
+    _write_feature_dir(feats_dir, X, [names[i] for i in y], shard_rows=shard_rows, id_prefix="label")
+    prep_s = time.perf_counter() - t_prep
+
+    model, _ = load_model(model_dir, feature_dim=dim, feature_model=FEATURE_MODEL)
+    S = load_class_set(classes_dir).semantics("text")
+    V = np.asarray(model.V, np.float32)
+    LOG.info("labeling bench: %d rows x %d-d in %d shards, %d classes (%d seen), top-%d, %d repeats "
+             "(data + model prepared in %.1fs)", rows, dim, math.ceil(rows / shard_rows), n_classes, n_seen,
+             top_k, repeats, prep_s)
+
+    def out_dir(r: int) -> str:
+        return str(work / f"labels-r{r}")
+
+    def pipeline_rep(r: int) -> float:
+        shutil.rmtree(out_dir(r), ignore_errors=True)
+        cfg = LabelConfig(model=model_dir, features=feats_dir, classes=classes_dir, output=out_dir(r),
+                          top_k=top_k, calibrated=True)
+        secs, m = _timed(lambda: run_label(cfg, progress=False))
+        if m["n_labeled_this_run"] != rows:
+            raise RuntimeError(f"run_label labeled {m['n_labeled_this_run']} rows, expected {rows}")
+        shutil.rmtree(out_dir(r), ignore_errors=True)
+        return secs
+
+    def bare_rep(r: int) -> float:
+        def work_():
+            scores = (l2n(X) @ V) @ S.T
+            return np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
+        secs, idx = _timed(work_)
+        assert idx.shape == (rows, top_k)
+        return secs
+
+    p_s, b_s = _interleaved(repeats, pipeline_rep, bare_rep)
+    p_rps, b_rps = [rows / s for s in p_s], [rows / s for s in b_s]
+    p_med, b_med = _median(p_rps), _median(b_rps)
+    batch_size = LabelConfig(model=model_dir, features=feats_dir, classes=classes_dir, output=out_dir(0)).batch_size
+    return {
+        "n_rows": rows,
+        "dim": dim,
+        "n_shards": math.ceil(rows / shard_rows),
+        "n_classes": n_classes,
+        "n_seen": n_seen,
+        "model": {"method": "eszsl", "gamma": train_manifest["gamma"], "n_train": train_manifest["n_train"]},
+        "pipeline": {"seconds": p_s, "rows_per_s": p_rps, "median_rows_per_s": p_med},
+        "bare": {"seconds": b_s, "rows_per_s": b_rps, "median_rows_per_s": b_med},
+        "ratio": _ratio(p_med, b_med),
+        "pipeline_overhead_s_median": _median(p_s) - _median(b_s),
+        "prep_seconds": prep_s,
+        "notes": (f"run_label on top of the bare math: reads manifests, model (safetensors) and class set; per "
+                  f"shard reads Parquet (zstd; files are in the page cache after being written) and converts "
+                  f"the embedding column to NumPy; scores in batches of {batch_size} via class_scores "
+                  f"(calibrated stacking: gamma subtracted from {n_seen} seen-class columns); sorts the top-k "
+                  f"(lexsort) rather than only partitioning; builds per-row Arrow lists of class names and "
+                  f"scores; writes one zstd Parquet labels shard per feature shard atomically (fsync) and a "
+                  f"manifest. Bare: l2n(X) @ V @ S.T + np.argpartition on the in-memory matrix, no I/O."),
+    }
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def interpretation(result: dict) -> str:
+    parts = []
+    ex = result.get("extraction")
+    if ex:
+        parts.append(
+            f"Extraction: the Ray pipeline ran at {ex['ratio']:.2f}x the bare loop's throughput "
+            f"({ex['pipeline']['median_images_per_s']:.1f} vs {ex['bare']['median_images_per_s']:.1f} images/s, "
+            f"medians of {len(ex['pipeline']['seconds'])}, Ray already up), i.e. "
+            f"{ex['pipeline_overhead_s_median']:+.1f}s per {ex['n_images']} images beyond the bare work; "
+            f"Ray start-up took {ex['ray_init_s']:.1f}s once.")
+        if ex.get("cold"):
+            parts.append(f"A single cold run (Ray start-up included) ran at "
+                         f"{ex['cold']['ratio_vs_bare_incl_encoder_load']:.2f}x the bare loop charged with its "
+                         f"encoder load.")
+        if ex["embeddings_max_abs_diff_pipeline_vs_bare"] > 1e-3:
+            parts.append(f"Embeddings differ between pipeline and bare loop (max abs diff "
+                         f"{ex['embeddings_max_abs_diff_pipeline_vs_bare']:.2g}).")
+    lb = result.get("labeling")
+    if lb:
+        share = 1.0 - lb["ratio"] if lb["ratio"] < 1 else 0.0
+        parts.append(
+            f"Labeling: run_label ran at {lb['ratio']:.3f}x the bare NumPy scoring+top-k throughput "
+            f"({lb['pipeline']['median_rows_per_s']:,.0f} vs {lb['bare']['median_rows_per_s']:,.0f} rows/s); "
+            f"about {100 * share:.0f}% of its time is spent outside the scoring math (I/O, Arrow conversion, "
+            f"calibration, top-k sorting, output building).")
+    return " ".join(parts)
+
+
+def print_table(result: dict) -> None:
+    rows = [("stage", "pipeline (median)", "bare (median)", "ratio p/b", "repeats")]
+    ex, lb = result.get("extraction"), result.get("labeling")
+    if ex:
+        rows.append(("extraction [img/s]", f"{ex['pipeline']['median_images_per_s']:.1f}",
+                     f"{ex['bare']['median_images_per_s']:.1f}", f"{ex['ratio']:.3f}",
+                     str(len(ex["pipeline"]["seconds"]))))
+        if ex.get("cold"):
+            c = ex["cold"]
+            rows.append(("  cold, incl. Ray init", f"{c['images_per_s_incl_ray_init']:.1f}",
+                         f"{c['bare_images_per_s_incl_encoder_load']:.1f}",
+                         f"{c['ratio_vs_bare_incl_encoder_load']:.3f}", "1"))
+    if lb:
+        rows.append(("labeling [rows/s]", f"{lb['pipeline']['median_rows_per_s']:,.0f}",
+                     f"{lb['bare']['median_rows_per_s']:,.0f}", f"{lb['ratio']:.4f}",
+                     str(len(lb["pipeline"]["seconds"]))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        typer.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            typer.echo("  ".join("-" * w for w in widths))
+
+
+def _check_finite(result: dict) -> None:
+    for key in ("extraction", "labeling"):
+        if result.get(key) is not None:
+            r = result[key]["ratio"]
+            if not (math.isfinite(r) and r > 0):
+                raise RuntimeError(f"{key}: ratio {r!r} is not a positive finite number")
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+@app.command()
+def bench(
+    output: str = typer.Option("tests/bench/results.json", help="JSON file to write (atomically)."),
+    repeats: int = typer.Option(3, min=1, help="Timed repeats of each side (medians are reported)."),
+    images_per_class: int = typer.Option(40, min=1, help="animal-mnist images per class (10 classes)."),
+    shard_size: int = typer.Option(100, min=1, help="Images per extraction shard."),
+    batch_size: int = typer.Option(64, min=1, help="Images per encoder batch (pipeline and bare loop)."),
+    cold: bool = typer.Option(True, "--cold/--no-cold", help="Also time one cold run including Ray start-up."),
+    label_rows: int = typer.Option(200_000, min=1, help="Feature rows to label."),
+    label_shard_rows: int = typer.Option(20_000, min=1, help="Rows per feature shard."),
+    label_classes: int = typer.Option(50, min=3, help="Classes in the class set."),
+    label_seen: Optional[int] = typer.Option(None, help="Seen (training) classes; default 80% of the classes."),
+    top_k: int = typer.Option(5, min=1, help="top-k of the labeling run."),
+    skip_extract: bool = typer.Option(False, help="Skip the extraction benchmark."),
+    skip_label: bool = typer.Option(False, help="Skip the labeling benchmark."),
+    workdir: Optional[str] = typer.Option(None, help="Scratch folder (default: a new temp dir, removed after)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Measure pipeline vs bare-loop throughput for extraction and labeling; write ratios as JSON."""
+    from pipeline import io as zio
+
+    seen = label_seen if label_seen is not None else max(2, int(round(0.8 * label_classes)))
+    if not 2 <= seen < label_classes:
+        raise typer.BadParameter(f"--label-seen must be in [2, {label_classes - 1}]")
+    params = dict(repeats=repeats, images_per_class=images_per_class, shard_size=shard_size, batch_size=batch_size,
+                  cold=cold, label_rows=label_rows, label_shard_rows=label_shard_rows, label_classes=label_classes,
+                  label_seen=seen, top_k=top_k, skip_extract=skip_extract, skip_label=skip_label, seed=seed,
+                  encoder=FEATURE_MODEL)
+    t_start = time.perf_counter()
+    result: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "machine": _machine(), "parameters": params, "extraction": None, "labeling": None}
+    own_work = workdir is None
+    work = Path(workdir or tempfile.mkdtemp(prefix="zsl-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started_ray = False
+    try:
+        if not skip_extract:
+            import ray
+
+            started_ray = not ray.is_initialized()
+            result["extraction"] = bench_extract(work, images_per_class=images_per_class, repeats=repeats,
+                                                 shard_size=shard_size, batch_size=batch_size, cold=cold)
+            if started_ray:  # idle Ray processes should not share the CPUs with the labeling bench
+                ray.shutdown()
+                started_ray = False
+        if not skip_label:
+            result["labeling"] = bench_label(work, rows=label_rows, shard_rows=label_shard_rows,
+                                             n_classes=label_classes, n_seen=seen, top_k=top_k,
+                                             repeats=repeats, seed=seed)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+    result["ratios"] = {k: result[k]["ratio"] for k in ("extraction", "labeling") if result[k] is not None}
+    result["interpretation"] = interpretation(result)
+    result["total_seconds"] = time.perf_counter() - t_start
+    _check_finite(result)
+    zio.write_json_atomic(output, result)
+    print_table(result)
+    typer.echo(result["interpretation"])
+    typer.echo(f"total {result['total_seconds']:.0f}s -> {output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark in-process; return the exit status."""
+    import click
+
+    for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"),
+                       ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
+    from jobs.cli import _setup_logging
+
+    _setup_logging()
+    cmd = typer.main.get_command(app)
+    try:
+        rv = cmd.main(args=list(argv if argv is not None else sys.argv[1:]), prog_name="zsl-bench",
+                      standalone_mode=False)
+        return int(rv or 0)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
