@@ -35,15 +35,14 @@ demo: install
 	$(ZSL) classes --input conf/demo/classes.yaml --output $(DEMO)/classes
 	$(ZSL) train --features $(DEMO)/features/train --classes $(DEMO)/classes --seen conf/demo/split.json --method devise --output $(DEMO)/models/devise
 	$(ZSL) train --features $(DEMO)/features/train --classes $(DEMO)/classes --seen conf/demo/split.json --method eszsl --semantics attributes --output $(DEMO)/models/eszsl
-	$(ZSL) evaluate --model $(DEMO)/models/devise --features $(DEMO)/features/test --classes $(DEMO)/classes --unseen conf/demo/split.json --json $(DEMO)/eval_devise.json
-	$(ZSL) evaluate --model $(DEMO)/models/eszsl --features $(DEMO)/features/test --classes $(DEMO)/classes --unseen conf/demo/split.json --json $(DEMO)/eval_eszsl.json
+	$(ZSL) evaluate --model $(DEMO)/models/devise --model $(DEMO)/models/eszsl --features $(DEMO)/features/test --classes $(DEMO)/classes --unseen conf/demo/split.json --json $(DEMO)/evaluation.json
 	$(ZSL) label --model $(DEMO)/models/devise --features $(DEMO)/features/test --classes $(DEMO)/classes --output $(DEMO)/labels --overwrite
 	$(ZSL) index --features $(DEMO)/features/test --model $(DEMO)/models/devise --output $(DEMO)/index
 	$(ZSL) search --index $(DEMO)/index "a striped animal with hooves" -k 8 --json > $(DEMO)/search_1.json
 	$(ZSL) search --index $(DEMO)/index "an animal with a very long neck" -k 8 --json > $(DEMO)/search_2.json
 	$(ZSL) search --index $(DEMO)/index "a small pet with whiskers" -k 8 --json > $(DEMO)/search_3.json
 	$(ZSL) search --index $(DEMO)/index "a striped animal with hooves" -k 5
-	$(ZSL) report --evaluation $(DEMO)/eval_devise.json --evaluation $(DEMO)/eval_eszsl.json \
+	$(ZSL) report --evaluation $(DEMO)/evaluation.json \
 		--search $(DEMO)/search_1.json --search $(DEMO)/search_2.json --search $(DEMO)/search_3.json \
 		--title "zsl-pipeline demo: animal-mnist, 7 seen / 3 unseen" --output $(DEMO)/report.html
 

@@ -163,29 +163,62 @@ def classes(
     _run(body)
 
 
+def _params(items: list[str] | None) -> dict | None:
+    if not items:
+        return None
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise BadInput(f"--param {item!r}: expected name=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
 @app.command()
 def train(
     features: str = typer.Option(..., help="`zsl extract` output with labelled training images."),
     classes: str = typer.Option(..., help="`zsl classes` output."),
     seen: str = typer.Option(..., help="Seen classes: a,b,c or a file (lines, or JSON with a 'seen' list)."),
-    method: Optional[str] = typer.Option(None, help="devise | eszsl"),
+    method: Optional[str] = typer.Option(None, help="devise | ale | sje | eszsl | sae | dap | relation | clip | ensemble"),
     output: str = typer.Option(..., help="Model directory to write."),
-    semantics: Optional[str] = typer.Option(None, help="text | attributes | both"),
+    semantics: Optional[str] = typer.Option(None, help="text | attributes | glove, or a '+' combination."),
+    param: Optional[list[str]] = typer.Option(None, "--param", help="Method hyper-parameter name=value (repeatable)."),
+    members: Optional[str] = typer.Option(None, help="Ensemble members, e.g. devise,eszsl."),
+    tune: Optional[bool] = typer.Option(None, "--tune/--no-tune", help="Choose hyper-parameters on held-out seen classes."),
     calibration: Optional[bool] = typer.Option(None, "--calibration/--no-calibration",
                                                help="Tune calibrated stacking on held-out seen classes."),
-    epochs: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    epochs: Optional[int] = typer.Option(None, help="Shortcut for --param epochs=N."),
+    seed: Optional[int] = typer.Option(None),
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Train a ZSL model on seen classes (GZSL calibration tuned on held-out seen classes)."""
+    """Train a ZSL model on seen classes (hyper-parameters and GZSL calibration tuned on held-out seen classes)."""
     def body():
         from pipeline.training import run_train
 
+        params = _params(param) or {}
+        if epochs is not None:
+            params["epochs"] = epochs
         cfg = load_config("train", dict(features=features, classes=classes, seen=names_or_file(seen, "seen"),
-                                        method=method, output=output, semantics=semantics, calibration=calibration,
-                                        epochs=epochs, seed=seed), config, set)
+                                        method=method, output=output, semantics=semantics, params=params or None,
+                                        members=names_or_file(members, "members"), tune=tune,
+                                        calibration=calibration, seed=seed), config, set)
         m = run_train(cfg)
         typer.echo(f"trained {cfg.method} on {m['n_train']} images of {len(m['seen'])} seen classes "
                    f"(gamma={m['gamma']:.4f}) -> {cfg.output}")
+    _run(body)
+
+
+@app.command()
+def methods() -> None:
+    """List the ZSL methods and their hyper-parameters (defaults, and the --tune grid)."""
+    def body():
+        from pipeline.models import METHODS, method_params
+
+        for name in sorted(METHODS):
+            params = ", ".join(f"{k}={v!r}" for k, v in method_params(name).items())
+            grid = METHODS[name].grid
+            typer.echo(f"{name:9s} {params}" + (f"\n{'':9s} tune grid: {grid}" if grid else ""))
     _run(body)
 
 
@@ -193,39 +226,60 @@ def _pct(v) -> str:
     return "  n/a" if v is None or v != v else f"{100 * v:5.1f}"
 
 
+def print_table(rows: list[dict]) -> None:
+    typer.echo(f"{'method':<10} {'semantics':<16} {'ZSL-U':>6} | {'S':>6} {'U':>6} {'H':>6} | {'S(cal)':>6} "
+               f"{'U(cal)':>6} {'H(cal)':>6} {'gamma':>7} | {'AUSUC':>6}")
+    for r in rows:
+        line = (f"{r['method']:<10} {r['semantics']:<16} {_pct(r['zsl']):>6} | {_pct(r['S']):>6} {_pct(r['U']):>6} "
+                f"{_pct(r['H']):>6} | {_pct(r['S_cal']):>6} {_pct(r['U_cal']):>6} {_pct(r['H_cal']):>6} "
+                f"{r['gamma']:7.3f} | {_pct(r['ausuc']):>6}")
+        if "zsl_trans" in r:
+            line += f" | transductive ZSL-U {_pct(r['zsl_trans'])} H(cal) {_pct(r['H_cal_trans'])}"
+        typer.echo(line)
+
+
 @app.command()
 def evaluate(
-    model: str = typer.Option(...), features: str = typer.Option(..., help="Held-out test features."),
+    model: list[str] = typer.Option(..., help="Model directory (repeat to compare several side by side)."),
+    features: str = typer.Option(..., help="Held-out test features."),
     classes: str = typer.Option(...),
     unseen: str = typer.Option(..., help="Unseen classes: a,b,c or a file (lines, or JSON with 'unseen')."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
     html: Optional[str] = typer.Option(None, help="Write an HTML report with plots here."),
+    transductive: Optional[bool] = typer.Option(None, "--transductive/--inductive",
+                                                help="Also report transductive results (reported separately)."),
     allow_train_features: bool = typer.Option(False, help="Allow evaluating on the training features."),
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Standard ZSL / GZSL evaluation: per-class mean top-1, seen/unseen/H, calibrated stacking, AUSUC."""
     def body():
         from pipeline import io as zio
-        from pipeline.training import run_evaluate
+        from pipeline.training import run_evaluate_all
 
-        cfg = load_config("evaluate", dict(model=model, features=features, classes=classes,
+        cfg = load_config("evaluate", dict(models=list(model), features=features, classes=classes,
                                            unseen=names_or_file(unseen, "unseen"), json_path=json_path, html=html,
+                                           transductive=transductive,
                                            allow_train_features=allow_train_features or None), config, set)
-        r = run_evaluate(cfg)
-        g, c = r["gzsl"], r["gzsl_calibrated"]
-        typer.echo(f"{'method':<8} {'ZSL-U':>6} | {'S':>6} {'U':>6} {'H':>6} | {'S(cal)':>6} {'U(cal)':>6} "
-                   f"{'H(cal)':>6} {'gamma':>7} | {'AUSUC':>6}")
-        typer.echo(f"{r['method']:<8} {_pct(r['zsl_unseen_top1']):>6} | {_pct(g['seen']):>6} {_pct(g['unseen']):>6} "
-                   f"{_pct(g['H']):>6} | {_pct(c['seen']):>6} {_pct(c['unseen']):>6} {_pct(c['H']):>6} "
-                   f"{c['gamma']:7.3f} | {_pct(r['ausuc']):>6}")
+        out = run_evaluate_all(cfg)
+        print_table(out["table"])
         if cfg.json_path:
-            zio.write_json_atomic(cfg.json_path, r)
+            zio.write_json_atomic(cfg.json_path, out)
         if cfg.html:
             from pipeline.report import default_thumbnail, render_report, write_report
 
-            write_report(cfg.html, render_report(title=f"ZSL evaluation: {r['method']}", metrics={r["method"]: r},
+            write_report(cfg.html, render_report(title="ZSL evaluation", metrics=_metrics_by_name(out["results"]),
                                                  searches=[], thumbnail=default_thumbnail))
     _run(body)
+
+
+def _metrics_by_name(results: list[dict]) -> dict:
+    out = {}
+    for r in results:
+        name = f"{r['method']} ({r['semantics']})"
+        while name in out:
+            name += "'"
+        out[name] = r
+    return out
 
 
 @app.command()
@@ -331,10 +385,11 @@ def report(
         from pipeline import io as zio
         from pipeline.report import default_thumbnail, render_report, write_report
 
-        metrics = {}
+        results = []
         for f in evaluation:
-            r = zio.read_json(f)
-            metrics[f"{r.get('method', '?')} ({r.get('semantics', '?')})"] = r
+            data = zio.read_json(f)
+            results += data["results"] if "results" in data else [data]
+        metrics = _metrics_by_name(results)
         searches = [zio.read_json(f) for f in search_json or []]
         write_report(output, render_report(title=title, metrics=metrics, searches=searches,
                                            thumbnail=default_thumbnail))

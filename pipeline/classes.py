@@ -47,13 +47,25 @@ def _attributes(table: ClassTable, *, method: str, missing: str, stats: dict | N
     return out, stats
 
 
-def write_class_set(out: str, names, descriptions, text, attributes, manifest: dict) -> dict:
+def write_class_set(out: str, names, descriptions, text, attributes, manifest: dict,
+                    word_vectors: np.ndarray | None = None) -> dict:
     """Write ``classes.parquet`` then ``manifest.json`` (atomically); return the manifest."""
-    zio.write_parquet_atomic(zio.join(out, "classes.parquet"), class_set_table(names, descriptions, text, attributes))
+    zio.write_parquet_atomic(zio.join(out, "classes.parquet"),
+                             class_set_table(names, descriptions, text, attributes, word_vectors))
     manifest = {**manifest, "format": CLASSES_FORMAT, "n_classes": len(names),
                 "fingerprint": zio.fingerprint([names, text.round(5).tolist()])}
     zio.write_json_atomic(zio.join(out, "manifest.json"), manifest)
     return manifest
+
+
+def _word_vectors(names) -> tuple[np.ndarray, dict]:
+    """GloVe vectors; classes with no known word are stored as NaN (missing) and reported."""
+    from pipeline.wordvectors import class_word_vectors
+
+    wv, report = class_word_vectors(names, missing="zero")
+    for n in report.empty_classes:
+        wv[names.index(n)] = np.nan
+    return wv, {"oov_words": report.oov_words, "no_vector": report.empty_classes}
 
 
 def run_classes(cfg: ClassesConfig, *, text_encoder=None) -> dict:
@@ -64,6 +76,7 @@ def run_classes(cfg: ClassesConfig, *, text_encoder=None) -> dict:
     attrs, stats = _attributes(table, method=cfg.attribute_normalization, missing=cfg.missing_attributes)
     enc = text_encoder or load_text_encoder(cfg.text_model, cfg.pretrained)
     text = embed_class_texts(enc, table.names, table.descriptions, cfg.templates)
+    wv, oov = _word_vectors(table.names) if cfg.word_vectors else (None, None)
     manifest = {
         "source": cfg.input,
         "text_model": enc.model_id,
@@ -76,8 +89,10 @@ def run_classes(cfg: ClassesConfig, *, text_encoder=None) -> dict:
         "attribute_stats": stats,
         "missing_attributes": cfg.missing_attributes,
         "missing_value": cfg.missing_value,
+        "word_vectors": None if wv is None else "glove-6b-50d",
+        "word_vectors_oov": oov,
     }
-    manifest = write_class_set(cfg.output, table.names, table.descriptions, text, attrs, manifest)
+    manifest = write_class_set(cfg.output, table.names, table.descriptions, text, attrs, manifest, wv)
     LOG.info("embedded %d classes (%d-d text%s) -> %s", len(table.names), text.shape[1],
              f", {attrs.shape[1]} attributes" if attrs is not None else "", cfg.output)
     return manifest
@@ -114,7 +129,14 @@ def add_classes(classes_dir: str, input_uri: str, *, text_encoder=None) -> tuple
     descriptions = current.descriptions + table.descriptions
     all_text = np.vstack([current.text, text])
     all_attrs = None if attrs is None else np.vstack([current.attributes, attrs])
+    all_wv = None
+    if current.word_vectors is not None:
+        wv, oov = _word_vectors(table.names)
+        all_wv = np.vstack([current.word_vectors, wv])
+        prev = m.get("word_vectors_oov") or {"oov_words": {}, "no_vector": []}
+        m = {**m, "word_vectors_oov": {"oov_words": {**prev["oov_words"], **oov["oov_words"]},
+                                       "no_vector": prev["no_vector"] + oov["no_vector"]}}
     added = list(m.get("added", [])) + [{"source": input_uri, "names": table.names}]
-    write_class_set(classes_dir, names, descriptions, all_text, all_attrs, {**m, "added": added})
+    write_class_set(classes_dir, names, descriptions, all_text, all_attrs, {**m, "added": added}, all_wv)
     LOG.info("added %d classes to %s (%d in all)", len(table.names), classes_dir, len(names))
     return load_class_set(classes_dir), table.names

@@ -80,6 +80,7 @@ class ClassesConfig(_Config):
     attribute_normalization: Literal["l2", "zscore", "none"] = "l2"
     missing_attributes: Literal["error", "column_mean", "zero"] = "error"
     missing_value: float | None = Field(-1.0, description="Attribute value that means 'missing' (AwA uses -1).")
+    word_vectors: bool = Field(True, description="Also store GloVe word vectors of the class names.")
 
     @field_validator("templates")
     @classmethod
@@ -92,38 +93,64 @@ class ClassesConfig(_Config):
         return v
 
 
+METHOD_NAMES = ("devise", "ale", "sje", "eszsl", "sae", "dap", "relation", "clip", "ensemble")
+SEMANTIC_SOURCES = ("text", "attributes", "glove")
+
+
 class TrainConfig(_Config):
     """``zsl train``: seen-class features + class semantics -> a ZSL model directory."""
 
     features: str
     classes: str
     seen: tuple[str, ...] = Field(description="Seen class names (training classes).")
-    method: Literal["eszsl", "devise"] = "devise"
-    semantics: Literal["text", "attributes", "both"] = "text"
+    method: Literal[METHOD_NAMES] = "devise"  # type: ignore[valid-type]
+    params: dict[str, Any] = Field(default_factory=dict, description="Method hyper-parameters (see `zsl methods`).")
+    members: tuple[str, ...] = Field((), description="Ensemble members (method=ensemble).")
+    member_weights: tuple[float, ...] = Field((), description="Ensemble weights (default: equal).")
+    semantics: str = Field("text", description="Semantic source(s): text, attributes, glove, or a '+' combination.")
+    semantic_weights: dict[str, float] = Field(default_factory=dict, description="Weights of combined sources.")
     output: str
-    # ESZSL regularisers (gamma: feature side, lambda: semantic side), as 10**k.
-    eszsl_gamma: float = Field(1.0, gt=0)
-    eszsl_lambda: float = Field(1.0, gt=0)
-    # DeViSE-style projection.
-    epochs: int = Field(30, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    margin: float = Field(0.2, ge=0)
-    ridge: float = Field(10.0, gt=0, description="Ridge penalty of the closed-form initialisation.")
-    weight_decay: float = Field(1e-4, ge=0)
+    tune: bool = Field(False, description="Choose hyper-parameters on held-out seen classes (method grid).")
     calibration: bool = Field(True, description="Tune calibrated stacking on held-out seen classes.")
     val_class_fraction: float = Field(0.3, gt=0, lt=1)
     val_sample_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
 
+    @field_validator("semantics")
+    @classmethod
+    def _known_sources(cls, v: str) -> str:
+        parts = v.split("+")
+        bad = [p for p in parts if p not in SEMANTIC_SOURCES]
+        if bad or len(set(parts)) != len(parts):
+            raise ValueError(f"semantics {v!r}: use {', '.join(SEMANTIC_SOURCES)} or a '+' combination of them")
+        return v
+
+    @field_validator("members")
+    @classmethod
+    def _known_members(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [m for m in v if m not in METHOD_NAMES or m == "ensemble"]
+        if bad:
+            raise ValueError(f"unknown ensemble member(s) {bad}")
+        return v
+
 
 class EvaluateConfig(_Config):
-    model: str
+    models: tuple[str, ...] = Field(description="One or more `zsl train` outputs, evaluated side by side.")
     features: str
     classes: str
     unseen: tuple[str, ...]
     json_path: str | None = None
     html: str | None = None
     allow_train_features: bool = False
+    transductive: bool = Field(False, description="Also report transductive results (prototype refinement).")
+    transductive_alpha: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("models")
+    @classmethod
+    def _at_least_one(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one --model is needed")
+        return v
 
 
 class LabelConfig(_Config):

@@ -48,8 +48,8 @@ ERRORS_SCHEMA = pa.schema(
 )
 
 
-def classes_schema(text_dim: int, n_attributes: int) -> pa.Schema:
-    """Class table written by ``zsl classes`` / ``zsl add-classes``."""
+def classes_schema(text_dim: int, n_attributes: int, word_dim: int = 0) -> pa.Schema:
+    """Class table written by ``zsl classes`` / ``zsl add-classes`` (NaN rows = missing source)."""
     fields = [
         pa.field("name", pa.string(), nullable=False),
         pa.field("description", pa.string()),
@@ -57,6 +57,8 @@ def classes_schema(text_dim: int, n_attributes: int) -> pa.Schema:
     ]
     if n_attributes:
         fields.append(pa.field("attributes", embedding_type(n_attributes)))
+    if word_dim:
+        fields.append(pa.field("word_vectors", embedding_type(word_dim)))
     return pa.schema(fields)
 
 

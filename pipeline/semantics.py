@@ -195,6 +195,7 @@ class ClassSet:
     text: np.ndarray
     attributes: np.ndarray | None
     manifest: dict
+    word_vectors: np.ndarray | None = None
 
     def index_of(self, names: Sequence[str], what: str = "class") -> list[int]:
         pos = {n: i for i, n in enumerate(self.names)}
@@ -203,32 +204,64 @@ class ClassSet:
             raise ValueError(f"unknown {what}(es): {', '.join(missing)} (known: {', '.join(self.names)})")
         return [pos[n] for n in names]
 
-    def semantics(self, kind: str) -> np.ndarray:
+    def subset(self, idx: Sequence[int]) -> "ClassSet":
+        idx = list(idx)
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return ClassSet([self.names[i] for i in idx], [self.descriptions[i] for i in idx], self.text[idx],
+                        pick(self.attributes), self.manifest, pick(self.word_vectors))
+
+    def _source(self, kind: str) -> np.ndarray:
         if kind == "text":
             return self.text
-        if self.attributes is None:
-            raise ValueError(f"semantics '{kind}' needs attributes, but the class set has none")
-        lacking = [n for n, row in zip(self.names, self.attributes) if np.isnan(row).any()]
+        block = {"attributes": self.attributes, "glove": self.word_vectors}.get(kind, ...)
+        if block is ...:
+            raise ValueError(f"unknown semantic source {kind!r}; use text, attributes or glove")
+        if block is None:
+            raise ValueError(f"semantics '{kind}' requested, but the class set has none "
+                             f"({'no attribute columns in the class table' if kind == 'attributes' else 'rebuild it with word_vectors: true'})")
+        lacking = [n for n, row in zip(self.names, block) if np.isnan(row).any()]
         if lacking:
-            raise ValueError(f"semantics '{kind}' needs attributes, missing for: {', '.join(lacking[:10])}")
-        if kind == "attributes":
-            return self.attributes
-        if kind == "both":
-            return np.hstack([self.text, self.attributes]) / np.sqrt(2.0)
-        raise ValueError(f"unknown semantics {kind!r}; use text, attributes or both")
+            raise ValueError(f"semantics '{kind}' missing for: {', '.join(lacking[:10])}"
+                             + (" (out-of-vocabulary names)" if kind == "glove" else ""))
+        return block
+
+    def semantics(self, kind: str, weights: dict[str, float] | None = None) -> np.ndarray:
+        """Class semantic matrix for ``kind``: one source, or a '+' combination of sources.
+
+        A combination concatenates the L2-normalised blocks, each scaled by ``sqrt(weight)`` (default
+        weight 1), so a dot product of two combined vectors is the weighted sum of per-source cosines.
+        """
+        parts = kind.split("+")
+        if len(parts) == 1:
+            return self._source(kind)
+        weights = weights or {}
+        total = sum(weights.get(p, 1.0) for p in parts)
+        blocks = []
+        for p in parts:
+            b = self._source(p).astype(np.float64)
+            b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+            blocks.append(b * np.sqrt(weights.get(p, 1.0) / total))
+        return np.hstack(blocks).astype(np.float32)
 
 
-def class_set_table(names, descriptions, text: np.ndarray, attributes: np.ndarray | None) -> pa.Table:
+def _fixed(a: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(a, np.float32).reshape(-1), pa.float32()), a.shape[1])
+
+
+def class_set_table(names, descriptions, text: np.ndarray, attributes: np.ndarray | None,
+                    word_vectors: np.ndarray | None = None) -> pa.Table:
     n_attr = 0 if attributes is None else attributes.shape[1]
-    schema = classes_schema(text.shape[1], n_attr)
+    n_wv = 0 if word_vectors is None else word_vectors.shape[1]
+    schema = classes_schema(text.shape[1], n_attr, n_wv)
     cols = {
         "name": pa.array(names, pa.string()),
         "description": pa.array(descriptions, pa.string()),
-        "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(text.reshape(-1), pa.float32()), text.shape[1]),
+        "text_embedding": _fixed(text),
     }
     if n_attr:
-        cols["attributes"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(attributes.reshape(-1), pa.float32()), n_attr)
+        cols["attributes"] = _fixed(attributes)
+    if n_wv:
+        cols["word_vectors"] = _fixed(word_vectors)
     return pa.table(cols, schema=schema)
 
 
@@ -243,7 +276,10 @@ def load_class_set(uri: str) -> ClassSet:
 
     t = pq.read_table(path, filesystem=fs)
     text = np.stack(t.column("text_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    attrs = None
-    if "attributes" in t.column_names:
-        attrs = np.stack(t.column("attributes").to_numpy(zero_copy_only=False)).astype(np.float32)
-    return ClassSet(t.column("name").to_pylist(), t.column("description").to_pylist(), text, attrs, manifest)
+    def block(col: str) -> np.ndarray | None:
+        if col not in t.column_names:
+            return None
+        return np.stack(t.column(col).to_numpy(zero_copy_only=False)).astype(np.float32)
+
+    return ClassSet(t.column("name").to_pylist(), t.column("description").to_pylist(), text, block("attributes"),
+                    manifest, block("word_vectors"))

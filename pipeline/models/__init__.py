@@ -1,13 +1,35 @@
 """ZSL methods behind one interface (:class:`pipeline.models.base.ZSLModel`)."""
 
-from pipeline.models.base import METHODS, ZSLModel, load_model, save_model
-from pipeline.models import devise as _devise  # noqa: F401  (registers the method)
-from pipeline.models import eszsl as _eszsl  # noqa: F401
+from __future__ import annotations
 
-__all__ = ["METHODS", "ZSLModel", "load_model", "save_model", "make_model"]
+import inspect
+
+from pipeline.models.base import METHODS, ZSLModel, load_model, save_model
+from pipeline.models import bilinear as _bilinear  # noqa: F401  (each import registers its methods)
+from pipeline.models import clip_zs as _clip_zs  # noqa: F401
+from pipeline.models import eszsl as _eszsl  # noqa: F401
+from pipeline.models import sae as _sae  # noqa: F401
+from pipeline.models import dap as _dap  # noqa: F401
+from pipeline.models import relation as _relation  # noqa: F401
+from pipeline.models import ensemble as _ensemble  # noqa: F401
+
+__all__ = ["METHODS", "ZSLModel", "load_model", "save_model", "make_model", "method_params"]
+
+
+def method_params(method: str) -> dict:
+    """Hyper-parameters a method accepts, with their defaults."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
+    sig = inspect.signature(METHODS[method].__init__)
+    return {n: p.default for n, p in sig.parameters.items()
+            if n != "self" and p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def make_model(method: str, **params) -> ZSLModel:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
+    """Build a model; unknown hyper-parameter names are rejected with the known ones listed."""
+    known = method_params(method)
+    unknown = sorted(set(params) - set(known))
+    if unknown and method != "ensemble":
+        raise ValueError(f"{method}: unknown parameter(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(f'{k}={v!r}' for k, v in known.items())})")
     return METHODS[method](**params)

@@ -44,6 +44,8 @@ class ZSLModel(abc.ABC):
     """
 
     method: ClassVar[str]
+    #: Hyper-parameter grid searched by ``zsl train --tune`` (name -> candidate values).
+    grid: ClassVar[dict[str, list]] = {}
 
     def __init__(self, **params) -> None:
         self.params = params

@@ -22,9 +22,10 @@ def eszsl_closed_form(X: np.ndarray, Y: np.ndarray, S: np.ndarray, gamma: float,
 @register
 class ESZSL(ZSLModel):
     method = "eszsl"
+    grid = {"gamma": [0.01, 0.1, 1.0, 10.0], "lam": [0.01, 0.1, 1.0, 10.0]}
 
-    def __init__(self, *, gamma: float = 1.0, lam: float = 1.0, **params) -> None:
-        super().__init__(gamma=gamma, lam=lam, **params)
+    def __init__(self, *, gamma: float = 1.0, lam: float = 1.0) -> None:
+        super().__init__(gamma=gamma, lam=lam)
         self.V: np.ndarray | None = None
 
     def fit(self, X, y, S):

@@ -90,10 +90,12 @@ def test_full_flow(ray_cluster, data: Path, tmp_path: Path, capsys):
     assert run("train", "--features", out / "ftrain", "--classes", out / "classes", "--seen", split,
                "--method", "devise", "--output", out / "model", "--epochs", "10") == 0
     assert run("evaluate", "--model", out / "model", "--features", out / "ftest", "--classes", out / "classes",
-               "--unseen", split, "--json", out / "eval.json") == 0
-    ev = json.loads((out / "eval.json").read_text())
+               "--unseen", split, "--json", out / "eval.json", "--transductive") == 0
+    ev = json.loads((out / "eval.json").read_text())["results"][0]
     assert ev["n_test_unseen"] == 16 and ev["n_test_seen"] == 32
     assert 0.0 <= ev["zsl_unseen_top1"] <= 1.0 and 0.0 <= ev["gzsl_calibrated"]["H"] <= 1.0
+    assert 0.0 <= ev["transductive"]["zsl_unseen_top1"] <= 1.0
+    assert len(ev["confusion"]["matrix"]) == len(UNSEEN)
     # evaluating on the training features is refused
     assert run("evaluate", "--model", out / "model", "--features", out / "ftrain", "--classes", out / "classes",
                "--unseen", split) == 2
