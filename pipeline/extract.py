@@ -196,3 +196,29 @@ def load_features(uri: str) -> Features:
     X = table_embeddings(table, int(manifest["dim"]), uri)
     return Features(table.column("image_id").to_pylist(), table.column("uri").to_pylist(),
                     table.column("label").to_pylist(), X, manifest)
+
+
+def write_features(out: str, *, image_ids, uris, labels, X: np.ndarray, model_id: str,
+                   shard_size: int = 50_000, extra_manifest: dict | None = None) -> dict:
+    """Write an in-memory feature matrix as a feature directory (same layout as ``zsl extract``).
+
+    For features computed elsewhere (another extractor, simulations, benchmarks).
+    """
+    X = np.asarray(X, np.float32)
+    n, dim = X.shape
+    if not (len(image_ids) == len(uris) == len(labels) == n):
+        raise ValueError(f"{n} feature rows but {len(image_ids)} ids, {len(uris)} uris, {len(labels)} labels")
+    for sid, s in enumerate(range(0, max(n, 1), shard_size)):
+        e = min(n, s + shard_size)
+        table = pa.table({
+            "image_id": [str(v) for v in image_ids[s:e]], "uri": [str(v) for v in uris[s:e]],
+            "label": [None if v is None else str(v) for v in labels[s:e]],
+            "caption": pa.nulls(e - s, pa.string()), "width": pa.nulls(e - s, pa.int32()),
+            "height": pa.nulls(e - s, pa.int32()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X[s:e].reshape(-1), pa.float32()), dim),
+        }, schema=features_schema(dim))
+        zio.write_parquet_atomic(zio.join(out, "features", shard_name(sid)), table)
+    manifest = {"format": FEATURES_FORMAT, "model_id": model_id, "dim": int(dim), "n_images": int(n),
+                "n_errors": 0, "n_shards": max(1, -(-n // shard_size)), **(extra_manifest or {})}
+    zio.write_json_atomic(zio.join(out, "manifest.json"), manifest)
+    return manifest

@@ -75,10 +75,12 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None, recursive: boo
         found = [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
     prefix = _protocol_prefix(uri)
     out = []
+    base = path.rstrip("/")
     for p in sorted(found):
+        rel = p[len(base):] if p.startswith(base) else p.rsplit("/", 1)[-1]
+        if any(part.startswith(".") for part in rel.split("/") if part):
+            continue  # hidden files and folders (.ipynb_checkpoints, temp files of atomic writes)
         name = p.rsplit("/", 1)[-1]
-        if name.startswith("."):
-            continue
         if suffixes and not name.lower().endswith(suffixes):
             continue
         out.append(prefix + p if prefix and not p.startswith(prefix) else p)

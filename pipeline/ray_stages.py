@@ -136,12 +136,15 @@ def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: 
     use_gpu = gpus >= 1 and device in ("auto", "cuda")
     if device == "cuda" and not use_gpu:
         raise ValueError("device 'cuda' requested but the Ray cluster has no GPU")
+    spare = max(0.5, cpus - 1)  # one CPU stays free for listing/reading/decoding
     if use_gpu:
         n = num_actors or int(gpus)
-        return ResourcePlan(n, 1.0, 1.0, max(1, min(4, int(cpus) // (2 * n))), "cuda")
-    spare = max(0.5, cpus - 1)  # one CPU stays free for listing/reading/decoding
+        per = min(1.0, math.floor(spare / n * 1000) / 1000)
+        if per <= 0:
+            raise ValueError(f"{n} GPU actors on {cpus} CPUs leave no CPU for decoding; use fewer actors")
+        return ResourcePlan(n, per, 1.0, max(1, min(4, int(cpus) // (2 * n))), "cuda")
     n = num_actors or max(1, min(4, int(math.ceil(spare))))
-    per = round(spare / n, 3)
+    per = math.floor(spare / n * 1000) / 1000  # round down: never eat into the decode CPU
     # Logical CPUs keep a slot free for decode tasks; torch threads may use the whole core count.
     return ResourcePlan(n, per, 0.0, max(1, int(cpus) // n), "cpu")
 

@@ -179,7 +179,8 @@ def embed_class_texts(encoder, names: Sequence[str], descriptions: Sequence[str 
         p = class_prompts(n, d, templates)
         prompts += p
         owner += [i] * len(p)
-    emb = encoder.encode(prompts)
+    emb = np.asarray(encoder.encode(prompts), np.float64)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     out = np.zeros((len(names), emb.shape[1]), np.float64)
     np.add.at(out, np.asarray(owner), emb)
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

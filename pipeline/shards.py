@@ -170,7 +170,7 @@ def _read_tar(shard: Shard) -> Iterator[Record]:
     bad: dict[str, str] = {}
     try:
         fs, path = zio.filesystem(shard.source)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -180,9 +180,17 @@ def _read_tar(shard: Shard) -> Iterator[Record]:
                     order.append(key)
                 try:
                     fh = tf.extractfile(member)
-                    groups[key][ext] = fh.read() if fh is not None else b""
+                    data = fh.read() if fh is not None else b""
+                    if len(data) != member.size:
+                        raise EOFError(f"{len(data)} of {member.size} bytes")
+                    groups[key][ext] = data
                 except (tarfile.TarError, OSError, EOFError) as exc:
                     bad[key] = f"corrupted tar member {member.name}: {exc}"
+            # tarfile stops silently at a header cut short; a complete archive ends with a zero block.
+            tf.fileobj.seek(tf.offset)
+            end = tf.fileobj.read(tarfile.BLOCKSIZE)
+            if len(end) < tarfile.BLOCKSIZE or end.strip(b"\0"):
+                raise tarfile.ReadError(f"truncated at byte {tf.offset} (no end-of-archive block)")
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         # A tar that breaks part-way still yields the members read before the break.
         msg = f"unreadable tar after {len(order)} keys: {exc}"

@@ -1,0 +1,186 @@
+"""pipeline.images: untrusted bytes -> (size, size, 3) uint8, or a DecodeError that says why."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.images import DecodeError, decode_image, resize_center_crop
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_real_png_decodes_exactly(tiny_images):
+    root, written = tiny_images
+    for rel, gray in written.items():
+        with open(f"{root}/{rel}", "rb") as f:
+            arr, w, h = decode_image(f.read(), size=28)  # same size: no resampling
+        assert arr.shape == (28, 28, 3) and arr.dtype == np.uint8 and (w, h) == (28, 28)
+        for c in range(3):
+            np.testing.assert_array_equal(arr[..., c], gray)
+
+
+def test_real_png_resized(tiny_images):
+    root, written = tiny_images
+    rel = next(iter(written))
+    with open(f"{root}/{rel}", "rb") as f:
+        arr, w, h = decode_image(f.read(), size=64)
+    assert arr.shape == (64, 64, 3) and (w, h) == (28, 28)
+    assert np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_decode_solid_colour(fmt):
+    data = encode(Image.new("RGB", (30, 20), (200, 40, 10)), fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    arr, w, h = decode_image(data, size=16)
+    assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8 and (w, h) == (30, 20)
+    assert np.abs(arr.astype(int) - [200, 40, 10]).max() <= 3
+
+
+def test_resize_center_crop_keeps_the_centre():
+    a = np.zeros((10, 30, 3), np.uint8)
+    a[:, 10:20] = 255  # a white centre band in a 30x10 image
+    out = np.asarray(resize_center_crop(Image.fromarray(a), 10))
+    assert out.shape == (10, 10, 3) and (out == 255).all()
+
+
+def test_empty_bytes():
+    with pytest.raises(DecodeError, match="empty"):
+        decode_image(b"", size=8)
+
+
+def test_random_bytes_are_not_an_image(rng):
+    with pytest.raises(DecodeError, match="not an image"):
+        decode_image(rng.bytes(2000), size=8)
+
+
+def test_truncated_jpeg_fails(rng):
+    data = encode(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    for cut in (200, len(data) // 2, len(data) - 10):
+        with pytest.raises(DecodeError, match="broken image"):
+            decode_image(data[:cut], size=8)
+
+
+def test_png_bytes_under_a_jpeg_name_decode_fine():
+    """The format comes from the bytes, not the name: a .jpg holding PNG data is fine."""
+    data = encode(Image.new("RGB", (8, 8), (0, 255, 0)), "PNG")
+    arr, _, _ = decode_image(data, size=8)
+    assert (arr == [0, 255, 0]).all()
+
+
+def test_cmyk_jpeg_to_rgb():
+    data = encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)  # pure red in CMYK
+    arr, _, _ = decode_image(data, size=16)
+    assert arr.shape == (16, 16, 3)
+    assert np.abs(arr.astype(int) - [255, 0, 0]).max() <= 3
+
+
+def test_16bit_png_is_rescaled_min_max():
+    a = np.zeros((16, 16), np.uint16)
+    a[:, :8], a[:, 8:] = 1000, 60000
+    im = Image.fromarray(a)
+    data = encode(im, "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    arr, _, _ = decode_image(data, size=16)
+    assert (arr[:, :8] == 0).all() and (arr[:, 8:] == 255).all()
+
+
+def test_16bit_png_constant_is_black():
+    arr, _, _ = decode_image(encode(Image.fromarray(np.full((8, 8), 777, np.uint16)), "PNG"), size=8)
+    assert (arr == 0).all()
+
+
+def test_palette_png_with_transparency_goes_on_white():
+    p = Image.new("P", (16, 16), 0)
+    p.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    p.paste(1, (8, 0, 16, 16))
+    data = encode(p, "PNG", transparency=0)
+    assert Image.open(io.BytesIO(data)).mode == "P"
+    arr, _, _ = decode_image(data, size=16)
+    assert (arr[:, :8] == 255).all()  # index 0 is transparent -> white, not its palette colour
+    assert (arr[:, 8:] == [200, 100, 50]).all()
+
+
+def test_palette_png_without_transparency_keeps_colours():
+    p = Image.new("P", (8, 8), 0)
+    p.putpalette([10, 20, 30] + [0] * 765)
+    arr, _, _ = decode_image(encode(p, "PNG"), size=8)
+    assert (arr == [10, 20, 30]).all()
+
+
+def test_rgba_is_composited_on_white():
+    a = np.zeros((16, 16, 4), np.uint8)
+    a[:, :8] = (255, 0, 0, 0)  # fully transparent red -> white
+    a[:, 8:12] = (0, 0, 255, 255)  # opaque blue
+    a[:, 12:] = (0, 0, 0, 128)  # half-transparent black over white
+    arr, _, _ = decode_image(encode(Image.fromarray(a, "RGBA"), "PNG"), size=16)
+    assert (arr[:, :8] == 255).all()
+    assert (arr[:, 8:12] == [0, 0, 255]).all()
+    assert np.abs(arr[:, 12:].astype(int) - 127).max() <= 1  # 255 * (1 - 128/255)
+
+
+def test_la_grayscale_alpha_is_composited_on_white():
+    a = np.zeros((8, 8, 2), np.uint8)
+    a[:, :, 0], a[:, 4:, 1] = 50, 255
+    arr, _, _ = decode_image(encode(Image.fromarray(a, "LA"), "PNG"), size=8)
+    assert (arr[:, :4] == 255).all() and (arr[:, 4:] == 50).all()
+
+
+def test_exif_orientation_is_applied():
+    a = np.zeros((20, 40, 3), np.uint8)  # 40 wide x 20 high: red top half, blue bottom half
+    a[:10], a[10:] = (255, 0, 0), (0, 0, 255)
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    arr, w, h = decode_image(encode(im, "JPEG", exif=exif.tobytes(), quality=95), size=20)
+    assert (w, h) == (20, 40)
+    # turned clockwise, the top (red) ends up on the right, the bottom (blue) on the left
+    assert arr[:, 14:, 0].min() > 200 and arr[:, 14:, 2].max() < 60
+    assert arr[:, :6, 2].min() > 200 and arr[:, :6, 0].max() < 60
+
+
+def test_animated_gif_first_frame():
+    frames = [Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    arr, w, h = decode_image(data, size=16)
+    assert (w, h) == (16, 16) and (arr == [255, 0, 0]).all()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose IHDR says ``width`` x ``height`` (CRC fixed up, so only the size lies)."""
+    data = bytearray(encode(Image.new("RGB", (1, 1)), "PNG"))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_decompression_bomb_refused_from_the_header():
+    bomb = _png_claiming(50_000, 50_000)
+    assert Image.open(io.BytesIO(_png_claiming(3, 2))).size == (3, 2)  # the crafting itself is sound
+    t0 = time.perf_counter()
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_image(bomb, size=16)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_max_pixels_below_pillows_limit_is_enforced():
+    data = encode(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(DecodeError, match=r"decompression bomb: header claims 100x100 pixels \(limit 5000\)"):
+        decode_image(data, size=8, max_pixels=5000)
+    assert decode_image(data, size=8, max_pixels=10_000)[0].shape == (8, 8, 3)
+
+
+def test_decode_error_is_a_value_error():
+    assert issubclass(DecodeError, ValueError)
