@@ -184,8 +184,6 @@ def _semantics_for(manifest: dict, classes: ClassSet) -> np.ndarray:
 
 def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None) -> dict:
     """Evaluate one model (``model_dir`` or ``cfg.model``) on held-out test features."""
-    from pipeline.transductive import transductive_scores
-
     model_dir = model_dir or cfg.models[0]
     feats = load_features(cfg.features)
     model, manifest = load_model(model_dir, feature_dim=int(feats.manifest["dim"]),
@@ -217,22 +215,35 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None) -> dict:
     pred_u = np.asarray(unseen_idx)[np.argmax(scores[u][:, unseen_idx], axis=1)]
     result["confusion"] = {"labels": unseen, "matrix": confusion_matrix(y[u], pred_u, unseen_idx).tolist()}
     if cfg.transductive:
-        S = _semantics_for(manifest, sub)
-        seen_mask = np.array([i in set(seen_idx) for i in range(len(names))], np.float32)
-        zsl_t = transductive_scores(model, S[unseen_idx], X[u], seen_mask=np.zeros(len(unseen_idx)),
-                                    alpha=cfg.transductive_alpha)
-        gz_t = transductive_scores(model, S, X, seen_mask=seen_mask, gamma=gamma, alpha=cfg.transductive_alpha)
-        y_u_local = np.asarray([unseen_idx.index(c) for c in y[u]])
-        t_res = evaluate_scores(gz_t, y, class_names=names, seen_idx=seen_idx, unseen_idx=unseen_idx, gamma=gamma)
-        result["transductive"] = {
-            "zsl_unseen_top1": float(mean_per_class_accuracy(y_u_local, np.argmax(zsl_t, axis=1))),
-            "gzsl": t_res["gzsl"], "gzsl_calibrated": t_res["gzsl_calibrated"], "ausuc": t_res["ausuc"],
-            "alpha": cfg.transductive_alpha,
-        }
+        try:
+            result["transductive"] = _transductive(cfg, model, manifest, sub, X, y, seen_idx, unseen_idx, gamma)
+        except ValueError as exc:
+            LOG.warning("%s: transductive results skipped: %s", model_dir, exc)
+            result["transductive_skipped"] = str(exc)
     result.update({"method": manifest["method"], "model": model_dir, "features": cfg.features,
                    "seen": seen, "unseen": unseen, "semantics": manifest["semantics"],
                    "params": manifest.get("params"), "tuned": bool(manifest.get("tuning"))})
     return result
+
+
+def _transductive(cfg, model, manifest, sub, X, y, seen_idx, unseen_idx, gamma) -> dict:
+    """ZSL (unseen test images, unseen prototypes) and GZSL results after prototype refinement."""
+    from pipeline.transductive import transductive_scores
+
+    names = sub.names
+    u = np.isin(y, unseen_idx)
+    S = _semantics_for(manifest, sub)
+    seen_mask = np.array([i in set(seen_idx) for i in range(len(names))], np.float32)
+    zsl_t = transductive_scores(model, S[unseen_idx], X[u], seen_mask=np.zeros(len(unseen_idx)),
+                                alpha=cfg.transductive_alpha)
+    gz_t = transductive_scores(model, S, X, seen_mask=seen_mask, gamma=gamma, alpha=cfg.transductive_alpha)
+    y_u_local = np.asarray([unseen_idx.index(c) for c in y[u]])
+    t_res = evaluate_scores(gz_t, y, class_names=names, seen_idx=seen_idx, unseen_idx=unseen_idx, gamma=gamma)
+    return {
+        "zsl_unseen_top1": float(mean_per_class_accuracy(y_u_local, np.argmax(zsl_t, axis=1))),
+        "gzsl": t_res["gzsl"], "gzsl_calibrated": t_res["gzsl_calibrated"], "ausuc": t_res["ausuc"],
+        "alpha": cfg.transductive_alpha,
+    }
 
 
 def results_table(results: list[dict]) -> list[dict]:

@@ -40,8 +40,13 @@ def transductive_scores(model, S: np.ndarray, X: np.ndarray, *, seen_mask: np.nd
     S0 = l2n(S)
     if Z.shape[1] != S0.shape[1]:
         raise ValueError(f"model embeds images in {Z.shape[1]}-d, class semantics are {S0.shape[1]}-d")
+    base = model.scores(X, S)
+    # γ was calibrated on the model's scores; refinement works on cosines, so the two must coincide.
+    if not np.allclose(base, Z @ S0.T, atol=1e-4):
+        raise ValueError(f"transductive mode needs a model that scores by cosine in its embedding space "
+                         f"(devise, ale, sje, clip, sae with direction f2s); '{model.method}' does not")
     bias = gamma * np.asarray(seen_mask, np.float32)
-    assign = np.argmax(model.scores(X, S) - bias, axis=1)
+    assign = np.argmax(base - bias, axis=1)
     P = S0.copy()
     for it in range(iters):
         new_P = S0.copy()
