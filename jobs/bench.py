@@ -31,8 +31,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 
@@ -43,6 +43,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 FEATURE_MODEL = "effnet-lite0"  # the synthetic label features pose as this encoder's output
 TEXT_DIM = 384  # minilm's dimension, as in a real class set
+LATENT_RANK = 8  # rank of the synthetic class structure behind features and text
 
 
 # -- small helpers -------------------------------------------------------------------------------
@@ -296,11 +297,14 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
     dim = 1280
     rng = np.random.default_rng(seed)
     names = [f"class_{i:03d}" for i in range(n_classes)]
-    # Feature-space class centres, and text embeddings that are a noisy linear image of them (so the
-    # trained model is a real, non-degenerate one).
-    centers = (np.maximum(rng.standard_normal((n_classes, dim)), 0.0) * 0.6).astype(np.float32)
-    R = rng.standard_normal((dim, TEXT_DIM)).astype(np.float32) / math.sqrt(dim)
-    text = l2n(centers @ R + 0.3 * rng.standard_normal((n_classes, TEXT_DIM)).astype(np.float32))
+    # Classes share a low-rank latent description; feature-space centres (non-negative) and text
+    # embeddings are both images of it, so the trained model transfers to unseen classes somewhat
+    # and calibration tunes a non-zero gamma (checked: |gamma| > 0 with the defaults).
+    Z = rng.standard_normal((n_classes, LATENT_RANK)).astype(np.float32)
+    B = rng.standard_normal((LATENT_RANK, dim)).astype(np.float32) / math.sqrt(LATENT_RANK)
+    centers = (np.maximum(Z @ B, 0.0) * 0.6).astype(np.float32)
+    A = rng.standard_normal((LATENT_RANK, TEXT_DIM)).astype(np.float32)
+    text = l2n(Z @ A + 0.3 * rng.standard_normal((n_classes, TEXT_DIM)).astype(np.float32))
 
     t_prep = time.perf_counter()
     classes_dir, model_dir = str(work / "classes"), str(work / "model")
@@ -323,8 +327,8 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
     _write_feature_dir(feats_dir, X, [names[i] for i in y], shard_rows=shard_rows, id_prefix="label")
     prep_s = time.perf_counter() - t_prep
 
-    model, _ = load_model(model_dir, feature_dim=dim, feature_model=FEATURE_MODEL)
-    S = load_class_set(classes_dir).semantics("text")
+    model, mman = load_model(model_dir, feature_dim=dim, feature_model=FEATURE_MODEL)
+    S = load_class_set(classes_dir).semantics(mman["semantics"], mman.get("semantic_weights"))
     V = np.asarray(model.V, np.float32)
     LOG.info("labeling bench: %d rows x %d-d in %d shards, %d classes (%d seen), top-%d, %d repeats "
              "(data + model prepared in %.1fs)", rows, dim, math.ceil(rows / shard_rows), n_classes, n_seen,
@@ -354,6 +358,9 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
     p_s, b_s = _interleaved(repeats, pipeline_rep, bare_rep)
     p_rps, b_rps = [rows / s for s in p_s], [rows / s for s in b_s]
     p_med, b_med = _median(p_rps), _median(b_rps)
+    gamma = float(train_manifest["gamma"])
+    calib = (f"calibrated stacking: gamma={gamma:.4g} subtracted from the {n_seen} seen-class columns" if gamma
+             else "calibration skipped: the tuned gamma is 0")
     batch_size = LabelConfig(model=model_dir, features=feats_dir, classes=classes_dir, output=out_dir(0)).batch_size
     return {
         "n_rows": rows,
@@ -370,7 +377,7 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
         "notes": (f"run_label on top of the bare math: reads manifests, model (safetensors) and class set; per "
                   f"shard reads Parquet (zstd; files are in the page cache after being written) and converts "
                   f"the embedding column to NumPy; scores in batches of {batch_size} via class_scores "
-                  f"(calibrated stacking: gamma subtracted from {n_seen} seen-class columns); sorts the top-k "
+                  f"({calib}); sorts the top-k "
                   f"(lexsort) rather than only partitioning; builds per-row Arrow lists of class names and "
                   f"scores; writes one zstd Parquet labels shard per feature shard atomically (fsync) and a "
                   f"manifest. Bare: l2n(X) @ V @ S.T + np.argpartition on the in-memory matrix, no I/O."),
@@ -425,7 +432,7 @@ def print_table(result: dict) -> None:
                      str(len(lb["pipeline"]["seconds"]))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
-        typer.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        typer.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
         if j == 0:
             typer.echo("  ".join("-" * w for w in widths))
 
@@ -451,17 +458,17 @@ def bench(
     label_rows: int = typer.Option(200_000, min=1, help="Feature rows to label."),
     label_shard_rows: int = typer.Option(20_000, min=1, help="Rows per feature shard."),
     label_classes: int = typer.Option(50, min=3, help="Classes in the class set."),
-    label_seen: Optional[int] = typer.Option(None, help="Seen (training) classes; default 80% of the classes."),
+    label_seen: int | None = typer.Option(None, help="Seen (training) classes; default 80% of the classes."),
     top_k: int = typer.Option(5, min=1, help="top-k of the labeling run."),
     skip_extract: bool = typer.Option(False, help="Skip the extraction benchmark."),
     skip_label: bool = typer.Option(False, help="Skip the labeling benchmark."),
-    workdir: Optional[str] = typer.Option(None, help="Scratch folder (default: a new temp dir, removed after)."),
+    workdir: str | None = typer.Option(None, help="Scratch folder (default: a new temp dir, removed after)."),
     seed: int = typer.Option(0),
 ) -> None:
     """Measure pipeline vs bare-loop throughput for extraction and labeling; write ratios as JSON."""
     from pipeline import io as zio
 
-    seen = label_seen if label_seen is not None else max(2, int(round(0.8 * label_classes)))
+    seen = label_seen if label_seen is not None else max(2, round(0.8 * label_classes))
     if not 2 <= seen < label_classes:
         raise typer.BadParameter(f"--label-seen must be in [2, {label_classes - 1}]")
     params = dict(repeats=repeats, images_per_class=images_per_class, shard_size=shard_size, batch_size=batch_size,
@@ -507,9 +514,7 @@ def bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark in-process; return the exit status."""
-    import click
-
+    """Run the benchmark in-process; return the exit status (2 for usage errors)."""
     for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"),
                        ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
@@ -517,17 +522,13 @@ def main(argv: list[str] | None = None) -> int:
 
     _setup_logging()
     cmd = typer.main.get_command(app)
+    # Standalone mode lets click/typer report usage errors themselves, whichever click they bundle
+    # (typer >= 0.2x vendors its own, whose exceptions are not ``click.ClickException``).
     try:
-        rv = cmd.main(args=list(argv if argv is not None else sys.argv[1:]), prog_name="zsl-bench",
-                      standalone_mode=False)
-        return int(rv or 0)
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        return 2
-    except click.exceptions.Abort:
-        return 1
+        cmd.main(args=list(argv if argv is not None else sys.argv[1:]), prog_name="zsl-bench", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

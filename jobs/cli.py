@@ -355,15 +355,19 @@ def add_classes_cmd(
         from pipeline import io as zio
         from pipeline.classes import add_classes
         from pipeline.config import LabelConfig
-        from pipeline.labeling import run_label
+        from pipeline.labeling import check_model_classes, run_label
         from pipeline.models import load_model
 
         cfg = load_config("add-classes", dict(model=model, classes=classes, input=input, relabel=relabel))
-        _, mman = load_model(cfg.model)
-        cs, added = add_classes(cfg.classes, cfg.input)
-        if mman["semantics"] != "text" and cs.attributes is None:
-            raise BadInput(f"model uses {mman['semantics']} semantics but the class set has no attributes")
-        typer.echo(f"added {len(added)} classes ({', '.join(added)}); {len(cs.names)} classes in {cfg.classes}")
+        zmodel, mman = load_model(cfg.model)
+
+        def model_can_score(enlarged) -> None:  # before anything is written
+            check_model_classes(zmodel, mman, enlarged, int(mman["feature_dim"]),
+                                f"{cfg.model} cannot score the enlarged class set")
+
+        cs, added = add_classes(cfg.classes, cfg.input, check=model_can_score)
+        typer.echo(f"added {len(added)} classes ({', '.join(added) or 'all were there already'}); "
+                   f"{len(cs.names)} classes in {cfg.classes}")
         if cfg.relabel:
             lm = zio.read_json(zio.join(cfg.relabel, "manifest.json"))
             lcfg = LabelConfig(**{**lm["config"], "model": cfg.model, "classes": cfg.classes, "overwrite": True})
@@ -413,20 +417,17 @@ def demo_data(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI in-process; return the exit status (tests call this)."""
-    import click
+    """Run the CLI in-process; return the exit status (tests call this).
 
-    cmd = typer.main.get_command(app)
+    Typer runs in standalone mode, so usage errors print click's message and exit 2 exactly as the
+    console script does; the SystemExit is turned into a return value.
+    """
     try:
-        rv = cmd.main(args=list(argv if argv is not None else sys.argv[1:]), prog_name="zsl", standalone_mode=False)
-        return int(rv or 0)
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        return 2
-    except click.exceptions.Abort:
-        return 1
+        app(args=list(argv if argv is not None else sys.argv[1:]), prog_name="zsl", standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
 
 
 def run() -> None:

@@ -37,7 +37,8 @@ class ESZSL(ZSLModel):
         return self
 
     def scores(self, X, S):
-        return (l2n(X) @ self.V.astype(np.float32)) @ np.asarray(S, np.float32).T
+        # (V Sᵀ) first: one (d, C) matrix instead of projecting every image into the semantic space
+        return l2n(X) @ (self.V.astype(np.float32) @ np.asarray(S, np.float32).T)
 
     def embed_images(self, X):
         return l2n(l2n(X) @ self.V.astype(np.float32))

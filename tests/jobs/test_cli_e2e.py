@@ -168,3 +168,9 @@ def test_every_command_has_help(capsys):
     for cmd in ("extract", "classes", "train", "evaluate", "label", "index", "search", "add-classes", "report"):
         assert main([cmd, "--help"]) == 0
         assert "Usage" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["label"]) == 2  # missing required options
+    assert "Missing option" in capsys.readouterr().err
+    assert main(["no-such-command"]) == 2
