@@ -17,13 +17,14 @@ help:
 	@echo "make demo   - install into $(VENV) and run extract -> classes -> train -> evaluate -> label -> index -> search -> report"
 	@echo "make test   - run the default test suite (slow/gpu/integration tests excluded)"
 	@echo "make bench  - extraction and labeling throughput vs bare loops -> tests/bench/results.json"
+	@echo "make eval   - every ZSL method on real data -> tests/bench/EVAL.md"
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,$(FAISS_EXTRA)]"
+	$(BIN)/pip install --quiet -e ".[dev,eval,$(FAISS_EXTRA)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -54,6 +55,9 @@ test-all: install
 
 bench: install
 	$(BIN)/python -m jobs.bench --output tests/bench/results.json
+
+eval: install
+	$(BIN)/python -m jobs.eval_suite --out tests/bench
 
 clean:
 	rm -rf runs

@@ -124,7 +124,9 @@ def run_train(cfg: TrainConfig) -> dict:
         gamma, info = tune_gamma(scores, y_val, list(range(len(p_seen))), list(range(len(p_seen), len(val_ids))))
         calib = {"gamma": float(gamma), "pseudo_unseen": [classes.names[c] for c in p_unseen],
                  "n_val": int(val_m.sum()), **{k: v for k, v in info.items() if k in ("seen", "unseen", "H")}}
-        LOG.info("calibrated stacking: gamma=%.4f (pseudo-unseen: %s)", gamma, ", ".join(calib["pseudo_unseen"]))
+        shown = calib["pseudo_unseen"][:8] + (["..."] if len(calib["pseudo_unseen"]) > 8 else [])
+        LOG.info("calibrated stacking: gamma=%.4f (%d pseudo-unseen classes: %s)", gamma,
+                 len(calib["pseudo_unseen"]), ", ".join(shown))
     model = fit_model(cfg.method, kwargs, X, cls, seen_ids, S)
     if "text" in cfg.semantics.split("+"):
         try:

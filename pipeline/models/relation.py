@@ -65,7 +65,11 @@ class RelationNetwork(ZSLModel):
         epochs: passes over the training images.
         lr: Adam learning rate.
         weight_decay: Adam L2 weight decay.
-        batch_size: images per step (each is compared with every seen class).
+        batch_size: images per step (each is compared with every seen class, or with
+            ``max_classes`` of them: the batch's own classes plus random negatives).
+        max_classes: classes compared per step when there are more seen classes (SUN has 645):
+            the MSE over a random subset of negatives keeps a step's cost independent of the
+            number of classes.
         seed: seeds the initialisation (``torch.manual_seed`` inside a forked RNG, so the
             global torch RNG is untouched) and the shuffling (a ``torch.Generator``).
             Two fits with the same seed, data and thread count give identical weights.
@@ -77,7 +81,7 @@ class RelationNetwork(ZSLModel):
     grid: ClassVar[dict[str, list]] = {"lr": [1e-3, 3e-4], "weight_decay": [1e-5, 1e-4]}
 
     def __init__(self, *, hidden: int = 256, epochs: int = 30, lr: float = 1e-3, weight_decay: float = 1e-5,
-                 batch_size: int = 128, seed: int = 0, **params) -> None:
+                 batch_size: int = 128, max_classes: int = 64, seed: int = 0, **params) -> None:
         for name, v in (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)):
             if int(v) < 1:
                 raise ValueError(f"relation: {name} must be >= 1, got {v!r}")
@@ -86,7 +90,7 @@ class RelationNetwork(ZSLModel):
         if not (np.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"relation: weight_decay must be >= 0, got {weight_decay!r}")
         super().__init__(hidden=int(hidden), epochs=int(epochs), lr=float(lr), weight_decay=float(weight_decay),
-                         batch_size=int(batch_size), seed=int(seed), **params)
+                         batch_size=int(batch_size), max_classes=int(max_classes), seed=int(seed), **params)
         self.net = None
 
     def fit(self, X, y, S):
@@ -111,8 +115,18 @@ class RelationNetwork(ZSLModel):
             total = 0.0
             for i in range(0, n, bs):
                 idx = perm[i:i + bs]
-                r = self.net(Xt[idx], St)
-                loss = ((r - onehot[idx]) ** 2).sum(1).mean()
+                if len(S) > p["max_classes"]:
+                    own = torch.unique(yt[idx])
+                    others = torch.ones(len(S), dtype=torch.bool)
+                    others[own] = False
+                    pool = torch.nonzero(others).squeeze(1)
+                    extra = pool[torch.randperm(len(pool), generator=gen)[: max(0, p["max_classes"] - len(own))]]
+                    cls = torch.cat([own, extra])
+                    r = self.net(Xt[idx], St[cls])
+                    loss = ((r - onehot[idx][:, cls]) ** 2).sum(1).mean()
+                else:
+                    r = self.net(Xt[idx], St)
+                    loss = ((r - onehot[idx]) ** 2).sum(1).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
