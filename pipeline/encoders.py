@@ -69,13 +69,30 @@ def image_encoder_info(name: str, pretrained: str | None = None) -> ImageEncoder
     if name.startswith("open_clip:"):
         import open_clip
 
-        cfg = open_clip.get_model_config(name.split(":", 1)[1])
+        arch = name.split(":", 1)[1]
+        cfg = open_clip.get_model_config(arch)
         if cfg is None:
-            raise ValueError(f"unknown open_clip architecture {name.split(':', 1)[1]!r}")
+            raise ValueError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
+        check_open_clip_weights(arch, pretrained)
         size = cfg["vision_cfg"].get("image_size", 224)
         size = size[0] if isinstance(size, (list, tuple)) else size
         return ImageEncoderInfo(encoder_id(name, pretrained), int(size), int(cfg["embed_dim"]))
     raise ValueError(f"unknown image encoder {name!r}; use 'effnet-lite0' or 'open_clip:<arch>'")
+
+
+def check_open_clip_weights(arch: str, pretrained: str | None) -> None:
+    """Fail fast (before any worker starts) on missing or unknown open_clip weights."""
+    import open_clip
+
+    if not pretrained:
+        raise ValueError(f"open_clip:{arch} needs --pretrained: a checkpoint path, a pretrained tag "
+                         f"({', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none known'}), "
+                         "or 'random' (tests only)")
+    if pretrained == "random" or os.path.isfile(pretrained):
+        return
+    if pretrained not in open_clip.list_pretrained_tags_by_model(arch):
+        raise ValueError(f"open_clip:{arch}: --pretrained {pretrained!r} is neither a file nor a known tag "
+                         f"({', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
 
 
 class ImageEncoder:
@@ -219,6 +236,7 @@ def load_text_encoder(name: str = DEFAULT_TEXT, pretrained: str | None = None, *
     if name.startswith("open_clip:"):
         import torch
 
+        check_open_clip_weights(name.split(":", 1)[1], pretrained)
         model, _, tokenizer = _create_open_clip(name, pretrained, device)
         model.eval()
 

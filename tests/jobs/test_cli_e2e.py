@@ -174,3 +174,32 @@ def test_usage_errors_exit_2(capsys):
     assert main(["label"]) == 2  # missing required options
     assert "Missing option" in capsys.readouterr().err
     assert main(["no-such-command"]) == 2
+
+
+def test_open_clip_backbone_and_text_tower_zero_shot(ray_cluster, data: Path, tmp_path: Path):
+    """open_clip path end to end with random weights (no hub download): image tower in the Ray
+    actors, text tower for the classes, and the `clip` method that needs no projection."""
+    arch = ["--encoder", "open_clip:ViT-S-32", "--pretrained", "random"]
+    for split in ("train", "test"):
+        assert run("extract", "--input", data / split, "--output", tmp_path / split, "--limit", "1",
+                   "--shard-size", "8", *arch) == 0
+    man = json.loads((tmp_path / "train" / "manifest.json").read_text())
+    assert man["model_id"] == "open_clip:ViT-S-32@random" and man["dim"] == 384
+    assert run("classes", "--input", data / "classes.yaml", "--output", tmp_path / "classes",
+               "--text-model", "open_clip:ViT-S-32", "--pretrained", "random") == 0
+    classes = json.loads((tmp_path / "classes" / "manifest.json").read_text())
+    assert classes["text_dim"] == 384
+    train_labels = set(pq.read_table(tmp_path / "train" / "features").column("label").to_pylist())
+    seen = ",".join(sorted(train_labels)[:2])
+    assert run("train", "--features", tmp_path / "train", "--classes", tmp_path / "classes", "--seen", seen,
+               "--method", "clip", "--no-calibration", "--output", tmp_path / "model") == 0
+    from safetensors.numpy import load_file
+
+    assert "W" not in load_file(str(tmp_path / "model" / "weights.safetensors"))  # identity: shared space
+
+
+def test_open_clip_without_weights_fails_fast(tmp_path: Path, data: Path, capsys):
+    assert run("extract", "--input", data / "train", "--output", tmp_path / "x",
+               "--encoder", "open_clip:ViT-S-32") == 2
+    assert "needs --pretrained" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
