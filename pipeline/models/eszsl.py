@@ -24,7 +24,7 @@ class ESZSL(ZSLModel):
     method = "eszsl"
     grid = {"gamma": [0.01, 0.1, 1.0, 10.0], "lam": [0.01, 0.1, 1.0, 10.0]}
 
-    def __init__(self, *, gamma: float = 1.0, lam: float = 1.0) -> None:
+    def __init__(self, *, gamma: float = 1.0, lam: float = 0.1) -> None:
         super().__init__(gamma=gamma, lam=lam)
         self.V: np.ndarray | None = None
 

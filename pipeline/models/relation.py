@@ -67,6 +67,9 @@ class RelationNetwork(ZSLModel):
         weight_decay: Adam L2 weight decay.
         batch_size: images per step (each is compared with every seen class, or with
             ``max_classes`` of them: the batch's own classes plus random negatives).
+        min_steps: at least this many optimiser steps whatever ``epochs`` says: with few
+            images (40 classes x 10 images is 13 batches an epoch) 30 epochs leave the relation
+            module at its trivial all-zero optimum.
         max_classes: classes compared per step when there are more seen classes (SUN has 645):
             the MSE over a random subset of negatives keeps a step's cost independent of the
             number of classes.
@@ -81,7 +84,8 @@ class RelationNetwork(ZSLModel):
     grid: ClassVar[dict[str, list]] = {"lr": [1e-3, 3e-4], "weight_decay": [1e-5, 1e-4]}
 
     def __init__(self, *, hidden: int = 256, epochs: int = 30, lr: float = 1e-3, weight_decay: float = 1e-5,
-                 batch_size: int = 128, max_classes: int = 64, seed: int = 0, **params) -> None:
+                 batch_size: int = 32, max_classes: int = 64, min_steps: int = 3000, seed: int = 0,
+                 **params) -> None:
         for name, v in (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)):
             if int(v) < 1:
                 raise ValueError(f"relation: {name} must be >= 1, got {v!r}")
@@ -90,7 +94,8 @@ class RelationNetwork(ZSLModel):
         if not (np.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"relation: weight_decay must be >= 0, got {weight_decay!r}")
         super().__init__(hidden=int(hidden), epochs=int(epochs), lr=float(lr), weight_decay=float(weight_decay),
-                         batch_size=int(batch_size), max_classes=int(max_classes), seed=int(seed), **params)
+                         batch_size=int(batch_size), max_classes=int(max_classes), min_steps=int(min_steps),
+                         seed=int(seed), **params)
         self.net = None
 
     def fit(self, X, y, S):
@@ -110,7 +115,8 @@ class RelationNetwork(ZSLModel):
         opt = torch.optim.Adam(self.net.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
         n, bs = len(Xt), p["batch_size"]
         self.net.train()
-        for epoch in range(p["epochs"]):
+        epochs = max(p["epochs"], -(-p["min_steps"] // max(1, -(-n // bs))))
+        for epoch in range(epochs):
             perm = torch.randperm(n, generator=gen)
             total = 0.0
             for i in range(0, n, bs):
