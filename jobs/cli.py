@@ -101,7 +101,7 @@ def _run(fn) -> None:
     _setup_logging()
     try:
         fn()
-    except (BadInput, ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+    except (BadInput, ConfigError, ValueError, FileNotFoundError, PermissionError, KeyError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         typer.echo(f"zsl: error: {msg}", err=True)
         raise typer.Exit(2) from None

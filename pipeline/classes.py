@@ -7,7 +7,9 @@ label them without re-extraction or retraining.
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Callable
 
 import numpy as np
 
@@ -34,6 +36,13 @@ def _attributes(table: ClassTable, *, method: str, missing: str, stats: dict | N
     """Normalise attributes; z-score reuses ``stats`` (mean/std of the original set) when given."""
     if table.attributes is None:
         return None, None
+    try:
+        return _normalised(table, method=method, missing=missing, stats=stats)
+    except ValueError as exc:
+        raise ValueError(f"{table.source}: {exc}") from None
+
+
+def _normalised(table: ClassTable, *, method: str, missing: str, stats: dict | None):
     if method == "zscore" and stats is not None:
         filled = normalize_attributes(table.attributes, method="none", missing=missing, names=table.names,
                                       attribute_names=table.attribute_names)
@@ -49,11 +58,17 @@ def _attributes(table: ClassTable, *, method: str, missing: str, stats: dict | N
 
 def write_class_set(out: str, names, descriptions, text, attributes, manifest: dict,
                     word_vectors: np.ndarray | None = None) -> dict:
-    """Write ``classes.parquet`` then ``manifest.json`` (atomically); return the manifest."""
-    zio.write_parquet_atomic(zio.join(out, "classes.parquet"),
-                             class_set_table(names, descriptions, text, attributes, word_vectors))
+    """Write ``classes.parquet`` then ``manifest.json`` (atomically); return the manifest.
+
+    The manifest is also stored in ``classes.parquet`` itself, so the table and its manifest are
+    replaced together by one rename: a kill between the two files cannot pair new classes with an
+    old fingerprint (:func:`pipeline.semantics.load_class_set` prefers the embedded copy).
+    """
     manifest = {**manifest, "format": CLASSES_FORMAT, "n_classes": len(names),
                 "fingerprint": zio.fingerprint([names, text.round(5).tolist()])}
+    manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))  # as manifest.json reads back
+    zio.write_parquet_atomic(zio.join(out, "classes.parquet"),
+                             class_set_table(names, descriptions, text, attributes, word_vectors, manifest))
     zio.write_json_atomic(zio.join(out, "manifest.json"), manifest)
     return manifest
 
@@ -98,14 +113,27 @@ def run_classes(cfg: ClassesConfig, *, text_encoder=None) -> dict:
     return manifest
 
 
-def add_classes(classes_dir: str, input_uri: str, *, text_encoder=None) -> tuple[ClassSet, list[str]]:
-    """Append the classes of ``input_uri`` to ``classes_dir``; return the new set and the added names."""
+def add_classes(classes_dir: str, input_uri: str, *, text_encoder=None,
+                check: Callable[[ClassSet], None] | None = None) -> tuple[ClassSet, list[str]]:
+    """Append the classes of ``input_uri`` to ``classes_dir``; return the new set and the added names.
+
+    ``check`` is called with the enlarged set before anything is written (e.g. to verify that a model
+    can score it); an exception from it leaves ``classes_dir`` untouched. A rerun with classes that
+    are all in the set already, with the same descriptions (an earlier run finished), adds nothing.
+    """
     from pipeline.encoders import load_text_encoder
 
     current = load_class_set(classes_dir)
     m = current.manifest
     table = read_class_table(input_uri, missing_value=m.get("missing_value"))
-    clash = [n for n in table.names if n in set(current.names)]
+    have = dict(zip(current.names, current.descriptions))
+    clash = [n for n in table.names if n in have]
+    if clash and len(clash) == len(table.names) and all(
+            have[n] == d for n, d in zip(table.names, table.descriptions)):
+        LOG.info("%s: every class of %s is in the set already; nothing to add", classes_dir, input_uri)
+        if check is not None:
+            check(current)
+        return current, []
     if clash:
         raise ValueError(f"{input_uri}: classes already in {classes_dir}: {', '.join(clash)}")
     if current.attributes is not None and table.attributes is not None:
@@ -137,6 +165,8 @@ def add_classes(classes_dir: str, input_uri: str, *, text_encoder=None) -> tuple
         m = {**m, "word_vectors_oov": {"oov_words": {**prev["oov_words"], **oov["oov_words"]},
                                        "no_vector": prev["no_vector"] + oov["no_vector"]}}
     added = list(m.get("added", [])) + [{"source": input_uri, "names": table.names}]
+    if check is not None:
+        check(ClassSet(names, descriptions, all_text, all_attrs, m, all_wv))
     write_class_set(classes_dir, names, descriptions, all_text, all_attrs, {**m, "added": added}, all_wv)
     LOG.info("added %d classes to %s (%d in all)", len(table.names), classes_dir, len(names))
     return load_class_set(classes_dir), table.names

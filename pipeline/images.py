@@ -77,6 +77,8 @@ def decode_image(data: bytes, *, size: int, max_pixels: int = 89_478_485) -> tup
         raise DecodeError(f"decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(f"broken image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - hostile bytes reach odd corners of Pillow's plugins
+        raise DecodeError(f"broken image: {type(exc).__name__}: {exc}") from None
     if arr.shape != (size, size, 3):
         raise DecodeError(f"decoded to unexpected shape {arr.shape}")
     return arr, w, h

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import io as zio
 from pipeline.schema import INDEX_IDS_SCHEMA, check_schema
@@ -348,8 +347,7 @@ def load_index(out_dir: str, *, expected_dim: int | None = None,
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
         raise ValueError(f"{out_dir}/index.faiss: cannot deserialize ({exc})") from None
-    fs, ipath = zio.filesystem(zio.join(out_dir, "ids.parquet"))
-    ids = pq.read_table(ipath, filesystem=fs)
+    ids = zio.read_parquet(zio.join(out_dir, "ids.parquet"))
     check_schema(ids.schema, INDEX_IDS_SCHEMA, f"{out_dir}/ids.parquet")
     if not index.ntotal == ids.num_rows == manifest.get("ntotal"):
         raise ValueError(f"{out_dir}: index has {index.ntotal} vectors, ids.parquet "

@@ -6,8 +6,11 @@ so a reader never sees a partial file and a killed job leaves nothing that looks
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io as _io
 import json
+import logging
 import os
 import uuid
 from typing import Any, Iterator
@@ -15,7 +18,10 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
+import numpy as np
 import pyarrow.parquet as pq
+
+LOG = logging.getLogger(__name__)
 
 __all__ = [
     "filesystem",
@@ -28,10 +34,19 @@ __all__ = [
     "write_json_atomic",
     "read_json",
     "write_parquet_atomic",
+    "read_parquet",
     "read_parquet_dir",
     "iter_parquet_files",
     "fingerprint",
     "TMP_PREFIX",
+    "remove",
+    "remove_temp_files",
+    "output_lock",
+    "OutputLocked",
+    "write_npy_atomic",
+    "read_npy",
+    "parquet_num_rows",
+    "sha256_file",
 ]
 
 TMP_PREFIX = "._tmp-"
@@ -149,16 +164,26 @@ def iter_parquet_files(uri: str) -> Iterator[str]:
     yield from list_files(uri, suffixes=(".parquet",), recursive=False)
 
 
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file through a single open handle.
+
+    Opening the file once pins one version of it: a path-based read may open it twice (footer,
+    then pages) and, if an atomic rewrite lands in between, mix two versions.
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        with pa.OSFile(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
 def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read every finished ``*.parquet`` file directly under ``uri`` in name order."""
     files = list(iter_parquet_files(uri))
     if not files:
         raise FileNotFoundError(f"{uri}: no .parquet files")
-    fs, _ = filesystem(uri)
-    tables = []
-    for f in files:
-        _, p = filesystem(f)
-        tables.append(pq.read_table(p, columns=columns, filesystem=fs))
+    tables = [read_parquet(f, columns) for f in files]
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
@@ -166,3 +191,96 @@ def fingerprint(obj: Any) -> str:
     """Short stable hash of a JSON-able object (configs, class sets)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def remove(uri: str) -> None:
+    """Remove a file or a directory tree; nothing if it does not exist."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def remove_temp_files(uri: str) -> int:
+    """Delete the temporary files (``._tmp-*``) a killed writer left under ``uri``; return how many.
+
+    Only call this while holding :func:`output_lock` on the output: a live writer's temp file
+    would be removed under it.
+    """
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return 0
+    stale = [p for p in fs.find(path) if p.rsplit("/", 1)[-1].startswith(TMP_PREFIX)]
+    for p in stale:
+        fs.rm(p)
+    if stale:
+        LOG.info("%s: removed %d temporary file(s) left by an interrupted run", uri, len(stale))
+    return len(stale)
+
+
+class OutputLocked(ValueError):
+    """Another job is writing to the same output directory."""
+
+
+@contextlib.contextmanager
+def output_lock(uri: str):
+    """Hold an exclusive lock on an output directory for the duration of a job (local paths).
+
+    The lock is an ``flock`` on ``<uri>/.zsl.lock``: the kernel drops it when the process dies,
+    SIGKILL included, so a killed job never leaves a stale lock. Other filesystems (object
+    stores) have no such lock; there, one job per output directory is the caller's rule.
+    """
+    fs, path = filesystem(uri)
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    import fcntl
+
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(os.path.join(path, ".zsl.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise OutputLocked(f"{uri}: another zsl job (pid {holder}) is writing to this output; "
+                               "wait for it or use another --output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_npy_atomic(uri: str, array: np.ndarray) -> None:
+    """Write a numeric array as ``.npy`` (never with pickled objects), atomically."""
+    a = np.asarray(array)
+    if a.dtype.hasobject:
+        raise TypeError(f"{uri}: refusing to write an object array")
+    buf = _io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    write_bytes_atomic(uri, buf.getvalue())
+
+
+def read_npy(uri: str) -> np.ndarray:
+    """Read a ``.npy`` file without ever unpickling (``allow_pickle=False``); ValueError if broken."""
+    data = read_bytes(uri)
+    try:
+        return np.load(_io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise ValueError(f"{uri}: not a readable .npy array ({exc})") from None
+
+
+def sha256_file(uri: str, chunk: int = 1 << 20) -> str:
+    fs, path = filesystem(uri)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parquet_num_rows(uri: str) -> int:
+    """Row count from the Parquet footer (reads no data)."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows

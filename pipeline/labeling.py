@@ -1,8 +1,11 @@
 """Bulk labeling: feature shards -> top-k classes per image, shard by shard, resumably.
 
 Each feature shard ``features/shard-N.parquet`` gives ``OUT/labels/shard-N.parquet`` (atomic).
-``OUT/manifest.json`` records the model and the class set; a rerun with the same model and classes
-only labels the missing shards, and a rerun with other ones is refused unless ``overwrite``.
+``OUT/run.json`` records the model, the class set and the features' identity; a rerun with the
+same ones only labels the missing shards (including shards the feature directory gained since),
+and a rerun with other ones is refused unless ``overwrite``. Everything that could stop the job
+(feature dimension, model/class-set mismatch) is checked before anything is written, and
+``OUT/manifest.json`` exists only while every feature shard has its label shard.
 """
 
 from __future__ import annotations
@@ -12,19 +15,18 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import io as zio
 from pipeline.config import LabelConfig
-from pipeline.extract import read_features_manifest, table_embeddings
+from pipeline.extract import check_feature_shards, features_identity, read_features_manifest, table_embeddings
 from pipeline.models import load_model
 from pipeline.schema import LABELS_SCHEMA
-from pipeline.semantics import load_class_set
+from pipeline.semantics import ClassSet, load_class_set
 from pipeline.training import class_scores
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["run_label", "topk"]
+__all__ = ["run_label", "topk", "check_model_classes", "model_fingerprint"]
 
 LABELS_FORMAT = "zsl-labels/1"
 
@@ -36,24 +38,54 @@ def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(scores, idx, axis=1)
 
 
+def model_fingerprint(model_dir: str, manifest: dict) -> str:
+    """What a model is: its manifest *and* its weights (two trainings may share a manifest)."""
+    weights = zio.join(model_dir, "weights.safetensors")
+    return zio.fingerprint({"manifest": manifest, "weights": zio.sha256_file(weights)})
+
+
 def _identity(cfg: LabelConfig, model_manifest: dict, classes_manifest: dict, feats_manifest: dict) -> dict:
     return {
-        "model": zio.fingerprint(model_manifest),
+        "model": model_fingerprint(cfg.model, model_manifest),
         "classes": classes_manifest.get("fingerprint"),
-        "features": zio.fingerprint({k: feats_manifest.get(k) for k in ("model_id", "dim", "config")}),
+        "features": features_identity(cfg.features, feats_manifest),
         "top_k": cfg.top_k,
         "calibrated": cfg.calibrated,
     }
 
 
-def run_label(cfg: LabelConfig, *, progress: bool = True) -> dict:
-    from tqdm.auto import tqdm
+def check_model_classes(model, mman: dict, classes: ClassSet, dim: int, where: str) -> None:
+    """Score one blank image against ``classes`` so that any mismatch (dimensions, text model, missing
+    semantics, attribute names) stops the job before it writes anything."""
+    want, have = mman.get("attribute_names"), classes.manifest.get("attribute_names")
+    if "attributes" in mman["semantics"].split("+") and want and have and list(want) != list(have):
+        raise ValueError(f"{where}: the class set's attributes ({len(have)}: {', '.join(have[:3])}, ...) are not "
+                         f"the {len(want)} the model was trained on ({', '.join(want[:3])}, ...)")
+    try:
+        s = class_scores(model, mman, np.zeros((1, dim), np.float32), classes, calibrated=False)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if s.shape != (1, len(classes.names)):
+        raise ValueError(f"{where}: model gives scores of shape {s.shape} for 1 image and {len(classes.names)} classes")
 
+
+def run_label(cfg: LabelConfig, *, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     fman = read_features_manifest(cfg.features)
     dim = int(fman["dim"])
     model, mman = load_model(cfg.model, feature_dim=dim, feature_model=fman["model_id"])
     classes = load_class_set(cfg.classes)
+    check_model_classes(model, mman, classes, dim, f"{cfg.model} with {cfg.classes}")
+    shards = list(zio.iter_parquet_files(zio.join(cfg.features, "features")))
+    check_feature_shards(shards, dim)
+    with zio.output_lock(cfg.output):
+        return _label_locked(cfg, fman, dim, model, mman, classes, shards, t0, progress)
+
+
+def _label_locked(cfg: LabelConfig, fman: dict, dim: int, model, mman: dict, classes: ClassSet,
+                  shards: list[str], t0: float, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
     seen = set(mman["seen"])
     unseen_mask = np.array([n not in seen for n in classes.names])
     names = np.asarray(classes.names, dtype=object)
@@ -62,22 +94,22 @@ def run_label(cfg: LabelConfig, *, progress: bool = True) -> dict:
     run_uri = zio.join(cfg.output, "run.json")
     if zio.exists(run_uri) and zio.read_json(run_uri) != ident:
         if not cfg.overwrite:
-            raise ValueError(f"{cfg.output} holds labels from another model, class set or setting; "
-                             "use a new --output or --overwrite")
+            raise ValueError(f"{cfg.output} holds labels from another model, class set or setting "
+                             "(or other features); use a new --output or --overwrite")
         LOG.warning("%s: model/classes changed; relabeling every shard", cfg.output)
-        if zio.exists(labels_dir):
-            fs, p = zio.filesystem(labels_dir)
-            fs.rm(p, recursive=True)
+        zio.remove(zio.join(cfg.output, "manifest.json"))
+        zio.remove(labels_dir)  # before run.json: a kill in between leaves the old identity, nothing to mix
+    zio.remove_temp_files(cfg.output)
     zio.write_json_atomic(run_uri, ident)
-    shards = list(zio.iter_parquet_files(zio.join(cfg.features, "features")))
     done = ({f.rsplit("/", 1)[-1] for f in zio.iter_parquet_files(labels_dir)} if zio.exists(labels_dir) else set())
     todo = [s for s in shards if s.rsplit("/", 1)[-1] not in done]
     LOG.info("labeling %d feature shards (%d already done) against %d classes", len(todo), len(shards) - len(todo),
              len(names))
+    if todo:
+        zio.remove(zio.join(cfg.output, "manifest.json"))  # an unfinished output never looks finished
     n_images = 0
     for uri in tqdm(todo, desc="label", unit="shard", disable=not progress):
-        fs, path = zio.filesystem(uri)
-        table = pq.read_table(path, filesystem=fs, columns=["image_id", "uri", "label", "embedding"])
+        table = zio.read_parquet(uri, columns=["image_id", "uri", "label", "embedding"])
         X = table_embeddings(table, dim, uri)
         idx_parts, val_parts = [], []
         for i in range(0, len(X), cfg.batch_size):
@@ -108,6 +140,7 @@ def run_label(cfg: LabelConfig, *, progress: bool = True) -> dict:
         "classes": list(classes.names),
         "gamma": mman.get("gamma") if cfg.calibrated else 0.0,
         "n_shards": len(shards),
+        "n_images": sum(zio.parquet_num_rows(f) for f in zio.iter_parquet_files(labels_dir)) if shards else 0,
         "n_labeled_this_run": n_images,
         "config": cfg.model_dump(),
         "seconds_last_run": round(time.perf_counter() - t0, 2),

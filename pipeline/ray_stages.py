@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -49,8 +50,8 @@ def decode_shard(batch: dict, *, image_size: int, max_pixels: int, image_column:
                  label_column: str) -> dict:
     """Ray mapper (CPU task): shard specs -> decoded rows. Broken items become error rows."""
     cols: dict[str, list] = {k: [] for k in
-                             ("shard_id", "shard_n", "image_id", "uri", "label", "caption", "width", "height",
-                              "error", "stage")}
+                             ("shard_id", "shard_n", "shard_row", "image_id", "uri", "label", "caption", "width",
+                              "height", "error", "stage")}
     pixels: list[np.ndarray] = []
     blank = np.zeros((image_size, image_size, 3), np.uint8)
     for spec in batch["shard"]:
@@ -65,15 +66,19 @@ def decode_shard(batch: dict, *, image_size: int, max_pixels: int, image_column:
                     except DecodeError as exc:
                         err, stage = str(exc), "decode"
                 rows.append((rec, px, w, h, err, stage))
-        except (OSError, ValueError) as exc:  # the whole shard is unreadable
-            LOG.warning("shard %d (%s) unreadable: %s", shard.shard_id, shard.source, exc)
+        except Exception as exc:  # noqa: BLE001 - the whole shard is unreadable (gone, permissions, corrupt)
+            # One error row stands for the shard: the job goes on, and a rerun does not retry it
+            # (the shard is recorded as done, with its reason in errors/).
+            LOG.warning("shard %d (%s) unreadable: %s: %s", shard.shard_id, shard.source, type(exc).__name__, exc)
             from pipeline.shards import Record
 
-            rows = [(Record(image_id=f"{shard.source}", uri=shard.source), blank, 0, 0,
-                     f"unreadable shard: {exc}", "read")]
-        for rec, px, w, h, err, stage in rows:
+            stem = shard.source.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+            rows = [(Record(image_id=f"{stem}/<shard-{shard.shard_id:06d}>", uri=shard.source), blank, 0, 0,
+                     f"unreadable shard: {type(exc).__name__}: {exc}", "read")]
+        for row, (rec, px, w, h, err, stage) in enumerate(rows):
             cols["shard_id"].append(shard.shard_id)
             cols["shard_n"].append(len(rows))
+            cols["shard_row"].append(row)
             cols["image_id"].append(rec.image_id)
             cols["uri"].append(rec.uri)
             cols["label"].append(rec.label or "")  # "" = none: Ray turns None in object columns into NaN
@@ -86,6 +91,7 @@ def decode_shard(batch: dict, *, image_size: int, max_pixels: int, image_column:
     out = {k: np.array(v, dtype=object) for k, v in cols.items()}
     out["shard_id"] = np.asarray(cols["shard_id"], np.int64)
     out["shard_n"] = np.asarray(cols["shard_n"], np.int64)
+    out["shard_row"] = np.asarray(cols["shard_row"], np.int64)
     out["width"] = np.asarray(cols["width"], np.int32)
     out["height"] = np.asarray(cols["height"], np.int32)
     out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8)
@@ -113,7 +119,24 @@ class EncodeActor:
             for i in np.flatnonzero(bad):
                 batch["error"][i], batch["stage"][i] = "encoder produced non-finite values", "encode"
         batch["embedding"] = emb
+        _trace_encoded(batch["shard_id"])
         return batch
+
+
+def _trace_encoded(shard_ids: np.ndarray) -> None:
+    """Diagnostics: with ``ZSL_TRACE_ENCODED=<file>`` each encoded batch appends ``shard_id rows time`` lines
+    (one ``O_APPEND`` write, atomic across actors). ``jobs.redo_share`` uses it to count the work a
+    kill destroys inside the workers, which the driver cannot see."""
+    path = os.environ.get("ZSL_TRACE_ENCODED")
+    if not path or not len(shard_ids):
+        return
+    ids, counts = np.unique(np.asarray(shard_ids, np.int64), return_counts=True)
+    now = time.time()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, "".join(f"{i} {c} {now:.3f}\n" for i, c in zip(ids, counts)).encode())
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -178,7 +201,9 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
                         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
                         fn_constructor_kwargs=dict(encoder=encoder, pretrained=pretrained,
                                                    device=plan.device, threads=plan.threads))
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    # No prefetch: a shard is handed to the writer as soon as it is encoded. With prefetch, about one
+    # finished shard waits in the driver's queue, and a kill throws it away (jobs/redo_share.py).
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         on_rows(batch)
     return plan
 

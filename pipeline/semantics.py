@@ -8,6 +8,9 @@ tables). YAML is either a list of ``{name, description, attributes: {attr: value
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ __all__ = [
 ]
 
 _NAME_COLUMNS = ("name", "class", "class_name")
+MANIFEST_KEY = b"zsl.manifest"  # classes.parquet schema metadata: the class set's manifest (JSON)
 
 
 @dataclass
@@ -86,11 +90,26 @@ def _read_frame(uri: str) -> pd.DataFrame:
         if low.endswith(".parquet"):
             return pd.read_parquet(path, filesystem=fs)
         with fs.open(path, "r") as f:
-            return pd.read_csv(f)
+            text = f.read()
+        _check_csv_fields(text)
+        return pd.read_csv(io.StringIO(text))
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: class table not found") from None
     except (ValueError, yaml.YAMLError, pd.errors.ParserError) as exc:
         raise ValueError(f"{uri}: cannot read class table: {exc}") from None
+
+
+def _check_csv_fields(text: str) -> None:
+    """Every row has as many fields as the header (pandas would shift or pad them silently)."""
+    rows = csv.reader(io.StringIO(text))
+    header = next(rows, None)
+    if not header:
+        raise ValueError("empty file (no header row)")
+    for i, row in enumerate(rows, start=1):
+        if row and len(row) != len(header):
+            who = f" ('{row[0]}')" if row[0].strip() else ""
+            raise ValueError(f"row {i}{who} has {len(row)} fields, the header has {len(header)} "
+                             f"({', '.join(header[:6])}{', ...' if len(header) > 6 else ''})")
 
 
 def read_class_table(uri: str, *, name_column: str = "name", description_column: str = "description",
@@ -123,6 +142,9 @@ def read_class_table(uri: str, *, name_column: str = "name", description_column:
         attributes = np.array(df[attr_cols].to_numpy(dtype=np.float64), copy=True)
         if missing_value is not None:
             attributes[attributes == missing_value] = np.nan
+        if np.isinf(attributes).any():
+            r, c = map(int, np.argwhere(np.isinf(attributes))[0])
+            raise ValueError(f"{uri}: row {r + 1} ('{names[r]}'), attribute '{attr_cols[c]}': infinite value")
         attr_names = [c[5:] if str(c).startswith("attr:") else str(c) for c in attr_cols]
     return ClassTable(names, descriptions, attr_names, attributes, uri)
 
@@ -250,7 +272,7 @@ def _fixed(a: np.ndarray) -> pa.Array:
 
 
 def class_set_table(names, descriptions, text: np.ndarray, attributes: np.ndarray | None,
-                    word_vectors: np.ndarray | None = None) -> pa.Table:
+                    word_vectors: np.ndarray | None = None, manifest: dict | None = None) -> pa.Table:
     n_attr = 0 if attributes is None else attributes.shape[1]
     n_wv = 0 if word_vectors is None else word_vectors.shape[1]
     schema = classes_schema(text.shape[1], n_attr, n_wv)
@@ -263,6 +285,8 @@ def class_set_table(names, descriptions, text: np.ndarray, attributes: np.ndarra
         cols["attributes"] = _fixed(attributes)
     if n_wv:
         cols["word_vectors"] = _fixed(word_vectors)
+    if manifest is not None:
+        schema = schema.with_metadata({MANIFEST_KEY: json.dumps(manifest, sort_keys=True, default=str).encode()})
     return pa.table(cols, schema=schema)
 
 
@@ -272,10 +296,19 @@ def load_class_set(uri: str) -> ClassSet:
     if not zio.exists(manifest_uri):
         raise FileNotFoundError(f"{uri}: no manifest.json; is this a `zsl classes` output?")
     manifest = zio.read_json(manifest_uri)
-    fs, path = zio.filesystem(zio.join(uri, "classes.parquet"))
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(path, filesystem=fs)
+    t = zio.read_parquet(zio.join(uri, "classes.parquet"))
+    embedded = (t.schema.metadata or {}).get(MANIFEST_KEY)
+    if embedded is not None:
+        # classes.parquet carries its own manifest, replaced with it in one rename; manifest.json is
+        # a copy written after it, so the two differ only if a writer was killed in between.
+        inner = json.loads(embedded)
+        if json.dumps(inner, sort_keys=True) != json.dumps(manifest, sort_keys=True):
+            LOG.warning("%s: manifest.json is older than classes.parquet (an interrupted update); "
+                        "using the manifest stored in classes.parquet", uri)
+            manifest = inner
+    if manifest.get("n_classes") is not None and manifest["n_classes"] != t.num_rows:
+        raise ValueError(f"{uri}: classes.parquet has {t.num_rows} classes, manifest.json {manifest['n_classes']}; "
+                         "the class set is inconsistent, rebuild it with `zsl classes`")
     text = np.stack(t.column("text_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     def block(col: str) -> np.ndarray | None:
         if col not in t.column_names:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import tarfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import io as zio
@@ -105,10 +107,13 @@ def list_shards(
         tars = zio.list_files(uri, suffixes=(".tar",))
         if not tars:
             raise ValueError(f"{uri}: no .tar shards")
+        _check_unique_stems(tars)
         return [Shard(shard_id=i, kind="tar", source=t) for i, t in enumerate(tars)]
     if fmt == "parquet":
         shards: list[Shard] = []
-        for path in zio.list_files(uri, suffixes=(".parquet",)):
+        files = zio.list_files(uri, suffixes=(".parquet",))
+        _check_unique_stems(files)
+        for path in files:
             fs, p = zio.filesystem(path)
             try:
                 meta = pq.ParquetFile(fs.open(p, "rb"))
@@ -120,12 +125,44 @@ def list_shards(
                     f"{path}: no image column '{image_column}' (columns: {', '.join(names)}); "
                     "set image_column to the column that holds the image bytes"
                 )
+            col_type = meta.schema_arrow.field(image_column).type
+            if not _is_bytes_type(col_type):
+                raise ValueError(
+                    f"{path}: column '{image_column}' is {col_type}, expected image bytes (binary, or a "
+                    "struct with a binary 'bytes' field as Hugging Face stores images)"
+                )
             for rg in range(meta.num_row_groups):
                 shards.append(Shard(shard_id=len(shards), kind="parquet", source=path, row_group=rg))
         if not shards:
             raise ValueError(f"{uri}: no .parquet files")
         return shards
     raise ValueError(f"unknown input format {fmt!r}; use folder, webdataset or parquet")
+
+
+def _stem(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def _check_unique_stems(files: list[str]) -> None:
+    """Image ids of tar and Parquet inputs start with the file's stem: two files with one stem
+    (``a/part-0.tar``, ``b/part-0.tar``) would give the same ids to different images."""
+    first: dict[str, str] = {}
+    for f in files:
+        other = first.setdefault(_stem(f), f)
+        if other != f:
+            raise ValueError(f"{other} and {f} have the same name '{_stem(f)}', so their image ids would "
+                             "collide; rename one or extract the folders separately")
+
+
+def _is_bytes_type(t: pa.DataType) -> bool:
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return True
+    if hasattr(pa.types, "is_binary_view") and pa.types.is_binary_view(t):
+        return True
+    if pa.types.is_struct(t):
+        idx = t.get_field_index("bytes")
+        return idx >= 0 and _is_bytes_type(t.field(idx).type)
+    return False
 
 
 def read_shard(
@@ -184,14 +221,14 @@ def _read_tar(shard: Shard) -> Iterator[Record]:
                     if len(data) != member.size:
                         raise EOFError(f"{len(data)} of {member.size} bytes")
                     groups[key][ext] = data
-                except (tarfile.TarError, OSError, EOFError) as exc:
+                except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
                     bad[key] = f"corrupted tar member {member.name}: {exc}"
             # tarfile stops silently at a header cut short; a complete archive ends with a zero block.
             tf.fileobj.seek(tf.offset)
             end = tf.fileobj.read(tarfile.BLOCKSIZE)
             if len(end) < tarfile.BLOCKSIZE or end.strip(b"\0"):
                 raise tarfile.ReadError(f"truncated at byte {tf.offset} (no end-of-archive block)")
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - tarfile/gzip/zlib/fsspec raise many types on broken input
         # A tar that breaks part-way still yields the members read before the break.
         msg = f"unreadable tar after {len(order)} keys: {exc}"
         LOG.warning("%s: %s", shard.source, msg)

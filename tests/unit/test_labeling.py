@@ -150,11 +150,16 @@ def test_run_label_small_batches_give_the_same_labels(label_inputs, tmp_path):
     run_label(_cfg(inp, str(tmp_path / "a")), progress=False)
     run_label(_cfg(inp, str(tmp_path / "b"), batch_size=1), progress=False)
     a, b = _labels(str(tmp_path / "a")), _labels(str(tmp_path / "b"))
-    for col in ("image_id", "top1", "top1_is_unseen", "topk"):
-        assert a.column(col).to_pylist() == b.column(col).to_pylist()
+    assert a.column("image_id").to_pylist() == b.column("image_id").to_pylist()
     # float32 BLAS may round differently for another batch shape: equal to the last few ulps
-    np.testing.assert_allclose(np.array(a.column("topk_scores").to_pylist()),
-                               np.array(b.column("topk_scores").to_pylist()), rtol=1e-5, atol=1e-7)
+    sa, sb = np.array(a.column("topk_scores").to_pylist()), np.array(b.column("topk_scores").to_pylist())
+    np.testing.assert_allclose(sa, sb, rtol=1e-5, atol=1e-6)
+    # ... so only classes whose scores differ by more than that must come in the same order
+    distinct = np.all(np.abs(np.diff(sa, axis=1)) > 1e-5, axis=1)
+    assert distinct.mean() > 0.5
+    for col in ("top1", "top1_is_unseen", "topk"):
+        ca, cb = a.column(col).to_pylist(), b.column(col).to_pylist()
+        assert [x for x, d in zip(ca, distinct) if d] == [x for x, d in zip(cb, distinct) if d]
 
 
 def test_rerun_does_nothing_and_resumes_missing_shards(label_inputs, tmp_path):

@@ -27,8 +27,9 @@ def test_decode_shard_folder_with_one_broken_file(tiny_images):
     (shard,) = list_shards(root, shard_size=100)
     out = decode_shard(_batch(shard), **KW)
     n = len(written) + 1
-    assert set(out) == {"shard_id", "shard_n", "image_id", "uri", "label", "caption", "width", "height", "error",
-                        "stage", "pixels"}
+    assert set(out) == {"shard_id", "shard_n", "shard_row", "image_id", "uri", "label", "caption", "width", "height",
+                        "error", "stage", "pixels"}
+    assert out["shard_row"].tolist() == list(range(n))
     assert out["pixels"].shape == (n, SIZE, SIZE, 3) and out["pixels"].dtype == np.uint8
     assert out["shard_n"].tolist() == [n] * n and out["shard_id"].tolist() == [0] * n
     ids = out["image_id"].tolist()
