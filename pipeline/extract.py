@@ -277,7 +277,8 @@ def table_embeddings(table: pa.Table, dim: int, where: str) -> np.ndarray:
     col = table.column("embedding")
     if col.type != pa.list_(pa.float32(), dim):
         raise ValueError(f"{where}: embedding column is {col.type}, expected fixed_size_list<float>[{dim}]")
-    flat = pa.concat_arrays([c.values for c in col.chunks]) if col.num_chunks else pa.array([], pa.float32())
+    # flatten() (not .values) honours slicing of the chunks
+    flat = pa.concat_arrays([c.flatten() for c in col.chunks]) if col.num_chunks else pa.array([], pa.float32())
     return flat.to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 

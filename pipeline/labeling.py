@@ -31,6 +31,12 @@ __all__ = ["run_label", "topk", "check_model_classes", "model_fingerprint"]
 LABELS_FORMAT = "zsl-labels/1"
 
 
+def _lists(flat: pa.Array, shape: tuple[int, int]) -> pa.ListArray:
+    """(n*k,) values -> n lists of k, built in one go (no per-row Python objects)."""
+    n, k = shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), flat)
+
+
 def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the ``k`` best columns per row, best first (ties: lower index first)."""
     k = min(k, scores.shape[1])
@@ -126,8 +132,8 @@ def _label_locked(cfg: LabelConfig, fman: dict, dim: int, model, mman: dict, cla
             "top1": pa.array(names[idx[:, 0]].tolist() if len(idx) else [], pa.string()),
             "top1_score": pa.array(vals[:, 0] if len(idx) else [], pa.float32()),
             "top1_is_unseen": pa.array(unseen_mask[idx[:, 0]] if len(idx) else [], pa.bool_()),
-            "topk": pa.array([names[r].tolist() for r in idx], pa.list_(pa.string())),
-            "topk_scores": pa.array([v.astype(np.float32) for v in vals], pa.list_(pa.float32())),
+            "topk": _lists(pa.array(names[idx.reshape(-1)].tolist(), pa.string()), idx.shape),
+            "topk_scores": _lists(pa.array(vals.reshape(-1).astype(np.float32), pa.float32()), idx.shape),
         }, schema=LABELS_SCHEMA)
         zio.write_parquet_atomic(zio.join(labels_dir, uri.rsplit("/", 1)[-1]), out)
         n_images += len(X)

@@ -116,7 +116,8 @@ def list_shards(
         for path in files:
             fs, p = zio.filesystem(path)
             try:
-                meta = pq.ParquetFile(fs.open(p, "rb"))
+                with fs.open(p, "rb") as fh:
+                    meta = pq.ParquetFile(fh)  # schema + row-group count come from the footer, read here
             except Exception as exc:  # noqa: BLE001 - any unreadable file is a bad input
                 raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
             names = meta.schema_arrow.names
@@ -273,9 +274,10 @@ def _sidecar_label(parts: dict[str, bytes]) -> tuple[str | None, str | None]:
 def _read_parquet(shard: Shard, image_column: str, label_column: str) -> Iterator[Record]:
     fs, path = zio.filesystem(shard.source)
     stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    pf = pq.ParquetFile(fs.open(path, "rb"))
-    offset = sum(pf.metadata.row_group(i).num_rows for i in range(shard.row_group))
-    table = pf.read_row_group(shard.row_group)
+    with fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        offset = sum(pf.metadata.row_group(i).num_rows for i in range(shard.row_group))
+        table = pf.read_row_group(shard.row_group)
     names = table.column_names
     images = table.column(image_column).to_pylist()
     labels = table.column(label_column).to_pylist() if label_column in names else [None] * len(images)
