@@ -74,7 +74,8 @@ def _tune(cfg: TrainConfig, X, cls, split, S) -> tuple[dict, dict]:
     from pipeline.models import METHODS
 
     train_m, val_m, p_seen, p_unseen = split
-    grid = METHODS[cfg.method].grid
+    # values the user fixed (--param) are not searched
+    grid = {k: v for k, v in METHODS[cfg.method].grid.items() if k not in cfg.params}
     if not grid:
         return {}, {"grid": {}, "note": f"{cfg.method} has no hyper-parameters to tune"}
     keys = sorted(grid)
