@@ -244,13 +244,7 @@ def _extract_locked(cfg: ExtractConfig, info, shards: list[Shard], listing: dict
 
 
 def read_features_manifest(uri: str) -> dict:
-    m = zio.join(uri, "manifest.json")
-    if not zio.exists(m):
-        raise FileNotFoundError(f"{uri}: no manifest.json; is this a finished `zsl extract` output?")
-    manifest = zio.read_json(m)
-    if manifest.get("format") != FEATURES_FORMAT:
-        raise ValueError(f"{uri}: manifest format {manifest.get('format')!r}, expected {FEATURES_FORMAT!r}")
-    return manifest
+    return zio.read_manifest(uri, expected_format=FEATURES_FORMAT, what="zsl extract")
 
 
 def features_identity(uri: str, manifest: dict) -> str:

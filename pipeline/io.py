@@ -33,6 +33,7 @@ __all__ = [
     "write_bytes_atomic",
     "write_json_atomic",
     "read_json",
+    "read_manifest",
     "write_parquet_atomic",
     "read_parquet",
     "read_parquet_dir",
@@ -152,6 +153,17 @@ def read_json(uri: str) -> Any:
         return json.loads(read_bytes(uri))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{uri}: not valid JSON ({exc})") from None
+
+
+def read_manifest(out_dir: str, *, expected_format: str | None, what: str) -> dict:
+    """``out_dir/manifest.json``, checked to exist (else the job never finished) and to have the format."""
+    uri = join(out_dir, "manifest.json")
+    if not exists(uri):
+        raise FileNotFoundError(f"{out_dir}: no manifest.json; is this a finished `{what}` output?")
+    manifest = read_json(uri)
+    if expected_format is not None and manifest.get("format") != expected_format:
+        raise ValueError(f"{out_dir}: manifest format {manifest.get('format')!r}, expected {expected_format!r}")
+    return manifest
 
 
 def write_parquet_atomic(uri: str, table: pa.Table) -> None:

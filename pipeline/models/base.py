@@ -126,12 +126,7 @@ def load_model(model_dir: str, *, feature_dim: int | None = None, feature_model:
     """Load a model directory, checking its manifest against the features it will be used on."""
     from safetensors.numpy import load
 
-    m_uri = zio.join(model_dir, "manifest.json")
-    if not zio.exists(m_uri):
-        raise FileNotFoundError(f"{model_dir}: no manifest.json; is this a `zsl train` output?")
-    manifest = zio.read_json(m_uri)
-    if manifest.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{model_dir}: manifest format {manifest.get('format')!r}, expected {MODEL_FORMAT!r}")
+    manifest = zio.read_manifest(model_dir, expected_format=MODEL_FORMAT, what="zsl train")
     if feature_dim is not None and manifest["feature_dim"] != feature_dim:
         raise ValueError(f"{model_dir}: model expects {manifest['feature_dim']}-d features, got {feature_dim}-d")
     if feature_model is not None and manifest["feature_model"] != feature_model:
