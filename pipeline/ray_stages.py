@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -192,10 +193,13 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
     ctx.print_on_execution_start = False
     ds = ray.data.from_items([{"shard": s.to_json()} for s in shards], override_num_blocks=len(shards))
     # ray_remote_args_fn keeps Ray Data from fusing decoding into the encoder actors (fusion rules skip
-    # ops that have one): decoding stays in CPU tasks, the actors only encode.
-    ds = ds.map_batches(decode_shard, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
-                        fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels,
-                                       image_column=image_column, label_column=label_column))
+    # ops that have one): decoding stays in CPU tasks, the actors only encode. Ray 2.60 deprecates the
+    # argument (removal planned for 2.64; ray is pinned <2.61), so its warning is silenced here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(decode_shard, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
+                            fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels,
+                                           image_column=image_column, label_column=label_column))
     ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=plan.num_actors),
                         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
