@@ -26,6 +26,20 @@ class Killed(Exception):
     """Stands for the process dying at this point."""
 
 
+def _die_after_writes(monkeypatch, name: str, n: int):
+    """Patch ``pipeline.io.<name>`` to complete ``n`` writes, then raise Killed; return the real writer."""
+    real, calls = getattr(zio, name), []
+
+    def dying(uri, data):
+        if len(calls) == n:
+            raise Killed
+        calls.append(uri)
+        real(uri, data)
+
+    monkeypatch.setattr(zio, name, dying)
+    return real
+
+
 @pytest.fixture
 def fake_ray(monkeypatch):
     """Replace the Ray dataflow by the same mappers run in-process; ``state`` steers crashes."""
@@ -244,15 +258,7 @@ def test_label_crash_then_rerun_labels_only_the_rest(small_world, tmp_path, monk
 
     w = small_world(n_images=40, shard_size=8)
     labeling.run_label(_lcfg(w, tmp_path / "ref"), progress=False)
-    real, calls = zio.write_parquet_atomic, []
-
-    def dying_write(uri, table):
-        if len(calls) == 2:
-            raise Killed
-        calls.append(uri)
-        real(uri, table)
-
-    monkeypatch.setattr(zio, "write_parquet_atomic", dying_write)
+    real = _die_after_writes(monkeypatch, "write_parquet_atomic", 2)
     with pytest.raises(Killed):
         labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
     monkeypatch.setattr(zio, "write_parquet_atomic", real)
@@ -374,15 +380,7 @@ def test_index_crash_then_rerun_projects_only_missing_shards(small_world, tmp_pa
     ref_vecs, ref_ids, _ = _index_state(tmp_path / "ref")
     spy_projection.clear()
 
-    real, calls = zio.write_npy_atomic, []
-
-    def dying(uri, a):
-        if len(calls) == 3:
-            raise Killed
-        calls.append(uri)
-        real(uri, a)
-
-    monkeypatch.setattr(zio, "write_npy_atomic", dying)
+    real = _die_after_writes(monkeypatch, "write_npy_atomic", 3)
     with pytest.raises(Killed):
         run_index(_icfg(w, tmp_path / "out", index_factory="Flat"), progress=False)
     monkeypatch.setattr(zio, "write_npy_atomic", real)
