@@ -11,13 +11,14 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-all bench eval clean help
+.PHONY: install demo test test-all bench eval redo-share clean help
 
 help:
 	@echo "make demo   - install into $(VENV) and run extract -> classes -> train -> evaluate -> label -> index -> search -> report"
 	@echo "make test   - run the default test suite (slow/gpu/integration tests excluded)"
-	@echo "make bench  - extraction and labeling throughput vs bare loops -> tests/bench/results.json"
-	@echo "make eval   - every ZSL method on real data -> tests/bench/EVAL.md"
+	@echo "make bench  - extraction and labeling throughput vs bare loops -> benchmarks/results/results.json"
+	@echo "make eval   - every ZSL method on real data -> benchmarks/results/EVAL.md"
+	@echo "make redo-share - share of a killed extraction computed twice -> benchmarks/results/redo_share.json"
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -54,10 +55,13 @@ test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: install
-	$(BIN)/python -m jobs.bench --output tests/bench/results.json
+	$(BIN)/python -m benchmarks.bench --output benchmarks/results/results.json
 
 eval: install
-	$(BIN)/python -m jobs.eval_suite --out tests/bench
+	$(BIN)/python -m benchmarks.eval_suite --out benchmarks/results
+
+redo-share: install
+	$(BIN)/python -m benchmarks.redo_share --json benchmarks/results/redo_share.json
 
 clean:
 	rm -rf runs

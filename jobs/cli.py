@@ -63,14 +63,23 @@ def _overrides(sets: list[str] | None) -> dict:
 
 
 def load_config(job: str, flags: dict[str, Any], config: Path | None = None, sets: list[str] | None = None):
+    """The job's typed config from ``conf/<job>.yaml``, ``--config FILE``, ``--set k=v`` and the flags given,
+    later layers winning; every error names the key and the layer it came from."""
     from pipeline.config import build_config
 
     conf_file = CONF_DIR / f"{job}.yaml"
-    layers = [_read_yaml(conf_file) if conf_file.exists() else {}]
+    layers = [(_shown(conf_file), _read_yaml(conf_file) if conf_file.exists() else {})]
     if config:
-        layers.append(_read_yaml(config))
-    layers += [_overrides(sets), flags]
+        layers.append((str(config), _read_yaml(config)))
+    layers += [("--set", _overrides(sets)), ("the command line", flags)]
     return build_config(job, *layers)
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def names_or_file(value: str | None, key: str) -> list[str] | None:
@@ -101,7 +110,7 @@ def _run(fn) -> None:
     _setup_logging()
     try:
         fn()
-    except (BadInput, ConfigError, ValueError, FileNotFoundError, PermissionError, KeyError) as exc:
+    except (BadInput, ConfigError, ValueError, FileNotFoundError, PermissionError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         typer.echo(f"zsl: error: {msg}", err=True)
         raise typer.Exit(2) from None
@@ -109,12 +118,14 @@ def _run(fn) -> None:
 
 ConfigOpt = typer.Option(None, "--config", help="Extra YAML config file (overrides conf/<job>.yaml).")
 SetOpt = typer.Option(None, "--set", help="Override a config key: --set key=value (repeatable).")
+OverwriteOpt = typer.Option(None, "--overwrite/--no-overwrite",
+                            help="Replace an output made from other inputs or settings (default: refuse).")
 
 
 @app.command()
 def extract(
-    input: str = typer.Option(..., help="Image folder, webdataset .tar shards, or Parquet with image bytes (any fsspec URI)."),
-    output: str = typer.Option(..., help="Output directory for feature shards."),
+    input: Optional[str] = typer.Option(None, help="Image folder, webdataset .tar shards, or Parquet with image bytes (any fsspec URI)."),
+    output: Optional[str] = typer.Option(None, help="Output directory for feature shards."),
     encoder: Optional[str] = typer.Option(None, help="'effnet-lite0' (default) or 'open_clip:<arch>'."),
     pretrained: Optional[str] = typer.Option(None, help="open_clip checkpoint path or pretrained tag."),
     input_format: Optional[str] = typer.Option(None, help="auto | folder | webdataset | parquet"),
@@ -124,41 +135,43 @@ def extract(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local cluster)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N shards."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    overwrite: Optional[bool] = OverwriteOpt,
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Extract image features with Ray (decode on CPU tasks, encode in an actor pool), shard by shard."""
     def body():
-        from pipeline.extract import run_extract
+        from pipeline.stages.extract import run_extract
 
         cfg = load_config("extract", dict(input=input, output=output, encoder=encoder, pretrained=pretrained,
                                           input_format=input_format, shard_size=shard_size, batch_size=batch_size,
-                                          num_actors=num_actors, address=address, limit=limit, device=device),
-                          config, set)
+                                          num_actors=num_actors, address=address, limit=limit, device=device,
+                                          overwrite=overwrite), config, set)
         m = run_extract(cfg)
-        typer.echo(f"extracted {m['n_images']} images ({m['n_errors']} errors) in {m['n_shards']} shards "
-                   f"with {m['model_id']} ({m['dim']}-d) -> {cfg.output}")
+        typer.echo(f"extracted {m.n_images} images ({m.n_errors} errors) in {m.n_shards} shards "
+                   f"with {m.model_id} ({m.dim}-d) -> {cfg.output}")
     _run(body)
 
 
 @app.command()
 def classes(
-    input: str = typer.Option(..., help="Class table: CSV / YAML / Parquet with name[, description][, attributes]."),
-    output: str = typer.Option(..., help="Output directory for the embedded class set."),
+    input: Optional[str] = typer.Option(None, help="Class table: CSV / YAML / Parquet with name[, description][, attributes]."),
+    output: Optional[str] = typer.Option(None, help="Output directory for the embedded class set."),
     text_model: Optional[str] = typer.Option(None, help="'minilm' (default) or 'open_clip:<arch>'."),
     pretrained: Optional[str] = typer.Option(None, help="open_clip checkpoint path or tag."),
     attribute_normalization: Optional[str] = typer.Option(None, help="l2 | zscore | none"),
     missing_attributes: Optional[str] = typer.Option(None, help="error | column_mean | zero"),
+    overwrite: Optional[bool] = OverwriteOpt,
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Embed classes from names, descriptions (prompt templates) and attribute tables."""
     def body():
-        from pipeline.classes import run_classes
+        from pipeline.stages.classes import run_classes
 
         cfg = load_config("classes", dict(input=input, output=output, text_model=text_model, pretrained=pretrained,
                                           attribute_normalization=attribute_normalization,
-                                          missing_attributes=missing_attributes), config, set)
+                                          missing_attributes=missing_attributes, overwrite=overwrite), config, set)
         m = run_classes(cfg)
-        typer.echo(f"embedded {m['n_classes']} classes ({m['text_model']}, {len(m['attribute_names'])} attributes)"
+        typer.echo(f"embedded {m.n_classes} classes ({m.text_model}, {len(m.attribute_names)} attributes)"
                    f" -> {cfg.output}")
     _run(body)
 
@@ -177,11 +190,11 @@ def _params(items: list[str] | None) -> dict | None:
 
 @app.command()
 def train(
-    features: str = typer.Option(..., help="`zsl extract` output with labelled training images."),
-    classes: str = typer.Option(..., help="`zsl classes` output."),
-    seen: str = typer.Option(..., help="Seen classes: a,b,c or a file (lines, or JSON with a 'seen' list)."),
-    method: Optional[str] = typer.Option(None, help="devise | ale | sje | eszsl | sae | dap | relation | clip | ensemble"),
-    output: str = typer.Option(..., help="Model directory to write."),
+    features: Optional[str] = typer.Option(None, help="`zsl extract` output with labelled training images."),
+    classes: Optional[str] = typer.Option(None, help="`zsl classes` output."),
+    seen: Optional[str] = typer.Option(None, help="Seen classes: a,b,c or a file (lines, or JSON with a 'seen' list)."),
+    method: Optional[str] = typer.Option(None, help="A ZSL method: `zsl methods` lists them."),
+    output: Optional[str] = typer.Option(None, help="Model directory to write."),
     semantics: Optional[str] = typer.Option(None, help="text | attributes | glove, or a '+' combination."),
     param: Optional[list[str]] = typer.Option(None, "--param", help="Method hyper-parameter name=value (repeatable)."),
     members: Optional[str] = typer.Option(None, help="Ensemble members, e.g. devise,eszsl."),
@@ -190,11 +203,12 @@ def train(
                                                help="Tune calibrated stacking on held-out seen classes."),
     epochs: Optional[int] = typer.Option(None, help="Shortcut for --param epochs=N."),
     seed: Optional[int] = typer.Option(None),
+    overwrite: Optional[bool] = OverwriteOpt,
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Train a ZSL model on seen classes (hyper-parameters and GZSL calibration tuned on held-out seen classes)."""
     def body():
-        from pipeline.training import run_train
+        from pipeline.stages.train import run_train
 
         params = _params(param) or {}
         if epochs is not None:
@@ -202,10 +216,10 @@ def train(
         cfg = load_config("train", dict(features=features, classes=classes, seen=names_or_file(seen, "seen"),
                                         method=method, output=output, semantics=semantics, params=params or None,
                                         members=names_or_file(members, "members"), tune=tune,
-                                        calibration=calibration, seed=seed), config, set)
+                                        calibration=calibration, seed=seed, overwrite=overwrite), config, set)
         m = run_train(cfg)
-        typer.echo(f"trained {cfg.method} on {m['n_train']} images of {len(m['seen'])} seen classes "
-                   f"(gamma={m['gamma']:.4f}) -> {cfg.output}")
+        typer.echo(f"trained {m.method} on {m.n_train} images of {len(m.seen)} seen classes "
+                   f"(gamma={m.gamma:.4f}) -> {cfg.output}")
     _run(body)
 
 
@@ -240,179 +254,149 @@ def print_table(rows: list[dict]) -> None:
 
 @app.command()
 def evaluate(
-    model: list[str] = typer.Option(..., help="Model directory (repeat to compare several side by side)."),
-    features: str = typer.Option(..., help="Held-out test features."),
-    classes: str = typer.Option(...),
-    unseen: str = typer.Option(..., help="Unseen classes: a,b,c or a file (lines, or JSON with 'unseen')."),
+    model: Optional[list[str]] = typer.Option(None, help="Model directory (repeat to compare several side by side)."),
+    features: Optional[str] = typer.Option(None, help="Held-out test features."),
+    classes: Optional[str] = typer.Option(None),
+    unseen: Optional[str] = typer.Option(None, help="Unseen classes: a,b,c or a file (lines, or JSON with 'unseen')."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
     html: Optional[str] = typer.Option(None, help="Write an HTML report with plots here."),
     transductive: Optional[bool] = typer.Option(None, "--transductive/--inductive",
                                                 help="Also report transductive results (reported separately)."),
-    allow_train_features: bool = typer.Option(False, help="Allow evaluating on the training features."),
+    allow_train_features: Optional[bool] = typer.Option(None, "--allow-train-features",
+                                                        help="Allow evaluating on the training features."),
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Standard ZSL / GZSL evaluation: per-class mean top-1, seen/unseen/H, calibrated stacking, AUSUC."""
     def body():
-        from pipeline import io as zio
-        from pipeline.training import run_evaluate_all
+        from pipeline.stages.evaluate import run_evaluate_all
 
-        cfg = load_config("evaluate", dict(models=list(model), features=features, classes=classes,
+        cfg = load_config("evaluate", dict(models=list(model) if model else None, features=features, classes=classes,
                                            unseen=names_or_file(unseen, "unseen"), json_path=json_path, html=html,
-                                           transductive=transductive,
-                                           allow_train_features=allow_train_features or None), config, set)
-        out = run_evaluate_all(cfg)
-        print_table(out["table"])
-        if cfg.json_path:
-            zio.write_json_atomic(cfg.json_path, out)
-        if cfg.html:
-            from pipeline.report import default_thumbnail, render_report, write_report
-
-            write_report(cfg.html, render_report(title="ZSL evaluation", metrics=_metrics_by_name(out["results"]),
-                                                 searches=[], thumbnail=default_thumbnail))
+                                           transductive=transductive, allow_train_features=allow_train_features),
+                          config, set)
+        print_table(run_evaluate_all(cfg)["table"])
     _run(body)
-
-
-def _metrics_by_name(results: list[dict]) -> dict:
-    out = {}
-    for r in results:
-        name = f"{r['method']} ({r['semantics']})"
-        while name in out:
-            name += "'"
-        out[name] = r
-    return out
 
 
 @app.command()
 def label(
-    model: str = typer.Option(...), features: str = typer.Option(...), classes: str = typer.Option(...),
-    output: str = typer.Option(...), top_k: Optional[int] = typer.Option(None, "--top-k", "-k"),
+    model: Optional[str] = typer.Option(None), features: Optional[str] = typer.Option(None),
+    classes: Optional[str] = typer.Option(None), output: Optional[str] = typer.Option(None),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k"),
     calibrated: Optional[bool] = typer.Option(None, "--calibrated/--uncalibrated"),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Relabel if model/classes changed."),
+    overwrite: Optional[bool] = OverwriteOpt,
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Bulk-label features: top-k classes with scores per image, shard by shard (resumable)."""
     def body():
-        from pipeline.labeling import run_label
+        from pipeline.stages.label import run_label
 
         cfg = load_config("label", dict(model=model, features=features, classes=classes, output=output,
                                         top_k=top_k, calibrated=calibrated, overwrite=overwrite), config, set)
         m = run_label(cfg)
-        typer.echo(f"labeled {m['n_labeled_this_run']} images in {m['n_shards']} shards against "
-                   f"{len(m['classes'])} classes -> {cfg.output}")
+        typer.echo(f"labeled {m.n_labeled_this_run} images in {m.n_shards} shards against "
+                   f"{len(m.classes)} classes -> {cfg.output}")
     _run(body)
 
 
 @app.command()
 def index(
-    features: str = typer.Option(...), model: str = typer.Option(...), output: str = typer.Option(...),
+    features: Optional[str] = typer.Option(None), model: Optional[str] = typer.Option(None),
+    output: Optional[str] = typer.Option(None),
     max_memory: Optional[str] = typer.Option(None, help="Index memory budget, e.g. 512M, 16G."),
     index_factory: Optional[str] = typer.Option(None, help="Force a FAISS index_factory string."),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists searched per query."),
     use_gpu: Optional[str] = typer.Option(None, help="auto | yes | no"),
+    overwrite: Optional[bool] = OverwriteOpt,
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Build a FAISS index of images in the model's text space (chosen under a memory budget)."""
     def body():
-        from pipeline.retrieval import run_index
+        from pipeline.stages.index import run_index
 
         cfg = load_config("index", dict(features=features, model=model, output=output, max_memory=max_memory,
-                                        index_factory=index_factory, use_gpu=use_gpu), config, set)
+                                        index_factory=index_factory, nprobe=nprobe, use_gpu=use_gpu,
+                                        overwrite=overwrite), config, set)
         m = run_index(cfg)
-        typer.echo(f"indexed {m['ntotal']} images with {m['factory']} ({m['index_bytes'] / 2**20:.1f} MiB) "
-                   f"-> {cfg.output}")
+        typer.echo(f"indexed {m.ntotal} images with {m.factory} ({m.index_bytes / 2**20:.1f} MiB) -> {cfg.output}")
     _run(body)
 
 
 @app.command()
 def search(
-    text: str = typer.Argument(..., help="Free-text query."),
-    index: str = typer.Option(..., help="`zsl index` output."),
-    k: int = typer.Option(10, "-k", "--k", help="Number of hits."),
+    text: Optional[str] = typer.Argument(None, help="Free-text query."),
+    index: Optional[str] = typer.Option(None, help="`zsl index` output."),
+    k: Optional[int] = typer.Option(None, "-k", "--k", help="Number of hits (default: conf/search.yaml)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Retrieve images by free text."""
     def body():
-        from pipeline.retrieval import search_text
+        from pipeline.stages.search import run_search
 
-        cfg = load_config("search", dict(index=index, text=text, k=k))
-        hits = search_text(cfg.index, cfg.text, cfg.k)
+        cfg = load_config("search", dict(index=index, text=text, k=k), config, set)
+        out = run_search(cfg)
         if as_json:
-            typer.echo(json.dumps({"query": cfg.text, "hits": hits}, indent=2))
+            typer.echo(json.dumps(out, indent=2))
         else:
-            for h in hits:
+            for h in out["hits"]:
                 typer.echo(f"{h['rank']:3d}  {h['score']:.4f}  {h['uri']}" + (f"  [{h['label']}]" if h["label"] else ""))
     _run(body)
 
 
 @app.command("add-classes")
 def add_classes_cmd(
-    model: str = typer.Option(..., help="Trained model directory (checked against the classes)."),
-    classes: str = typer.Option(..., help="`zsl classes` output to extend (updated in place)."),
-    input: str = typer.Option(..., help="Class table with the new classes (names/descriptions/attributes)."),
-    relabel: Optional[str] = typer.Option(None, help="A `zsl label` output to re-label against the enlarged set."),
+    model: Optional[str] = typer.Option(None, help="Trained model directory (checked against the classes)."),
+    classes: Optional[str] = typer.Option(None, help="`zsl classes` output to extend (updated in place)."),
+    input: Optional[str] = typer.Option(None, help="Class table with the new classes (names/descriptions/attributes)."),
+    relabel: Optional[str] = typer.Option(None, help="A `zsl label` output to re-label (in place) against the enlarged set."),
+    config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Add classes from names/descriptions/attributes; optionally re-label existing features (no re-extraction)."""
     def body():
-        from pipeline import io as zio
-        from pipeline.classes import add_classes
-        from pipeline.config import LabelConfig
-        from pipeline.labeling import check_model_classes, run_label
-        from pipeline.models import load_model
+        from pipeline.stages.label import run_add_classes
 
-        cfg = load_config("add-classes", dict(model=model, classes=classes, input=input, relabel=relabel))
-        zmodel, mman = load_model(cfg.model)
-
-        def model_can_score(enlarged) -> None:  # before anything is written
-            check_model_classes(zmodel, mman, enlarged, int(mman["feature_dim"]),
-                                f"{cfg.model} cannot score the enlarged class set")
-
-        cs, added = add_classes(cfg.classes, cfg.input, check=model_can_score)
+        cfg = load_config("add-classes", dict(model=model, classes=classes, input=input, relabel=relabel), config, set)
+        cm, added, lm = run_add_classes(cfg)
         typer.echo(f"added {len(added)} classes ({', '.join(added) or 'all were there already'}); "
-                   f"{len(cs.names)} classes in {cfg.classes}")
-        if cfg.relabel:
-            lm = zio.read_json(zio.join(cfg.relabel, "manifest.json"))
-            lcfg = LabelConfig(**{**lm["config"], "model": cfg.model, "classes": cfg.classes, "overwrite": True})
-            m = run_label(lcfg)
-            typer.echo(f"re-labeled {m['n_labeled_this_run']} images against {len(m['classes'])} classes "
-                       f"-> {cfg.relabel}")
+                   f"{cm.n_classes} classes in {cfg.classes}")
+        if lm is not None:
+            typer.echo(f"re-labeled {lm.n_labeled_this_run} images against {len(lm.classes)} classes -> {cfg.relabel}")
     _run(body)
 
 
 @app.command()
 def report(
-    evaluation: list[str] = typer.Option(..., help="`zsl evaluate --json` files (repeatable)."),
+    evaluation: Optional[list[str]] = typer.Option(None, help="`zsl evaluate --json` files (repeatable)."),
     search_json: Optional[list[str]] = typer.Option(None, "--search", help="`zsl search --json` files (repeatable)."),
-    output: str = typer.Option(..., help="HTML file to write."),
-    title: str = typer.Option("zsl-pipeline report"),
+    output: Optional[str] = typer.Option(None, help="HTML file to write."),
+    title: Optional[str] = typer.Option(None),
+    config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Write one HTML report: metrics table, per-class accuracy, seen-unseen curves, search galleries."""
     def body():
-        from pipeline import io as zio
-        from pipeline.report import default_thumbnail, render_report, write_report
+        from pipeline.stages.report import run_report
 
-        results = []
-        for f in evaluation:
-            data = zio.read_json(f)
-            results += data["results"] if "results" in data else [data]
-        metrics = _metrics_by_name(results)
-        searches = [zio.read_json(f) for f in search_json or []]
-        write_report(output, render_report(title=title, metrics=metrics, searches=searches,
-                                           thumbnail=default_thumbnail))
-        typer.echo(f"report: {Path(output).resolve()}")
+        cfg = load_config("report", dict(evaluation=evaluation or None, search=search_json or None, output=output,
+                                         title=title), config, set)
+        typer.echo(f"report: {run_report(cfg)}")
     _run(body)
 
 
 @app.command("demo-data")
 def demo_data(
-    output: str = typer.Option(..., help="Folder to write the demo image folders and class table into."),
-    per_class: int = typer.Option(100, help="Images per class in each of train/test."),
+    output: Optional[str] = typer.Option(None, help="Folder to write the demo image folders and class table into."),
+    per_class: Optional[int] = typer.Option(None, help="Images per class in each of train/test."),
+    config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Write the embedded demo data (animal-mnist silhouettes) as image folders."""
     def body():
         from pipeline.demo_data import write_demo_data
 
-        info = write_demo_data(output, per_class=per_class)
+        cfg = load_config("demo-data", dict(output=output, per_class=per_class), config, set)
+        info = write_demo_data(cfg.output, per_class=cfg.per_class, seed=cfg.seed)
         typer.echo(f"demo data: {info['n_train']} train / {info['n_test']} test images of {len(info['classes'])} "
-                   f"classes -> {output}")
+                   f"classes -> {cfg.output}")
     _run(body)
 
 

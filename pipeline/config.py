@@ -9,9 +9,11 @@ library only ever sees the validated object.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.io import absolute_uri
 
 __all__ = [
     "ConfigError",
@@ -23,7 +25,10 @@ __all__ = [
     "IndexConfig",
     "SearchConfig",
     "AddClassesConfig",
+    "ReportConfig",
+    "DemoDataConfig",
     "CONFIGS",
+    "Uri",
     "build_config",
     "parse_memory",
 ]
@@ -35,6 +40,11 @@ class ConfigError(ValueError):
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+#: A local path or fsspec URI. Local paths are made absolute when the config is built, so that
+#: manifests and identities never depend on the working directory a job ran in.
+Uri = Annotated[str, AfterValidator(absolute_uri)]
 
 
 DEFAULT_TEMPLATES = (
@@ -49,8 +59,8 @@ DEFAULT_TEMPLATES = (
 class ExtractConfig(_Config):
     """``zsl extract``: image shards -> feature Parquet shards."""
 
-    input: str = Field(description="Folder of images, .tar shards, or Parquet with image bytes (local or fsspec URI).")
-    output: str = Field(description="Output directory (local or fsspec URI).")
+    input: Uri = Field(description="Folder of images, .tar shards, or Parquet with image bytes (local or fsspec URI).")
+    output: Uri = Field(description="Output directory (local or fsspec URI).")
     input_format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
     image_column: str = "image"
     label_column: str = "label"
@@ -65,13 +75,15 @@ class ExtractConfig(_Config):
     max_image_pixels: int = Field(89_478_485, gt=0, description="Refuse images with more pixels (decompression bombs).")
     limit: int | None = Field(None, gt=0, description="Only the first N shards (smoke runs).")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    overwrite: bool = Field(False, description="Replace an output extracted with other settings or inputs.")
 
 
 class ClassesConfig(_Config):
     """``zsl classes``: class table -> class embeddings."""
 
-    input: str = Field(description="Class table: CSV, YAML or Parquet (name[, description][, attributes...]).")
-    output: str
+    input: Uri = Field(description="Class table: CSV, YAML or Parquet (name[, description][, attributes...]).")
+    output: Uri
+    overwrite: bool = Field(False, description="Replace a class set made from another table or settings.")
     text_model: str = Field("minilm", description="'minilm' (offline default) or 'open_clip:<arch>'.")
     pretrained: str | None = None
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
@@ -93,23 +105,23 @@ class ClassesConfig(_Config):
         return v
 
 
-METHOD_NAMES = ("devise", "ale", "sje", "eszsl", "sae", "dap", "relation", "clip", "ensemble")
 SEMANTIC_SOURCES = ("text", "attributes", "glove")
 
 
 class TrainConfig(_Config):
     """``zsl train``: seen-class features + class semantics -> a ZSL model directory."""
 
-    features: str
-    classes: str
+    features: Uri
+    classes: Uri
     seen: tuple[str, ...] = Field(description="Seen class names (training classes).")
-    method: Literal[METHOD_NAMES] = "devise"  # type: ignore[valid-type]
+    method: str = Field("devise", description="A method of the model registry (`zsl methods` lists them).")
     params: dict[str, Any] = Field(default_factory=dict, description="Method hyper-parameters (see `zsl methods`).")
     members: tuple[str, ...] = Field((), description="Ensemble members (method=ensemble).")
     member_weights: tuple[float, ...] = Field((), description="Ensemble weights (default: equal).")
     semantics: str = Field("text", description="Semantic source(s): text, attributes, glove, or a '+' combination.")
     semantic_weights: dict[str, float] = Field(default_factory=dict, description="Weights of combined sources.")
-    output: str
+    output: Uri
+    overwrite: bool = Field(False, description="Replace a model trained from other inputs or settings.")
     tune: bool = Field(False, description="Choose hyper-parameters on held-out seen classes (method grid).")
     calibration: bool = Field(True, description="Tune calibrated stacking on held-out seen classes.")
     val_class_fraction: float = Field(0.3, gt=0, lt=1)
@@ -125,22 +137,14 @@ class TrainConfig(_Config):
             raise ValueError(f"semantics {v!r}: use {', '.join(SEMANTIC_SOURCES)} or a '+' combination of them")
         return v
 
-    @field_validator("members")
-    @classmethod
-    def _known_members(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [m for m in v if m not in METHOD_NAMES or m == "ensemble"]
-        if bad:
-            raise ValueError(f"unknown ensemble member(s) {bad}")
-        return v
-
 
 class EvaluateConfig(_Config):
-    models: tuple[str, ...] = Field(description="One or more `zsl train` outputs, evaluated side by side.")
-    features: str
-    classes: str
+    models: tuple[Uri, ...] = Field(description="One or more `zsl train` outputs, evaluated side by side.")
+    features: Uri
+    classes: Uri
     unseen: tuple[str, ...]
-    json_path: str | None = None
-    html: str | None = None
+    json_path: Uri | None = None
+    html: Uri | None = None
     allow_train_features: bool = False
     transductive: bool = Field(False, description="Also report transductive results (prototype refinement).")
     transductive_alpha: float = Field(0.5, ge=0, le=1)
@@ -154,10 +158,10 @@ class EvaluateConfig(_Config):
 
 
 class LabelConfig(_Config):
-    model: str
-    features: str
-    classes: str
-    output: str
+    model: Uri
+    features: Uri
+    classes: Uri
+    output: Uri
     top_k: int = Field(5, gt=0)
     calibrated: bool = True
     batch_size: int = Field(65_536, gt=0)
@@ -165,13 +169,14 @@ class LabelConfig(_Config):
 
 
 class IndexConfig(_Config):
-    features: str
-    model: str
-    output: str
+    features: Uri
+    model: Uri
+    output: Uri
     max_memory: str = Field("4G", description="Memory budget for the index, e.g. '512M', '16G'.")
     index_factory: str | None = Field(None, description="Force a FAISS index_factory string.")
     nprobe: int | None = Field(None, gt=0)
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    overwrite: bool = Field(False, description="Replace an index built from other features, model or settings.")
 
     @field_validator("max_memory")
     @classmethod
@@ -181,16 +186,36 @@ class IndexConfig(_Config):
 
 
 class SearchConfig(_Config):
-    index: str
+    index: Uri
     text: str
     k: int = Field(10, gt=0)
 
 
 class AddClassesConfig(_Config):
-    model: str
-    classes: str
-    input: str
-    relabel: str | None = Field(None, description="A `zsl label` output directory to re-label in place.")
+    model: Uri
+    classes: Uri = Field(description="The `zsl classes` output to extend (in place).")
+    input: Uri = Field(description="Class table with the new classes.")
+    relabel: Uri | None = Field(None, description="A `zsl label` output directory to re-label in place.")
+
+
+class ReportConfig(_Config):
+    evaluation: tuple[Uri, ...] = Field(description="`zsl evaluate --json` files.")
+    search: tuple[Uri, ...] = Field((), description="`zsl search --json` files.")
+    output: Uri = Field(description="HTML file to write.")
+    title: str = "zsl-pipeline report"
+
+    @field_validator("evaluation")
+    @classmethod
+    def _at_least_one(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one evaluation JSON is needed")
+        return v
+
+
+class DemoDataConfig(_Config):
+    output: Uri
+    per_class: int = Field(100, gt=0, description="Images per class in each of train/test.")
+    seed: int = 0
 
 
 CONFIGS: dict[str, type[_Config]] = {
@@ -202,6 +227,8 @@ CONFIGS: dict[str, type[_Config]] = {
     "index": IndexConfig,
     "search": SearchConfig,
     "add-classes": AddClassesConfig,
+    "report": ReportConfig,
+    "demo-data": DemoDataConfig,
 }
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -232,28 +259,47 @@ def parse_memory(text: str | int) -> int:
     return int(value)
 
 
-def build_config(job: str, *layers: dict[str, Any] | None) -> _Config:
+#: One layer of configuration: where it comes from (a file name, ``--set``, the command line) and its keys.
+Layer = tuple[str, Mapping[str, Any] | None]
+
+
+def build_config(job: str, *layers: Layer | Mapping[str, Any] | None) -> _Config:
     """Merge config layers (later wins; ``None`` values are skipped) and validate them.
 
-    Raises :class:`ConfigError` with a one-line message naming the bad field.
+    A layer is ``(source, mapping)`` (a bare mapping is ``("arguments", mapping)``). Raises
+    :class:`ConfigError` with one line naming each bad key and the source it came from.
+
+    >>> build_config("search", ("conf/search.yaml", {"k": 3}), ("command line", {"index": "/i", "text": "x"})).k
+    3
+    >>> build_config("search", ("my.yaml", {"kk": 3}), {"index": "/i", "text": "x"})
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: search config: unknown key 'kk' in my.yaml (known: index, k, text)
     """
+    if job not in CONFIGS:
+        raise ConfigError(f"no config for job {job!r} (known: {', '.join(sorted(CONFIGS))})")
     cls = CONFIGS[job]
     merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     for layer in layers:
-        for key, value in (layer or {}).items():
+        source, values = layer if isinstance(layer, tuple) else ("arguments", layer)
+        for key, value in (values or {}).items():
             if value is not None:
-                merged[key.replace("-", "_")] = value
+                k = str(key).replace("-", "_")
+                merged[k], origin[k] = value, source
     try:
         return cls(**merged)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+            src = origin.get(str(err["loc"][0])) if err["loc"] else None
+            where = f" in {src}" if src else ""
             if err["type"] == "extra_forbidden":
                 known = ", ".join(sorted(cls.model_fields))
-                problems.append(f"unknown key '{loc}' for {job} (known: {known})")
+                problems.append(f"unknown key '{loc}'{where} (known: {known})")
             elif err["type"] == "missing":
-                problems.append(f"missing required '{loc}'")
+                problems.append(f"missing required '{loc}' (give --{loc.replace('_', '-')} or set it in a config file)")
             else:
-                problems.append(f"'{loc}': {err['msg']}")
+                problems.append(f"'{loc}'{where}: {err['msg']}")
         raise ConfigError(f"{job} config: " + "; ".join(problems)) from None

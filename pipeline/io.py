@@ -33,7 +33,8 @@ __all__ = [
     "write_bytes_atomic",
     "write_json_atomic",
     "read_json",
-    "read_manifest",
+    "to_jsonable",
+    "absolute_uri",
     "write_parquet_atomic",
     "read_parquet",
     "read_parquet_dir",
@@ -155,15 +156,24 @@ def read_json(uri: str) -> Any:
         raise ValueError(f"{uri}: not valid JSON ({exc})") from None
 
 
-def read_manifest(out_dir: str, *, expected_format: str | None, what: str) -> dict:
-    """``out_dir/manifest.json``, checked to exist (else the job never finished) and to have the format."""
-    uri = join(out_dir, "manifest.json")
-    if not exists(uri):
-        raise FileNotFoundError(f"{out_dir}: no manifest.json; is this a finished `{what}` output?")
-    manifest = read_json(uri)
-    if expected_format is not None and manifest.get("format") != expected_format:
-        raise ValueError(f"{out_dir}: manifest format {manifest.get('format')!r}, expected {expected_format!r}")
-    return manifest
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` as ``json.loads`` of its JSON (tuples become lists, keys strings): how it reads back."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (so a manifest means the same from any working directory);
+    URIs with a scheme (``s3://``, ``file://``, ``memory://``) are returned unchanged.
+
+    >>> absolute_uri("s3://bucket/x")
+    's3://bucket/x'
+    >>> absolute_uri("/data/x/")
+    '/data/x'
+    """
+    text = str(uri)
+    if "://" in text:
+        return text
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def write_parquet_atomic(uri: str, table: pa.Table) -> None:

@@ -22,7 +22,7 @@ LOG = logging.getLogger(__name__)
 
 __all__ = [
     "plot_per_class_accuracy", "plot_seen_unseen_curve", "plot_confusion", "render_report",
-    "write_report", "default_thumbnail",
+    "write_report", "default_thumbnail", "metrics_by_name",
 ]
 
 _SEEN_COLOUR, _UNSEEN_COLOUR = "#4c72b0", "#dd8452"
@@ -62,7 +62,7 @@ def plot_per_class_accuracy(per_class: dict[str, float], *, unseen: set[str], ti
 
 def plot_seen_unseen_curve(curves: dict[str, tuple[list[float], list[float]]], *, title: str) -> bytes:
     """Seen (y) vs unseen (x) accuracy curves, one line per method, AUSUC in the legend, as PNG."""
-    from pipeline.evaluation import ausuc
+    from pipeline.metrics import ausuc
 
     fig = _figure(5.5, 5.0)
     ax = fig.add_subplot()
@@ -246,3 +246,14 @@ def default_thumbnail(uri: str, size: int = 96) -> bytes | None:
     except Exception:
         LOG.debug("no thumbnail for %s", uri, exc_info=True)
         return None
+
+
+def metrics_by_name(results: list[dict]) -> dict[str, dict]:
+    """``{"method (semantics)": result}`` for :func:`render_report`, names made unique with primes."""
+    out: dict[str, dict] = {}
+    for r in results:
+        name = f"{r['method']} ({r['semantics']})"
+        while name in out:
+            name += "'"
+        out[name] = r
+    return out

@@ -22,7 +22,6 @@ import pyarrow as pa
 import yaml
 
 from pipeline import io as zio
-from pipeline.schema import classes_schema
 
 LOG = logging.getLogger(__name__)
 
@@ -33,13 +32,9 @@ __all__ = [
     "class_prompts",
     "embed_class_texts",
     "normalize_attributes",
-    "class_set_table",
-    "load_class_set",
-    "ClassSet",
 ]
 
 _NAME_COLUMNS = ("name", "class", "class_name")
-MANIFEST_KEY = b"zsl.manifest"  # classes.parquet schema metadata: the class set's manifest (JSON)
 
 
 @dataclass
@@ -207,113 +202,3 @@ def embed_class_texts(encoder, names: Sequence[str], descriptions: Sequence[str 
     np.add.at(out, np.asarray(owner), emb)
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out.astype(np.float32)
-
-
-@dataclass
-class ClassSet:
-    """Embedded classes as written by ``zsl classes``."""
-
-    names: list[str]
-    descriptions: list[str | None]
-    text: np.ndarray
-    attributes: np.ndarray | None
-    manifest: dict
-    word_vectors: np.ndarray | None = None
-
-    def index_of(self, names: Sequence[str], what: str = "class") -> list[int]:
-        pos = {n: i for i, n in enumerate(self.names)}
-        missing = [n for n in names if n not in pos]
-        if missing:
-            raise ValueError(f"unknown {what}(es): {', '.join(missing)} (known: {', '.join(self.names)})")
-        return [pos[n] for n in names]
-
-    def subset(self, idx: Sequence[int]) -> "ClassSet":
-        idx = list(idx)
-        pick = lambda a: None if a is None else a[idx]  # noqa: E731
-        return ClassSet([self.names[i] for i in idx], [self.descriptions[i] for i in idx], self.text[idx],
-                        pick(self.attributes), self.manifest, pick(self.word_vectors))
-
-    def _source(self, kind: str) -> np.ndarray:
-        if kind == "text":
-            return self.text
-        block = {"attributes": self.attributes, "glove": self.word_vectors}.get(kind, ...)
-        if block is ...:
-            raise ValueError(f"unknown semantic source {kind!r}; use text, attributes or glove")
-        if block is None:
-            raise ValueError(f"semantics '{kind}' requested, but the class set has none "
-                             f"({'no attribute columns in the class table' if kind == 'attributes' else 'rebuild it with word_vectors: true'})")
-        lacking = [n for n, row in zip(self.names, block) if np.isnan(row).any()]
-        if lacking:
-            raise ValueError(f"semantics '{kind}' missing for: {', '.join(lacking[:10])}"
-                             + (" (out-of-vocabulary names)" if kind == "glove" else ""))
-        return block
-
-    def semantics(self, kind: str, weights: dict[str, float] | None = None) -> np.ndarray:
-        """Class semantic matrix for ``kind``: one source, or a '+' combination of sources.
-
-        A combination concatenates the L2-normalised blocks, each scaled by ``sqrt(weight)`` (default
-        weight 1), so a dot product of two combined vectors is the weighted sum of per-source cosines.
-        """
-        parts = kind.split("+")
-        if len(parts) == 1:
-            return self._source(kind)
-        weights = weights or {}
-        total = sum(weights.get(p, 1.0) for p in parts)
-        blocks = []
-        for p in parts:
-            b = self._source(p).astype(np.float64)
-            b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-            blocks.append(b * np.sqrt(weights.get(p, 1.0) / total))
-        return np.hstack(blocks).astype(np.float32)
-
-
-def _fixed(a: np.ndarray) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(a, np.float32).reshape(-1), pa.float32()), a.shape[1])
-
-
-def class_set_table(names, descriptions, text: np.ndarray, attributes: np.ndarray | None,
-                    word_vectors: np.ndarray | None = None, manifest: dict | None = None) -> pa.Table:
-    n_attr = 0 if attributes is None else attributes.shape[1]
-    n_wv = 0 if word_vectors is None else word_vectors.shape[1]
-    schema = classes_schema(text.shape[1], n_attr, n_wv)
-    cols = {
-        "name": pa.array(names, pa.string()),
-        "description": pa.array(descriptions, pa.string()),
-        "text_embedding": _fixed(text),
-    }
-    if n_attr:
-        cols["attributes"] = _fixed(attributes)
-    if n_wv:
-        cols["word_vectors"] = _fixed(word_vectors)
-    if manifest is not None:
-        schema = schema.with_metadata({MANIFEST_KEY: json.dumps(manifest, sort_keys=True, default=str).encode()})
-    return pa.table(cols, schema=schema)
-
-
-def load_class_set(uri: str) -> ClassSet:
-    """Load a ``zsl classes`` output directory (``classes.parquet`` + ``manifest.json``)."""
-    manifest_uri = zio.join(uri, "manifest.json")
-    if not zio.exists(manifest_uri):
-        raise FileNotFoundError(f"{uri}: no manifest.json; is this a `zsl classes` output?")
-    manifest = zio.read_json(manifest_uri)
-    t = zio.read_parquet(zio.join(uri, "classes.parquet"))
-    embedded = (t.schema.metadata or {}).get(MANIFEST_KEY)
-    if embedded is not None:
-        # classes.parquet carries its own manifest, replaced with it in one rename; manifest.json is
-        # a copy written after it, so the two differ only if a writer was killed in between.
-        inner = json.loads(embedded)
-        if json.dumps(inner, sort_keys=True) != json.dumps(manifest, sort_keys=True):
-            LOG.warning("%s: manifest.json is older than classes.parquet (an interrupted update); "
-                        "using the manifest stored in classes.parquet", uri)
-            manifest = inner
-    if manifest.get("n_classes") is not None and manifest["n_classes"] != t.num_rows:
-        raise ValueError(f"{uri}: classes.parquet has {t.num_rows} classes, manifest.json {manifest['n_classes']}; "
-                         "the class set is inconsistent, rebuild it with `zsl classes`")
-    text = np.stack(t.column("text_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    def block(col: str) -> np.ndarray | None:
-        if col not in t.column_names:
-            return None
-        return np.stack(t.column(col).to_numpy(zero_copy_only=False)).astype(np.float32)
-
-    return ClassSet(t.column("name").to_pylist(), t.column("description").to_pylist(), text, block("attributes"),
-                    manifest, block("word_vectors"))

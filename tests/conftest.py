@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+#: The shared data beside the repository (CI checks it out as ../shared); never an absolute path.
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def class_semantics_dir() -> Path:
+    """``../shared/data/class_semantics`` (AwA1/AwA2/CUB/SUN/aPY tables). Missing data fails the test:
+    a skip would let CI pass without ever reading the real tables."""
+    d = SHARED_DATA / "class_semantics"
+    if not (d / "awa2" / "class_attributes.csv").is_file():
+        pytest.fail(f"{d} is missing: the shared data must be checked out beside the repository as ../shared")
+    return d
 
 
 @pytest.fixture

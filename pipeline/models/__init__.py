@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from pipeline.models.base import METHODS, ZSLModel, load_model, save_model
+from pipeline.models.base import METHODS, ZSLModel, load_model, model_manifest, save_model, save_weights
 from pipeline.models import bilinear as _bilinear  # noqa: F401  (each import registers its methods)
 from pipeline.models import clip_zs as _clip_zs  # noqa: F401
 from pipeline.models import eszsl as _eszsl  # noqa: F401
@@ -13,13 +13,13 @@ from pipeline.models import dap as _dap  # noqa: F401
 from pipeline.models import relation as _relation  # noqa: F401
 from pipeline.models import ensemble as _ensemble  # noqa: F401
 
-__all__ = ["METHODS", "ZSLModel", "load_model", "save_model", "make_model", "method_params"]
+__all__ = ["METHODS", "ZSLModel", "load_model", "save_model", "save_weights", "model_manifest", "make_model",
+           "method_params", "check_method"]
 
 
 def method_params(method: str) -> dict:
     """Hyper-parameters a method accepts, with their defaults."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
+    check_method(method)
     sig = inspect.signature(METHODS[method].__init__)
     return {n: p.default for n, p in sig.parameters.items()
             if n != "self" and p.kind is inspect.Parameter.KEYWORD_ONLY}
@@ -33,3 +33,9 @@ def make_model(method: str, **params) -> ZSLModel:
         raise ValueError(f"{method}: unknown parameter(s) {', '.join(unknown)} "
                          f"(known: {', '.join(f'{k}={v!r}' for k, v in known.items())})")
     return METHODS[method](**params)
+
+
+def check_method(method: str, what: str = "method") -> None:
+    """``ValueError`` unless ``method`` is in the registry (the one list of method names)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown {what} {method!r} (known: {', '.join(sorted(METHODS))})")

@@ -17,12 +17,12 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline import io as zio
+from pipeline.schema import ModelManifest, read_manifest, write_manifest
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["ZSLModel", "register", "METHODS", "save_model", "load_model", "l2n", "MODEL_FORMAT"]
+__all__ = ["ZSLModel", "register", "METHODS", "save_model", "save_weights", "model_manifest", "load_model", "l2n"]
 
-MODEL_FORMAT = "zsl-model/1"
 METHODS: dict[str, type["ZSLModel"]] = {}
 
 
@@ -108,8 +108,8 @@ def _check_fit_inputs(X: np.ndarray, y: np.ndarray, S: np.ndarray) -> None:
         raise ValueError(f"label index out of range [0, {len(S)})")
 
 
-def save_model(out_dir: str, model: ZSLModel, manifest: dict) -> None:
-    """Write ``weights.safetensors`` then ``manifest.json`` (last: its presence means complete)."""
+def save_weights(out_dir: str, model: ZSLModel) -> None:
+    """Write ``weights.safetensors`` (tensors only; the search centres as ``search.*``)."""
     from safetensors.numpy import save
 
     tensors = {k: np.ascontiguousarray(v) for k, v in model.state().items()}
@@ -117,27 +117,42 @@ def save_model(out_dir: str, model: ZSLModel, manifest: dict) -> None:
         if getattr(model, key) is not None:
             tensors[f"search.{key}"] = getattr(model, key)
     zio.write_bytes_atomic(zio.join(out_dir, "weights.safetensors"), save(tensors))
-    zio.write_json_atomic(zio.join(out_dir, "manifest.json"),
-                          {**manifest, "format": MODEL_FORMAT, "method": model.method, "params": model.params})
+
+
+def model_manifest(model: ZSLModel, fields: dict | ModelManifest) -> ModelManifest:
+    """The validated manifest of ``model``: ``fields`` plus its method and hyper-parameters."""
+    data = fields.model_dump() if isinstance(fields, ModelManifest) else dict(fields)
+    try:
+        return ModelManifest(**{**data, "method": model.method, "params": zio.to_jsonable(model.params)})
+    except Exception as exc:  # pydantic's ValidationError: a writer bug or bad fields, named
+        raise ValueError(f"model manifest: {exc}") from None
+
+
+def save_model(out_dir: str, model: ZSLModel, manifest: dict | ModelManifest) -> ModelManifest:
+    """Write ``weights.safetensors`` then ``manifest.json`` (last: its presence means complete)."""
+    m = model_manifest(model, manifest)
+    save_weights(out_dir, model)
+    write_manifest(out_dir, m)
+    return m
 
 
 def load_model(model_dir: str, *, feature_dim: int | None = None, feature_model: str | None = None
-               ) -> tuple[ZSLModel, dict]:
+               ) -> tuple[ZSLModel, ModelManifest]:
     """Load a model directory, checking its manifest against the features it will be used on."""
     from safetensors.numpy import load
 
-    manifest = zio.read_manifest(model_dir, expected_format=MODEL_FORMAT, what="zsl train")
-    if feature_dim is not None and manifest["feature_dim"] != feature_dim:
-        raise ValueError(f"{model_dir}: model expects {manifest['feature_dim']}-d features, got {feature_dim}-d")
-    if feature_model is not None and manifest["feature_model"] != feature_model:
-        raise ValueError(f"{model_dir}: model was trained on '{manifest['feature_model']}' features, "
+    manifest = read_manifest(model_dir, ModelManifest)
+    if feature_dim is not None and manifest.feature_dim != feature_dim:
+        raise ValueError(f"{model_dir}: model expects {manifest.feature_dim}-d features, got {feature_dim}-d")
+    if feature_model is not None and manifest.feature_model != feature_model:
+        raise ValueError(f"{model_dir}: model was trained on '{manifest.feature_model}' features, "
                          f"these are '{feature_model}'")
-    cls = METHODS.get(manifest["method"])
+    cls = METHODS.get(manifest.method)
     if cls is None:
-        raise ValueError(f"{model_dir}: unknown method {manifest['method']!r} (known: {', '.join(METHODS)})")
+        raise ValueError(f"{model_dir}: unknown method {manifest.method!r} (known: {', '.join(METHODS)})")
     state = load(zio.read_bytes(zio.join(model_dir, "weights.safetensors")))
     centers = {k.split(".", 1)[1]: state.pop(k) for k in list(state) if k.startswith("search.")}
-    model = cls.from_state(state, manifest.get("params", {}))
+    model = cls.from_state(state, manifest.params)
     for key, value in centers.items():
         setattr(model, key, value)
     return model, manifest

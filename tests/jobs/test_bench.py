@@ -1,13 +1,17 @@
-"""jobs.bench: the whole benchmark code path on a tiny input (Ray extraction + labeling), in-process."""
+"""benchmarks.bench: the whole benchmark code path on a tiny input (Ray extraction + labeling), in-process."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
-from jobs import bench
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/ is a folder of the repo, not installed
+
+from benchmarks import bench  # noqa: E402
 
 TINY = ["--repeats", "1", "--images-per-class", "1", "--shard-size", "5", "--batch-size", "4",
         "--label-rows", "1000", "--label-shard-rows", "500", "--label-classes", "10", "--top-k", "3"]

@@ -83,7 +83,7 @@ def test_full_flow(ray_cluster, data: Path, tmp_path: Path, capsys):
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "ftrain" / "features").iterdir()}
     # ... and a rerun with another shard size into the same output is refused, nothing written
     assert run("extract", "--input", data / "train", "--output", out / "ftrain", "--shard-size", "8") == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "other inputs or settings (shard_size: was 16, now 8)" in capsys.readouterr().err
 
     assert run("classes", "--input", data / "classes.yaml", "--output", out / "classes") == 0
     split = data / "split.json"
@@ -172,7 +172,7 @@ def test_every_command_has_help(capsys):
 
 def test_usage_errors_exit_2(capsys):
     assert main(["label"]) == 2  # missing required options
-    assert "Missing option" in capsys.readouterr().err
+    assert "missing required 'model' (give --model" in capsys.readouterr().err
     assert main(["no-such-command"]) == 2
 
 

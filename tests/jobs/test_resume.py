@@ -273,8 +273,8 @@ DIM, K, NAMES = 6, 4, ["cat", "dog", "okapi", "zebra"]
 
 @pytest.fixture
 def world(tmp_path) -> dict:
-    from pipeline.classes import write_class_set
-    from pipeline.extract import write_features
+    from pipeline.classset import write_class_set
+    from pipeline.features import write_features
     from pipeline.models import save_model
     from pipeline.models.eszsl import ESZSL
 
@@ -296,7 +296,7 @@ def world(tmp_path) -> dict:
 
 def test_label_killed_while_committing_a_shard_resumes_exactly(world, tmp_path):
     from pipeline.config import LabelConfig
-    from pipeline.labeling import run_label
+    from pipeline.stages.label import run_label
 
     run_label(LabelConfig(model=world["model"], features=world["features"], classes=world["classes"],
                           output=str(tmp_path / "ref")), progress=False)
@@ -322,8 +322,8 @@ def test_label_killed_while_committing_a_shard_resumes_exactly(world, tmp_path):
 ])
 def test_index_killed_mid_build_resumes_from_its_cache(world, tmp_path, kill_match, kill_at, projected_on_rerun):
     from pipeline.config import IndexConfig
-    from pipeline.index import load_index
-    from pipeline.retrieval import run_index
+    from pipeline.faiss_index import load_index
+    from pipeline.stages.index import run_index
 
     run_index(IndexConfig(features=world["features"], model=world["model"], output=str(tmp_path / "ref"),
                           index_factory="Flat", use_gpu="no"), progress=False)
@@ -340,6 +340,6 @@ def test_index_killed_mid_build_resumes_from_its_cache(world, tmp_path, kill_mat
     import faiss
 
     (a, ids_a, m), (b, ids_b, _) = load_index(str(out)), load_index(str(tmp_path / "ref"))
-    assert ids_a.equals(ids_b) and m["ntotal"] == 50
+    assert ids_a.equals(ids_b) and m.ntotal == 50
     np.testing.assert_array_equal(faiss.rev_swig_ptr(a.get_xb(), 50 * K), faiss.rev_swig_ptr(b.get_xb(), 50 * K))
-    assert sorted(os.listdir(out)) == [".zsl.lock", "ids.parquet", "index.faiss", "manifest.json"]
+    assert sorted(os.listdir(out)) == [".zsl.lock", "ids.parquet", "index.faiss", "manifest.json", "run.json"]

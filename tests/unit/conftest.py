@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.classes import write_class_set
-from pipeline.extract import write_features
+from pipeline.classset import write_class_set
+from pipeline.features import write_features
 from pipeline.models import save_model
 from pipeline.models.eszsl import ESZSL
 

@@ -8,9 +8,12 @@ import zlib
 import numpy as np
 import pytest
 
-from pipeline.classes import CLASSES_FORMAT, add_classes, run_classes
+from pipeline.classset import add_classes
+from pipeline.schema import CLASSES_FORMAT
+from pipeline.stages.classes import run_classes
 from pipeline.config import build_config
-from pipeline.semantics import embed_class_texts, load_class_set
+from pipeline.classset import load_class_set
+from pipeline.semantics import embed_class_texts
 
 TEMPLATES = ["a photo of a {name}.", "a drawing of a {name}."]
 
@@ -56,13 +59,13 @@ def class_set(tmp_path):
 
 def test_run_classes_writes_set_and_manifest(class_set):
     out, manifest = class_set()
-    assert sorted(os.listdir(out)) == ["classes.parquet", "manifest.json"]
-    assert manifest["format"] == CLASSES_FORMAT and manifest["n_classes"] == 3
-    assert manifest["text_model"] == "fake-text" and manifest["text_dim"] == 8
-    assert manifest["templates"] == TEMPLATES
-    assert manifest["attribute_names"] == ["stripes", "big", "furry"]
-    assert manifest["attribute_normalization"] == "l2" and manifest["attribute_stats"] is None
-    assert len(manifest["fingerprint"]) == 16
+    assert sorted(os.listdir(out)) == [".zsl.lock", "classes.parquet", "manifest.json", "run.json"]
+    assert manifest.format == CLASSES_FORMAT and manifest.n_classes == 3
+    assert manifest.text_model == "fake-text" and manifest.text_dim == 8
+    assert manifest.templates == TEMPLATES
+    assert manifest.attribute_names == ["stripes", "big", "furry"]
+    assert manifest.attribute_normalization == "l2" and manifest.attribute_stats is None
+    assert len(manifest.fingerprint) == 16
 
 
 def test_load_class_set_round_trip(class_set):
@@ -84,7 +87,7 @@ def test_load_class_set_without_manifest(tmp_path):
 
 def test_zscore_stats_are_recorded(class_set):
     out, manifest = class_set("zscore")
-    stats = manifest["attribute_stats"]
+    stats = manifest.attribute_stats
     np.testing.assert_allclose(stats["mean"], RAW.mean(0))
     np.testing.assert_allclose(stats["std"], RAW.std(0))
     np.testing.assert_allclose(load_class_set(out).attributes, (RAW - RAW.mean(0)) / RAW.std(0), rtol=1e-5)
@@ -102,9 +105,9 @@ def test_add_classes_appends_with_the_same_embedding(class_set, tmp_path):
     expected = embed_class_texts(FakeTextEncoder(), ["polar+bear"], ["white bear"], TEMPLATES)
     np.testing.assert_array_equal(cs.text[-1:], expected)
     np.testing.assert_array_equal(cs.text[:3], load_class_set(out).text[:3])
-    assert cs.manifest["added"] == [{"source": extra, "names": ["polar+bear"]}]
-    assert cs.manifest["fingerprint"] != manifest["fingerprint"]
-    assert cs.manifest["n_classes"] == 4
+    assert cs.manifest.added == [{"source": extra, "names": ["polar+bear"]}]
+    assert cs.manifest.fingerprint != manifest.fingerprint
+    assert cs.manifest.n_classes == 4
 
 
 def test_add_classes_zscore_uses_the_original_statistics(class_set, tmp_path):
@@ -133,7 +136,7 @@ def test_add_classes_refuses_other_attribute_columns(class_set, tmp_path):
     out, _ = class_set()
     extra = tmp_path / "extra.csv"
     extra.write_text("name,stripes,wings,furry\ncat,1,0,1\n")
-    with pytest.raises(ValueError, match=r"attribute columns differ.*missing: \['big'\], unexpected: \['wings'\]"):
+    with pytest.raises(ValueError, match=r"attribute columns differ.*missing: big; unexpected: wings"):
         add_classes(out, str(extra), text_encoder=FakeTextEncoder())
 
 

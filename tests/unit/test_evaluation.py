@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.evaluation import (
+from pipeline.metrics import (
     GZSLResult,
     ausuc,
     confusion_matrix,

@@ -27,13 +27,16 @@ import pytest
 from PIL import Image
 
 from pipeline import io as zio
-from pipeline.classes import add_classes, run_classes, write_class_set
+from pipeline.classset import add_classes, write_class_set
+from pipeline.stages.classes import run_classes
 from pipeline.config import IndexConfig, LabelConfig, build_config
-from pipeline.extract import check_checkpoint, write_features
+from pipeline.features import write_features
+from pipeline.stages.extract import check_checkpoint
 from pipeline.models import load_model
 from pipeline.ray_stages import decode_shard
 from pipeline.schema import features_schema
-from pipeline.semantics import load_class_set, read_class_table
+from pipeline.classset import load_class_set
+from pipeline.semantics import read_class_table
 from pipeline.shards import Shard, list_shards, read_shard
 
 SIZE = 16
@@ -356,8 +359,8 @@ def _foreign_shard(features_dir: str, name: str, dim: int, n: int = 3) -> None:
 
 
 def test_label_and_index_refuse_a_shard_of_another_dimension_before_writing(small_world, tmp_path):
-    from pipeline.labeling import run_label
-    from pipeline.retrieval import run_index
+    from pipeline.stages.label import run_label
+    from pipeline.stages.index import run_index
 
     w = small_world(n_images=24, shard_size=8)
     _foreign_shard(w["features"], "shard-000001.parquet", dim=5)  # 5-d in a 6-d feature directory
@@ -371,7 +374,7 @@ def test_label_and_index_refuse_a_shard_of_another_dimension_before_writing(smal
 
 
 def test_label_refuses_a_model_of_another_feature_dimension(small_world, tmp_path):
-    from pipeline.labeling import run_label
+    from pipeline.stages.label import run_label
 
     w = small_world()
     other = tmp_path / "f8"
@@ -383,7 +386,7 @@ def test_label_refuses_a_model_of_another_feature_dimension(small_world, tmp_pat
 
 
 def test_label_refuses_classes_of_another_semantic_space(small_world, tmp_path):
-    from pipeline.labeling import run_label
+    from pipeline.stages.label import run_label
 
     w = small_world()
     t5 = np.eye(4, 5, dtype=np.float32)

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from pipeline import index as zix  # noqa: E402
+from pipeline import faiss_index as zix  # noqa: E402
 from pipeline.schema import INDEX_IDS_SCHEMA  # noqa: E402
 
 DIM = 64
@@ -228,20 +228,20 @@ def saved(data, tmp_path):
     out = str(tmp_path / "idx")
     zix.save_index(
         index, out, ids=ids_table(len(base)),
-        manifest={"factory": "IVF32,Flat", "model_id": "clip-a", "nprobe": 16},
+        manifest={"factory": "IVF32,Flat", "feature_model": "clip-a", "nprobe": 16},
     )
     return index, out, queries
 
 
 def test_round_trip(saved):
     index, out, queries = saved
-    loaded, ids, manifest = zix.load_index(out, expected_dim=DIM, expected={"model_id": "clip-a"})
-    keys = ("format", "ntotal", "dim", "factory", "metric", "index_bytes", "sha256", "model_id")
+    loaded, ids, manifest = zix.load_index(out, expected_dim=DIM, expected={"feature_model": "clip-a"})
+    keys = ("format", "ntotal", "dim", "factory", "metric", "index_bytes", "sha256", "feature_model")
     for key in keys:
-        assert key in manifest
-    assert manifest["format"] == "zsl-index/1" and manifest["metric"] == "inner_product"
-    assert manifest["ntotal"] == 2000 and manifest["dim"] == DIM
-    assert manifest["index_bytes"] == os.path.getsize(os.path.join(out, "index.faiss"))
+        assert getattr(manifest, key) is not None
+    assert manifest.format == "zsl-index/1" and manifest.metric == "inner_product"
+    assert manifest.ntotal == 2000 and manifest.dim == DIM
+    assert manifest.index_bytes == os.path.getsize(os.path.join(out, "index.faiss"))
     assert ids.schema.equals(INDEX_IDS_SCHEMA) and ids.num_rows == 2000
     import faiss
 
@@ -271,7 +271,7 @@ def test_corrupted_index_rejected(saved):
 def test_missing_manifest(saved, tmp_path):
     _, out, _ = saved
     os.remove(os.path.join(out, "manifest.json"))
-    with pytest.raises(FileNotFoundError, match="no manifest.json; is this a `zsl index` output"):
+    with pytest.raises(FileNotFoundError, match="no manifest.json; is this a finished `zsl index` output"):
         zix.load_index(out)
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         zix.load_index(str(tmp_path / "nowhere"))
@@ -281,8 +281,8 @@ def test_expectation_mismatches(saved):
     _, out, _ = saved
     with pytest.raises(ValueError, match="index dim is 64, expected 512"):
         zix.load_index(out, expected_dim=512)
-    with pytest.raises(ValueError, match=r"'model_id' is 'clip-a', expected 'x'"):
-        zix.load_index(out, expected={"model_id": "x"})
+    with pytest.raises(ValueError, match=r"'feature_model' is 'clip-a', expected 'x'"):
+        zix.load_index(out, expected={"feature_model": "x"})
     with pytest.raises(ValueError, match=r"'classes_fp' is '<missing>'"):
         zix.load_index(out, expected={"classes_fp": "abc"})
 
@@ -309,6 +309,6 @@ def test_round_trip_on_fsspec_uri(data):
     out = "memory://zsl-test-index/run1"
     zix.save_index(index, out, ids=ids_table(300), manifest={"factory": "Flat"})
     loaded, ids, manifest = zix.load_index(out, expected_dim=DIM)
-    assert manifest["ntotal"] == 300 == ids.num_rows
+    assert manifest.ntotal == 300 == ids.num_rows
     got, want = zix.search(loaded, queries, 5), zix.search(index, queries, 5)
     np.testing.assert_array_equal(got[1], want[1])

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import io as zio
-from pipeline.classes import write_class_set
+from pipeline.classset import write_class_set
 from pipeline.config import LabelConfig
-from pipeline.labeling import run_label, topk
+from pipeline.stages.label import run_label
+from pipeline.models.scoring import topk
 from pipeline.models import load_model, save_model
 from pipeline.models.eszsl import ESZSL
 from pipeline.schema import FEATURES_FORMAT, LABELS_SCHEMA, features_schema
@@ -116,8 +117,8 @@ def test_run_label_end_to_end(label_inputs, tmp_path):
     inp, out = label_inputs, str(tmp_path / "labels-out")
     manifest = run_label(_cfg(inp, out, top_k=3), progress=False)
     assert sorted(os.listdir(os.path.join(out, "labels"))) == sorted(SHARDS)  # names mirror the feature shards
-    assert manifest["n_labeled_this_run"] == 5 and manifest["n_shards"] == 2
-    assert manifest["classes"] == NAMES and manifest["gamma"] == inp["gamma"]
+    assert manifest.n_labeled_this_run == 5 and manifest.n_shards == 2
+    assert manifest.classes == NAMES and manifest.gamma == inp["gamma"]
     t = _labels(out)
     assert t.schema.equals(LABELS_SCHEMA)
     assert t.column("image_id").to_pylist() == [f"img{i}" for i in range(5)]
@@ -142,7 +143,7 @@ def test_run_label_uncalibrated_is_plain_argmax(label_inputs, tmp_path):
     model, _ = load_model(inp["model"])
     raw = model.scores(inp["X"], inp["text"])
     assert _labels(out).column("top1").to_pylist() == [NAMES[i] for i in raw.argmax(1)]
-    assert manifest["gamma"] == 0.0
+    assert manifest.gamma == 0.0
 
 
 def test_run_label_small_batches_give_the_same_labels(label_inputs, tmp_path):
@@ -167,11 +168,11 @@ def test_rerun_does_nothing_and_resumes_missing_shards(label_inputs, tmp_path):
     run_label(_cfg(inp, out), progress=False)
     files = {n: os.stat(os.path.join(out, "labels", n)).st_mtime_ns for n in SHARDS}
     again = run_label(_cfg(inp, out), progress=False)
-    assert again["n_labeled_this_run"] == 0
+    assert again.n_labeled_this_run == 0
     assert {n: os.stat(os.path.join(out, "labels", n)).st_mtime_ns for n in SHARDS} == files
     os.remove(os.path.join(out, "labels", "shard-000003.parquet"))  # as if killed before this shard
     resumed = run_label(_cfg(inp, out), progress=False)
-    assert resumed["n_labeled_this_run"] == SHARDS["shard-000003.parquet"]
+    assert resumed.n_labeled_this_run == SHARDS["shard-000003.parquet"]
     assert os.stat(os.path.join(out, "labels", "shard-000000.parquet")).st_mtime_ns == files["shard-000000.parquet"]
     assert sorted(os.listdir(os.path.join(out, "labels"))) == sorted(SHARDS)
 
@@ -183,11 +184,11 @@ def test_rerun_after_class_set_change_needs_overwrite(label_inputs, tmp_path, rn
     extra = rng.standard_normal((1, K)).astype(np.float32)
     write_class_set(inp["classes"], NAMES + ["tapir"], [None] * 5, np.vstack([inp["text"], extra]), None,
                     {"text_model": "fake-text"})
-    with pytest.raises(ValueError, match="holds labels from another model, class set or setting"):
+    with pytest.raises(ValueError, match="made from other inputs or settings"):
         run_label(_cfg(inp, out), progress=False)
     assert _labels(out).equals(before)  # refused before touching anything
     manifest = run_label(_cfg(inp, out, overwrite=True), progress=False)
-    assert manifest["n_labeled_this_run"] == 5 and manifest["classes"] == NAMES + ["tapir"]
+    assert manifest.n_labeled_this_run == 5 and manifest.classes == NAMES + ["tapir"]
     t = _labels(out)
     assert all(len(r) == 5 for r in t.column("topk").to_pylist())  # top_k=5 over 5 classes: all of them
     assert all("tapir" in r for r in t.column("topk").to_pylist())
@@ -196,7 +197,7 @@ def test_rerun_after_class_set_change_needs_overwrite(label_inputs, tmp_path, rn
 def test_rerun_with_another_top_k_needs_overwrite(label_inputs, tmp_path):
     inp, out = label_inputs, str(tmp_path / "o")
     run_label(_cfg(inp, out, top_k=2), progress=False)
-    with pytest.raises(ValueError, match="another model, class set or setting"):
+    with pytest.raises(ValueError, match="made from other inputs or settings"):
         run_label(_cfg(inp, out, top_k=3), progress=False)
 
 

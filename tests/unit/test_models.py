@@ -97,7 +97,7 @@ def test_make_model_registry():
         make_model("svm")
 
 
-MANIFEST = {"feature_model": "fake-feat", "feature_dim": 20, "semantics": "text", "semantic_dim": 8}
+MANIFEST = {"feature_model": "fake-feat", "feature_dim": 20, "semantics": "text", "semantic_dim": 8, "seen": ["a", "b"]}
 
 
 @pytest.mark.parametrize("method", ["eszsl", "devise"])
@@ -112,7 +112,7 @@ def test_save_load_round_trip(tmp_path, rng, method, one_torch_thread):
     save_model(out, model, {**MANIFEST, "seen": list("abcde")})
     loaded, manifest = load_model(out, feature_dim=20, feature_model="fake-feat")
     assert type(loaded) is type(model) and loaded.params == model.params
-    assert manifest["method"] == method and manifest["format"] == "zsl-model/1" and manifest["seen"] == list("abcde")
+    assert manifest.method == method and manifest.format == "zsl-model/1" and manifest.seen == list("abcde")
     S_new = rng.standard_normal((7, 8)).astype(np.float32)  # any class set, not only the training one
     np.testing.assert_array_equal(loaded.scores(X, S_new), model.scores(X, S_new))
     np.testing.assert_array_equal(loaded.image_center, model.image_center)
@@ -155,5 +155,5 @@ def test_load_model_rejects_other_formats(tmp_path, rng):
     with pytest.raises(ValueError, match="unknown method 'svm'"):
         load_model(str(tmp_path))
     zio.write_json_atomic(str(tmp_path / "manifest.json"), {**m, "format": "zsl-model/0"})
-    with pytest.raises(ValueError, match="manifest format 'zsl-model/0'"):
+    with pytest.raises(ValueError, match="format 'zsl-model/0', expected 'zsl-model/1'"):
         load_model(str(tmp_path))

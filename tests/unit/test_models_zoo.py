@@ -293,9 +293,10 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path, binary, method, p
     model = make_model(method, **params).fit(p["X_tr"], p["y_tr"], p["S"][p["seen"]])
     assert METHODS[method] is type(model)
     out = str(tmp_path / "model")
-    save_model(out, model, {"feature_model": "synthetic/linear", "feature_dim": d})
+    save_model(out, model, {"feature_model": "synthetic/linear", "feature_dim": d, "semantics": "text",
+                            "semantic_dim": p["S"].shape[1], "seen": ["a"]})
     loaded, manifest = load_model(out, feature_dim=d, feature_model="synthetic/linear")
-    assert type(loaded) is type(model) and manifest["method"] == method
+    assert type(loaded) is type(model) and manifest.method == method
     assert loaded.params == model.params
     np.testing.assert_array_equal(loaded.scores(p["X_u"], p["S"]), model.scores(p["X_u"], p["S"]))
     with pytest.raises(ValueError, match="64-d"):

@@ -11,7 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipeline.evaluation import evaluate_scores
+from pipeline.metrics import evaluate_scores
 from pipeline.report import (
     default_thumbnail,
     plot_confusion,

@@ -17,7 +17,8 @@ from PIL import Image
 
 from pipeline import io as zio
 from pipeline.config import ConfigError, ExtractConfig, IndexConfig, LabelConfig
-from pipeline.extract import load_features, run_extract, shard_name
+from pipeline.features import load_features, shard_name
+from pipeline.stages.extract import run_extract
 
 # ---------------------------------------------------------------- extract, without Ray
 
@@ -104,7 +105,7 @@ def _snapshot(out) -> dict:
 def test_extract_crash_mid_run_then_rerun_equals_uninterrupted(fake_ray, image_folder, tmp_path):
     ref = run_extract(_cfg(image_folder, tmp_path / "ref"), progress=False)
     want = _snapshot(tmp_path / "ref")
-    assert (ref["n_shards"], ref["n_images"], ref["n_errors"]) == (8, 30, 1)
+    assert (ref.n_shards, ref.n_images, ref.n_errors) == (8, 30, 1)
 
     out = tmp_path / "out"
     fake_ray.update(batches=0, crash_after_batches=7, shards_run=[])
@@ -124,7 +125,7 @@ def test_extract_crash_mid_run_then_rerun_equals_uninterrupted(fake_ray, image_f
     assert got["ids"] == want["ids"] and len(set(got["ids"])) == 30
     np.testing.assert_array_equal(got["emb"], want["emb"])
     assert got["errors"] == want["errors"] and len(got["errors"]) == 1
-    assert (m["n_images"], m["n_errors"], m["n_shards"]) == (30, 1, 8)
+    assert (m.n_images, m.n_errors, m.n_shards) == (30, 1, 8)
 
 
 def test_extract_killed_between_errors_and_features_file(fake_ray, image_folder, tmp_path, monkeypatch):
@@ -149,12 +150,12 @@ def test_extract_killed_between_errors_and_features_file(fake_ray, image_folder,
     assert 7 in fake_ray["shards_run"]
     errs = zio.read_parquet_dir(str(out / "errors")).to_pylist()
     assert [e["image_id"] for e in errs] == ["cat/99999-empty.png"]  # once, not twice
-    assert m["n_errors"] == 1 and m["n_images"] == 30
+    assert m.n_errors == 1 and m.n_images == 30
 
 
 def test_writer_ignores_repeated_rows(fake_ray, image_folder, tmp_path, monkeypatch):
     """A retried task may deliver rows twice: they replace themselves, and rows of a written shard are dropped."""
-    from pipeline import extract
+    from pipeline.stages import extract
 
     seen: list[int] = []
     real_call = extract._ShardWriter.__call__
@@ -167,7 +168,7 @@ def test_writer_ignores_repeated_rows(fake_ray, image_folder, tmp_path, monkeypa
     monkeypatch.setattr(extract._ShardWriter, "__call__", twice)
     m = run_extract(_cfg(image_folder, tmp_path / "out"), progress=False)
     ids = zio.read_parquet_dir(str(tmp_path / "out" / "features")).column("image_id").to_pylist()
-    assert len(ids) == len(set(ids)) == 30 and m["n_images"] == 30 and m["n_errors"] == 1
+    assert len(ids) == len(set(ids)) == 30 and m.n_images == 30 and m.n_errors == 1
 
 
 def test_temp_files_left_by_a_kill_are_invisible_and_cleaned(fake_ray, image_folder, tmp_path):
@@ -180,7 +181,7 @@ def test_temp_files_left_by_a_kill_are_invisible_and_cleaned(fake_ray, image_fol
     assert zio.read_parquet_dir(str(out / "features")).num_rows == 30  # not 34
     fake_ray.update(shards_run=[])
     m = run_extract(_cfg(image_folder, out), progress=False)
-    assert fake_ray["shards_run"] == [] and m["n_images"] == 30
+    assert fake_ray["shards_run"] == [] and m.n_images == 30
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(zio.TMP_PREFIX)]
 
 
@@ -191,23 +192,23 @@ def test_all_done_but_no_manifest_finishes_without_work(fake_ray, image_folder, 
     fake_ray.update(shards_run=[])
     again = run_extract(_cfg(image_folder, out), progress=False)
     assert fake_ray["shards_run"] == []
-    assert {k: again[k] for k in ("n_images", "n_errors", "n_shards")} == \
-        {k: first[k] for k in ("n_images", "n_errors", "n_shards")}
+    assert {k: getattr(again, k) for k in ("n_images", "n_errors", "n_shards")} == \
+        {k: getattr(first, k) for k in ("n_images", "n_errors", "n_shards")}
 
 
 def test_limit_then_full_run_extends_the_output(fake_ray, image_folder, tmp_path):
     out = tmp_path / "out"
-    assert run_extract(_cfg(image_folder, out, limit=3), progress=False)["n_images"] == 12
+    assert run_extract(_cfg(image_folder, out, limit=3), progress=False).n_images == 12
     fake_ray.update(shards_run=[])
     m = run_extract(_cfg(image_folder, out), progress=False)
-    assert sorted(fake_ray["shards_run"]) == [3, 4, 5, 6, 7] and m["n_images"] == 30
+    assert sorted(fake_ray["shards_run"]) == [3, 4, 5, 6, 7] and m.n_images == 30
 
 
 def test_rerun_with_another_encoder_or_shard_size_is_refused(fake_ray, image_folder, tmp_path):
     out = tmp_path / "out"
     run_extract(_cfg(image_folder, out, limit=2), progress=False)
     before = sorted(p.name for p in out.rglob("*"))
-    with pytest.raises(ConfigError, match=r"other settings \(encoder: was 'effnet-lite0', now 'open_clip:ViT-S-32'"):
+    with pytest.raises(ConfigError, match=r"other inputs or settings \(encoder: was 'effnet-lite0', now 'open_clip:ViT-S-32'"):
         run_extract(_cfg(image_folder, out, encoder="open_clip:ViT-S-32", pretrained="random"), progress=False)
     with pytest.raises(ConfigError, match="shard_size: was 4, now 5"):
         run_extract(ExtractConfig(input=str(image_folder), output=str(out), shard_size=5), progress=False)
@@ -228,7 +229,7 @@ def test_input_that_changed_under_finished_shards_is_refused(fake_ray, image_fol
     Image.new("L", (28, 28)).save(image_folder / "cat" / "zzzzz-new.png")
     fake_ray.update(shards_run=[])
     m = run_extract(_cfg(image_folder, out), progress=False)
-    assert sorted(fake_ray["shards_run"]) == [3, 4, 5, 6, 7] and m["n_images"] == 31
+    assert sorted(fake_ray["shards_run"]) == [3, 4, 5, 6, 7] and m.n_images == 31
 
 
 def test_second_job_on_the_same_output_is_refused(tmp_path, image_folder, capsys):
@@ -254,7 +255,7 @@ def _labels(out) -> pa.Table:
 
 
 def test_label_crash_then_rerun_labels_only_the_rest(small_world, tmp_path, monkeypatch):
-    from pipeline import labeling
+    from pipeline.stages import label as labeling
 
     w = small_world(n_images=40, shard_size=8)
     labeling.run_label(_lcfg(w, tmp_path / "ref"), progress=False)
@@ -265,13 +266,13 @@ def test_label_crash_then_rerun_labels_only_the_rest(small_world, tmp_path, monk
     assert not (tmp_path / "out" / "manifest.json").exists()
     (tmp_path / "out" / "labels" / f"{zio.TMP_PREFIX}0badf00d-{shard_name(2)}").write_bytes(b"PAR1 torn")
     m = labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
-    assert m["n_labeled_this_run"] == 24 and m["n_images"] == 40 and m["n_shards"] == 5
+    assert m.n_labeled_this_run == 24 and m.n_images == 40 and m.n_shards == 5
     assert _labels(tmp_path / "out").equals(_labels(tmp_path / "ref"))
     assert sorted(os.listdir(tmp_path / "out" / "labels")) == [shard_name(i) for i in range(5)]
 
 
 def test_label_rerun_after_features_gained_shards_labels_only_new_ones(small_world, tmp_path):
-    from pipeline import labeling
+    from pipeline.stages import label as labeling
 
     w = small_world(n_images=24, shard_size=8)
     labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
@@ -279,14 +280,14 @@ def test_label_rerun_after_features_gained_shards_labels_only_new_ones(small_wor
     bigger = small_world(n_images=40, shard_size=8)  # same seed: same first 24 images, two more shards
     assert bigger["features"] == w["features"]
     m = labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
-    assert m["n_labeled_this_run"] == 16 and m["n_images"] == 40
+    assert m.n_labeled_this_run == 16 and m.n_images == 40
     assert {n: (tmp_path / "out" / "labels" / n).stat().st_mtime_ns for n in before} == before
     ids = _labels(tmp_path / "out").column("image_id").to_pylist()
     assert ids == [f"img{i:04d}" for i in range(40)]
 
 
 def test_label_identity_ignores_extract_batch_settings_but_not_the_encoder(small_world, tmp_path):
-    from pipeline import labeling
+    from pipeline.stages import label as labeling
 
     w = small_world()
     man_uri = zio.join(w["features"], "manifest.json")
@@ -295,18 +296,18 @@ def test_label_identity_ignores_extract_batch_settings_but_not_the_encoder(small
     zio.write_json_atomic(man_uri, {**base, "config": conf})
     labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
     zio.write_json_atomic(man_uri, {**base, "config": {**conf, "batch_size": 8, "num_actors": 3, "limit": 2}})
-    assert labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)["n_labeled_this_run"] == 0
+    assert labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False).n_labeled_this_run == 0
     zio.write_json_atomic(man_uri, {**base, "config": {**conf, "shard_size": 16}})
-    with pytest.raises(ValueError, match="another model, class set or setting"):
+    with pytest.raises(ValueError, match="made from other inputs or settings"):
         labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
 
 
 def test_interrupted_class_set_update_is_never_mixed_into_labels(small_world, tmp_path, monkeypatch):
     """add-classes killed between classes.parquet and manifest.json: the set is the new one (its
     manifest travels inside the Parquet file), so a label rerun sees another class set and refuses."""
-    from pipeline import labeling
-    from pipeline.classes import add_classes
-    from pipeline.semantics import load_class_set
+    from pipeline.stages import label as labeling
+    from pipeline.classset import add_classes
+    from pipeline.classset import load_class_set
 
     w = small_world()
     labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
@@ -323,13 +324,13 @@ def test_interrupted_class_set_update_is_never_mixed_into_labels(small_world, tm
         add_classes(w["classes"], str(tmp_path / "new.csv"), text_encoder=_Dim4())
     monkeypatch.setattr(zio, "write_json_atomic", real)
     cs = load_class_set(w["classes"])
-    assert cs.names[-1] == "tapir" and cs.manifest["n_classes"] == 5
-    with pytest.raises(ValueError, match="another model, class set or setting"):
+    assert cs.names[-1] == "tapir" and cs.manifest.n_classes == 5
+    with pytest.raises(ValueError, match="made from other inputs or settings"):
         labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
     again, added = add_classes(w["classes"], str(tmp_path / "new.csv"), text_encoder=_Dim4())  # rerun: no-op
     assert added == [] and again.names == cs.names
     m = labeling.run_label(_lcfg(w, tmp_path / "out", overwrite=True), progress=False)
-    assert m["classes"][-1] == "tapir" and m["n_labeled_this_run"] == 40
+    assert m.classes[-1] == "tapir" and m.n_labeled_this_run == 40
 
 
 class _Dim4:
@@ -366,14 +367,14 @@ def spy_projection(monkeypatch):
 def _index_state(out):
     import faiss
 
-    from pipeline.index import load_index
+    from pipeline.faiss_index import load_index
 
     index, ids, manifest = load_index(str(out))
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).copy(), ids, manifest
 
 
 def test_index_crash_then_rerun_projects_only_missing_shards(small_world, tmp_path, monkeypatch, spy_projection):
-    from pipeline.retrieval import run_index
+    from pipeline.stages.index import run_index
 
     w = small_world(n_images=40, shard_size=8)
     run_index(_icfg(w, tmp_path / "ref", index_factory="Flat"), progress=False)
@@ -389,21 +390,21 @@ def test_index_crash_then_rerun_projects_only_missing_shards(small_world, tmp_pa
         _index_state(tmp_path / "out")
     spy_projection.clear()
     m = run_index(_icfg(w, tmp_path / "out", index_factory="Flat"), progress=False)
-    assert spy_projection == [8, 8] and m["shards_projected_last_run"] == 2 and m["ntotal"] == 40
+    assert spy_projection == [8, 8] and m.shards_projected_last_run == 2 and m.ntotal == 40
     vecs, ids, _ = _index_state(tmp_path / "out")
     np.testing.assert_array_equal(vecs, ref_vecs)
     assert ids.equals(ref_ids)
-    assert sorted(os.listdir(tmp_path / "out")) == [".zsl.lock", "ids.parquet", "index.faiss", "manifest.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".zsl.lock", "ids.parquet", "index.faiss", "manifest.json", "run.json"]
 
     spy_projection.clear()  # a rerun of a finished build does nothing
     mtime = (tmp_path / "out" / "index.faiss").stat().st_mtime_ns
-    assert run_index(_icfg(w, tmp_path / "out", index_factory="Flat"), progress=False)["ntotal"] == 40
+    assert run_index(_icfg(w, tmp_path / "out", index_factory="Flat"), progress=False).ntotal == 40
     assert spy_projection == [] and (tmp_path / "out" / "index.faiss").stat().st_mtime_ns == mtime
 
 
 def test_index_killed_while_saving_is_never_loadable_and_reruns_from_the_cache(small_world, tmp_path, monkeypatch,
                                                                              spy_projection):
-    from pipeline.retrieval import run_index
+    from pipeline.stages.index import run_index
 
     w = small_world(n_images=40, shard_size=8)
     out = tmp_path / "out"
@@ -428,12 +429,12 @@ def test_index_killed_while_saving_is_never_loadable_and_reruns_from_the_cache(s
     assert n_projected == 6
     spy_projection.clear()
     m = run_index(_icfg(w, out, index_factory="Flat"), progress=False)
-    assert spy_projection == [] and m["ntotal"] == 48 and m["shards_projected_last_run"] == 0
+    assert spy_projection == [] and m.ntotal == 48 and m.shards_projected_last_run == 0
 
 
 def test_index_cache_that_is_torn_or_pickled_is_recomputed_not_loaded(small_world, tmp_path, monkeypatch,
                                                                       spy_projection):
-    import pipeline.retrieval as retrieval
+    import pipeline.stages.index as retrieval
 
     w = small_world(n_images=24, shard_size=8)
     out = tmp_path / "out"
@@ -442,8 +443,7 @@ def test_index_cache_that_is_torn_or_pickled_is_recomputed_not_loaded(small_worl
     with pytest.raises(Killed):
         retrieval.run_index(_icfg(w, out, index_factory="Flat"), progress=False)
     monkeypatch.setattr(retrieval, "build_index", real_build)
-    (build,) = os.listdir(out / "vectors")
-    cached = sorted((out / "vectors" / build).iterdir())
+    cached = sorted((out / "vectors").iterdir())
     assert [p.name for p in cached] == ["shard-000000.npy", "shard-000001.npy", "shard-000002.npy"]
     cached[0].write_bytes(cached[0].read_bytes()[:60])  # torn
     marker = tmp_path / "pwned"
@@ -452,7 +452,7 @@ def test_index_cache_that_is_torn_or_pickled_is_recomputed_not_loaded(small_worl
     np.save(cached[2], np.zeros((8, 3), np.float32))  # wrong shape
     spy_projection.clear()
     m = retrieval.run_index(_icfg(w, out, index_factory="Flat"), progress=False)
-    assert spy_projection == [8, 8, 8] and m["ntotal"] == 24 and not marker.exists()
+    assert spy_projection == [8, 8, 8] and m.ntotal == 24 and not marker.exists()
 
 
 def _die(*args, **kwargs):
@@ -467,8 +467,8 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
-def test_index_with_another_model_rebuilds_and_drops_the_old_cache(small_world, tmp_path, monkeypatch):
-    import pipeline.retrieval as retrieval
+def test_index_with_another_model_is_refused_unless_overwrite_which_drops_the_old_cache(small_world, tmp_path, monkeypatch):
+    import pipeline.stages.index as retrieval
 
     w = small_world(n_images=24, shard_size=8)
     out = tmp_path / "out"
@@ -476,12 +476,15 @@ def test_index_with_another_model_rebuilds_and_drops_the_old_cache(small_world, 
     with pytest.raises(Killed):
         retrieval.run_index(_icfg(w, out, index_factory="Flat"), progress=False)
     monkeypatch.undo()
-    (old_build,) = os.listdir(out / "vectors")
+    assert len(os.listdir(out / "vectors")) == 3
     other = small_world(n_images=24, shard_size=8, name="other", seed=99)  # another model (and features)
     cfg = IndexConfig(features=w["features"], model=other["model"], output=str(out), index_factory="Flat",
                       use_gpu="no")
-    m = retrieval.run_index(cfg, progress=False)
-    assert m["build"] != old_build and m["shards_projected_last_run"] == 3
+    with pytest.raises(ValueError, match=r"made from other inputs or settings \(model: was"):
+        retrieval.run_index(cfg, progress=False)  # refused: the cache of another model stays as it was
+    assert len(os.listdir(out / "vectors")) == 3
+    m = retrieval.run_index(cfg.model_copy(update={"overwrite": True}), progress=False)
+    assert m.shards_projected_last_run == 3 and m.model_dir == other["model"]
     assert not (out / "vectors").exists()
 
 

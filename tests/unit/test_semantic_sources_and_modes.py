@@ -11,7 +11,7 @@ import torch
 from pipeline.models import make_model, method_params
 from pipeline.models.base import l2n
 from pipeline.models.bilinear import ranking_loss
-from pipeline.semantics import ClassSet
+from pipeline.classset import ClassSet
 from pipeline.transductive import transductive_scores
 from pipeline.wordvectors import GloVe, class_word_vectors
 
@@ -164,10 +164,10 @@ def test_transductive_refuses_non_cosine_models():
 # ---------------------------------------------------------------- tuning through run_train
 
 def test_tune_records_grid_and_choice(tmp_path):
-    from pipeline.classes import write_class_set
+    from pipeline.classset import write_class_set
     from pipeline.config import build_config
-    from pipeline.extract import write_features
-    from pipeline.training import run_train
+    from pipeline.features import write_features
+    from pipeline.stages.train import run_train
 
     X, y, S = _linear_problem(C=8, per=20)
     names = [f"class{i}" for i in range(8)]
@@ -177,7 +177,7 @@ def test_tune_records_grid_and_choice(tmp_path):
     cfg = build_config("train", dict(features=str(tmp_path / "f"), classes=str(tmp_path / "c"), seen=names[:6],
                                      method="eszsl", tune=True, output=str(tmp_path / "m")))
     manifest = run_train(cfg)
-    tuning = manifest["tuning"]
+    tuning = manifest.tuning
     assert len(tuning["results"]) == 16
     best = max(r["val_zsl"] for r in tuning["results"])
     assert tuning["chosen"]["val_zsl"] == best

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.classset import ClassSet
 from pipeline.semantics import (
-    ClassSet,
     class_prompts,
     display_name,
     embed_class_texts,
@@ -18,7 +18,6 @@ from pipeline.semantics import (
     read_class_table,
 )
 
-AWA2 = "/work/shared/data/class_semantics/awa2"
 
 
 class FakeTextEncoder:
@@ -264,11 +263,14 @@ def test_class_set_semantics():
 
 
 @pytest.fixture(scope="module")
-def awa2():
-    if not os.path.exists(f"{AWA2}/class_attributes.csv"):
-        pytest.skip(f"{AWA2} not available")
-    return read_class_table(f"{AWA2}/class_attributes.csv"), pd.read_csv(f"{AWA2}/class_attributes_l2.csv",
-                                                                       index_col="class")
+def awa2_dir(class_semantics_dir):
+    return class_semantics_dir / "awa2"
+
+
+@pytest.fixture(scope="module")
+def awa2(awa2_dir):
+    return read_class_table(str(awa2_dir / "class_attributes.csv")), pd.read_csv(
+        awa2_dir / "class_attributes_l2.csv", index_col="class")
 
 
 def test_awa2_table_shape_and_missing(awa2):
@@ -280,7 +282,7 @@ def test_awa2_table_shape_and_missing(awa2):
     assert t.attribute_names[:4] == ["black", "white", "blue", "brown"]
 
 
-def test_awa2_l2_reproduces_published_rows_without_missing_values(awa2):
+def test_awa2_l2_reproduces_published_rows_without_missing_values(awa2, awa2_dir):
     t, l2 = awa2
     assert list(l2.index) == t.names and list(l2.columns) == t.attribute_names
     out = normalize_attributes(t.attributes, method="l2", missing="column_mean")
@@ -290,6 +292,6 @@ def test_awa2_l2_reproduces_published_rows_without_missing_values(awa2):
     # The published antelope row is *not* a column-mean fill: it was normalised with the -1
     # placeholders kept as values (hence the README's negative minimum -0.0038).
     assert np.abs(out[0] - l2.to_numpy()[0]).max() > 1e-2
-    raw = read_class_table(f"{AWA2}/class_attributes.csv", missing_value=None)
+    raw = read_class_table(str(awa2_dir / "class_attributes.csv"), missing_value=None)
     kept = normalize_attributes(raw.attributes, method="l2")
     np.testing.assert_allclose(kept, l2.to_numpy(), atol=1e-6)

@@ -21,17 +21,16 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import io as zio
-from pipeline.schema import INDEX_IDS_SCHEMA, check_schema
+from pipeline.schema import INDEX_IDS_SCHEMA, IndexManifest, check_schema, read_manifest, write_manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     import faiss
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["INDEX_FORMAT", "choose_index", "estimate_memory", "build_index", "save_index",
+__all__ = ["choose_index", "estimate_memory", "build_index", "write_index_files", "save_index",
            "load_index", "search", "brute_force_search", "recall_at_k"]
 
-INDEX_FORMAT = "zsl-index/1"
 _FLAT_MAX_N = 20_000
 _HNSW_MAX_N = 1_000_000
 _HNSW_M = 32
@@ -289,14 +288,11 @@ def _factory_of(index: "faiss.Index") -> str:
         return "unknown"
 
 
-def save_index(index: "faiss.Index", out_dir: str, *, ids: pa.Table, manifest: dict) -> None:
-    """Write ``index.faiss``, ``ids.parquet`` and, last, ``manifest.json`` under ``out_dir``.
+def write_index_files(index: "faiss.Index", out_dir: str, *, ids: pa.Table) -> dict[str, Any]:
+    """Write ``index.faiss`` and ``ids.parquet`` atomically; return the manifest fields they determine.
 
-    Every file is written atomically (any fsspec URI). ``ids`` (:data:`INDEX_IDS_SCHEMA`) must map
-    each faiss id ``0..ntotal-1`` once. The manifest is ``manifest`` plus ``format``, ``ntotal``,
-    ``dim``, ``factory`` (``manifest["factory"]``, else read back from the index), ``metric``,
-    ``index_bytes`` and ``sha256`` of ``index.faiss``; those computed keys override given ones.
-    An old ``manifest.json`` is removed first, so a half-rewritten index never looks complete.
+    ``ids`` (:data:`INDEX_IDS_SCHEMA`) must map each faiss id ``0..ntotal-1`` once. The fields are
+    ``ntotal``, ``dim``, ``factory`` (read back from the index), ``index_bytes`` and ``sha256``.
     """
     faiss = _faiss()
     check_schema(ids.schema, INDEX_IDS_SCHEMA, f"{out_dir}: ids")
@@ -304,62 +300,66 @@ def save_index(index: "faiss.Index", out_dir: str, *, ids: pa.Table, manifest: d
     if len(fids) != index.ntotal or not np.array_equal(fids, np.arange(index.ntotal)):
         raise ValueError(f"{out_dir}: ids must hold faiss_id 0..{index.ntotal - 1} once each "
                          f"(index has {index.ntotal} vectors, ids has {ids.num_rows} rows)")
-    fs, path = zio.filesystem(zio.join(out_dir, "manifest.json"))
-    if fs.exists(path):
-        fs.rm(path)
     data = faiss.serialize_index(index).tobytes()
     zio.write_bytes_atomic(zio.join(out_dir, "index.faiss"), data)
-    ids = ids.select(INDEX_IDS_SCHEMA.names).cast(INDEX_IDS_SCHEMA)
-    zio.write_parquet_atomic(zio.join(out_dir, "ids.parquet"), ids)
-    out = dict(manifest)
-    out.update(
-        format=INDEX_FORMAT, ntotal=int(index.ntotal), dim=int(index.d),
-        factory=manifest.get("factory") or _factory_of(index), metric="inner_product",
-        index_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-    )
-    zio.write_json_atomic(zio.join(out_dir, "manifest.json"), out)
-    LOG.info("saved %s index of %d vectors to %s", out["factory"], index.ntotal, out_dir)
+    zio.write_parquet_atomic(zio.join(out_dir, "ids.parquet"), ids.select(INDEX_IDS_SCHEMA.names).cast(INDEX_IDS_SCHEMA))
+    return {"ntotal": int(index.ntotal), "dim": int(index.d), "factory": _factory_of(index),
+            "index_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def save_index(index: "faiss.Index", out_dir: str, *, ids: pa.Table, manifest: dict[str, Any]) -> IndexManifest:
+    """Write ``index.faiss``, ``ids.parquet`` and, last, ``manifest.json`` under ``out_dir``.
+
+    The manifest is ``manifest`` (keys of :class:`~pipeline.schema.IndexManifest`) plus the fields
+    :func:`write_index_files` computes, which override given ones except a given ``factory``.
+    An old ``manifest.json`` is removed first, so a half-rewritten index never looks complete.
+    """
+    zio.remove(zio.join(out_dir, "manifest.json"))
+    fields = write_index_files(index, out_dir, ids=ids)
+    if manifest.get("factory"):
+        fields["factory"] = manifest["factory"]
+    try:
+        out = IndexManifest(**{**manifest, **fields})
+    except Exception as exc:  # pydantic's ValidationError: an unknown or mistyped key, named
+        raise ValueError(f"{out_dir}: index manifest: {exc}") from None
+    write_manifest(out_dir, out)
+    LOG.info("saved %s index of %d vectors to %s", out.factory, index.ntotal, out_dir)
+    return out
 
 
 def load_index(out_dir: str, *, expected_dim: int | None = None,
-               expected: dict | None = None) -> tuple["faiss.Index", pa.Table, dict]:
+               expected: dict | None = None) -> tuple["faiss.Index", pa.Table, IndexManifest]:
     """Load and check an index written by :func:`save_index`: ``(index, ids, manifest)``.
 
     Raises ``FileNotFoundError`` without ``manifest.json``; ``ValueError`` when the sha256 of
     ``index.faiss`` differs from the manifest's, when ntotal, ids and manifest disagree, when the
-    dimension is not ``expected_dim``, or when a key of ``expected`` (e.g. ``model_id``) differs
-    from the manifest's. Sets the IVF ``nprobe`` from the manifest's ``nprobe``, if any.
+    dimension is not ``expected_dim``, or when a field of ``expected`` (e.g. ``feature_model``)
+    differs from the manifest's. Sets the IVF ``nprobe`` from the manifest's ``nprobe``, if any.
     """
     faiss = _faiss()
-    muri = zio.join(out_dir, "manifest.json")
-    if not zio.exists(muri):
-        raise FileNotFoundError(f"{out_dir}: no manifest.json; is this a `zsl index` output "
-                                "(or was it interrupted)?")
-    manifest = zio.read_json(muri)
-    if manifest.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{muri}: format {manifest.get('format')!r}, expected {INDEX_FORMAT!r}")
+    manifest = read_manifest(out_dir, IndexManifest)
     data = zio.read_bytes(zio.join(out_dir, "index.faiss"))
     sha = hashlib.sha256(data).hexdigest()
-    if sha != manifest.get("sha256"):
+    if sha != manifest.sha256:
         raise ValueError(f"{out_dir}/index.faiss: sha256 {sha} does not match the manifest's "
-                         f"{manifest.get('sha256')}; the file is corrupted or was replaced")
+                         f"{manifest.sha256}; the file is corrupted or was replaced")
     try:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
         raise ValueError(f"{out_dir}/index.faiss: cannot deserialize ({exc})") from None
     ids = zio.read_parquet(zio.join(out_dir, "ids.parquet"))
     check_schema(ids.schema, INDEX_IDS_SCHEMA, f"{out_dir}/ids.parquet")
-    if not index.ntotal == ids.num_rows == manifest.get("ntotal"):
+    if not index.ntotal == ids.num_rows == manifest.ntotal:
         raise ValueError(f"{out_dir}: index has {index.ntotal} vectors, ids.parquet "
-                         f"{ids.num_rows} rows, manifest ntotal {manifest.get('ntotal')}")
+                         f"{ids.num_rows} rows, manifest ntotal {manifest.ntotal}")
     if expected_dim is not None and expected_dim != index.d:
         raise ValueError(f"{out_dir}: index dim is {index.d}, expected {expected_dim}")
     for key, want in (expected or {}).items():
-        found = manifest.get(key, "<missing>")
+        found = getattr(manifest, key, "<missing>")
         if found != want:
             raise ValueError(f"{out_dir}: manifest {key!r} is {found!r}, expected {want!r}")
-    if manifest.get("nprobe") is not None:
-        _set_nprobe(index, manifest["nprobe"])
+    if manifest.nprobe is not None:
+        _set_nprobe(index, manifest.nprobe)
     return index, ids, manifest
 
 

@@ -1,6 +1,6 @@
 """`make eval`: every ZSL method, side by side, on real data that installs offline.
 
-Regenerates ``tests/bench/EVAL.md`` and ``tests/bench/eval_results.json`` (nothing typed by hand):
+Regenerates ``benchmarks/results/EVAL.md`` and ``benchmarks/results/eval_results.json`` (nothing typed by hand):
 
 1. **animal-mnist** images (real silhouettes) with EfficientNet-Lite0 features, semantics from
    (a) the AwA2 attribute rows of its animals, (b) class names/descriptions through MiniLM.
@@ -9,7 +9,8 @@ Regenerates ``tests/bench/EVAL.md`` and ``tests/bench/eval_results.json`` (nothi
 3. **AwA1/AwA2/CUB/aPY/SUN class-level tables** (``../shared/data/class_semantics``; no images
    ship with them): simulated features over the real class geometry, with the real splits.
 
-Usage: ``python -m jobs.eval_suite [--quick] [--out tests/bench] [--work runs/eval]``.
+Usage (from the repository root): ``python -m benchmarks.eval_suite [--quick] [--out benchmarks/results]
+[--work runs/eval]``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ import numpy as np
 
 LOG = logging.getLogger("zsl.eval")
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # (method, semantics, params) per setting; attribute-only methods only where attributes exist.
 TEXT_RUNS = [("clip", "text", {}), ("devise", "text", {}), ("ale", "text", {}), ("sje", "text", {}),
@@ -41,7 +44,8 @@ ATTR_RUNS = [("dap", "attributes", {}), ("eszsl", "attributes", {}), ("sae", "at
 def _train_eval(name: str, work: Path, feats_train: str, feats_test: str, classes: str, seen, unseen,
                 runs, *, tune: bool, transductive: bool) -> dict:
     from pipeline.config import build_config
-    from pipeline.training import run_evaluate_all, run_train
+    from pipeline.stages.evaluate import run_evaluate_all
+    from pipeline.stages.train import run_train
 
     models, skipped = [], []
     for method, semantics, extra in runs:
@@ -51,6 +55,9 @@ def _train_eval(name: str, work: Path, feats_train: str, feats_test: str, classe
         cfg = build_config("train", dict(features=feats_train, classes=classes, seen=list(seen), method=method,
                                          semantics=semantics, params=params, members=extra.get("members", ()),
                                          tune=tune and method != "ensemble", output=out))
+        # Train afresh every time: a model dir left by an earlier run would count as finished (its
+        # identity names the feature directory, not how many images it held then).
+        shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         try:
             run_train(cfg)
@@ -72,20 +79,20 @@ def _train_eval(name: str, work: Path, feats_train: str, feats_test: str, classe
 
 
 def animal_mnist(work: Path, shared: Path | None, per_class: int, tune: bool) -> list[dict]:
-    from pipeline.classes import run_classes
+    from benchmarks.datasets import awa2_class_table
     from pipeline.config import build_config
-    from pipeline.datasets import awa2_class_table
     from pipeline.demo_data import write_demo_data
-    from pipeline.extract import run_extract
+    from pipeline.stages.classes import run_classes
+    from pipeline.stages.extract import run_extract
 
     write_demo_data(str(work / "data"), per_class=per_class)
     for split in ("train", "test"):
         run_extract(build_config("extract", dict(input=str(work / "data" / split), output=str(work / f"f_{split}"),
-                                                 shard_size=200)), progress=False)
+                                                 shard_size=200, overwrite=True)), progress=False)
     split = json.loads((ROOT / "conf" / "demo" / "split.json").read_text())
     sections = []
     run_classes(build_config("classes", dict(input=str(ROOT / "conf" / "demo" / "classes.yaml"),
-                                             output=str(work / "classes_demo"))))
+                                             output=str(work / "classes_demo"), overwrite=True)))
     res = _train_eval("animal-mnist/demo-table", work / "demo", str(work / "f_train"), str(work / "f_test"),
                       str(work / "classes_demo"), split["seen"], split["unseen"], TEXT_RUNS + ATTR_RUNS,
                       tune=tune, transductive=True)
@@ -96,7 +103,7 @@ def animal_mnist(work: Path, shared: Path | None, per_class: int, tune: bool) ->
         awa2_class_table(str(shared / "awa2"), str(work / "awa2_animals.csv"))
         run_classes(build_config("classes", dict(input=str(work / "awa2_animals.csv"),
                                                  output=str(work / "classes_awa2"),
-                                                 missing_attributes="column_mean")))
+                                                 missing_attributes="column_mean", overwrite=True)))
         seen = [c for c in split["seen"] if c != "bird"]
         res = _train_eval("animal-mnist/awa2", work / "awa2", str(work / "f_train"), str(work / "f_test"),
                           str(work / "classes_awa2"), seen, split["unseen"], ATTR_RUNS + TEXT_RUNS[:5],
@@ -109,18 +116,21 @@ def animal_mnist(work: Path, shared: Path | None, per_class: int, tune: bool) ->
 
 
 def emoji_set(work: Path, per_class: int, tune: bool, n_unseen: int = 10) -> list[dict]:
-    from pipeline.classes import run_classes
+    from benchmarks.datasets import EMOJI_CLASSES, write_emoji_images
     from pipeline.config import build_config
-    from pipeline.datasets import EMOJI_CLASSES, write_emoji_images
-    from pipeline.extract import run_extract
+    from pipeline.stages.classes import run_classes
+    from pipeline import io as zio
+    from pipeline.stages.extract import run_extract
 
     write_emoji_images(str(work / "train"), per_class=per_class, seed=1)
     write_emoji_images(str(work / "test"), per_class=max(10, per_class // 2), seed=2)
     for split in ("train", "test"):
         run_extract(build_config("extract", dict(input=str(work / split), output=str(work / f"f_{split}"),
-                                                 shard_size=400)), progress=False)
-    (work / "classes.yaml").write_text("classes:\n" + "".join(f"  - name: {n}\n" for n in EMOJI_CLASSES))
-    run_classes(build_config("classes", dict(input=str(work / "classes.yaml"), output=str(work / "classes"))))
+                                                 shard_size=400, overwrite=True)), progress=False)
+    zio.write_bytes_atomic(str(work / "classes.yaml"),
+                           ("classes:\n" + "".join(f"  - name: {n}\n" for n in EMOJI_CLASSES)).encode())
+    run_classes(build_config("classes", dict(input=str(work / "classes.yaml"), output=str(work / "classes"),
+                                             overwrite=True)))
     rng = np.random.default_rng(0)
     unseen = sorted(rng.choice(EMOJI_CLASSES, size=n_unseen, replace=False).tolist())
     seen = [c for c in EMOJI_CLASSES if c not in unseen]
@@ -134,10 +144,10 @@ def emoji_set(work: Path, per_class: int, tune: bool, n_unseen: int = 10) -> lis
 def class_tables(work: Path, shared: Path, per_class: int, tune: bool) -> list[dict]:
     import pandas as pd
 
-    from pipeline.classes import run_classes
+    from benchmarks.datasets import simulate_features
     from pipeline.config import build_config
-    from pipeline.datasets import simulate_features
-    from pipeline.extract import write_features
+    from pipeline.features import write_features
+    from pipeline.stages.classes import run_classes
 
     sections = []
     for ds in ("awa1", "awa2", "apy", "cub", "sun"):
@@ -166,10 +176,12 @@ def class_tables(work: Path, shared: Path, per_class: int, tune: bool) -> list[d
         w = work / ds
         for split, m in (("train", train), ("test", test)):
             ids = [f"{ds}/{i}" for i in np.flatnonzero(m)]
+            shutil.rmtree(w / f"f_{split}", ignore_errors=True)  # no shards of an earlier, larger run
             write_features(str(w / f"f_{split}"), image_ids=ids, uris=ids, labels=list(yn[m]), X=X[m],
-                           model_id="simulated", extra_manifest={"split": split, "dataset": ds})
+                           model_id="simulated", notes={"split": split, "dataset": ds})
         run_classes(build_config("classes", dict(input=str(d / "class_attributes.csv"), output=str(w / "classes"),
-                                                 missing_attributes="column_mean", word_vectors=False)))
+                                                 missing_attributes="column_mean", word_vectors=False,
+                                                 overwrite=True)))
         res = _train_eval(ds, w, str(w / "f_train"), str(w / "f_test"), str(w / "classes"), seen, unseen,
                           ATTR_RUNS, tune=tune, transductive=True)
         sections.append({"dataset": f"{ds.upper()} class table ({len(names)} classes x {A.shape[1]} attributes)",
@@ -185,7 +197,7 @@ def _pct(v) -> str:
 
 def to_markdown(sections: list[dict], meta: dict) -> str:
     lines = ["# ZSL evaluation results", "",
-             f"Generated by `make eval` (`python -m jobs.eval_suite`) on {meta['date']}; do not edit by hand.",
+             f"Generated by `make eval` (`python -m benchmarks.eval_suite`) on {meta['date']}; do not edit by hand.",
              "All accuracies are per-class mean top-1 (%). ZSL: unseen test images, prediction among unseen "
              "classes. GZSL: seen and unseen test images, prediction among all classes; H = harmonic mean. "
              "*cal*: calibrated stacking with γ tuned on held-out **seen** classes. "
@@ -209,8 +221,8 @@ def to_markdown(sections: list[dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.eval_suite", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "tests" / "bench"))
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.eval_suite", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--work", default=str(ROOT / "runs" / "eval"))
     parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data" / "class_semantics"))
     parser.add_argument("--quick", action="store_true", help="fewer images, no tuning (smoke run)")

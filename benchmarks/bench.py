@@ -1,21 +1,22 @@
-"""``python -m jobs.bench``: pipeline throughput vs bare loops, measured side by side in one run.
+"""``python -m benchmarks.bench``: pipeline throughput vs bare loops, measured side by side in one run.
 
 Two measurements, each as a RATIO of medians over repeats taken in the same process, interleaved
 (pipeline, bare, bare, pipeline, ...) so that load from other work on a shared machine hits both:
 
-1. **Extraction** — :func:`pipeline.extract.run_extract` (Ray Data: decode tasks, encoder actor
+1. **Extraction** — :func:`pipeline.stages.extract.run_extract` (Ray Data: decode tasks, encoder actor
    pool, driver-side shard writer) on a folder of real animal-mnist images, against a bare
    in-process loop doing the same work on the same files: read bytes, ``decode_image``, batches of
    ``batch_size``, ``ImageEncoder.encode``. Ray is started once before timing (its start-up is
    reported separately, with one optional cold run); the actor start and model load inside each
    pipeline run are part of its cost. The bare loop uses the torch thread count of the pipeline's
    encoder actor (:func:`pipeline.ray_stages.plan_resources`).
-2. **Bulk labeling** — :func:`pipeline.labeling.run_label` over Parquet feature shards of synthetic
-   (but feature-like: non-negative, class-clustered) 1280-d rows with a real ESZSL model trained by
-   :func:`pipeline.training.run_train`, against the same math in bare NumPy on the in-memory matrix:
+2. **Bulk labeling** — :func:`pipeline.stages.label.run_label` over Parquet feature shards of synthetic
+   (but feature-like: non-negative, class-clustered) 1280-d rows (written by
+   :func:`pipeline.features.write_features`) with a real ESZSL model trained by
+   :func:`pipeline.stages.train.run_train`, against the same math in bare NumPy on the in-memory matrix:
    ``l2n(X) @ V @ S.T`` and ``np.argpartition`` top-k, no I/O.
 
-Writes one JSON file (atomically) and prints a short table. Absolute times on a busy machine are
+Writes one JSON file (atomically; default ``benchmarks/results/results.json``) and prints a short table. Absolute times on a busy machine are
 noise; the ratios are the result.
 """
 
@@ -37,6 +38,8 @@ from pathlib import Path
 import typer
 
 LOG = logging.getLogger("zsl.bench")
+#: Where the harnesses write their results by default (kept in git).
+RESULTS = Path(__file__).resolve().parent / "results"
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Extraction and labeling throughput of the pipeline vs bare loops (ratios).")
@@ -126,9 +129,11 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
     from pipeline.config import ExtractConfig
     from pipeline.demo_data import write_demo_data
     from pipeline.encoders import image_encoder_info, load_image_encoder
-    from pipeline.extract import load_features, run_extract
+    from pipeline.features import load_features
     from pipeline.ray_stages import init_ray, plan_resources
+    from pipeline.schema import FeaturesManifest
     from pipeline.shards import list_shards
+    from pipeline.stages.extract import run_extract
 
     data = work / "images"
     info = write_demo_data(str(data), per_class=images_per_class)
@@ -142,12 +147,12 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
         return ExtractConfig(input=src, output=str(work / f"extract-{tag}"), input_format="folder",
                              encoder=FEATURE_MODEL, shard_size=shard_size, batch_size=batch_size)
 
-    def pipeline_run(tag: str) -> tuple[float, dict]:
+    def pipeline_run(tag: str) -> tuple[float, FeaturesManifest]:
         c = cfg(tag)
         shutil.rmtree(c.output, ignore_errors=True)
         secs, manifest = _timed(lambda: run_extract(c, progress=False))
-        if manifest["n_images"] != n or manifest["n_errors"]:
-            raise RuntimeError(f"pipeline run {tag}: {manifest['n_images']} images, {manifest['n_errors']} errors "
+        if manifest.n_images != n or manifest.n_errors:
+            raise RuntimeError(f"pipeline run {tag}: {manifest.n_images} images, {manifest.n_errors} errors "
                                f"(expected {n}, 0)")
         return secs, manifest
 
@@ -171,7 +176,7 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
     load_s, encoder = _timed(lambda: load_image_encoder(FEATURE_MODEL, device=plan.device))
     prev_threads = torch.get_num_threads()
     bare_out: dict = {}
-    manifests: dict = {}
+    manifests: dict[str, FeaturesManifest] = {}
 
     def pipeline_rep(r: int) -> float:
         secs, manifests["last"] = pipeline_run(f"r{r}")
@@ -213,7 +218,7 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
         "bare_encoder_load_s": load_s,
         "cold": None,
         "torch_threads": {"pipeline_actor": plan.threads, "bare_loop": plan.threads, "driver_default": prev_threads},
-        "resource_plan": dict(manifests["last"]["resources"] or {}),
+        "resource_plan": dict(manifests["last"].resources or {}),
         "embeddings_max_abs_diff_pipeline_vs_bare": max_abs_diff,
         "notes": ("Both sides run on the same machine in the same process, interleaved. With Ray up the "
                   "pipeline still starts its encoder actor and loads the model on every run; the bare "
@@ -233,38 +238,14 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
 
 # -- labeling ------------------------------------------------------------------------------------
 
-def _write_feature_dir(out: str, X, labels: list[str], *, shard_rows: int, id_prefix: str) -> dict:
-    """Feature shards + manifest laid out exactly as ``zsl extract`` writes them."""
-    import numpy as np
-    import pyarrow as pa
+def _write_feature_dir(out: str, X, labels: list[str], *, shard_rows: int, id_prefix: str):
+    """A feature directory of synthetic rows, written by the library's writer (same layout as ``zsl extract``)."""
+    from pipeline.features import write_features
 
-    from pipeline import io as zio
-    from pipeline.extract import shard_name
-    from pipeline.schema import ERRORS_SCHEMA, FEATURES_FORMAT, features_schema
-
-    n, dim = X.shape
-    n_shards = 0
-    for sid, s in enumerate(range(0, n, shard_rows)):
-        e = min(n, s + shard_rows)
-        ids = [f"{id_prefix}/{i:08d}.png" for i in range(s, e)]
-        feats = pa.table({
-            "image_id": ids,
-            "uri": [f"synthetic://{i}" for i in ids],
-            "label": labels[s:e],
-            "caption": pa.nulls(e - s, pa.string()),
-            "width": np.full(e - s, 28, np.int32),
-            "height": np.full(e - s, 28, np.int32),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(X[s:e]).reshape(-1)), dim),
-        }, schema=features_schema(dim))
-        zio.write_parquet_atomic(zio.join(out, "errors", shard_name(sid)), ERRORS_SCHEMA.empty_table())
-        zio.write_parquet_atomic(zio.join(out, "features", shard_name(sid)), feats)
-        n_shards += 1
-    manifest = {"format": FEATURES_FORMAT, "model_id": FEATURE_MODEL, "dim": dim, "image_size": 224,
-                "n_shards": n_shards, "n_images": n, "n_errors": 0,
-                "config": {"input": f"synthetic:{id_prefix}", "encoder": FEATURE_MODEL, "shard_size": shard_rows},
-                "resources": None, "seconds_last_run": 0.0}
-    zio.write_json_atomic(zio.join(out, "manifest.json"), manifest)
-    return manifest
+    ids = [f"{id_prefix}/{i:08d}.png" for i in range(len(labels))]
+    return write_features(out, image_ids=ids, uris=[f"synthetic://{i}" for i in ids], labels=labels, X=X,
+                          model_id=FEATURE_MODEL, shard_size=shard_rows,
+                          notes={"source": "synthetic (benchmarks.bench)", "input": f"synthetic:{id_prefix}"})
 
 
 def _synthetic_features(rng, centers, y, *, noise: float, chunk: int = 20_000):
@@ -286,13 +267,13 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
                 repeats: int, seed: int) -> dict:
     import numpy as np
 
-    from pipeline.classes import write_class_set
+    from pipeline.classset import load_class_set, write_class_set
     from pipeline.config import LabelConfig, TrainConfig
-    from pipeline.labeling import run_label
     from pipeline.models import load_model
     from pipeline.models.base import l2n
-    from pipeline.semantics import load_class_set
-    from pipeline.training import run_train
+    from pipeline.models.scoring import class_semantics
+    from pipeline.stages.label import run_label
+    from pipeline.stages.train import run_train
 
     dim = 1280
     rng = np.random.default_rng(seed)
@@ -309,7 +290,7 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
     t_prep = time.perf_counter()
     classes_dir, model_dir = str(work / "classes"), str(work / "model")
     write_class_set(classes_dir, names, [None] * n_classes, text, None, {
-        "source": "synthetic (jobs.bench)", "text_model": "minilm", "text_model_name": "minilm",
+        "source": "synthetic (benchmarks.bench)", "text_model": "minilm", "text_model_name": "minilm",
         "pretrained": None, "templates": ["a photo of a {name}."], "text_dim": TEXT_DIM, "attribute_names": [],
         "attribute_normalization": "l2", "attribute_stats": None, "missing_attributes": "error",
         "missing_value": -1.0})
@@ -328,7 +309,7 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
     prep_s = time.perf_counter() - t_prep
 
     model, mman = load_model(model_dir, feature_dim=dim, feature_model=FEATURE_MODEL)
-    S = load_class_set(classes_dir).semantics(mman["semantics"], mman.get("semantic_weights"))
+    S = class_semantics(mman, load_class_set(classes_dir))
     V = np.asarray(model.V, np.float32)
     LOG.info("labeling bench: %d rows x %d-d in %d shards, %d classes (%d seen), top-%d, %d repeats "
              "(data + model prepared in %.1fs)", rows, dim, math.ceil(rows / shard_rows), n_classes, n_seen,
@@ -342,8 +323,9 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
         cfg = LabelConfig(model=model_dir, features=feats_dir, classes=classes_dir, output=out_dir(r),
                           top_k=top_k, calibrated=True)
         secs, m = _timed(lambda: run_label(cfg, progress=False))
-        if m["n_labeled_this_run"] != rows:
-            raise RuntimeError(f"run_label labeled {m['n_labeled_this_run']} rows, expected {rows}")
+        if m.n_labeled_this_run != rows or m.n_images != rows:
+            raise RuntimeError(f"run_label labeled {m.n_labeled_this_run} rows ({m.n_images} in all), "
+                               f"expected {rows}")
         shutil.rmtree(out_dir(r), ignore_errors=True)
         return secs
 
@@ -358,7 +340,7 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
     p_s, b_s = _interleaved(repeats, pipeline_rep, bare_rep)
     p_rps, b_rps = [rows / s for s in p_s], [rows / s for s in b_s]
     p_med, b_med = _median(p_rps), _median(b_rps)
-    gamma = float(train_manifest["gamma"])
+    gamma = float(train_manifest.gamma)
     calib = (f"calibrated stacking: gamma={gamma:.4g} subtracted from the {n_seen} seen-class columns" if gamma
              else "calibration skipped: the tuned gamma is 0")
     batch_size = LabelConfig(model=model_dir, features=feats_dir, classes=classes_dir, output=out_dir(0)).batch_size
@@ -368,7 +350,7 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
         "n_shards": math.ceil(rows / shard_rows),
         "n_classes": n_classes,
         "n_seen": n_seen,
-        "model": {"method": "eszsl", "gamma": train_manifest["gamma"], "n_train": train_manifest["n_train"]},
+        "model": {"method": train_manifest.method, "gamma": gamma, "n_train": train_manifest.n_train},
         "pipeline": {"seconds": p_s, "rows_per_s": p_rps, "median_rows_per_s": p_med},
         "bare": {"seconds": b_s, "rows_per_s": b_rps, "median_rows_per_s": b_med},
         "ratio": _ratio(p_med, b_med),
@@ -378,7 +360,7 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
                   f"shard reads Parquet (zstd; files are in the page cache after being written) and converts "
                   f"the embedding column to NumPy; scores in batches of {batch_size} via class_scores "
                   f"({calib}); sorts the top-k "
-                  f"(lexsort) rather than only partitioning; builds per-row Arrow lists of class names and "
+                  f"(stable argsort) rather than only partitioning; builds per-row Arrow lists of class names and "
                   f"scores; writes one zstd Parquet labels shard per feature shard atomically (fsync) and a "
                   f"manifest. Bare: l2n(X) @ V @ S.T + np.argpartition on the in-memory matrix, no I/O."),
     }
@@ -449,7 +431,7 @@ def _check_finite(result: dict) -> None:
 
 @app.command()
 def bench(
-    output: str = typer.Option("tests/bench/results.json", help="JSON file to write (atomically)."),
+    output: str = typer.Option(str(RESULTS / "results.json"), help="JSON file to write (atomically)."),
     repeats: int = typer.Option(3, min=1, help="Timed repeats of each side (medians are reported)."),
     images_per_class: int = typer.Option(40, min=1, help="animal-mnist images per class (10 classes)."),
     shard_size: int = typer.Option(100, min=1, help="Images per extraction shard."),

@@ -1,0 +1,184 @@
+"""Train stage: seen-class features + class semantics -> a model directory, under the protocol of Xian et al.
+
+Training only ever sees seen-class features. Hyper-parameters (``tune``) and calibrated
+stacking's γ are chosen on a class-wise split *of the seen classes* (some seen classes act as
+pseudo-unseen); the model is then refit on all seen classes. Test-unseen labels are never read here.
+Runs under the resume protocol: the identity is the features, the class set and every setting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import numpy as np
+
+from pipeline import io as zio
+from pipeline.calibration import split_seen_classes, tune_gamma
+from pipeline.classset import load_class_set
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.features import features_identity, labelled_rows, load_features
+from pipeline.metrics import mean_per_class_accuracy
+from pipeline.models import METHODS, check_method, make_model, method_params, model_manifest, save_weights
+from pipeline.resume import OutputDir
+from pipeline.schema import ModelManifest
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["run_train", "fit_model"]
+
+MAX_GRID = 32
+
+
+def _method_kwargs(cfg: TrainConfig, overrides: dict | None = None) -> dict:
+    if cfg.method == "ensemble":
+        if len(cfg.members) < 2:
+            raise ValueError("method 'ensemble' needs at least two --members (e.g. devise,eszsl)")
+        weights = list(cfg.member_weights) or [1.0] * len(cfg.members)
+        if len(weights) != len(cfg.members):
+            raise ValueError(f"{len(cfg.members)} ensemble members but {len(weights)} weights")
+        members = []
+        for m in cfg.members:
+            p = dict(cfg.params.get(m, {})) if isinstance(cfg.params.get(m), dict) else {}
+            if "seed" in method_params(m):
+                p.setdefault("seed", cfg.seed)
+            members.append({"method": m, "params": p})
+        return {"members": members, "weights": weights}
+    params = {**cfg.params, **(overrides or {})}
+    if "seed" in method_params(cfg.method):
+        params.setdefault("seed", cfg.seed)
+    return params
+
+
+def fit_model(method: str, kwargs: dict, X, cls_global, class_ids: list[int], S_all):
+    """Fit ``method`` on rows ``X`` whose classes (indices into ``S_all``) are ``cls_global``."""
+    local = {c: i for i, c in enumerate(class_ids)}
+    y = np.asarray([local[c] for c in cls_global], np.int64)
+    return make_model(method, **kwargs).fit(X, y, S_all[class_ids])
+
+
+def _tune(cfg: TrainConfig, X, cls, split, S) -> tuple[dict, dict]:
+    """Pick hyper-parameters by ZSL accuracy on the pseudo-unseen classes (never test classes)."""
+    train_m, val_m, p_seen, p_unseen = split
+    # values the user fixed (--param) are not searched
+    grid = {k: v for k, v in METHODS[cfg.method].grid.items() if k not in cfg.params}
+    if not grid:
+        return {}, {"grid": {}, "note": f"{cfg.method} has no hyper-parameters to tune"}
+    keys = sorted(grid)
+    combos = list(itertools.product(*(grid[k] for k in keys)))[:MAX_GRID]
+    u_rows = val_m & np.isin(cls, p_unseen)
+    pos = {c: i for i, c in enumerate(p_unseen)}
+    y_u = np.asarray([pos[c] for c in cls[u_rows]])
+    results = []
+    for combo in combos:
+        over = dict(zip(keys, combo))
+        model = fit_model(cfg.method, _method_kwargs(cfg, over), X[train_m], cls[train_m], list(p_seen), S)
+        acc = mean_per_class_accuracy(y_u, np.argmax(model.scores(X[u_rows], S[list(p_unseen)]), axis=1))
+        results.append({"params": over, "val_zsl": float(acc)})
+        LOG.info("tune %s %s: val ZSL %.3f", cfg.method, over, acc)
+    best = max(results, key=lambda r: r["val_zsl"])
+    return best["params"], {"grid": grid, "results": results, "chosen": best}
+
+
+def _check_methods(cfg: TrainConfig) -> None:
+    try:
+        check_method(cfg.method)
+        for m in cfg.members:
+            check_method(m, "ensemble member")
+            if m == "ensemble":
+                raise ValueError("an ensemble cannot be a member of an ensemble")
+    except ValueError as exc:
+        raise ConfigError(f"train config: {exc}") from None
+
+
+def run_train(cfg: TrainConfig) -> ModelManifest:
+    """Fit ``cfg.method`` on the seen classes, tune γ (and hyper-parameters) on held-out seen classes."""
+    t0 = time.perf_counter()
+    _check_methods(cfg)
+    feats = load_features(cfg.features)
+    classes = load_class_set(cfg.classes)
+    identity = {**cfg.model_dump(exclude={"output", "overwrite"}),
+                "features": features_identity(cfg.features, feats.manifest),
+                "classes": classes.manifest.fingerprint}
+    with OutputDir(cfg.output, job="train", identity=identity, overwrite=cfg.overwrite,
+                   owned=("weights.safetensors",)) as out:
+        done = out.finished(ModelManifest)
+        if done is not None:
+            LOG.info("%s: model of these features, classes and settings is complete; nothing to do", cfg.output)
+            return done
+        model, fields = _fit(cfg, feats, classes)
+        fields["seconds"] = round(time.perf_counter() - t0, 2)
+        manifest = model_manifest(model, fields)
+        out.begin()
+        save_weights(cfg.output, model)
+        out.finish(manifest)
+        return manifest
+
+
+def _fit(cfg: TrainConfig, feats, classes) -> tuple:
+    """The model fitted on all seen classes, and its manifest fields."""
+    seen_ids = classes.index_of(list(cfg.seen), "seen class")
+    S = classes.semantics(cfg.semantics, cfg.semantic_weights)
+    rows, cls = labelled_rows(feats.labels, classes.names, list(cfg.seen), cfg.features)
+    X = feats.X[rows]
+    LOG.info("training %s on %d images of %d seen classes (%s semantics, %d-d)",
+             cfg.method, len(rows), len(seen_ids), cfg.semantics, S.shape[1])
+    needs_split = cfg.calibration or cfg.tune
+    split = (split_seen_classes(cls, seen_ids, val_class_fraction=cfg.val_class_fraction,
+                                val_sample_fraction=cfg.val_sample_fraction, seed=cfg.seed)
+             if needs_split else None)
+    chosen, tuning = {}, None
+    if cfg.tune:
+        if cfg.method == "ensemble":
+            raise ValueError("--tune is not supported for ensembles; tune each member and pass --set params=...")
+        chosen, tuning = _tune(cfg, X, cls, split, S)
+    kwargs = _method_kwargs(cfg, chosen)
+    gamma, calib = 0.0, None
+    if cfg.calibration:
+        gamma, calib = _calibrate(cfg, kwargs, X, cls, split, S, classes.names)
+    model = fit_model(cfg.method, kwargs, X, cls, seen_ids, S)
+    if "text" in cfg.semantics.split("+"):
+        try:
+            model.fit_search_centers(X, S[seen_ids])
+        except NotImplementedError:
+            LOG.info("%s does not map images into the text space; its models cannot back `zsl index`", cfg.method)
+    cm = classes.manifest
+    fields = {
+        "feature_model": feats.manifest.model_id,
+        "feature_dim": feats.manifest.dim,
+        "semantics": cfg.semantics,
+        "semantic_weights": dict(cfg.semantic_weights),
+        "semantic_dim": int(S.shape[1]),
+        "text_model": cm.text_model,
+        "text_model_name": cm.text_model_name,
+        "text_pretrained": cm.pretrained,
+        "templates": cm.templates,
+        "attribute_names": cm.attribute_names,
+        "seen": list(cfg.seen),
+        "gamma": float(gamma),
+        "calibration": calib,
+        "tuning": tuning,
+        "train_features": cfg.features,
+        "train_features_fingerprint": zio.fingerprint(feats.manifest.to_json()),
+        "n_train": int(len(rows)),
+        "config": cfg.model_dump(mode="json"),
+    }
+    return model, fields
+
+
+def _calibrate(cfg: TrainConfig, kwargs: dict, X, cls, split, S, names) -> tuple[float, dict]:
+    """γ of calibrated stacking, tuned on the pseudo-unseen split of the seen classes (never test classes)."""
+    train_m, val_m, p_seen, p_unseen = split
+    sub = fit_model(cfg.method, kwargs, X[train_m], cls[train_m], list(p_seen), S)
+    val_ids = list(p_seen) + list(p_unseen)
+    pos = {c: i for i, c in enumerate(val_ids)}
+    scores = sub.scores(X[val_m], S[val_ids])
+    y_val = np.asarray([pos[c] for c in cls[val_m]])
+    gamma, info = tune_gamma(scores, y_val, list(range(len(p_seen))), list(range(len(p_seen), len(val_ids))))
+    calib = {"gamma": float(gamma), "pseudo_unseen": [names[c] for c in p_unseen],
+             "n_val": int(val_m.sum()), **{k: v for k, v in info.items() if k in ("seen", "unseen", "H")}}
+    shown = calib["pseudo_unseen"][:8] + (["..."] if len(calib["pseudo_unseen"]) > 8 else [])
+    LOG.info("calibrated stacking: gamma=%.4f (%d pseudo-unseen classes: %s)", gamma,
+             len(calib["pseudo_unseen"]), ", ".join(shown))
+    return float(gamma), calib
