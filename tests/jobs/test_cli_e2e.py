@@ -124,6 +124,7 @@ def test_full_flow(ray_cluster, data: Path, tmp_path: Path, capsys):
     assert len(relabels) == 48 and relabels["topk"].map(len).eq(3).all()
 
 
+@pytest.mark.slow  # ~15-20 s: runs in CI's `make test-slow`
 def test_webdataset_and_parquet_inputs(ray_cluster, data: Path, tmp_path: Path):
     imgs = sorted((data / "train" / "bear").glob("*.png"))[:5]
     tar_dir = tmp_path / "wds"
@@ -176,6 +177,7 @@ def test_usage_errors_exit_2(capsys):
     assert main(["no-such-command"]) == 2
 
 
+@pytest.mark.slow  # ~15-20 s: runs in CI's `make test-slow`
 def test_open_clip_backbone_and_text_tower_zero_shot(ray_cluster, data: Path, tmp_path: Path):
     """open_clip path end to end with random weights (no hub download): image tower in the Ray
     actors, text tower for the classes, and the `clip` method that needs no projection."""

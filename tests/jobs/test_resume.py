@@ -187,6 +187,7 @@ def reference(corpus) -> dict:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow  # ~15-20 s: runs in CI's `make test-slow`
 def test_extract_killed_at_several_points_resumes_to_the_exact_rows(corpus, reference, tmp_path):
     out = tmp_path / "features"
     argv = ["extract", "--input", str(corpus), "--output", str(out), "--shard-size", str(SHARD),
