@@ -126,7 +126,7 @@ class EncodeActor:
 
 def _trace_encoded(shard_ids: np.ndarray) -> None:
     """Diagnostics: with ``ZSL_TRACE_ENCODED=<file>`` each encoded batch appends ``shard_id rows time`` lines
-    (one ``O_APPEND`` write, atomic across actors). ``jobs.redo_share`` uses it to count the work a
+    (one ``O_APPEND`` write, atomic across actors). ``benchmarks.redo_share`` uses it to count the work a
     kill destroys inside the workers, which the driver cannot see."""
     path = os.environ.get("ZSL_TRACE_ENCODED")
     if not path or not len(shard_ids):
@@ -206,7 +206,7 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
                         fn_constructor_kwargs=dict(encoder=encoder, pretrained=pretrained,
                                                    device=plan.device, threads=plan.threads))
     # No prefetch: a shard is handed to the writer as soon as it is encoded. With prefetch, about one
-    # finished shard waits in the driver's queue, and a kill throws it away (jobs/redo_share.py).
+    # finished shard waits in the driver's queue, and a kill throws it away (benchmarks/redo_share.py).
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         on_rows(batch)
     return plan

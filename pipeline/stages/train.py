@@ -100,6 +100,8 @@ def run_train(cfg: TrainConfig) -> ModelManifest:
     classes = load_class_set(cfg.classes)
     identity = {**cfg.model_dump(exclude={"output", "overwrite"}),
                 "features": features_identity(cfg.features, feats.manifest),
+                # a feature directory that gained images trains another model
+                "features_content": zio.fingerprint([feats.image_ids, feats.labels]),
                 "classes": classes.manifest.fingerprint}
     with OutputDir(cfg.output, job="train", identity=identity, overwrite=cfg.overwrite,
                    owned=("weights.safetensors",)) as out:
