@@ -89,7 +89,6 @@ class OutputDir:
         self.overwrite = overwrite
         self.owned = tuple(owned)
         self.previous_state: dict[str, Any] = {}
-        self.replaced = False
         self._in_place = False
         self._stack: contextlib.ExitStack | None = None
 
@@ -153,7 +152,6 @@ class OutputDir:
                                    "(nothing was changed)")
             LOG.warning("%s: replacing an output made from other inputs or settings (%s)", self.uri, what)
             self._clear()
-            self.replaced = True
         zio.write_json_atomic(self.join(RUN_FILE),
                               RunRecord(job=self.job, identity=self.identity).model_dump(mode="json"))
 
