@@ -278,12 +278,17 @@ def evaluate(
     _run(body)
 
 
+AddressOpt = typer.Option(None, help="Ray cluster address: run the per-shard work there.")
+WorkersOpt = typer.Option(None, help="Ray workers (default: the cluster's CPUs - 1).")
+
+
 @app.command()
 def label(
     model: Optional[str] = typer.Option(None), features: Optional[str] = typer.Option(None),
     classes: Optional[str] = typer.Option(None), output: Optional[str] = typer.Option(None),
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k"),
     calibrated: Optional[bool] = typer.Option(None, "--calibrated/--uncalibrated"),
+    address: Optional[str] = AddressOpt, num_workers: Optional[int] = WorkersOpt,
     overwrite: Optional[bool] = OverwriteOpt,
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -292,7 +297,8 @@ def label(
         from pipeline.stages.label import run_label
 
         cfg = load_config("label", dict(model=model, features=features, classes=classes, output=output,
-                                        top_k=top_k, calibrated=calibrated, overwrite=overwrite), config, set)
+                                        top_k=top_k, calibrated=calibrated, address=address,
+                                        num_workers=num_workers, overwrite=overwrite), config, set)
         m = run_label(cfg)
         typer.echo(f"labeled {m.n_labeled_this_run} images in {m.n_shards} shards against "
                    f"{len(m.classes)} classes -> {cfg.output}")
@@ -305,20 +311,31 @@ def index(
     output: Optional[str] = typer.Option(None),
     max_memory: Optional[str] = typer.Option(None, help="Index memory budget, e.g. 512M, 16G."),
     index_factory: Optional[str] = typer.Option(None, help="Force a FAISS index_factory string."),
-    nprobe: Optional[int] = typer.Option(None, help="IVF lists searched per query."),
+    nprobe: Optional[int] = typer.Option(None, help="Fix IVF nprobe instead of tuning it."),
+    search_params: Optional[str] = typer.Option(None, help="Fix faiss search parameters, e.g. efSearch=128."),
+    target_recall: Optional[float] = typer.Option(None, help="Tune search parameters to this recall@k (0.95)."),
+    max_query_ms: Optional[float] = typer.Option(None, help="Instead: best recall within this latency per query."),
     use_gpu: Optional[str] = typer.Option(None, help="auto | yes | no"),
+    address: Optional[str] = AddressOpt, num_workers: Optional[int] = WorkersOpt,
+    partitions: Optional[int] = typer.Option(None, help="IVF: build this many partitions apart, merge on disk."),
     overwrite: Optional[bool] = OverwriteOpt,
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Build a FAISS index of images in the model's text space (chosen under a memory budget)."""
+    """Build a FAISS index of images in the model's text space (chosen under a memory budget, tuned
+    to a recall target); on a feature directory that gained shards, add only their vectors."""
     def body():
         from pipeline.stages.index import run_index
 
         cfg = load_config("index", dict(features=features, model=model, output=output, max_memory=max_memory,
-                                        index_factory=index_factory, nprobe=nprobe, use_gpu=use_gpu,
+                                        index_factory=index_factory, nprobe=nprobe, search_params=search_params,
+                                        target_recall=target_recall, max_query_ms=max_query_ms, use_gpu=use_gpu,
+                                        address=address, num_workers=num_workers, partitions=partitions,
                                         overwrite=overwrite), config, set)
         m = run_index(cfg)
-        typer.echo(f"indexed {m.ntotal} images with {m.factory} ({m.index_bytes / 2**20:.1f} MiB) -> {cfg.output}")
+        tuned = (f"; {m.search_params or 'exact'}: recall@10 {m.tuning.recall_at_10:.3f}, "
+                 f"{m.tuning.latency_ms_mean:.2f} ms/query" if m.tuning else "")
+        typer.echo(f"indexed {m.ntotal} images with {m.factory} ({m.index_bytes / 2**20:.1f} MiB, "
+                   f"{m.build}){tuned} -> {cfg.output}")
     _run(body)
 
 

@@ -166,6 +166,8 @@ class LabelConfig(_Config):
     calibrated: bool = True
     batch_size: int = Field(65_536, gt=0)
     overwrite: bool = False
+    address: str | None = Field(None, description="Ray cluster address: label the shards there (default: here).")
+    num_workers: int | None = Field(None, gt=0, description="Ray workers (default: the cluster's CPUs - 1).")
 
 
 class IndexConfig(_Config):
@@ -174,9 +176,22 @@ class IndexConfig(_Config):
     output: Uri
     max_memory: str = Field("4G", description="Memory budget for the index, e.g. '512M', '16G'.")
     index_factory: str | None = Field(None, description="Force a FAISS index_factory string.")
-    nprobe: int | None = Field(None, gt=0)
+    nprobe: int | None = Field(None, gt=0, description="Fix IVF nprobe instead of tuning it.")
+    search_params: str | None = Field(None, description="Fix faiss search parameters (e.g. 'efSearch=128') "
+                                                        "instead of tuning them.")
+    target_recall: float = Field(0.95, gt=0, le=1, description="Tune search parameters to this recall@k.")
+    tune_k: int = Field(10, gt=0, description="The k of the recall target.")
+    max_query_ms: float | None = Field(None, gt=0, description="Instead: the best recall within this "
+                                                               "single-query latency.")
+    tune_queries: int = Field(1000, gt=0, description="Queries sampled from the index to tune on.")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     overwrite: bool = Field(False, description="Replace an index built from other features, model or settings.")
+    address: str | None = Field(None, description="Ray cluster address: project shards (and build IVF "
+                                                  "partitions) there.")
+    num_workers: int | None = Field(None, gt=0, description="Ray workers (default: the cluster's CPUs - 1).")
+    partitions: int | None = Field(None, gt=0, description="IVF only: build this many partitions apart and "
+                                                           "merge their lists on disk (default with address: "
+                                                           "one per worker).")
 
     @field_validator("max_memory")
     @classmethod

@@ -1,17 +1,20 @@
 """FAISS indexes of L2-normalised float32 embeddings, searched by inner product (cosine).
 
-Choose an index under a memory budget (as criteo/autofaiss does), build it (on GPU when there
-is one), save it atomically beside its id table and manifest, load it back with checks, search it.
+Choose an index under a memory budget (as criteo/autofaiss does: flat, HNSW, IVF with a flat or
+HNSW coarse quantiser, OPQ+PQ codes), build it (on GPU when there is one), or build IVF partitions
+separately with one trained quantiser and merge their inverted lists on disk; save it atomically
+beside its id table and manifest (faiss streams it to disk: no in-memory copy), load it back
+memory-mapped with checks, set its search parameters (``nprobe``, ``efSearch``) and search it.
 
-An index directory holds ``index.faiss``, ``ids.parquet`` (``INDEX_IDS_SCHEMA``) and
-``manifest.json``; the manifest is written last, so its presence means the index is complete.
-faiss is imported lazily: importing this module never needs it.
+An index directory holds ``index.faiss`` (plus ``index.ivfdata`` for an on-disk merged IVF),
+``ids.parquet`` (``INDEX_IDS_SCHEMA``) and ``manifest.json``; the manifest is written last, so its
+presence means the index is complete. faiss is imported lazily: importing this module never needs it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
+import os
 import logging
 import math
 import re
@@ -28,13 +31,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["choose_index", "estimate_memory", "build_index", "write_index_files", "save_index",
-           "load_index", "search", "brute_force_search", "recall_at_k"]
+__all__ = ["choose_index", "estimate_memory", "training_rows", "new_index", "train_index", "add_vectors",
+           "build_index", "merge_ivf_parts", "write_index_files", "save_index", "load_index",
+           "set_search_params", "search", "brute_force_search", "recall_at_k", "INDEX_FILE", "IVFDATA_FILE"]
 
 _FLAT_MAX_N = 20_000
 _HNSW_MAX_N = 1_000_000
 _HNSW_M = 32
+_IVF_HNSW_MIN_NLIST = 4096  # from here on an HNSW coarse quantiser (autofaiss's choice) beats a flat scan
+_PQ_M = (512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
 _ADD_BATCH = 65_536
+_VERIFY_MAX_BYTES = 256 << 20  # larger index files: size checked on load, sha256 only with verify=True
+INDEX_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"
 _NO_FAISS = "faiss is not installed: pip install 'zsl-pipeline[cpu]' (or [gpu] on CUDA machines)"
 
 
@@ -58,7 +67,7 @@ def estimate_memory(factory: str, n: int, dim: int) -> int:
     Counts the stored payload: vectors or codes, 8-byte ids of inverted lists, IVF centroids, PQ
     codebooks, OPQ matrices, HNSW links (``2*M`` level-0 neighbours of 4 bytes + ~16 bytes per
     vector); not the training sample or add batches held while building. Understands ``Flat``,
-    ``HNSW{M}[,Flat]``, ``IVF{nlist},`` + ``Flat``/``PQ{m}[x{bits}]``/``SQ8``/``SQfp16``,
+    ``HNSW{M}[,Flat]``, ``IVF{nlist}[_HNSW{M}],`` + ``Flat``/``PQ{m}[x{bits}]``/``SQ8``/``SQfp16``,
     ``PQ{m}[x{bits}]``, with an optional ``OPQ{m}[_{d}],`` prefix; else ``ValueError``.
 
     >>> estimate_memory("Flat", 1000, 512)
@@ -77,12 +86,14 @@ def estimate_memory(factory: str, n: int, dim: int) -> int:
         d = int(m.group(2) or dim)
         total += dim * d * 4
         parts = parts[1:]
-    ivf = re.fullmatch(r"IVF(\d+)", parts[0]) if parts else None
+    ivf = re.fullmatch(r"IVF(\d+)(?:_HNSW(\d+))?", parts[0]) if parts else None
     hnsw = re.fullmatch(r"HNSW(\d+)", parts[0]) if parts else None
     if ivf or hnsw:
         parts = parts[1:] or (["Flat"] if hnsw else [])
     if ivf:
         total += int(ivf.group(1)) * d * 4 + n * 8
+        if ivf.group(2):  # HNSW graph over the centroids
+            total += int(ivf.group(1)) * (int(ivf.group(2)) * 2 * 4 + 16)
     if hnsw:
         total += n * (int(hnsw.group(1)) * 2 * 4 + 16)
     pq_ = re.fullmatch(r"PQ(\d+)(?:x(\d+))?", parts[0]) if len(parts) == 1 else None
@@ -96,14 +107,36 @@ def estimate_memory(factory: str, n: int, dim: int) -> int:
     raise ValueError(f"estimate_memory: unsupported index factory {factory!r}")
 
 
+def _ivf(nlist: int) -> str:
+    return f"IVF{nlist}_HNSW{_HNSW_M}" if nlist >= _IVF_HNSW_MIN_NLIST else f"IVF{nlist}"
+
+
+_OPQ_MIN_N = 100_000  # below this, OPQ's rotation costs more training time than it gains
+
+
+def _pq_factories(n: int, nlist: int, dim: int) -> Iterable[str]:
+    """PQ candidates, largest codes first: ``OPQ{m}_{d},IVF..,PQ{m}x8`` (OPQ rotates and reduces to
+    ``d`` = 4 dims per sub-quantiser where ``dim`` allows, as autofaiss does); for small ``n``,
+    ``IVF..,PQ{m}x8`` with ``m`` dividing ``dim``."""
+    for m in _PQ_M:
+        if m <= dim and n >= _OPQ_MIN_N:
+            yield f"OPQ{m}_{min(4 * m, dim - dim % m)},{_ivf(nlist)},PQ{m}x8"
+        elif m <= dim and dim % m == 0:
+            yield f"{_ivf(nlist)},PQ{m}x8"
+
+
 def choose_index(n: int, dim: int, *, max_memory_bytes: int) -> str:
     """Pick a FAISS ``index_factory`` string for ``n`` vectors of ``dim`` within a memory budget.
 
     The first whose :func:`estimate_memory` fits wins: exact ``Flat`` (``n <= 20_000``),
-    ``HNSW32,Flat`` (``n <= 1_000_000``), ``IVF{nlist},Flat``, then ``IVF{nlist},PQ{m}x8`` with
-    ``m`` the largest divisor of ``dim`` that fits (needs ``n >= 256``). ``nlist`` is ~``4*sqrt(n)``
-    as a power of two in [16, 65536], at most ``n // 39`` (>= 39 training points per centroid).
-    Raises ``ValueError`` saying how much memory is needed when nothing fits.
+    ``HNSW32,Flat`` (``n <= 1_000_000``), ``IVF{nlist},Flat``, then OPQ + IVF + PQ codes
+    ``OPQ{m}_{d},IVF{nlist},PQ{m}x8`` with the largest ``m`` that fits (``IVF{nlist},PQ{m}x8``
+    below 100,000 vectors; PQ needs ``n >= 256``).
+    ``nlist`` is ~``4*sqrt(n)`` as a power of two in [16, 65536], at most ``n // 39`` (>= 39
+    training points per centroid); from 4096 lists on the coarse quantiser is an HNSW graph
+    (``IVF{nlist}_HNSW32``), as in autofaiss. Raises ``ValueError`` saying how much memory is
+    needed when nothing fits. Search parameters are not guessed here: see
+    :func:`pipeline.index_tuning.tune_index`.
 
     >>> from pipeline.config import parse_memory
     >>> choose_index(10_000, 512, max_memory_bytes=parse_memory("1G"))
@@ -111,34 +144,48 @@ def choose_index(n: int, dim: int, *, max_memory_bytes: int) -> str:
     >>> choose_index(500_000, 512, max_memory_bytes=parse_memory("4G"))
     'HNSW32,Flat'
     >>> choose_index(5_000_000, 512, max_memory_bytes=parse_memory("16G"))
-    'IVF8192,Flat'
+    'IVF8192_HNSW32,Flat'
     >>> choose_index(100_000_000, 768, max_memory_bytes=parse_memory("16G"))
-    'IVF32768,PQ128x8'
+    'OPQ128_512,IVF32768_HNSW32,PQ128x8'
     >>> choose_index(1_000_000_000, 768, max_memory_bytes=parse_memory("4G"))
     Traceback (most recent call last):
     ...
-    ValueError: no index of 1000000000 vectors of dim 768 fits in 4294967296 bytes: needs at least 9202113024 bytes (IVF65536,PQ1x8); raise max_memory_bytes
+    ValueError: no index of 1000000000 vectors of dim 768 fits in 4294967296 bytes: needs at least 9018890752 bytes (OPQ1_4,IVF65536_HNSW32,PQ1x8); raise max_memory_bytes
     """
     if n <= 0 or dim <= 0 or max_memory_bytes <= 0:
         raise ValueError(f"need n, dim, max_memory_bytes > 0, got n={n}, dim={dim}, "
                          f"max_memory_bytes={max_memory_bytes}")
     nlist = _nlist(n)
     candidates = (["Flat"] if n <= _FLAT_MAX_N else []) + (
-        [f"HNSW{_HNSW_M},Flat"] if n <= _HNSW_MAX_N else []) + [f"IVF{nlist},Flat"]
+        [f"HNSW{_HNSW_M},Flat"] if n <= _HNSW_MAX_N else []) + [f"{_ivf(nlist)},Flat"]
     for c in candidates:
         if estimate_memory(c, n, dim) <= max_memory_bytes:
             return c
-    if n < 256:  # too few points to train PQ: exact search is the smallest usable index
-        smallest = "Flat"
-    else:
-        for m in sorted((m for m in range(1, dim + 1) if dim % m == 0), reverse=True):
-            factory = f"IVF{nlist},PQ{m}x8"
+    smallest = "Flat"  # too few points to train PQ: exact search is the smallest usable index
+    if n >= 256:
+        for factory in _pq_factories(n, nlist, dim):
             if estimate_memory(factory, n, dim) <= max_memory_bytes:
                 return factory
-        smallest = f"IVF{nlist},PQ1x8"
+            smallest = factory
     need = estimate_memory(smallest, n, dim)
     raise ValueError(f"no index of {n} vectors of dim {dim} fits in {max_memory_bytes} bytes: "
                      f"needs at least {need} bytes ({smallest}); raise max_memory_bytes")
+
+
+def training_rows(factory: str, n: int) -> int:
+    """Rows to train ``factory`` on, sized from the index: 0 when it needs no training; for IVF at
+    least 39 per list and up to 64 per list (>= 50,000, enough for PQ/OPQ codebooks); never above n.
+
+    >>> training_rows("HNSW32,Flat", 10**6), training_rows("IVF4096,Flat", 10**7), training_rows("IVF1024,PQ16x8", 30_000)
+    (0, 262144, 30000)
+    """
+    m = re.search(r"IVF(\d+)", factory)
+    if m:
+        nlist = int(m.group(1))
+        return min(n, max(50_000, 39 * nlist, min(64 * nlist, 1_000_000)))
+    if "PQ" in factory or "SQ" in factory:
+        return min(n, 50_000)
+    return 0
 
 
 def _as_matrix(x: Any, dim: int, what: str) -> np.ndarray:
@@ -196,8 +243,74 @@ def _train_sample(source: Iterable, dim: int, n_total: int | None, size: int, se
     return (np.concatenate(parts) if parts else None), batches
 
 
+def new_index(dim: int, factory: str) -> "faiss.Index":
+    """An empty inner-product index made by ``index_factory`` (ValueError naming a bad factory)."""
+    faiss = _faiss()
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"bad index factory {factory!r} for dim {dim}: {exc}") from None
+    _no_polysemous(faiss, index)
+    return index
+
+
+def _to_gpu(index, use_gpu: bool | None, what: str):
+    """``(index, on_gpu)``: the index on every GPU faiss sees when asked (None: if any)."""
+    faiss = _faiss()
+    gpus = faiss.get_num_gpus() if use_gpu is not False and hasattr(faiss, "get_num_gpus") else 0
+    if use_gpu and not gpus:
+        LOG.warning("use_gpu=True but faiss sees no GPU; building %s on CPU", what)
+    if gpus:
+        try:
+            return faiss.index_cpu_to_all_gpus(index), True
+        except (RuntimeError, AttributeError) as exc:
+            LOG.warning("%s has no GPU version (%s); building on CPU", what, exc)
+    return index, False
+
+
+def train_index(sample: np.ndarray, *, dim: int, factory: str, use_gpu: bool | None = None) -> "faiss.Index":
+    """An empty index of ``factory`` trained on ``sample`` (on GPU when there is one); a CPU index."""
+    faiss = _faiss()
+    index = new_index(dim, factory)
+    if index.is_trained:
+        return index
+    sample = _as_matrix(sample, dim, "vectors")
+    index, on_gpu = _to_gpu(index, use_gpu, factory)
+    LOG.info("training %s on %d vectors of dim %d", factory, len(sample), dim)
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        raise ValueError(f"cannot train {factory} on {len(sample)} vectors: {exc}") from None
+    return faiss.index_gpu_to_cpu(index) if on_gpu else index
+
+
+def add_vectors(index: "faiss.Index", batches: Iterable[np.ndarray], *, start_id: int | None = None,
+                n_total: int | None = None, progress: bool = False, desc: str = "index") -> int:
+    """Add batches of vectors to a trained index; return how many were added.
+
+    ``start_id`` (IVF indexes only) gives the vectors the explicit ids ``start_id, start_id+1, ...``
+    (a partition of a larger index); otherwise they follow the index's ``ntotal``.
+    """
+    from tqdm.auto import tqdm
+
+    added = 0
+    with tqdm(total=n_total, unit="vec", desc=desc, disable=not progress) as bar:
+        for b in batches:
+            a = _as_matrix(b, index.d, "vectors")
+            for i in range(0, len(a), _ADD_BATCH):
+                part = a[i : i + _ADD_BATCH]
+                if start_id is None:
+                    index.add(part)
+                else:
+                    first = start_id + added + i
+                    index.add_with_ids(part, np.arange(first, first + len(part), dtype=np.int64))
+            added += len(a)
+            bar.update(len(a))
+    return added
+
+
 def build_index(vectors: np.ndarray | Iterable[np.ndarray], *, dim: int, factory: str,
-                n_total: int | None = None, train_sample: int = 100_000,
+                n_total: int | None = None, train_sample: int | None = None,
                 use_gpu: bool | None = None, seed: int = 0,
                 progress: bool = False) -> "faiss.Index":
     """Build an inner-product index from one array or an iterable of ``(rows, dim)`` batches.
@@ -207,14 +320,15 @@ def build_index(vectors: np.ndarray | Iterable[np.ndarray], *, dim: int, factory
     vectors
         L2-normalised embeddings: one array, or batches so that millions need not be held twice.
         A re-iterable (list, object whose ``__iter__`` starts afresh) is read once more to draw a
-        uniform training sample (twice more without ``n_total``), and trains exactly as the
-        concatenated array would; a one-shot iterator trains on its first ``train_sample`` rows.
+        uniform training sample across all batches (twice more without ``n_total``), and trains
+        exactly as the concatenated array would; a one-shot iterator trains on its first rows.
     dim, factory
         Vector dimension and FAISS ``index_factory`` string (see :func:`choose_index`).
     n_total
-        Number of rows, if known (spares the counting pass; sizes the progress bar).
+        Number of rows, if known (spares the counting pass; sizes the progress bar and the sample).
     train_sample
-        Rows drawn (seeded, without replacement) to train indexes that need training.
+        Rows drawn (seeded, without replacement) to train indexes that need training; default
+        :func:`training_rows` (needs ``n_total``; else 100,000).
     use_gpu
         None/True: all GPUs faiss sees, if any (else, or for index types without GPU support, CPU
         with a warning when True was asked). False: CPU.
@@ -227,43 +341,56 @@ def build_index(vectors: np.ndarray | Iterable[np.ndarray], *, dim: int, factory
         A CPU index (ready for :func:`save_index`) with ids ``0..ntotal-1`` in input order.
     """
     faiss = _faiss()
-    if train_sample <= 0:
+    if train_sample is not None and train_sample <= 0:
         raise ValueError(f"train_sample must be positive, got {train_sample}")
     source = [vectors] if isinstance(vectors, np.ndarray) else vectors
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ValueError(f"bad index factory {factory!r} for dim {dim}: {exc}") from None
-    _no_polysemous(faiss, index)
-    gpus = faiss.get_num_gpus() if use_gpu is not False else 0
-    if use_gpu and not gpus:
-        LOG.warning("use_gpu=True but faiss sees no GPU; building %s on CPU", factory)
-    if gpus:
-        try:
-            index = faiss.index_cpu_to_all_gpus(index)
-        except (RuntimeError, AttributeError) as exc:
-            LOG.warning("%s has no GPU version (%s); building on CPU", factory, exc)
-            gpus = 0
+    if n_total is None and isinstance(vectors, np.ndarray):
+        n_total = len(vectors)
+    index = new_index(dim, factory)
     batches = iter(source)
     if not index.is_trained:
-        sample, batches = _train_sample(source, dim, n_total, train_sample, seed)
+        size = train_sample or (training_rows(factory, n_total) if n_total else 100_000)
+        sample, batches = _train_sample(source, dim, n_total, size, seed)
         if sample is None:
             raise ValueError(f"cannot train {factory}: no vectors given")
-        LOG.info("training %s on %d vectors of dim %d", factory, len(sample), dim)
-        try:
-            index.train(sample)
-        except RuntimeError as exc:
-            raise ValueError(f"cannot train {factory} on {len(sample)} vectors: {exc}") from None
-    from tqdm.auto import tqdm
-    with tqdm(total=n_total, unit="vec", desc=f"index {factory}", disable=not progress) as bar:
-        for b in batches:
-            a = _as_matrix(b, dim, "vectors")
-            for i in range(0, len(a), _ADD_BATCH):
-                index.add(a[i : i + _ADD_BATCH])
-            bar.update(len(a))
+        index = train_index(sample, dim=dim, factory=factory, use_gpu=use_gpu)
+        del sample
+    index, on_gpu = _to_gpu(index, use_gpu, factory)
+    add_vectors(index, batches, n_total=n_total, progress=progress, desc=f"index {factory}")
     if n_total is not None and index.ntotal != n_total:
         LOG.warning("n_total=%d but %d vectors were added", n_total, index.ntotal)
-    return faiss.index_gpu_to_cpu(index) if gpus else index
+    return faiss.index_gpu_to_cpu(index) if on_gpu else index
+
+
+def merge_ivf_parts(trained: "faiss.Index", part_files: list[str], out_dir: str) -> "faiss.Index":
+    """Merge IVF partition indexes (each built from ``trained`` with :func:`add_vectors` and explicit
+    ids) into one index whose inverted lists live on disk in ``out_dir/index.ivfdata``.
+
+    faiss's ``merge_ondisk``: memory holds the quantiser, not the lists, so the merged index may
+    exceed this machine's RAM. Returns the merged index (write it with :func:`write_index_files`).
+    ``out_dir`` must be a local directory.
+    """
+    faiss = _faiss()
+    from faiss.contrib.ondisk import merge_ondisk
+
+    index = faiss.clone_index(trained)
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:
+        raise ValueError(f"only IVF indexes can be merged from partitions, not {_factory_of(trained)}") from None
+    target = zio.join(out_dir, IVFDATA_FILE)
+    if not _is_local(target):
+        raise ValueError(f"{out_dir}: partitions are merged on a local disk only")
+    path = zio.filesystem(target)[1]
+    zio.remove(target)
+    merge_ondisk(index, [zio.local_path(f) for f in part_files], path)
+    return index
+
+
+def _is_local(uri: str) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(zio.filesystem(uri)[0], LocalFileSystem)
 
 
 def _set_nprobe(index: "faiss.Index", nprobe: int) -> int | None:
@@ -280,6 +407,19 @@ def _set_nprobe(index: "faiss.Index", nprobe: int) -> int | None:
     return old
 
 
+def set_search_params(index: "faiss.Index", params: str) -> None:
+    """Apply a faiss ``ParameterSpace`` string (``"nprobe=32"``, ``"efSearch=64"``,
+    ``"nprobe=64,quantizer_efSearch=128"``; ``""`` sets nothing); ValueError naming a bad one."""
+    if not params:
+        return
+    faiss = _faiss()
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    except RuntimeError as exc:
+        raise ValueError(f"cannot set search parameters {params!r} on a {_factory_of(index)} index: "
+                         f"{str(exc).strip().splitlines()[-1]}") from None
+
+
 def _factory_of(index: "faiss.Index") -> str:
     try:
         from faiss.contrib.factory_tools import reverse_index_factory
@@ -288,23 +428,40 @@ def _factory_of(index: "faiss.Index") -> str:
         return "unknown"
 
 
-def write_index_files(index: "faiss.Index", out_dir: str, *, ids: pa.Table) -> dict[str, Any]:
-    """Write ``index.faiss`` and ``ids.parquet`` atomically; return the manifest fields they determine.
+def _check_ids(ids_uri_or_table, ntotal: int, where: str) -> None:
+    if isinstance(ids_uri_or_table, pa.Table):
+        check_schema(ids_uri_or_table.schema, INDEX_IDS_SCHEMA, f"{where}: ids")
+        fids = ids_uri_or_table.column("faiss_id").to_numpy()
+    else:
+        t = zio.read_parquet(ids_uri_or_table, columns=["faiss_id"])
+        fids = t.column("faiss_id").to_numpy()
+    if len(fids) != ntotal or not np.array_equal(np.sort(fids), np.arange(ntotal)):
+        raise ValueError(f"{where}: ids must hold faiss_id 0..{ntotal - 1} once each "
+                         f"(index has {ntotal} vectors, ids has {len(fids)} rows)")
 
-    ``ids`` (:data:`INDEX_IDS_SCHEMA`) must map each faiss id ``0..ntotal-1`` once. The fields are
-    ``ntotal``, ``dim``, ``factory`` (read back from the index), ``index_bytes`` and ``sha256``.
+
+def write_index_files(index: "faiss.Index", out_dir: str, *, ids: pa.Table | None = None) -> dict[str, Any]:
+    """Write ``index.faiss`` (streamed to disk by faiss) and ``ids.parquet`` atomically; return the
+    manifest fields they determine: ``ntotal``, ``dim``, ``factory`` (read back from the index),
+    ``index_bytes``, ``sha256`` and ``data_files`` (``index.ivfdata``'s size for an on-disk IVF).
+
+    ``ids`` (:data:`INDEX_IDS_SCHEMA`) must map each faiss id ``0..ntotal-1`` once; with
+    ``ids=None``, ``out_dir/ids.parquet`` must already be written (streamed by the caller) and is checked.
     """
     faiss = _faiss()
-    check_schema(ids.schema, INDEX_IDS_SCHEMA, f"{out_dir}: ids")
-    fids = np.sort(ids.column("faiss_id").to_numpy())
-    if len(fids) != index.ntotal or not np.array_equal(fids, np.arange(index.ntotal)):
-        raise ValueError(f"{out_dir}: ids must hold faiss_id 0..{index.ntotal - 1} once each "
-                         f"(index has {index.ntotal} vectors, ids has {ids.num_rows} rows)")
-    data = faiss.serialize_index(index).tobytes()
-    zio.write_bytes_atomic(zio.join(out_dir, "index.faiss"), data)
-    zio.write_parquet_atomic(zio.join(out_dir, "ids.parquet"), ids.select(INDEX_IDS_SCHEMA.names).cast(INDEX_IDS_SCHEMA))
+    ids_uri = zio.join(out_dir, "ids.parquet")
+    _check_ids(ids if ids is not None else ids_uri, int(index.ntotal), out_dir)
+    with zio.atomic_local_file(zio.join(out_dir, INDEX_FILE)) as tmp:
+        faiss.write_index(index, tmp)
+        size, sha = os.path.getsize(tmp), zio.sha256_file(tmp)
+    if ids is not None:
+        zio.write_parquet_atomic(ids_uri, ids.select(INDEX_IDS_SCHEMA.names).cast(INDEX_IDS_SCHEMA))
+    data_files = {}
+    if zio.exists(zio.join(out_dir, IVFDATA_FILE)):
+        fs, path = zio.filesystem(zio.join(out_dir, IVFDATA_FILE))
+        data_files[IVFDATA_FILE] = int(fs.size(path))
     return {"ntotal": int(index.ntotal), "dim": int(index.d), "factory": _factory_of(index),
-            "index_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            "index_bytes": int(size), "sha256": sha, "data_files": data_files}
 
 
 def save_index(index: "faiss.Index", out_dir: str, *, ids: pa.Table, manifest: dict[str, Any]) -> IndexManifest:
@@ -327,28 +484,75 @@ def save_index(index: "faiss.Index", out_dir: str, *, ids: pa.Table, manifest: d
     return out
 
 
-def load_index(out_dir: str, *, expected_dim: int | None = None,
-               expected: dict | None = None) -> tuple["faiss.Index", pa.Table, IndexManifest]:
+def _read_flags(faiss, manifest: IndexManifest, mmap: bool) -> int:
+    if manifest.data_files.get(IVFDATA_FILE) is not None:
+        return faiss.IO_FLAG_ONDISK_SAME_DIR  # inverted lists already mmapped from index.ivfdata
+    if not mmap:
+        return 0
+    # IVF: the inverted lists are mapped; flat codes (Flat, HNSW storage): mapped in place
+    is_ivf = "IVF" in manifest.factory
+    return (faiss.IO_FLAG_MMAP if is_ivf else faiss.IO_FLAG_MMAP_IFC) | faiss.IO_FLAG_READ_ONLY
+
+
+def read_ids(out_dir: str) -> pa.Table:
+    """``ids.parquet`` of an index directory, memory-mapped where local (no Python objects per row)."""
+    uri = zio.join(out_dir, "ids.parquet")
+    if _is_local(uri):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(zio.filesystem(uri)[1], memory_map=True)
+    else:
+        table = zio.read_parquet(uri)
+    check_schema(table.schema, INDEX_IDS_SCHEMA, uri)
+    return table
+
+
+def load_index(out_dir: str, *, expected_dim: int | None = None, expected: dict | None = None,
+               mmap: bool = True, verify: bool | None = None) -> tuple["faiss.Index", pa.Table, IndexManifest]:
     """Load and check an index written by :func:`save_index`: ``(index, ids, manifest)``.
 
-    Raises ``FileNotFoundError`` without ``manifest.json``; ``ValueError`` when the sha256 of
-    ``index.faiss`` differs from the manifest's, when ntotal, ids and manifest disagree, when the
+    ``mmap`` (default): the file is memory-mapped where the index type allows (``IO_FLAG_MMAP``
+    for IVF lists, ``IO_FLAG_MMAP_IFC`` for flat codes and HNSW storage), so a process starts in
+    milliseconds and processes share the pages; such an index is read-only (load with
+    ``mmap=False`` to add to it). Remote indexes are first copied to a local cache.
+    ``verify``: check the sha256 of ``index.faiss`` against the manifest (default: when the
+    file is at most 256 MiB; its size is always checked).
+
+    Raises ``FileNotFoundError`` without ``manifest.json``; ``ValueError`` when the file's size or
+    sha256 differs from the manifest's, when ntotal, ids and manifest disagree, when the
     dimension is not ``expected_dim``, or when a field of ``expected`` (e.g. ``feature_model``)
-    differs from the manifest's. Sets the IVF ``nprobe`` from the manifest's ``nprobe``, if any.
+    differs from the manifest's. Applies the manifest's ``search_params`` (else its ``nprobe``).
     """
     faiss = _faiss()
     manifest = read_manifest(out_dir, IndexManifest)
-    data = zio.read_bytes(zio.join(out_dir, "index.faiss"))
-    sha = hashlib.sha256(data).hexdigest()
-    if sha != manifest.sha256:
-        raise ValueError(f"{out_dir}/index.faiss: sha256 {sha} does not match the manifest's "
-                         f"{manifest.sha256}; the file is corrupted or was replaced")
+    cache = None
+    if not _is_local(out_dir):
+        import tempfile
+
+        cache = os.path.join(tempfile.gettempdir(), "zsl-cache", zio.fingerprint(zio.absolute_uri(out_dir)))
+        for name in manifest.data_files:
+            zio.local_path(zio.join(out_dir, name), cache)
+    path = zio.local_path(zio.join(out_dir, INDEX_FILE), cache)
+    size = os.path.getsize(path)
+    if size != manifest.index_bytes:
+        raise ValueError(f"{out_dir}/{INDEX_FILE}: {size} bytes, the manifest says {manifest.index_bytes}; "
+                         "the file is truncated or was replaced")
+    if verify or (verify is None and size <= _VERIFY_MAX_BYTES):
+        sha = zio.sha256_file(path)
+        if sha != manifest.sha256:
+            raise ValueError(f"{out_dir}/{INDEX_FILE}: sha256 {sha} does not match the manifest's "
+                             f"{manifest.sha256}; the file is corrupted or was replaced")
     try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        index = faiss.read_index(path, _read_flags(faiss, manifest, mmap))
     except RuntimeError as exc:
-        raise ValueError(f"{out_dir}/index.faiss: cannot deserialize ({exc})") from None
-    ids = zio.read_parquet(zio.join(out_dir, "ids.parquet"))
-    check_schema(ids.schema, INDEX_IDS_SCHEMA, f"{out_dir}/ids.parquet")
+        if not mmap:
+            raise ValueError(f"{out_dir}/{INDEX_FILE}: cannot read ({exc})") from None
+        LOG.debug("%s: cannot be memory-mapped (%s); reading it", path, exc)
+        try:
+            index = faiss.read_index(path)
+        except RuntimeError as exc2:
+            raise ValueError(f"{out_dir}/{INDEX_FILE}: cannot read ({exc2})") from None
+    ids = read_ids(out_dir)
     if not index.ntotal == ids.num_rows == manifest.ntotal:
         raise ValueError(f"{out_dir}: index has {index.ntotal} vectors, ids.parquet "
                          f"{ids.num_rows} rows, manifest ntotal {manifest.ntotal}")
@@ -358,7 +562,9 @@ def load_index(out_dir: str, *, expected_dim: int | None = None,
         found = getattr(manifest, key, "<missing>")
         if found != want:
             raise ValueError(f"{out_dir}: manifest {key!r} is {found!r}, expected {want!r}")
-    if manifest.nprobe is not None:
+    if manifest.search_params:
+        set_search_params(index, manifest.search_params)
+    elif manifest.nprobe is not None:
         _set_nprobe(index, manifest.nprobe)
     return index, ids, manifest
 

@@ -25,7 +25,7 @@ from pipeline import io as zio
 from pipeline.schema import FeaturesManifest, features_schema, read_manifest, write_manifest
 
 __all__ = ["shard_name", "shard_id_of", "open_features", "feature_shards", "features_identity", "check_feature_shards",
-           "table_embeddings", "read_shard_embeddings", "Features", "load_features", "write_features",
+           "table_embeddings", "read_shard_embeddings", "iter_shard_batches", "Features", "load_features", "write_features",
            "labelled_rows", "IDENTITY_KEYS"]
 
 #: Extract settings that change what is written; anything else (batch size, actors, address) may
@@ -103,6 +103,23 @@ def read_shard_embeddings(uri: str, dim: int, columns: Sequence[str] = ()) -> tu
     """One feature shard: its ``columns`` (besides the embedding) and its ``(n, dim)`` embeddings."""
     table = zio.read_parquet(uri, columns=[*columns, "embedding"])
     return table.select(list(columns)), table_embeddings(table, dim, uri)
+
+
+def iter_shard_batches(uri: str, dim: int, columns: Sequence[str] = (), batch_rows: int = 65_536):
+    """One feature shard in batches of at most ``batch_rows`` rows: ``(columns table, (n, dim) embeddings)``.
+
+    Reads row group by row group through one open handle, so memory holds a batch, not the shard.
+    """
+    import pyarrow.parquet as pq
+
+    fs, path = zio.filesystem(uri)
+    with fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        if pf.metadata.num_rows == 0:
+            return
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=[*columns, "embedding"], use_threads=True):
+            table = pa.Table.from_batches([rb])
+            yield table.select(list(columns)), table_embeddings(table, dim, uri)
 
 
 @dataclass

@@ -49,6 +49,9 @@ __all__ = [
     "read_npy",
     "parquet_num_rows",
     "sha256_file",
+    "atomic_local_file",
+    "atomic_parquet_writer",
+    "local_path",
 ]
 
 TMP_PREFIX = "._tmp-"
@@ -143,6 +146,74 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         if fs.exists(tmp):
             fs.rm(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_local_file(uri: str, suffix: str = ""):
+    """Yield a local path to write ``uri``'s content to (by any library); commit it atomically on exit.
+
+    Local outputs: a temp file beside the final name, fsynced and renamed into place. Other
+    filesystems: a local temp file uploaded to a temp key, then moved. On error nothing is committed.
+    Lets libraries that write files themselves (faiss) stream to disk without an in-memory copy.
+    """
+    import tempfile
+
+    fs, path = filesystem(uri)
+    local = isinstance(fs, LocalFileSystem)
+    parent = path.rpartition("/")[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if local:
+        tmp = _tmp_name(path)
+    else:
+        fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=TMP_PREFIX)
+        os.close(fd)
+    try:
+        yield tmp
+        if local:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _commit(fs, tmp, path)
+        else:
+            remote_tmp = _tmp_name(path)
+            fs.put_file(tmp, remote_tmp)
+            _commit(fs, remote_tmp, path)
+    finally:
+        if os.path.exists(tmp) and (not local or tmp != path):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_parquet_writer(uri: str, schema: pa.Schema):
+    """Yield a ``pq.ParquetWriter`` (zstd) whose file appears at ``uri`` atomically on success.
+
+    For tables written row group by row group, never held whole in memory.
+    """
+    with atomic_local_file(uri, suffix=".parquet") as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            yield writer
+
+
+def local_path(uri: str, cache_dir: str | None = None) -> str:
+    """A local filesystem path holding ``uri``'s bytes: the path itself when local, else a copy
+    downloaded (atomically) as ``cache_dir/<name>`` (default: a temp dir per URI), reused while its size matches."""
+    import tempfile
+
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "zsl-cache", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    target = os.path.join(cache_dir, path.rsplit("/", 1)[-1])
+    if os.path.exists(target) and os.path.getsize(target) == fs.size(path):
+        return target
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = _tmp_name(target)
+    fs.get_file(path, tmp)
+    os.replace(tmp, target)
+    return target
 
 
 def write_json_atomic(uri: str, obj: Any) -> None:

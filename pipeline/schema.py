@@ -239,6 +239,30 @@ class LabelsManifest(Manifest):
     seconds_last_run: float | None = None
 
 
+class IndexTuning(BaseModel):
+    """How an index's search parameters were chosen and what they give (``zsl index`` tuning).
+
+    Measured on ``n_queries`` vectors sampled (seeded) from the index, against exact brute-force
+    neighbours over every indexed vector, each query's own vector left out of both lists.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    params: str
+    target_recall: float
+    k: int
+    max_query_ms: float | None = None
+    met_target: bool
+    n_queries: int
+    recall_at_1: float
+    recall_at_10: float
+    recall_at_100: float | None = None
+    latency_ms_mean: float
+    latency_ms_p99: float
+    batch_ms_per_query: float
+    tried: list[dict[str, Any]] = Field(default_factory=list)
+    seconds: float
+
+
 class IndexManifest(Manifest):
     """``zsl index`` output: ``index.faiss`` + ``ids.parquet``, checked by sha256 and size on load."""
 
@@ -251,6 +275,17 @@ class IndexManifest(Manifest):
     index_bytes: int = Field(ge=0)
     sha256: str
     nprobe: int | None = None
+    #: faiss ParameterSpace string applied on load (set by tuning, e.g. "efSearch=96").
+    search_params: str | None = None
+    #: extra files beside index.faiss and their sizes (index.ivfdata of an on-disk merged IVF).
+    data_files: dict[str, int] = Field(default_factory=dict)
+    tuning: IndexTuning | None = None
+    #: how the last run made the index: "build" (from scratch), "add" (new shards appended),
+    #: "partitions" (IVF partitions built apart and merged on disk).
+    build: Literal["build", "add", "partitions"] | None = None
+    added_last_run: int | None = None
+    train_rows: int | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
     # what the vectors are (set by the index stage; absent for indexes built by hand)
     identity: dict[str, Any] = Field(default_factory=dict)
     model_dir: str | None = None

@@ -1,32 +1,46 @@
-"""Index stage: feature shards -> a FAISS index of the images in the model's text space.
+"""Index stage: feature shards -> a FAISS index of the images in the model's text space, tuned.
 
 Every feature shard is mapped through the model's image projection (so any backbone is
-searchable by text), a FAISS index is chosen under the memory budget (:mod:`pipeline.faiss_index`)
-and ``index.faiss``, ``ids.parquet`` and ``manifest.json`` are written. Runs under the resume
-protocol: the identity is the model (manifest and weights), the features and the index settings.
-Projected vectors are cached per feature shard under ``OUT/vectors/`` (atomic, no pickle), so a
-rerun after a kill projects only the shards that were missing; the cache is removed once the
-index is complete. A finished index rerun does nothing unless the feature directory gained
-shards (then the index is rebuilt to include them, said so in the log).
+searchable by text), streamed row group by row group into a per-shard cache ``OUT/vectors/``
+(atomic ``.npy``; a rerun after a kill projects only the shards that are missing). A FAISS index
+is chosen under the memory budget, trained on a seeded uniform sample across all shards sized
+from the index (:func:`~pipeline.faiss_index.training_rows`), filled shard by shard, and its
+search parameters are tuned to a recall target against exact neighbours
+(:mod:`pipeline.index_tuning`). ``ids.parquet`` is streamed shard by shard, ``index.faiss`` is
+written by faiss straight to disk, ``manifest.json`` last; the cache is then removed.
+
+Runs under the resume protocol: the identity is the model (manifest and weights), the features
+and the index settings. A finished index rerun does nothing, unless the feature directory gained
+shards: then only their vectors are added (ids continue, the manifest lists the shards included,
+the search parameters are tuned again), or, when the index type could no longer hold them within
+the budget, the index is rebuilt (said so in the log).
+
+With ``address`` (a Ray cluster) the projection runs as a Ray Data job (workers read the feature
+shards and write the cache files themselves); an IVF index is then built as partitions on the
+workers, all from one quantiser trained here, and their inverted lists are merged on disk
+(``index.ivfdata``), so the lists need not fit in one process's memory.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import io as zio
 from pipeline.config import IndexConfig, parse_memory
-from pipeline.faiss_index import build_index, choose_index, estimate_memory, write_index_files
-from pipeline.features import check_feature_shards, feature_shards, features_identity, open_features, \
-    read_shard_embeddings
+from pipeline.faiss_index import add_vectors, build_index, choose_index, estimate_memory, load_index, \
+    merge_ivf_parts, set_search_params, train_index, training_rows, write_index_files
+from pipeline.features import check_feature_shards, feature_shards, features_identity, iter_shard_batches, \
+    open_features
+from pipeline.index_tuning import exact_neighbours, measure, sample_queries, tune_index
 from pipeline.models import load_model
 from pipeline.models.scoring import model_fingerprint
 from pipeline.resume import OutputDir
-from pipeline.schema import INDEX_IDS_SCHEMA, IndexManifest
+from pipeline.schema import INDEX_IDS_SCHEMA, IndexManifest, IndexTuning
 
 LOG = logging.getLogger(__name__)
 
@@ -34,58 +48,198 @@ __all__ = ["run_index"]
 
 
 class _CachedVectors:
-    """Re-iterable over the cached per-shard vectors, in shard order (lets FAISS draw a uniform sample)."""
+    """Re-iterable over cached per-shard vectors, in id order (lets FAISS draw a uniform sample)."""
 
-    def __init__(self, files: list[str], dim: int) -> None:
-        self.files, self.dim = files, dim
+    def __init__(self, files: list[str]) -> None:
+        self.files = files
 
     def __iter__(self):
         for f in self.files:
             yield zio.read_npy(f)
 
 
-def _project_shards(model, files: list[str], rows: list[int], dim_in: int, dim: int, cache: str,
-                    progress: bool) -> tuple[list[str], int]:
-    """Project every feature shard into the search space once: ``cache/shard-N.npy``.
+def _cache_name(cache: str, shard_uri: str) -> str:
+    return zio.join(cache, shard_uri.rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".npy")
 
-    A cached file is reused when it has the shard's row count, ``dim`` columns, float32 and finite
-    values; anything else (a torn or foreign file) is recomputed. Returns the cache files and how
-    many shards were projected in this call.
-    """
-    from tqdm.auto import tqdm
 
-    out, n_new = [], 0
-    for f, n in zip(tqdm(files, desc="project", unit="shard", disable=not progress), rows):
-        target = zio.join(cache, f.rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".npy")
-        out.append(target)
+class _Projector:
+    """Projects one feature shard into the search space: ``cache/shard-N.npy`` (atomic), unless a
+    valid cached file is there (right rows, columns, float32, finite; anything else is recomputed)."""
+
+    def __init__(self, model_dir: str, dim_in: int, dim: int, cache: str, model=None) -> None:
+        self.model = model if model is not None else load_model(model_dir, feature_dim=dim_in)[0]
+        self.dim_in, self.dim, self.cache = dim_in, dim, cache
+
+    def __call__(self, shard_uri: str) -> dict:
+        n = zio.parquet_num_rows(shard_uri)
+        target = _cache_name(self.cache, shard_uri)
         if zio.exists(target):
             try:
                 Z = zio.read_npy(target)
-                if Z.shape == (n, dim) and Z.dtype == np.float32 and np.isfinite(Z).all():
-                    continue
+                if Z.shape == (n, self.dim) and Z.dtype == np.float32 and np.isfinite(Z).all():
+                    return {"shard": shard_uri, "projected": False}
                 LOG.warning("%s: cached vectors have shape %s %s, expected (%d, %d) float32; recomputing",
-                            target, Z.shape, Z.dtype, n, dim)
+                            target, Z.shape, Z.dtype, n, self.dim)
             except ValueError as exc:
                 LOG.warning("%s; recomputing", exc)
-        _, X = read_shard_embeddings(f, dim_in)
-        Z = np.ascontiguousarray(model.search_images(X), dtype=np.float32)
-        if Z.shape != (n, dim):
-            raise ValueError(f"{f}: the model projects {n} images to shape {Z.shape}, expected ({n}, {dim})")
+        Z = np.empty((n, self.dim), np.float32)
+        at = 0
+        for _, X in iter_shard_batches(shard_uri, self.dim_in):
+            z = np.asarray(self.model.search_images(X), dtype=np.float32)
+            if z.shape != (len(X), self.dim):
+                raise ValueError(f"{shard_uri}: the model projects {len(X)} images to shape {z.shape}, "
+                                 f"expected ({len(X)}, {self.dim})")
+            Z[at : at + len(X)] = z
+            at += len(X)
         zio.write_npy_atomic(target, Z)
-        n_new += 1
-    return out, n_new
+        return {"shard": shard_uri, "projected": True}
 
 
-def _id_table(files: list[str]) -> pa.Table:
-    parts, offset = [], 0
-    for f in files:
-        t = zio.read_parquet(f, columns=["image_id", "uri", "label"])
-        parts.append(pa.table({
-            "faiss_id": pa.array(np.arange(offset, offset + len(t)), pa.int64()),
-            "image_id": t.column("image_id"), "uri": t.column("uri"), "label": t.column("label"),
-        }, schema=INDEX_IDS_SCHEMA))
-        offset += len(t)
-    return pa.concat_tables(parts)
+def _projector(model_dir: str, dim_in: int, dim: int, cache: str) -> _Projector:
+    """Picklable factory (a Ray worker loads the model itself)."""
+    return _Projector(model_dir, dim_in, dim, cache)
+
+
+def _project(cfg: IndexConfig, model, files: list[str], dim_in: int, dim: int, cache: str, progress: bool) -> int:
+    """Project every shard into the cache; return how many were computed (not cached) now."""
+    if cfg.address:
+        from pipeline.ray_stages import run_shard_jobs
+
+        done = run_shard_jobs(files, partial(_projector, cfg.model, dim_in, dim, cache), address=cfg.address,
+                              num_workers=cfg.num_workers, what="projections")
+        return sum(r["projected"] for r in done)
+    from tqdm.auto import tqdm
+
+    proj = _Projector(cfg.model, dim_in, dim, cache, model=model)
+    return sum(proj(f)["projected"] for f in tqdm(files, desc="project", unit="shard", disable=not progress))
+
+
+def _write_ids(out_dir: str, files: list[str], *, keep_existing: bool) -> None:
+    """Stream ``ids.parquet``: the existing rows first (when adding), then each shard's rows, ids continuing."""
+    uri = zio.join(out_dir, "ids.parquet")
+    offset = 0
+    with zio.atomic_parquet_writer(uri, INDEX_IDS_SCHEMA) as w:
+        if keep_existing:
+            from pipeline.faiss_index import read_ids
+
+            old = read_ids(out_dir)
+            for rb in old.to_batches(max_chunksize=65_536):
+                w.write_batch(rb)
+            offset = old.num_rows
+            del old
+        for f in files:
+            t = zio.read_parquet(f, columns=["image_id", "uri", "label"])
+            w.write_table(pa.table({
+                "faiss_id": pa.array(np.arange(offset, offset + t.num_rows), pa.int64()),
+                "image_id": t.column("image_id"), "uri": t.column("uri"), "label": t.column("label"),
+            }, schema=INDEX_IDS_SCHEMA))
+            offset += t.num_rows
+
+
+def _ivf_partitioned(factory: str) -> bool:
+    return factory.split(",")[0].startswith("IVF") or (
+        factory.startswith("OPQ") and len(factory.split(",")) > 1 and factory.split(",")[1].startswith("IVF"))
+
+
+def _build_part(trained_file: str, part_file: str, vec_files: list[str], start_id: int) -> dict:
+    """One IVF partition: the trained (empty) index + these vectors with ids from ``start_id``."""
+    import faiss
+
+    index = faiss.read_index(zio.local_path(trained_file))
+    n = add_vectors(index, _CachedVectors(vec_files), start_id=start_id)
+    with zio.atomic_local_file(part_file) as tmp:
+        faiss.write_index(index, tmp)
+    return {"part": part_file, "rows": n}
+
+
+def _part_worker():
+    return lambda spec: _build_part(**__import__("json").loads(spec))
+
+
+def _build_partitions(cfg: IndexConfig, out: OutputDir, vec_files: list[str], rows: list[int], factory: str,
+                      dim: int, n_total: int, use_gpu, timings: dict) -> tuple[object, int]:
+    """Train one quantiser here, build IVF partitions (on Ray workers with ``address``), merge on disk."""
+    import json
+
+    import faiss
+
+    from pipeline.faiss_index import _train_sample
+
+    t = time.perf_counter()
+    n_train = training_rows(factory, n_total)
+    sample, _ = _train_sample(_CachedVectors(vec_files), dim, n_total, n_train, 0)
+    trained = train_index(sample, dim=dim, factory=factory, use_gpu=use_gpu)
+    del sample
+    trained_file = out.join("parts", "trained.faiss")
+    with zio.atomic_local_file(trained_file) as tmp:
+        faiss.write_index(trained, tmp)
+    timings["train_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    n_parts = min(len(vec_files), cfg.partitions or cfg.num_workers or max(1, len(vec_files) // 2))
+    bounds = np.linspace(0, len(vec_files), n_parts + 1).astype(int)
+    specs, start = [], 0
+    for p in range(n_parts):
+        files = vec_files[bounds[p] : bounds[p + 1]]
+        specs.append(json.dumps({"trained_file": trained_file, "part_file": out.join("parts", f"part-{p:05d}.faiss"),
+                                 "vec_files": files, "start_id": start}))
+        start += sum(rows[bounds[p] : bounds[p + 1]])
+    if cfg.address:
+        from pipeline.ray_stages import run_shard_jobs
+
+        done = run_shard_jobs(specs, _part_worker, address=cfg.address, num_workers=cfg.num_workers,
+                              what="IVF partitions")
+    else:
+        done = [_build_part(**json.loads(s)) for s in specs]
+    parts = sorted(d["part"] for d in done)
+    timings["add_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    index = merge_ivf_parts(trained, parts, cfg.output)
+    timings["merge_s"] = round(time.perf_counter() - t, 2)
+    LOG.info("merged %d IVF partitions (%d vectors) on disk", len(parts), index.ntotal)
+    return index, n_train
+
+
+def _plan_add(done: IndexManifest | None, names: list[str], rows: dict[str, int], dim: int,
+              budget: int, output: str) -> list[str] | None:
+    """The new shards to add to a finished index, or None when it must be (re)built from scratch."""
+    if done is None:
+        return None
+    old, new = set(done.shards), [n for n in names if n not in set(done.shards)]
+    why = None
+    if not old <= set(names):
+        why = f"{len(old - set(names))} indexed shard(s) are gone from the features"
+    elif sum(rows[n] for n in done.shards) != done.ntotal:
+        why = "indexed shards changed size"
+    elif done.data_files:
+        why = "an on-disk merged IVF index is rebuilt, not appended to"
+    elif estimate_memory(done.factory, sum(rows.values()), dim) > budget:
+        why = f"{done.factory} can no longer hold {sum(rows.values())} vectors within {budget} bytes"
+    if why:
+        LOG.warning("%s: the features changed since the index was built (%s); rebuilding it", output, why)
+        return None
+    LOG.info("%s: the features gained %d shard(s) since the index was built; adding their vectors", output, len(new))
+    return new
+
+
+def _tune(cfg: IndexConfig, index, vectors: _CachedVectors, n_total: int) -> IndexTuning | None:
+    if cfg.search_params or cfg.nprobe:
+        params = cfg.search_params or f"nprobe={cfg.nprobe}"
+        set_search_params(index, params)
+        if n_total < 2:
+            return None
+        t = time.perf_counter()
+        rows, q = sample_queries(vectors, n_total, min(cfg.tune_queries, n_total), 0)
+        exact_s, exact = exact_neighbours(vectors, q, min(100, n_total - 1), exclude=rows)
+        fig = measure(index, q, exact, exact_s, rows)
+        k = min(cfg.tune_k, exact.shape[1])
+        return IndexTuning(params=params, target_recall=cfg.target_recall, k=k, max_query_ms=cfg.max_query_ms,
+                           met_target=fig.get(f"recall_at_{k}", 0.0) >= cfg.target_recall, n_queries=len(q),
+                           recall_at_1=fig["recall_at_1"], recall_at_10=fig.get("recall_at_10", fig["recall_at_1"]),
+                           recall_at_100=fig.get("recall_at_100"), latency_ms_mean=fig["latency_ms_mean"],
+                           latency_ms_p99=fig["latency_ms_p99"], batch_ms_per_query=fig["batch_ms_per_query"],
+                           tried=[], seconds=round(time.perf_counter() - t, 2))
+    return tune_index(index, vectors, n_total=n_total, target_recall=cfg.target_recall, k=cfg.tune_k,
+                      max_query_ms=cfg.max_query_ms, n_queries=cfg.tune_queries)
 
 
 def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
@@ -98,41 +252,87 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
                          "a model trained with --semantics text")
     files = feature_shards(cfg.features)
     check_feature_shards(files, fman.dim)
-    rows = [zio.parquet_num_rows(f) for f in files]
-    n_total = sum(rows)
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    rows = {n: zio.parquet_num_rows(f) for n, f in zip(names, files)}
+    n_total = sum(rows.values())
     if n_total == 0:
         raise ValueError(f"{cfg.features}: no features to index")
-    dim = mman.semantic_dim
-    factory = cfg.index_factory or choose_index(n_total, dim, max_memory_bytes=parse_memory(cfg.max_memory))
+    dim, budget = mman.semantic_dim, parse_memory(cfg.max_memory)
     model_fp = model_fingerprint(cfg.model, mman)
     identity = {"model": model_fp, "features": features_identity(cfg.features, fman), "dim": dim,
-                "index_factory": cfg.index_factory, "max_memory": cfg.max_memory, "nprobe": cfg.nprobe}
-    shard_names = [f.rsplit("/", 1)[-1] for f in files]
+                "index_factory": cfg.index_factory, "max_memory": cfg.max_memory, "nprobe": cfg.nprobe,
+                "search_params": cfg.search_params, "target_recall": cfg.target_recall, "tune_k": cfg.tune_k,
+                "max_query_ms": cfg.max_query_ms}
     with OutputDir(cfg.output, job="index", identity=identity, overwrite=cfg.overwrite,
-                   owned=("index.faiss", "ids.parquet", "vectors")) as out:
+                   owned=("index.faiss", "index.ivfdata", "ids.parquet", "vectors", "parts")) as out:
         done = out.finished(IndexManifest)
-        if done is not None and done.shards == shard_names:
+        if done is not None and done.shards == names:
             LOG.info("%s: index of these features with this model is complete; nothing to do", cfg.output)
             zio.remove(out.join("vectors"))  # a kill after the manifest, before the cache was removed
             return done
-        if done is not None:
-            LOG.warning("%s: the features gained %d shard(s) since the index was built; rebuilding it with them",
-                        cfg.output, len(set(shard_names) - set(done.shards)))
+        new = _plan_add(done, names, rows, dim, budget, cfg.output)
+        order = names if new is None else [*done.shards, *new]
+        by_name = dict(zip(names, files))
+        ordered_files = [by_name[n] for n in order]
+        use_gpu = {"auto": None, "yes": True, "no": False}[cfg.use_gpu]
+        timings: dict[str, float] = {}
+        index = None
+        if new is not None:
+            factory = done.factory
+            index, _, _ = load_index(cfg.output, mmap=False)  # writable, before the manifest goes
+        else:
+            factory = cfg.index_factory or choose_index(n_total, dim, max_memory_bytes=budget)
         out.begin()
         LOG.info("indexing %d images (%d-d) with %s", n_total, dim, factory)
-        vec_files, n_new = _project_shards(model, files, rows, fman.dim, dim, out.join("vectors"), progress)
+        t = time.perf_counter()
+        n_new = _project(cfg, model, ordered_files, fman.dim, dim, out.join("vectors"), progress)
+        timings["project_s"] = round(time.perf_counter() - t, 2)
         LOG.info("projected %d of %d shards (%d cached by an earlier run)", n_new, len(files), len(files) - n_new)
-        use_gpu = {"auto": None, "yes": True, "no": False}[cfg.use_gpu]
-        index = build_index(_CachedVectors(vec_files, dim), dim=dim, factory=factory, n_total=n_total,
-                            use_gpu=use_gpu, progress=progress)
-        fields = write_index_files(index, cfg.output, ids=_id_table(files))
+        vec_files = [_cache_name(out.join("vectors"), f) for f in ordered_files]
+        vectors = _CachedVectors(vec_files)
+        n_train, build = None, "build"
+        if new is not None:
+            t = time.perf_counter()
+            added = add_vectors(index, _CachedVectors(vec_files[len(done.shards):]), progress=progress,
+                                desc=f"add to {factory}")
+            timings["add_s"] = round(time.perf_counter() - t, 2)
+            build, n_train = "add", done.train_rows
+        elif _ivf_partitioned(factory) and (cfg.address or cfg.partitions) and len(files) > 1:
+            index, n_train = _build_partitions(cfg, out, vec_files, [rows[n] for n in order], factory, dim, n_total,
+                                               use_gpu, timings)
+            build, added = "partitions", n_total
+        else:
+            t = time.perf_counter()
+            n_train = training_rows(factory, n_total) or None
+            index = build_index(vectors, dim=dim, factory=factory, n_total=n_total, use_gpu=use_gpu,
+                                progress=progress)
+            timings["build_s"] = round(time.perf_counter() - t, 2)
+            added = n_total
+        t = time.perf_counter()
+        tuning = _tune(cfg, index, vectors, n_total)
+        timings["tune_s"] = round(time.perf_counter() - t, 2)
+        if tuning is not None:
+            LOG.info("search parameters %s: recall@1 %.3f, @10 %.3f, single query %.2f ms mean / %.2f ms p99",
+                     tuning.params or "(none)", tuning.recall_at_1, tuning.recall_at_10, tuning.latency_ms_mean,
+                     tuning.latency_ms_p99)
+        t = time.perf_counter()
+        _write_ids(cfg.output, ordered_files[len(done.shards):] if new is not None else ordered_files,
+                   keep_existing=new is not None)
+        fields = write_index_files(index, cfg.output)
+        timings["write_s"] = round(time.perf_counter() - t, 2)
+        est = estimate_memory(factory, n_total, dim)
+        if fields["index_bytes"] + sum(fields["data_files"].values()) > budget:
+            LOG.warning("%s: the index takes %d bytes, above the %s budget (estimated %d)", cfg.output,
+                        fields["index_bytes"], cfg.max_memory, est)
         manifest = IndexManifest(
-            **{**fields, "factory": factory}, nprobe=cfg.nprobe, identity=identity, model_dir=cfg.model,
+            **{**fields, "factory": factory}, nprobe=cfg.nprobe, search_params=tuning.params if tuning else None,
+            tuning=tuning, build=build, added_last_run=added, train_rows=n_train, timings=timings,
+            identity=identity, model_dir=cfg.model,
             model_fingerprint=model_fp, feature_model=fman.model_id, text_model=mman.text_model,
             text_model_name=mman.text_model_name, text_pretrained=mman.text_pretrained, templates=mman.templates,
-            features_dir=cfg.features, shards=shard_names, max_memory=cfg.max_memory,
-            estimated_bytes=estimate_memory(factory, n_total, dim), shards_projected_last_run=n_new,
-            seconds=round(time.perf_counter() - t0, 2))
+            features_dir=cfg.features, shards=order, max_memory=cfg.max_memory,
+            estimated_bytes=est, shards_projected_last_run=n_new, seconds=round(time.perf_counter() - t0, 2))
         out.finish(manifest)
         zio.remove(out.join("vectors"))
+        zio.remove(out.join("parts"))
         return manifest

@@ -1,6 +1,9 @@
 """Label stage: feature shards -> top-k classes per image, shard by shard, resumably; and add-classes.
 
-Each feature shard ``features/shard-N.parquet`` gives ``OUT/labels/shard-N.parquet`` (atomic).
+Each feature shard ``features/shard-N.parquet`` gives ``OUT/labels/shard-N.parquet`` (atomic), read
+and written row group by row group, so memory does not grow with the shard or the dataset. With
+``address`` (a Ray cluster) the shards are labelled by a Ray Data actor pool whose workers read
+the feature shards and write the labels shards themselves, under the same names and guarantees.
 Runs under the resume protocol: the identity is the model (manifest and weights), the class set,
 the features and the settings; a rerun with the same ones labels only the missing shards
 (including shards the feature directory gained since), one with others is refused unless
@@ -22,8 +25,8 @@ import pyarrow as pa
 from pipeline import io as zio
 from pipeline.classset import ClassSet, add_classes, load_class_set
 from pipeline.config import AddClassesConfig, LabelConfig
-from pipeline.features import check_feature_shards, feature_shards, features_identity, open_features, \
-    read_shard_embeddings
+from pipeline.features import check_feature_shards, feature_shards, features_identity, iter_shard_batches, \
+    open_features
 from pipeline.models import load_model
 from pipeline.models.scoring import check_model_classes, class_scores, model_fingerprint, seen_mask, topk
 from pipeline.resume import OutputDir
@@ -86,27 +89,48 @@ def run_label(cfg: LabelConfig, *, progress: bool = True) -> LabelsManifest:
         return manifest
 
 
+class _ShardLabeler:
+    """Labels one feature shard into ``labels_dir`` (same name), streaming row group by row group."""
+
+    def __init__(self, cfg: LabelConfig, dim: int, labels_dir: str, loaded=None) -> None:
+        if loaded is None:
+            model, mman = load_model(cfg.model, feature_dim=dim)
+            loaded = (model, mman, load_class_set(cfg.classes))
+        self.model, self.mman, self.classes = loaded
+        self.cfg, self.dim, self.labels_dir = cfg, dim, labels_dir
+        self.names = np.asarray(self.classes.names, dtype=object)
+        self.unseen = ~seen_mask(self.mman, self.classes.names)
+
+    def __call__(self, uri: str) -> dict:
+        n = 0
+        with zio.atomic_parquet_writer(zio.join(self.labels_dir, uri.rsplit("/", 1)[-1]), LABELS_SCHEMA) as w:
+            for meta, X in iter_shard_batches(uri, self.dim, ("image_id", "uri", "label"), self.cfg.batch_size):
+                s = class_scores(self.model, self.mman, X, self.classes, calibrated=self.cfg.calibrated)
+                idx, vals = topk(s, self.cfg.top_k)
+                w.write_table(label_table(meta, idx, vals, self.names, self.unseen))
+                n += len(X)
+        return {"shard": uri, "rows": n}
+
+
+def _labeler(cfg_json: dict, dim: int, labels_dir: str) -> _ShardLabeler:
+    """Picklable factory of a labeler (a Ray worker loads model and classes itself)."""
+    return _ShardLabeler(LabelConfig(**cfg_json), dim, labels_dir)
+
+
 def _label_shards(cfg: LabelConfig, model, mman, classes: ClassSet, todo: list[str], dim: int, labels_dir: str,
                   progress: bool) -> int:
+    if cfg.address and todo:
+        from functools import partial
+
+        from pipeline.ray_stages import run_shard_jobs
+
+        done = run_shard_jobs(todo, partial(_labeler, cfg.model_dump(mode="json"), dim, labels_dir),
+                              address=cfg.address, num_workers=cfg.num_workers, what="label shards")
+        return sum(r["rows"] for r in done)
     from tqdm.auto import tqdm
 
-    names = np.asarray(classes.names, dtype=object)
-    unseen = ~seen_mask(mman, classes.names)
-    n_images = 0
-    for uri in tqdm(todo, desc="label", unit="shard", disable=not progress):
-        meta, X = read_shard_embeddings(uri, dim, columns=("image_id", "uri", "label"))
-        idx_parts, val_parts = [], []
-        for i in range(0, len(X), cfg.batch_size):
-            s = class_scores(model, mman, X[i : i + cfg.batch_size], classes, calibrated=cfg.calibrated)
-            ii, vv = topk(s, cfg.top_k)
-            idx_parts.append(ii)
-            val_parts.append(vv)
-        idx = np.concatenate(idx_parts) if idx_parts else np.zeros((0, min(cfg.top_k, len(names))), np.int64)
-        vals = np.concatenate(val_parts) if val_parts else np.zeros(idx.shape, np.float32)
-        zio.write_parquet_atomic(zio.join(labels_dir, uri.rsplit("/", 1)[-1]),
-                                 label_table(meta, idx, vals, names, unseen))
-        n_images += len(X)
-    return n_images
+    labeler = _ShardLabeler(cfg, dim, labels_dir, loaded=(model, mman, classes))
+    return sum(labeler(uri)["rows"] for uri in tqdm(todo, desc="label", unit="shard", disable=not progress))
 
 
 def run_add_classes(cfg: AddClassesConfig, *, text_encoder=None,

@@ -23,7 +23,7 @@ __all__ = ["Searcher", "run_search"]
 
 
 class Searcher:
-    """Loaded index + model + text encoder; reuse it for many queries."""
+    """Loaded index (memory-mapped) + model + text encoder; reuse it for many queries."""
 
     def __init__(self, index_dir: str) -> None:
         from pipeline.encoders import load_text_encoder
@@ -42,9 +42,8 @@ class Searcher:
         self.encoder = load_text_encoder(m.text_model_name or m.text_model.split("@", 1)[0], m.text_pretrained)
         if self.encoder.dim != m.dim:
             raise ValueError(f"text model gives {self.encoder.dim}-d vectors, index holds {m.dim}-d")
-        self._uri = self.ids.column("uri").to_pylist()
-        self._image_id = self.ids.column("image_id").to_pylist()
-        self._label = self.ids.column("label").to_pylist()
+        # row i of ids.parquet is faiss id i (checked once, on the id column only); the other
+        # columns stay in the memory-mapped Arrow table and are taken for the hits of each query
         fid = self.ids.column("faiss_id").to_numpy()
         if not np.array_equal(fid, np.arange(len(fid))):
             raise ValueError(f"{index_dir}: ids.parquet is not a dense 0..n-1 id map")
@@ -56,9 +55,9 @@ class Searcher:
         prompts = [t.format(name=text.strip()) for t in self.templates]
         q = self.model.search_queries(self.encoder.encode(prompts).mean(0, keepdims=True))
         scores, ids = index_search(self.index, q, k)
-        return [{"rank": r + 1, "score": float(s), "image_id": self._image_id[i], "uri": self._uri[i],
-                 "label": self._label[i]}
-                for r, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0]
+        keep = ids[0] >= 0
+        rows = self.ids.take(ids[0][keep]).select(["image_id", "uri", "label"]).to_pylist()
+        return [{"rank": r + 1, "score": float(s), **row} for r, (s, row) in enumerate(zip(scores[0][keep], rows))]
 
 
 def run_search(cfg: SearchConfig) -> dict:

@@ -165,7 +165,12 @@ def test_choose_index_progression():
     assert zix.choose_index(2_000_000, 512, max_memory_bytes=16 * G).startswith("IVF")
     assert zix.choose_index(2_000_000, 512, max_memory_bytes=16 * G).endswith(",Flat")
     tight = zix.choose_index(2_000_000, 512, max_memory_bytes=G // 4)
-    assert tight.startswith("IVF") and ",PQ" in tight
+    assert tight.startswith("OPQ") and ",IVF" in tight and ",PQ" in tight
+    # an HNSW coarse quantiser from 4096 lists on (as autofaiss), a flat one below
+    assert zix.choose_index(2_000_000, 512, max_memory_bytes=16 * G) == "IVF4096_HNSW32,Flat"
+    assert zix.choose_index(1_100_000, 64, max_memory_bytes=16 * G) == "IVF4096_HNSW32,Flat"
+    assert zix.choose_index(200_000, 64, max_memory_bytes=2**26) == "IVF2048,Flat"
+    assert zix.choose_index(50_000, 64, max_memory_bytes=2**20).startswith("IVF1024,PQ")  # small: no OPQ
     # flat would fit but the HNSW graph does not
     n, dim = 500_000, 128
     between = zix.estimate_memory(f"IVF{zix._nlist(n)},Flat", n, dim) + 1
@@ -203,8 +208,12 @@ def test_choice_fits_budget(n, dim, budget):
         assert needed > budget
         return
     assert zix.estimate_memory(factory, n, dim) <= budget
-    m = factory.split("PQ")[1].split("x")[0] if "PQ" in factory else None
-    assert m is None or dim % int(m) == 0
+    if factory.startswith("OPQ"):  # OPQ{m}_{d},IVF..,PQ{m}x8: d divisible by m, at most dim
+        m, d = (int(v) for v in factory.split(",")[0][3:].split("_"))
+        assert d % m == 0 and d <= dim and factory.endswith(f"PQ{m}x8") and n >= 100_000
+    elif "PQ" in factory:
+        assert dim % int(factory.split("PQ")[1].split("x")[0]) == 0
+    zix.new_index(dim, factory)  # faiss accepts it
 
 
 def test_estimate_memory_formats():
@@ -214,6 +223,8 @@ def test_estimate_memory_formats():
     opq = zix.estimate_memory("OPQ4,IVF16,PQ4x8", 100, 8)
     assert opq == zix.estimate_memory("IVF16,PQ4x8", 100, 8) + 8 * 8 * 4
     assert zix.estimate_memory("HNSW32", 10, 4) == zix.estimate_memory("HNSW32,Flat", 10, 4)
+    # an HNSW coarse quantiser adds its graph over the centroids
+    assert zix.estimate_memory("IVF16_HNSW32,Flat", 100, 8) == zix.estimate_memory("IVF16,Flat", 100, 8) + 16 * 272
     with pytest.raises(ValueError, match="'LSH'"):
         zix.estimate_memory("LSH", 10, 4)
 

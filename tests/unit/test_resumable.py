@@ -28,14 +28,15 @@ class Killed(Exception):
 
 
 def _die_after_writes(monkeypatch, name: str, n: int):
-    """Patch ``pipeline.io.<name>`` to complete ``n`` writes, then raise Killed; return the real writer."""
+    """Patch ``pipeline.io.<name>`` to complete ``n`` writes (or hand out ``n`` writers), then raise
+    Killed; return the real writer."""
     real, calls = getattr(zio, name), []
 
     def dying(uri, data):
         if len(calls) == n:
             raise Killed
         calls.append(uri)
-        real(uri, data)
+        return real(uri, data)
 
     monkeypatch.setattr(zio, name, dying)
     return real
@@ -259,10 +260,10 @@ def test_label_crash_then_rerun_labels_only_the_rest(small_world, tmp_path, monk
 
     w = small_world(n_images=40, shard_size=8)
     labeling.run_label(_lcfg(w, tmp_path / "ref"), progress=False)
-    real = _die_after_writes(monkeypatch, "write_parquet_atomic", 2)
+    real = _die_after_writes(monkeypatch, "atomic_parquet_writer", 2)
     with pytest.raises(Killed):
         labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
-    monkeypatch.setattr(zio, "write_parquet_atomic", real)
+    monkeypatch.setattr(zio, "atomic_parquet_writer", real)
     assert not (tmp_path / "out" / "manifest.json").exists()
     (tmp_path / "out" / "labels" / f"{zio.TMP_PREFIX}0badf00d-{shard_name(2)}").write_bytes(b"PAR1 torn")
     m = labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
@@ -409,20 +410,20 @@ def test_index_killed_while_saving_is_never_loadable_and_reruns_from_the_cache(s
     w = small_world(n_images=40, shard_size=8)
     out = tmp_path / "out"
     run_index(_icfg(w, out, index_factory="Flat"), progress=False)  # an old, complete index
-    small_world(n_images=48, shard_size=8)  # the features gained a shard: the index must be rebuilt
-    real = zio.write_parquet_atomic
+    small_world(n_images=48, shard_size=8)  # the features gained a shard: its vectors are added
+    real = zio.atomic_parquet_writer
 
-    def dying(uri, table):
+    def dying(uri, schema):
         if uri.endswith("ids.parquet"):
             raise Killed
-        real(uri, table)
+        return real(uri, schema)
 
-    monkeypatch.setattr(zio, "write_parquet_atomic", dying)
+    monkeypatch.setattr(zio, "atomic_parquet_writer", dying)
     spy_projection.clear()
     with pytest.raises(Killed):
         run_index(_icfg(w, out, index_factory="Flat"), progress=False)
-    monkeypatch.setattr(zio, "write_parquet_atomic", real)
-    # the new index.faiss is in place but the manifest is gone: no reader pairs it with the old ids
+    monkeypatch.setattr(zio, "atomic_parquet_writer", real)
+    # the manifest is gone before anything changes: no reader pairs the old files with new ones
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         _index_state(out)
     n_projected = len(spy_projection)
@@ -430,6 +431,9 @@ def test_index_killed_while_saving_is_never_loadable_and_reruns_from_the_cache(s
     spy_projection.clear()
     m = run_index(_icfg(w, out, index_factory="Flat"), progress=False)
     assert spy_projection == [] and m.ntotal == 48 and m.shards_projected_last_run == 0
+    assert m.build == "build"  # unfinished output: rebuilt from the cache, each image once
+    vecs, ids, _ = _index_state(out)
+    assert len(set(ids.column("image_id").to_pylist())) == 48 == len(vecs) // 4
 
 
 def test_index_cache_that_is_torn_or_pickled_is_recomputed_not_loaded(small_world, tmp_path, monkeypatch,
