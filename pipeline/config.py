@@ -164,7 +164,7 @@ class LabelConfig(_Config):
     output: Uri
     top_k: int = Field(5, gt=0)
     calibrated: bool = True
-    batch_size: int = Field(65_536, gt=0)
+    batch_size: int = Field(16_384, gt=0, description="Rows scored at a time (bounds memory).")
     overwrite: bool = False
     address: str | None = Field(None, description="Ray cluster address: label the shards there (default: here).")
     num_workers: int | None = Field(None, gt=0, description="Ray workers (default: the cluster's CPUs - 1).")

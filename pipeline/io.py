@@ -247,9 +247,13 @@ def absolute_uri(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
+#: Rows per Parquet row group: readers stream a file group by group, so this bounds their memory.
+ROW_GROUP_ROWS = 32_768
+
+
 def write_parquet_atomic(uri: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     write_bytes_atomic(uri, sink.getvalue().to_pybytes())
 
 

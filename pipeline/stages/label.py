@@ -43,18 +43,26 @@ def _lists(flat: pa.Array, shape: tuple[int, int]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), flat)
 
 
-def label_table(meta: pa.Table, idx: np.ndarray, vals: np.ndarray, names: np.ndarray,
+def label_table(meta: pa.Table, idx: np.ndarray, vals: np.ndarray, names: np.ndarray | pa.Array,
                 unseen: np.ndarray) -> pa.Table:
-    """The labels table of one shard: ``meta`` (image_id, uri, label) + top-k class indices and scores."""
-    has = len(idx) > 0
+    """The labels table of one shard: ``meta`` (image_id, uri, label) + top-k class indices and scores.
+
+    Class names are taken from ``names`` by index in Arrow (no Python string per row).
+    """
+    import pyarrow.compute as pc
+
+    names = names if isinstance(names, pa.Array) else pa.array(list(names), pa.string())
+    k = idx.shape[1] if idx.ndim == 2 else 0
+    flat = pa.array(idx.reshape(-1), pa.int32())
+    has = len(idx) > 0 and k > 0
     return pa.table({
         "image_id": meta.column("image_id"),
         "uri": meta.column("uri"),
         "label": meta.column("label"),
-        "top1": pa.array(names[idx[:, 0]].tolist() if has else [], pa.string()),
+        "top1": pc.take(names, pa.array(idx[:, 0], pa.int32())) if has else pa.array([], pa.string()),
         "top1_score": pa.array(vals[:, 0] if has else [], pa.float32()),
         "top1_is_unseen": pa.array(unseen[idx[:, 0]] if has else [], pa.bool_()),
-        "topk": _lists(pa.array(names[idx.reshape(-1)].tolist(), pa.string()), idx.shape),
+        "topk": _lists(pc.take(names, flat), idx.shape),
         "topk_scores": _lists(pa.array(vals.reshape(-1).astype(np.float32), pa.float32()), idx.shape),
     }, schema=LABELS_SCHEMA)
 
@@ -98,7 +106,7 @@ class _ShardLabeler:
             loaded = (model, mman, load_class_set(cfg.classes))
         self.model, self.mman, self.classes = loaded
         self.cfg, self.dim, self.labels_dir = cfg, dim, labels_dir
-        self.names = np.asarray(self.classes.names, dtype=object)
+        self.names = pa.array(list(self.classes.names), pa.string())
         self.unseen = ~seen_mask(self.mman, self.classes.names)
 
     def __call__(self, uri: str) -> dict:
