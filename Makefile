@@ -11,12 +11,14 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-slow test-all bench eval redo-share clean help
+.PHONY: install demo test test-slow test-all bench bench-scale gpu-check eval redo-share clean help
 
 help:
 	@echo "make demo   - install into $(VENV) and run extract -> classes -> train -> evaluate -> label -> index -> search -> report"
 	@echo "make test   - run the default test suite (slow/gpu/integration tests excluded)"
 	@echo "make bench  - extraction and labeling throughput vs bare loops -> benchmarks/results/results.json"
+	@echo "make bench-scale - label/index at SCALE_ROWS rows vs bare loops and autofaiss -> benchmarks/results/SCALE.md"
+	@echo "make gpu-check - CUDA extraction and faiss-gpu figures -> benchmarks/results/gpu.json (needs a GPU)"
 	@echo "make eval   - every ZSL method on real data -> benchmarks/results/EVAL.md"
 	@echo "make redo-share - share of a killed extraction computed twice -> benchmarks/results/redo_share.json"
 
@@ -60,6 +62,14 @@ test-all: install
 bench: install
 	$(BIN)/python -m benchmarks.bench --output benchmarks/results/results.json
 
+# Not part of `make test`: takes long at 1M rows (scratch data under TMPDIR, default /tmp; autofaiss in benchmarks/.venv-autofaiss).
+SCALE_ROWS ?= 100000 1000000
+SCALE_MAX_MEMORY ?= 2G
+SCALE_ARGS ?=
+bench-scale: install
+	$(BIN)/python -m benchmarks.bench_scale $(foreach n,$(SCALE_ROWS),--rows $(n)) --max-memory $(SCALE_MAX_MEMORY) \
+		--output benchmarks/results/scale.json $(SCALE_ARGS)
+
 eval: install
 	$(BIN)/python -m benchmarks.eval_suite --out benchmarks/results
 
@@ -68,3 +78,7 @@ redo-share: install
 
 clean:
 	rm -rf runs
+
+# GPU paths (CUDA encoder actors in fp16, faiss-gpu build/search); exits 2 without a CUDA GPU.
+gpu-check: install
+	$(BIN)/python -m benchmarks.gpu_check --output benchmarks/results/gpu.json

@@ -37,8 +37,11 @@ class ESZSL(ZSLModel):
         return self
 
     def scores(self, X, S):
-        # (V Sᵀ) first: one (d, C) matrix instead of projecting every image into the semantic space
-        return l2n(X) @ (self.V.astype(np.float32) @ np.asarray(S, np.float32).T)
+        V, S = self.V.astype(np.float32), np.asarray(S, np.float32)
+        d, k, C = V.shape[0], V.shape[1], S.shape[0]
+        if d * C <= d * k + k * C:  # few classes: one (d, C) matrix, one product per image
+            return l2n(X) @ (V @ S.T)
+        return (l2n(X) @ V) @ S.T  # many classes: project into the semantic space first
 
     def embed_images(self, X):
         return l2n(l2n(X) @ self.V.astype(np.float32))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import io as zio
-from pipeline.calibration import apply_calibrated_stacking
 from pipeline.models.base import ZSLModel
 from pipeline.schema import ModelManifest
 from pipeline.classset import ClassSet
@@ -41,7 +40,15 @@ def class_scores(model: ZSLModel, manifest: ModelManifest, X: np.ndarray, classe
     """Scores ``(n, C)`` of images against every class of ``classes``; γ subtracted from seen classes if calibrated."""
     scores = model.scores(X, class_semantics(manifest, classes))
     if calibrated and manifest.gamma:
-        scores = apply_calibrated_stacking(scores, seen_mask(manifest, classes.names), manifest.gamma)
+        # same as apply_calibrated_stacking, in place and in the scores' own dtype (no float64 copy)
+        scores = np.asarray(scores, dtype=np.result_type(scores, np.float32))
+        if not scores.flags.writeable:
+            scores = scores.copy()
+        seen = np.flatnonzero(seen_mask(manifest, classes.names))
+        if len(seen) == scores.shape[1]:
+            scores -= manifest.gamma
+        elif len(seen):
+            scores[:, seen] -= manifest.gamma
     return scores
 
 

@@ -36,7 +36,7 @@ from pipeline.faiss_index import add_vectors, build_index, choose_index, estimat
     merge_ivf_parts, set_search_params, train_index, training_rows, write_index_files
 from pipeline.features import check_feature_shards, feature_shards, features_identity, iter_shard_batches, \
     open_features
-from pipeline.index_tuning import exact_neighbours, measure, sample_queries, tune_index
+from pipeline.index_tuning import exact_neighbours, held_out_queries, measure, sample_queries, tune_index
 from pipeline.models import load_model
 from pipeline.models.scoring import model_fingerprint
 from pipeline.resume import OutputDir
@@ -228,9 +228,10 @@ def _tune(cfg: IndexConfig, index, vectors: _CachedVectors, n_total: int) -> Ind
         if n_total < 2:
             return None
         t = time.perf_counter()
-        rows, q = sample_queries(vectors, n_total, min(cfg.tune_queries, n_total), 0)
-        exact_s, exact = exact_neighbours(vectors, q, min(100, n_total - 1), exclude=rows)
-        fig = measure(index, q, exact, exact_s, rows)
+        rows, sample = sample_queries(vectors, n_total, min(cfg.tune_queries, n_total), 0)
+        q = held_out_queries(vectors, rows, sample, 0)
+        exact_s, exact = exact_neighbours(vectors, q, min(100, n_total))
+        fig = measure(index, q, exact, exact_s, None)
         k = min(cfg.tune_k, exact.shape[1])
         return IndexTuning(params=params, target_recall=cfg.target_recall, k=k, max_query_ms=cfg.max_query_ms,
                            met_target=fig.get(f"recall_at_{k}", 0.0) >= cfg.target_recall, n_queries=len(q),
