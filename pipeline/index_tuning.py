@@ -214,10 +214,12 @@ def measure(index, queries: np.ndarray, exact_ids: np.ndarray, exact_scores: np.
 
 
 def tune_index(index, batches: Iterable[np.ndarray], *, n_total: int, target_recall: float = 0.95, k: int = 10,
-               max_query_ms: float | None = None, n_queries: int = 1000, seed: int = 0) -> IndexTuning | None:
+               max_query_ms: float | None = None, n_queries: int = 1000, seed: int = 0,
+               params: str | None = None) -> IndexTuning | None:
     """Choose ``index``'s search parameters (applied to it) and measure them; see the module docstring.
 
-    ``batches`` must be re-iterable (read three times) and hold the indexed vectors in id order.
+    ``batches`` must be re-iterable (read four times) and hold the indexed vectors in id order.
+    ``params`` fixes the parameters instead (they are only measured; ``tried`` stays empty).
     Returns None when the index holds fewer than 2 vectors (nothing to measure).
     """
     if not 0 < target_recall <= 1:
@@ -226,14 +228,17 @@ def tune_index(index, batches: Iterable[np.ndarray], *, n_total: int, target_rec
         return None
     t0 = time.perf_counter()
     rows, sample = sample_queries(batches, n_total, n_queries, seed)
-    queries, rows = held_out_queries(batches, rows, sample, seed), None
+    queries = held_out_queries(batches, rows, sample, seed)
     k_max = min(100, n_total)
     exact_s, exact = exact_neighbours(batches, queries, k_max)
     k = min(k, k_max)
     tried, chosen = [], None
-    for params in candidate_params(index):
+    if params is not None:
         set_search_params(index, params)
-        rec = _search_recall(index, queries, exact, exact_s, rows, k)
+        chosen = {"params": params, f"recall_at_{k}": _search_recall(index, queries, exact, exact_s, None, k)}
+    for params in (candidate_params(index) if chosen is None else []):
+        set_search_params(index, params)
+        rec = _search_recall(index, queries, exact, exact_s, None, k)
         entry = {"params": params, f"recall_at_{k}": round(rec, 4)}
         if max_query_ms is not None:
             entry["latency_ms_mean"] = round(float(_single_latencies(index, queries, k, 100).mean()), 4)
@@ -258,7 +263,7 @@ def tune_index(index, batches: Iterable[np.ndarray], *, n_total: int, target_rec
         LOG.warning("tuning: recall@%d %.4f < target %.2f with the best parameters (%s)%s", k,
                     chosen[f"recall_at_{k}"], target_recall, chosen["params"] or "none",
                     f" within {max_query_ms} ms" if max_query_ms is not None else "")
-    figures = measure(index, queries, exact, exact_s, rows)
+    figures = measure(index, queries, exact, exact_s, None)
     return IndexTuning(params=chosen["params"], target_recall=target_recall, k=k, max_query_ms=max_query_ms,
                        met_target=met, n_queries=len(queries), recall_at_1=figures["recall_at_1"],
                        recall_at_10=figures.get("recall_at_10", figures["recall_at_1"]),

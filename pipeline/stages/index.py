@@ -36,7 +36,7 @@ from pipeline.faiss_index import add_vectors, build_index, choose_index, estimat
     merge_ivf_parts, set_search_params, train_index, training_rows, write_index_files
 from pipeline.features import check_feature_shards, feature_shards, features_identity, iter_shard_batches, \
     open_features
-from pipeline.index_tuning import exact_neighbours, held_out_queries, measure, sample_queries, tune_index
+from pipeline.index_tuning import tune_index
 from pipeline.models import load_model
 from pipeline.models.scoring import model_fingerprint
 from pipeline.resume import OutputDir
@@ -222,25 +222,9 @@ def _plan_add(done: IndexManifest | None, names: list[str], rows: dict[str, int]
 
 
 def _tune(cfg: IndexConfig, index, vectors: _CachedVectors, n_total: int) -> IndexTuning | None:
-    if cfg.search_params or cfg.nprobe:
-        params = cfg.search_params or f"nprobe={cfg.nprobe}"
-        set_search_params(index, params)
-        if n_total < 2:
-            return None
-        t = time.perf_counter()
-        rows, sample = sample_queries(vectors, n_total, min(cfg.tune_queries, n_total), 0)
-        q = held_out_queries(vectors, rows, sample, 0)
-        exact_s, exact = exact_neighbours(vectors, q, min(100, n_total))
-        fig = measure(index, q, exact, exact_s, None)
-        k = min(cfg.tune_k, exact.shape[1])
-        return IndexTuning(params=params, target_recall=cfg.target_recall, k=k, max_query_ms=cfg.max_query_ms,
-                           met_target=fig.get(f"recall_at_{k}", 0.0) >= cfg.target_recall, n_queries=len(q),
-                           recall_at_1=fig["recall_at_1"], recall_at_10=fig.get("recall_at_10", fig["recall_at_1"]),
-                           recall_at_100=fig.get("recall_at_100"), latency_ms_mean=fig["latency_ms_mean"],
-                           latency_ms_p99=fig["latency_ms_p99"], batch_ms_per_query=fig["batch_ms_per_query"],
-                           tried=[], seconds=round(time.perf_counter() - t, 2))
+    fixed = cfg.search_params or (f"nprobe={cfg.nprobe}" if cfg.nprobe else None)
     return tune_index(index, vectors, n_total=n_total, target_recall=cfg.target_recall, k=cfg.tune_k,
-                      max_query_ms=cfg.max_query_ms, n_queries=cfg.tune_queries)
+                      max_query_ms=cfg.max_query_ms, n_queries=cfg.tune_queries, params=fixed)
 
 
 def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
