@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["choose_index", "estimate_memory", "training_rows", "new_index", "train_index", "add_vectors",
+__all__ = ["IdTable", "choose_index", "estimate_memory", "training_rows", "new_index", "train_index", "add_vectors",
            "build_index", "merge_ivf_parts", "write_index_files", "save_index", "load_index",
            "set_search_params", "search", "brute_force_search", "recall_at_k", "INDEX_FILE", "IVFDATA_FILE"]
 
@@ -429,15 +429,36 @@ def _factory_of(index: "faiss.Index") -> str:
 
 
 def _check_ids(ids_uri_or_table, ntotal: int, where: str) -> None:
+    """``ids`` maps faiss ids ``0..ntotal-1`` once each (a table may be in any order; a written
+    ``ids.parquet`` must be in id order, and is checked batch by batch, never read whole)."""
+    bad = f"{where}: ids must hold faiss_id 0..{ntotal - 1} once each (index has {ntotal} vectors"
     if isinstance(ids_uri_or_table, pa.Table):
         check_schema(ids_uri_or_table.schema, INDEX_IDS_SCHEMA, f"{where}: ids")
         fids = ids_uri_or_table.column("faiss_id").to_numpy()
-    else:
-        t = zio.read_parquet(ids_uri_or_table, columns=["faiss_id"])
-        fids = t.column("faiss_id").to_numpy()
-    if len(fids) != ntotal or not np.array_equal(np.sort(fids), np.arange(ntotal)):
-        raise ValueError(f"{where}: ids must hold faiss_id 0..{ntotal - 1} once each "
-                         f"(index has {ntotal} vectors, ids has {len(fids)} rows)")
+        if len(fids) != ntotal or not np.array_equal(np.sort(fids), np.arange(ntotal)):
+            raise ValueError(f"{bad}, ids has {len(fids)} rows)")
+        return
+    import pyarrow.parquet as pq
+
+    fs, path = zio.filesystem(ids_uri_or_table)
+    seen = 0
+    with fs.open(path, "rb") as fh:
+        for rb in pq.ParquetFile(fh).iter_batches(batch_size=1 << 20, columns=["faiss_id"]):
+            got = rb.column(0).to_numpy()
+            if not np.array_equal(got, np.arange(seen, seen + len(got))):
+                raise ValueError(f"{bad}, in order; row {seen} on is not)")
+            seen += len(got)
+    if seen != ntotal:
+        raise ValueError(f"{bad}, ids has {seen} rows)")
+
+
+def _on_disk_lists(index) -> bool:
+    faiss = _faiss()
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
 
 
 def write_index_files(index: "faiss.Index", out_dir: str, *, ids: pa.Table | None = None) -> dict[str, Any]:
@@ -457,9 +478,11 @@ def write_index_files(index: "faiss.Index", out_dir: str, *, ids: pa.Table | Non
     if ids is not None:
         zio.write_parquet_atomic(ids_uri, ids.select(INDEX_IDS_SCHEMA.names).cast(INDEX_IDS_SCHEMA))
     data_files = {}
-    if zio.exists(zio.join(out_dir, IVFDATA_FILE)):
+    if _on_disk_lists(index):
         fs, path = zio.filesystem(zio.join(out_dir, IVFDATA_FILE))
         data_files[IVFDATA_FILE] = int(fs.size(path))
+    else:  # lists of an earlier on-disk build that this index does not use
+        zio.remove(zio.join(out_dir, IVFDATA_FILE))
     return {"ntotal": int(index.ntotal), "dim": int(index.d), "factory": _factory_of(index),
             "index_bytes": int(size), "sha256": sha, "data_files": data_files}
 
@@ -494,6 +517,42 @@ def _read_flags(faiss, manifest: IndexManifest, mmap: bool) -> int:
     return (faiss.IO_FLAG_MMAP if is_ivf else faiss.IO_FLAG_MMAP_IFC) | faiss.IO_FLAG_READ_ONLY
 
 
+class IdTable:
+    """``ids.parquet`` read lazily: only the row groups holding the requested faiss ids are decoded
+    (a few kept in an LRU cache), so a search process does not hold every uri of a large index.
+    Row ``i`` is faiss id ``i`` (as :func:`write_index_files` checks)."""
+
+    def __init__(self, out_dir: str, cache_groups: int = 64) -> None:
+        import functools
+
+        import pyarrow.parquet as pq
+
+        uri = zio.join(out_dir, "ids.parquet")
+        fs, path = zio.filesystem(uri)
+        self._file = pq.ParquetFile(path, memory_map=True) if _is_local(uri) else pq.ParquetFile(fs.open(path, "rb"))
+        check_schema(self._file.schema_arrow, INDEX_IDS_SCHEMA, uri)
+        meta = self._file.metadata
+        self.num_rows = meta.num_rows
+        self._starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self._group = functools.lru_cache(maxsize=cache_groups)(self._read_group)
+
+    def _read_group(self, g: int) -> pa.Table:
+        return self._file.read_row_group(g)
+
+    def take(self, faiss_ids) -> pa.Table:
+        """The rows of ``faiss_ids`` (in that order) as a table of :data:`INDEX_IDS_SCHEMA`."""
+        ids = np.asarray(faiss_ids, np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.num_rows):
+            raise IndexError(f"faiss ids must be in 0..{self.num_rows - 1}")
+        groups = np.searchsorted(self._starts, ids, side="right") - 1
+        parts = [self._group(int(g)).take(pa.array(ids[groups == g] - self._starts[g])) for g in np.unique(groups)]
+        if not parts:
+            return INDEX_IDS_SCHEMA.empty_table()
+        table = pa.concat_tables(parts)
+        order = np.argsort(np.concatenate([np.flatnonzero(groups == g) for g in np.unique(groups)]), kind="stable")
+        return table.take(pa.array(order))
+
+
 def read_ids(out_dir: str) -> pa.Table:
     """``ids.parquet`` of an index directory, memory-mapped where local (no Python objects per row)."""
     uri = zio.join(out_dir, "ids.parquet")
@@ -508,13 +567,16 @@ def read_ids(out_dir: str) -> pa.Table:
 
 
 def load_index(out_dir: str, *, expected_dim: int | None = None, expected: dict | None = None,
-               mmap: bool = True, verify: bool | None = None) -> tuple["faiss.Index", pa.Table, IndexManifest]:
+               mmap: bool = True, verify: bool | None = None,
+               lazy_ids: bool = False) -> tuple["faiss.Index", "pa.Table | IdTable", IndexManifest]:
     """Load and check an index written by :func:`save_index`: ``(index, ids, manifest)``.
 
     ``mmap`` (default): the file is memory-mapped where the index type allows (``IO_FLAG_MMAP``
     for IVF lists, ``IO_FLAG_MMAP_IFC`` for flat codes and HNSW storage), so a process starts in
     milliseconds and processes share the pages; such an index is read-only (load with
-    ``mmap=False`` to add to it). Remote indexes are first copied to a local cache.
+    ``mmap=False`` to add to it). Remote indexes are first copied to a local cache named by the
+    file's sha256, so a rebuilt index is never confused with an older copy. ``lazy_ids``: the ids
+    come as an :class:`IdTable` that reads only the row groups a search needs.
     ``verify``: check the sha256 of ``index.faiss`` against the manifest (default: when the
     file is at most 256 MiB; its size is always checked).
 
@@ -529,10 +591,15 @@ def load_index(out_dir: str, *, expected_dim: int | None = None, expected: dict 
     if not _is_local(out_dir):
         import tempfile
 
-        cache = os.path.join(tempfile.gettempdir(), "zsl-cache", zio.fingerprint(zio.absolute_uri(out_dir)))
+        cache = os.path.join(tempfile.gettempdir(), "zsl-cache", manifest.sha256[:32])
         for name in manifest.data_files:
             zio.local_path(zio.join(out_dir, name), cache)
     path = zio.local_path(zio.join(out_dir, INDEX_FILE), cache)
+    for name, want in manifest.data_files.items():
+        got = os.path.getsize(os.path.join(os.path.dirname(path), name))
+        if got != want:
+            raise ValueError(f"{out_dir}/{name}: {got} bytes, the manifest says {want}; the file is truncated "
+                             "or was replaced")
     size = os.path.getsize(path)
     if size != manifest.index_bytes:
         raise ValueError(f"{out_dir}/{INDEX_FILE}: {size} bytes, the manifest says {manifest.index_bytes}; "
@@ -552,7 +619,7 @@ def load_index(out_dir: str, *, expected_dim: int | None = None, expected: dict 
             index = faiss.read_index(path)
         except RuntimeError as exc2:
             raise ValueError(f"{out_dir}/{INDEX_FILE}: cannot read ({exc2})") from None
-    ids = read_ids(out_dir)
+    ids = IdTable(out_dir) if lazy_ids else read_ids(out_dir)
     if not index.ntotal == ids.num_rows == manifest.ntotal:
         raise ValueError(f"{out_dir}: index has {index.ntotal} vectors, ids.parquet "
                          f"{ids.num_rows} rows, manifest ntotal {manifest.ntotal}")

@@ -72,6 +72,8 @@ def held_out_queries(batches: Iterable[np.ndarray], rows: np.ndarray, vectors: n
     its distance to its nearest other indexed vector (and rescaled to its own norm)."""
     _, nn = exact_neighbours(batches, vectors, 1, exclude=rows)
     d1 = np.linalg.norm(vectors - gather_rows(batches, nn[:, 0]), axis=1, keepdims=True)
+    if (d1 > 0).any():  # an exact duplicate (distance 0) is moved by the typical distance instead
+        d1[d1 <= 0] = np.median(d1[d1 > 0])
     g = np.random.default_rng(seed + 1).standard_normal(vectors.shape).astype(np.float32)
     g *= d1 / np.linalg.norm(g, axis=1, keepdims=True)
     q = vectors + g

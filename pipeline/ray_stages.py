@@ -234,6 +234,12 @@ class _ShardWorker:
             torch.set_num_threads(max(1, threads))
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(max(1, threads))
+        except ImportError:
+            pass
         self.fn = factory()
 
     def __call__(self, batch: dict) -> dict:

@@ -242,8 +242,9 @@ class LabelsManifest(Manifest):
 class IndexTuning(BaseModel):
     """How an index's search parameters were chosen and what they give (``zsl index`` tuning).
 
-    Measured on ``n_queries`` vectors sampled (seeded) from the index, against exact brute-force
-    neighbours over every indexed vector, each query's own vector left out of both lists.
+    Measured on ``n_queries`` vectors sampled (seeded) from the index and moved by their
+    nearest-neighbour distance (so they act as new queries), against exact brute-force neighbours
+    over every indexed vector (:mod:`pipeline.index_tuning`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -281,8 +282,8 @@ class IndexManifest(Manifest):
     data_files: dict[str, int] = Field(default_factory=dict)
     tuning: IndexTuning | None = None
     #: how the last run made the index: "build" (from scratch), "add" (new shards appended),
-    #: "partitions" (IVF partitions built apart and merged on disk).
-    build: Literal["build", "add", "partitions"] | None = None
+    #: "partitions" (IVF partitions built apart and merged on disk), "retune" (search parameters only).
+    build: Literal["build", "add", "partitions", "retune"] | None = None
     added_last_run: int | None = None
     train_rows: int | None = None
     timings: dict[str, float] = Field(default_factory=dict)

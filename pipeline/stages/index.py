@@ -119,14 +119,14 @@ def _write_ids(out_dir: str, files: list[str], *, keep_existing: bool) -> None:
     uri = zio.join(out_dir, "ids.parquet")
     offset = 0
     with zio.atomic_parquet_writer(uri, INDEX_IDS_SCHEMA) as w:
-        if keep_existing:
-            from pipeline.faiss_index import read_ids
+        if keep_existing:  # the old rows, row group by row group (the old file stays until the rename)
+            import pyarrow.parquet as pq
 
-            old = read_ids(out_dir)
-            for rb in old.to_batches(max_chunksize=65_536):
-                w.write_batch(rb)
-            offset = old.num_rows
-            del old
+            fs, path = zio.filesystem(uri)
+            with fs.open(path, "rb") as fh:
+                for rb in pq.ParquetFile(fh).iter_batches(batch_size=65_536):
+                    w.write_batch(rb)
+                    offset += rb.num_rows
         for f in files:
             t = zio.read_parquet(f, columns=["image_id", "uri", "label"])
             w.write_table(pa.table({
@@ -199,6 +199,19 @@ def _build_partitions(cfg: IndexConfig, out: OutputDir, vec_files: list[str], ro
     return index, n_train
 
 
+def _check_plan(cfg: IndexConfig, dim: int, factory: str, partitioned: bool) -> None:
+    """Stop before any work what would fail at the end: fixed search parameters the index type
+    lacks (``--nprobe`` on HNSW), a partitioned build into a directory faiss cannot merge into."""
+    from pipeline.faiss_index import new_index
+
+    fixed = _fixed_params(cfg)
+    if fixed:
+        set_search_params(new_index(dim, factory), fixed)
+    if partitioned and "://" in cfg.output and not cfg.output.startswith("file://"):
+        raise ValueError(f"{cfg.output}: IVF partitions are merged into index.ivfdata on a local (or mounted) "
+                         "disk; give a local --output or drop --address/--partitions")
+
+
 def _plan_add(done: IndexManifest | None, names: list[str], rows: dict[str, int], dim: int,
               budget: int, output: str) -> list[str] | None:
     """The new shards to add to a finished index, or None when it must be (re)built from scratch."""
@@ -221,8 +234,25 @@ def _plan_add(done: IndexManifest | None, names: list[str], rows: dict[str, int]
     return new
 
 
+def _fixed_params(cfg: IndexConfig) -> str | None:
+    return cfg.search_params or (f"nprobe={cfg.nprobe}" if cfg.nprobe else None)
+
+
+def _tuning_settings(cfg: IndexConfig, n_total: int) -> dict:
+    """What the search parameters were chosen by: changing it re-tunes, never rebuilds."""
+    return {"target_recall": cfg.target_recall, "k": min(cfg.tune_k, 100, n_total), "max_query_ms": cfg.max_query_ms,
+            "fixed": _fixed_params(cfg), "n_queries": min(cfg.tune_queries, n_total)}
+
+
+def _tuned_by(t: IndexTuning | None) -> dict | None:
+    if t is None:
+        return None
+    return {"target_recall": t.target_recall, "k": t.k, "max_query_ms": t.max_query_ms,
+            "fixed": t.params if not t.tried else None, "n_queries": t.n_queries}
+
+
 def _tune(cfg: IndexConfig, index, vectors: _CachedVectors, n_total: int) -> IndexTuning | None:
-    fixed = cfg.search_params or (f"nprobe={cfg.nprobe}" if cfg.nprobe else None)
+    fixed = _fixed_params(cfg)
     return tune_index(index, vectors, n_total=n_total, target_recall=cfg.target_recall, k=cfg.tune_k,
                       max_query_ms=cfg.max_query_ms, n_queries=cfg.tune_queries, params=fixed)
 
@@ -244,18 +274,22 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
         raise ValueError(f"{cfg.features}: no features to index")
     dim, budget = mman.semantic_dim, parse_memory(cfg.max_memory)
     model_fp = model_fingerprint(cfg.model, mman)
+    # what the vectors and the index type are; the tuning settings only re-tune a finished index
     identity = {"model": model_fp, "features": features_identity(cfg.features, fman), "dim": dim,
-                "index_factory": cfg.index_factory, "max_memory": cfg.max_memory, "nprobe": cfg.nprobe,
-                "search_params": cfg.search_params, "target_recall": cfg.target_recall, "tune_k": cfg.tune_k,
-                "max_query_ms": cfg.max_query_ms}
+                "index_factory": cfg.index_factory, "max_memory": cfg.max_memory, "nprobe": cfg.nprobe}
     with OutputDir(cfg.output, job="index", identity=identity, overwrite=cfg.overwrite,
                    owned=("index.faiss", "index.ivfdata", "ids.parquet", "vectors", "parts")) as out:
         done = out.finished(IndexManifest)
-        if done is not None and done.shards == names:
+        retune = done is not None and done.shards == names
+        if retune and (_tuned_by(done.tuning) == _tuning_settings(cfg, n_total) or n_total < 2):
             LOG.info("%s: index of these features with this model is complete; nothing to do", cfg.output)
             zio.remove(out.join("vectors"))  # a kill after the manifest, before the cache was removed
+            zio.remove(out.join("parts"))
             return done
-        new = _plan_add(done, names, rows, dim, budget, cfg.output)
+        if retune:
+            LOG.info("%s: the tuning settings changed; re-tuning the search parameters (the index is kept)",
+                     cfg.output)
+        new = [] if retune else _plan_add(done, names, rows, dim, budget, cfg.output)
         order = names if new is None else [*done.shards, *new]
         by_name = dict(zip(names, files))
         ordered_files = [by_name[n] for n in order]
@@ -264,9 +298,13 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
         index = None
         if new is not None:
             factory = done.factory
-            index, _, _ = load_index(cfg.output, mmap=False)  # writable, before the manifest goes
+            # writable to add to, before the manifest goes; mapped when only re-tuning
+            index, _, _ = load_index(cfg.output, mmap=not new)
         else:
             factory = cfg.index_factory or choose_index(n_total, dim, max_memory_bytes=budget)
+        partitioned = new is None and _ivf_partitioned(factory) and bool(cfg.address or cfg.partitions) \
+            and len(files) > 1
+        _check_plan(cfg, dim, factory, partitioned)
         out.begin()
         LOG.info("indexing %d images (%d-d) with %s", n_total, dim, factory)
         t = time.perf_counter()
@@ -281,8 +319,8 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
             added = add_vectors(index, _CachedVectors(vec_files[len(done.shards):]), progress=progress,
                                 desc=f"add to {factory}")
             timings["add_s"] = round(time.perf_counter() - t, 2)
-            build, n_train = "add", done.train_rows
-        elif _ivf_partitioned(factory) and (cfg.address or cfg.partitions) and len(files) > 1:
+            build, n_train = ("add" if new else "retune"), done.train_rows
+        elif partitioned:
             index, n_train = _build_partitions(cfg, out, vec_files, [rows[n] for n in order], factory, dim, n_total,
                                                use_gpu, timings)
             build, added = "partitions", n_total
@@ -301,9 +339,12 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
                      tuning.params or "(none)", tuning.recall_at_1, tuning.recall_at_10, tuning.latency_ms_mean,
                      tuning.latency_ms_p99)
         t = time.perf_counter()
-        _write_ids(cfg.output, ordered_files[len(done.shards):] if new is not None else ordered_files,
-                   keep_existing=new is not None)
-        fields = write_index_files(index, cfg.output)
+        if build == "retune":  # the files stay; only the manifest changes
+            fields = {k: getattr(done, k) for k in ("ntotal", "dim", "index_bytes", "sha256", "data_files")}
+        else:
+            _write_ids(cfg.output, ordered_files[len(done.shards):] if new is not None else ordered_files,
+                       keep_existing=new is not None)
+            fields = write_index_files(index, cfg.output)
         timings["write_s"] = round(time.perf_counter() - t, 2)
         est = estimate_memory(factory, n_total, dim)
         if fields["index_bytes"] + sum(fields["data_files"].values()) > budget:

@@ -28,7 +28,7 @@ class Searcher:
     def __init__(self, index_dir: str) -> None:
         from pipeline.encoders import load_text_encoder
 
-        self.index, self.ids, self.manifest = load_index(index_dir)
+        self.index, self.ids, self.manifest = load_index(index_dir, lazy_ids=True)
         m = self.manifest
         if not m.model_dir or not m.model_fingerprint:
             raise ValueError(f"{index_dir}: manifest names no model; was it built by `zsl index`?")
@@ -42,11 +42,8 @@ class Searcher:
         self.encoder = load_text_encoder(m.text_model_name or m.text_model.split("@", 1)[0], m.text_pretrained)
         if self.encoder.dim != m.dim:
             raise ValueError(f"text model gives {self.encoder.dim}-d vectors, index holds {m.dim}-d")
-        # row i of ids.parquet is faiss id i (checked once, on the id column only); the other
-        # columns stay in the memory-mapped Arrow table and are taken for the hits of each query
-        fid = self.ids.column("faiss_id").to_numpy()
-        if not np.array_equal(fid, np.arange(len(fid))):
-            raise ValueError(f"{index_dir}: ids.parquet is not a dense 0..n-1 id map")
+        # row i of ids.parquet is faiss id i (checked when written); only the row groups holding
+        # a query's hits are read (IdTable), never every uri of a large index
 
     def search(self, text: str, k: int = 10) -> list[dict]:
         if not text.strip():

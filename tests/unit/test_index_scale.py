@@ -312,3 +312,72 @@ def test_label_in_small_batches_equals_one_batch(world, tmp_path):
     np.testing.assert_allclose(a.column("top1_score").to_numpy(), b.column("top1_score").to_numpy(), rtol=1e-5)
     f = tmp_path / "small" / "labels" / "shard-000000.parquet"
     assert pq.ParquetFile(f).metadata.num_row_groups == 6  # written batch by batch, not held whole
+
+
+def test_changing_tuning_settings_retunes_without_rebuilding(world, tmp_path, caplog):
+    from pipeline.stages.index import run_index
+
+    feats = _features_with(world, tmp_path, 2)
+    first = run_index(_cfg(world, feats, tmp_path / "idx", index_factory="HNSW16,Flat", target_recall=0.9,
+                           tune_queries=200), progress=False)
+    mtime = (tmp_path / "idx" / "index.faiss").stat().st_mtime_ns
+    caplog.set_level("INFO", logger="pipeline.stages.index")
+    again = run_index(_cfg(world, feats, tmp_path / "idx", index_factory="HNSW16,Flat", target_recall=0.999,
+                           tune_queries=200), progress=False)
+    assert again.build == "retune" and "re-tuning" in caplog.text and again.tuning.target_recall == 0.999
+    assert again.sha256 == first.sha256 and (tmp_path / "idx" / "index.faiss").stat().st_mtime_ns == mtime
+    same = run_index(_cfg(world, feats, tmp_path / "idx", index_factory="HNSW16,Flat", target_recall=0.999,
+                          tune_queries=200), progress=False)
+    assert same == again  # same settings: nothing to do
+
+
+def test_fixed_params_the_index_type_lacks_stop_before_any_work(world, tmp_path):
+    from pipeline.stages.index import run_index
+
+    feats = _features_with(world, tmp_path, 1)
+    with pytest.raises(ValueError, match="cannot set search parameters 'nprobe=8'"):
+        run_index(_cfg(world, feats, tmp_path / "idx", index_factory="HNSW16,Flat", nprobe=8), progress=False)
+    assert not (tmp_path / "idx" / "vectors").exists() and not (tmp_path / "idx" / "index.faiss").exists()
+
+
+def test_lazy_id_table_reads_only_the_hits(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.faiss_index import IdTable
+    from pipeline.schema import INDEX_IDS_SCHEMA
+
+    n = 100_000
+    t = pa.table({"faiss_id": np.arange(n), "image_id": [f"i{i}" for i in range(n)],
+                  "uri": [f"u{i}" for i in range(n)], "label": [None] * n}, schema=INDEX_IDS_SCHEMA)
+    zio.write_parquet_atomic(str(tmp_path / "ids.parquet"), t)  # 32k-row groups
+    ids = IdTable(str(tmp_path))
+    got = ids.take([99_999, 5, 40_000, 5])
+    assert got.column("image_id").to_pylist() == ["i99999", "i5", "i40000", "i5"]
+    assert ids._group.cache_info().currsize == 3  # groups 0, 1 and 3 of 4 read
+    with pytest.raises(IndexError):
+        ids.take([n])
+
+
+def test_index_on_a_remote_filesystem_builds_grows_and_loads(world, tmp_path):
+    """fsspec outputs (memory:// here, s3:// in production): streamed files uploaded atomically,
+    loaded through a local cache named by content, so a rebuilt index is never served stale."""
+    import fsspec
+
+    from pipeline.faiss_index import load_index, search
+    from pipeline.stages.index import run_index
+
+    feats = _features_with(world, tmp_path, 2)
+    out = f"memory://zsl-test-{os.getpid()}/idx"
+    cfg = IndexConfig(features=feats, model=world["model"], output=out, use_gpu="no", index_factory="Flat",
+                      tune_queries=100)
+    first = run_index(cfg, progress=False)
+    _features_with(world, tmp_path, 3)
+    grown = run_index(cfg, progress=False)
+    assert grown.build == "add" and grown.ntotal == 4800 and grown.sha256 != first.sha256
+    index, ids, _ = load_index(out, lazy_ids=True)
+    q = _projected(world, 4800)
+    assert search(index, q[4700:4710], 1)[1][:, 0].tolist() == list(range(4700, 4710))
+    assert ids.take([4799]).column("image_id").to_pylist() == [world["ids"][4799]]
+    fs = fsspec.filesystem("memory")
+    assert not [p for p in fs.find(out) if "._tmp-" in p]
+    fs.rm(f"/zsl-test-{os.getpid()}", recursive=True)
