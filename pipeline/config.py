@@ -183,7 +183,7 @@ class IndexConfig(_Config):
     tune_k: int = Field(10, gt=0, description="The k of the recall target.")
     max_query_ms: float | None = Field(None, gt=0, description="Instead: the best recall within this "
                                                                "single-query latency.")
-    tune_queries: int = Field(1000, gt=0, description="Queries sampled from the index to tune on.")
+    tune_queries: int = Field(500, gt=0, description="Queries sampled from the index to tune on.")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     overwrite: bool = Field(False, description="Replace an index built from other features, model or settings.")
     address: str | None = Field(None, description="Ray cluster address: project shards (and build IVF "

@@ -62,6 +62,18 @@ def _cache_name(cache: str, shard_uri: str) -> str:
     return zio.join(cache, shard_uri.rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".npy")
 
 
+def _release_memory() -> None:
+    """Hand freed buffers back to the OS (Arrow's pool, glibc's heap), so that memory used to read
+    and project a shard does not stay resident under the index built next."""
+    pa.default_memory_pool().release_unused()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class _Projector:
     """Projects one feature shard into the search space: ``cache/shard-N.npy`` (atomic), unless a
     valid cached file is there (right rows, columns, float32, finite; anything else is recomputed)."""
@@ -84,7 +96,7 @@ class _Projector:
                 LOG.warning("%s; recomputing", exc)
         Z = np.empty((n, self.dim), np.float32)
         at = 0
-        for _, X in iter_shard_batches(shard_uri, self.dim_in):
+        for _, X in iter_shard_batches(shard_uri, self.dim_in, batch_rows=16_384):
             z = np.asarray(self.model.search_images(X), dtype=np.float32)
             if z.shape != (len(X), self.dim):
                 raise ValueError(f"{shard_uri}: the model projects {len(X)} images to shape {z.shape}, "
@@ -92,6 +104,8 @@ class _Projector:
             Z[at : at + len(X)] = z
             at += len(X)
         zio.write_npy_atomic(target, Z)
+        del Z
+        _release_memory()
         return {"shard": shard_uri, "projected": True}
 
 
