@@ -44,11 +44,8 @@ def class_scores(model: ZSLModel, manifest: ModelManifest, X: np.ndarray, classe
         scores = np.asarray(scores, dtype=np.result_type(scores, np.float32))
         if not scores.flags.writeable:
             scores = scores.copy()
-        seen = np.flatnonzero(seen_mask(manifest, classes.names))
-        if len(seen) == scores.shape[1]:
-            scores -= manifest.gamma
-        elif len(seen):
-            scores[:, seen] -= manifest.gamma
+        # one broadcast pass (subtracting from a column subset by fancy indexing copies it twice)
+        scores -= np.where(seen_mask(manifest, classes.names), manifest.gamma, 0.0).astype(scores.dtype)
     return scores
 
 

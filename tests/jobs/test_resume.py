@@ -344,3 +344,37 @@ def test_index_killed_mid_build_resumes_from_its_cache(world, tmp_path, kill_mat
     assert ids_a.equals(ids_b) and m.ntotal == 50
     np.testing.assert_array_equal(faiss.rev_swig_ptr(a.get_xb(), 50 * K), faiss.rev_swig_ptr(b.get_xb(), 50 * K))
     assert sorted(os.listdir(out)) == [".zsl.lock", "ids.parquet", "index.faiss", "manifest.json", "run.json"]
+
+
+@pytest.mark.parametrize("kill_match", ["/ids.parquet", "/index.faiss"])
+def test_index_killed_while_adding_new_shards_holds_each_image_once(world, tmp_path, kill_match):
+    """Features gain shards; `zsl index` adds their vectors and is SIGKILLed while committing the new
+    ids or index file. No reader accepts the half-written directory; the rerun rebuilds from the
+    projection cache and every image is in the index exactly once."""
+    from pipeline.faiss_index import load_index
+    from pipeline.features import write_features
+
+    feats = tmp_path / "features"
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((70, DIM)).astype(np.float32)
+    ids = [f"g{n:03d}" for n in range(70)]
+    write_features(str(feats), image_ids=ids[:50], uris=ids[:50], labels=[NAMES[0]] * 50, X=X[:50],
+                   model_id="fake-feat", shard_size=10)
+    out = tmp_path / "index"
+    argv = ["index", "--features", str(feats), "--model", world["model"], "--output", str(out),
+            "--index-factory", "Flat", "--use-gpu", "no"]
+    p = _start(argv, tmp_path / "i0.log", "i0")
+    assert p.wait(timeout=120) == 0, (tmp_path / "i0.log").read_text()
+    write_features(str(feats), image_ids=ids, uris=ids, labels=[NAMES[0]] * 70, X=X, model_id="fake-feat",
+                   shard_size=10)  # the same 5 shards and 2 more
+    p = _start(argv, tmp_path / "i1.log", "i1", kill_match=kill_match, kill_at=1)
+    assert p.wait(timeout=120) == -signal.SIGKILL, (tmp_path / "i1.log").read_text()
+    assert "adding their vectors" in (tmp_path / "i1.log").read_text()
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        load_index(str(out))
+    p = _start(argv, tmp_path / "i2.log", "i2")
+    assert p.wait(timeout=120) == 0, (tmp_path / "i2.log").read_text()
+    index, got, m = load_index(str(out))
+    assert m.ntotal == index.ntotal == 70 and m.build == "build"
+    assert sorted(got.column("image_id").to_pylist()) == ids  # each image once
+    assert got.column("faiss_id").to_pylist() == list(range(70))
