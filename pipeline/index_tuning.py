@@ -30,7 +30,8 @@ __all__ = ["sample_queries", "gather_rows", "held_out_queries", "exact_neighbour
 
 _NPROBE = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048,
            3072, 4096)
-_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072,
+              3584, 4096)
 
 
 def sample_queries(batches: Iterable[np.ndarray], n_total: int, n_queries: int,
