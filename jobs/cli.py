@@ -340,6 +340,32 @@ def index(
 
 
 @app.command()
+def serve(
+    index: Optional[list[str]] = typer.Option(None, help="`zsl index` output, or NAME=DIR (repeatable)."),
+    host: Optional[str] = typer.Option(None, help="Interface (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
+    config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
+) -> None:
+    """Serve text-to-image retrieval over HTTP (FastAPI + uvicorn) with a web page at /."""
+    def body():
+        from pipeline.stages.serve import run_serve
+
+        indexes = None
+        if index:
+            indexes = {}
+            for item in index:
+                name, sep, d = item.partition("=")
+                name, d = (name, d) if sep else (Path(item.rstrip("/")).name or "index", item)
+                if name in indexes:
+                    raise ValueError(f"--index {item}: the name {name!r} is given twice; use NAME=DIR")
+                indexes[name] = d
+        cfg = load_config("serve", dict(indexes=indexes, host=host, port=port), config, set)
+        typer.echo(f"zsl serve: http://{cfg.host}:{cfg.port}/ (API docs at /docs); Ctrl-C stops")
+        run_serve(cfg)
+    _run(body)
+
+
+@app.command()
 def search(
     text: Optional[str] = typer.Argument(None, help="Free-text query."),
     index: Optional[str] = typer.Option(None, help="`zsl index` output."),

@@ -24,6 +24,7 @@ __all__ = [
     "LabelConfig",
     "IndexConfig",
     "SearchConfig",
+    "ServeConfig",
     "AddClassesConfig",
     "ReportConfig",
     "DemoDataConfig",
@@ -206,6 +207,17 @@ class SearchConfig(_Config):
     k: int = Field(10, gt=0)
 
 
+class ServeConfig(_Config):
+    indexes: dict[str, Uri] = Field(description="Served indexes: name -> `zsl index` output.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    max_k: int = Field(200, gt=0, description="Largest k a request may ask for.")
+    max_text_chars: int = Field(1000, gt=0)
+    max_body_bytes: int = Field(4 << 20, gt=0, description="Larger request bodies get a 413.")
+    max_image_pixels: int = Field(50_000_000, gt=0, description="Thumbnails refuse larger images.")
+    thumbnail_cache: str = Field("/tmp/zsl-thumbnails", description="Where thumbnails are cached.")
+
+
 class AddClassesConfig(_Config):
     model: Uri
     classes: Uri = Field(description="The `zsl classes` output to extend (in place).")
@@ -241,6 +253,7 @@ CONFIGS: dict[str, type[_Config]] = {
     "label": LabelConfig,
     "index": IndexConfig,
     "search": SearchConfig,
+    "serve": ServeConfig,
     "add-classes": AddClassesConfig,
     "report": ReportConfig,
     "demo-data": DemoDataConfig,

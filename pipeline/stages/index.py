@@ -40,6 +40,7 @@ from pipeline.index_tuning import tune_index
 from pipeline.models import load_model
 from pipeline.models.scoring import model_fingerprint
 from pipeline.resume import OutputDir
+from pipeline.retrieval import MODEL_COPY
 from pipeline.schema import INDEX_IDS_SCHEMA, IndexManifest, IndexTuning
 
 LOG = logging.getLogger(__name__)
@@ -213,6 +214,13 @@ def _build_partitions(cfg: IndexConfig, out: OutputDir, vec_files: list[str], ro
     return index, n_train
 
 
+def _copy_model(model_dir: str, dest: str) -> None:
+    """The index carries the model it was built with (weights + manifest, a few MB), so the
+    directory can be moved or copied to another machine and still answer text queries."""
+    for name in ("weights.safetensors", "manifest.json"):
+        zio.write_bytes_atomic(zio.join(dest, name), zio.read_bytes(zio.join(model_dir, name)))
+
+
 def _check_plan(cfg: IndexConfig, dim: int, factory: str, partitioned: bool) -> None:
     """Stop before any work what would fail at the end: fixed search parameters the index type
     lacks (``--nprobe`` on HNSW), a partitioned build into a directory faiss cannot merge into."""
@@ -292,7 +300,7 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
     identity = {"model": model_fp, "features": features_identity(cfg.features, fman), "dim": dim,
                 "index_factory": cfg.index_factory, "max_memory": cfg.max_memory, "nprobe": cfg.nprobe}
     with OutputDir(cfg.output, job="index", identity=identity, overwrite=cfg.overwrite,
-                   owned=("index.faiss", "index.ivfdata", "ids.parquet", "vectors", "parts")) as out:
+                   owned=("index.faiss", "index.ivfdata", "ids.parquet", "vectors", "parts", MODEL_COPY)) as out:
         done = out.finished(IndexManifest)
         retune = done is not None and done.shards == names
         if retune and (_tuned_by(done.tuning) == _tuning_settings(cfg, n_total) or n_total < 2):
@@ -372,6 +380,7 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
             text_model_name=mman.text_model_name, text_pretrained=mman.text_pretrained, templates=mman.templates,
             features_dir=cfg.features, shards=order, max_memory=cfg.max_memory,
             estimated_bytes=est, shards_projected_last_run=n_new, seconds=round(time.perf_counter() - t0, 2))
+        _copy_model(cfg.model, out.join(MODEL_COPY))
         out.finish(manifest)
         zio.remove(out.join("vectors"))
         zio.remove(out.join("parts"))

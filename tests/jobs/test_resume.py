@@ -343,7 +343,7 @@ def test_index_killed_mid_build_resumes_from_its_cache(world, tmp_path, kill_mat
     (a, ids_a, m), (b, ids_b, _) = load_index(str(out)), load_index(str(tmp_path / "ref"))
     assert ids_a.equals(ids_b) and m.ntotal == 50
     np.testing.assert_array_equal(faiss.rev_swig_ptr(a.get_xb(), 50 * K), faiss.rev_swig_ptr(b.get_xb(), 50 * K))
-    assert sorted(os.listdir(out)) == [".zsl.lock", "ids.parquet", "index.faiss", "manifest.json", "run.json"]
+    assert sorted(os.listdir(out)) == [".zsl.lock", "ids.parquet", "index.faiss", "manifest.json", "model", "run.json"]
 
 
 @pytest.mark.parametrize("kill_match", ["/ids.parquet", "/index.faiss"])

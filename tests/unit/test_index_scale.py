@@ -251,7 +251,7 @@ def test_ivf_partitions_merged_on_disk_equal_one_build(world, tmp_path):
                            tune_queries=100), progress=False)
     assert parts.build == "partitions" and one.build == "build"
     assert parts.data_files["index.ivfdata"] > 0 and sorted(os.listdir(tmp_path / "parts")) == [
-        ".zsl.lock", "ids.parquet", "index.faiss", "index.ivfdata", "manifest.json", "run.json"]
+        ".zsl.lock", "ids.parquet", "index.faiss", "index.ivfdata", "manifest.json", "model", "run.json"]
     # the directory can move: the inverted lists are found beside index.faiss
     os.rename(tmp_path / "parts", tmp_path / "moved")
     (a, ids_a, _), (b, ids_b, _) = load_index(str(tmp_path / "one")), load_index(str(tmp_path / "moved"))

@@ -395,7 +395,7 @@ def test_index_crash_then_rerun_projects_only_missing_shards(small_world, tmp_pa
     vecs, ids, _ = _index_state(tmp_path / "out")
     np.testing.assert_array_equal(vecs, ref_vecs)
     assert ids.equals(ref_ids)
-    assert sorted(os.listdir(tmp_path / "out")) == [".zsl.lock", "ids.parquet", "index.faiss", "manifest.json", "run.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".zsl.lock", "ids.parquet", "index.faiss", "manifest.json", "model", "run.json"]
 
     spy_projection.clear()  # a rerun of a finished build does nothing
     mtime = (tmp_path / "out" / "index.faiss").stat().st_mtime_ns

@@ -1,0 +1,254 @@
+"""Serve stage: text-to-image retrieval over HTTP (FastAPI, run by uvicorn), with a web page.
+
+:func:`create_app` is a library object (tests and Ray Serve can mount it); ``zsl serve`` only
+starts it. Each index loads once (memory-mapped, :class:`pipeline.retrieval.Searcher`); faiss
+searches and the text encoder are thread-safe for reads. Endpoints:
+
+- ``POST /search`` ``{"text" | "embedding", "k", "index", "labels", "min_score", "offset"}`` -> hits
+- ``GET /images/{faiss_id}?index=&size=`` a JPEG thumbnail of the uri the index holds for that id
+  (made on first request, cached on disk atomically); ids are integers, so no path reaches the disk
+- ``GET /indices``, ``GET /health``, ``GET /metrics`` (Prometheus text format), ``GET /`` the page
+- clip-retrieval compatibility: ``POST /knn-service``, ``POST /indices-list``
+
+Bad input gets a 4xx with a JSON ``detail``, never a 500: empty or overlong text, ``k`` above the
+maximum, wrong-dimension embeddings, unknown indexes or ids, bodies above the size cap.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline import io as zio
+from pipeline.config import ServeConfig
+from pipeline.retrieval import Searcher
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["create_app", "run_serve"]
+
+_PAGE = Path(__file__).with_name("serve_page.html")
+
+
+class SearchRequest(BaseModel):
+    """``POST /search`` body; unknown keys are refused (422 naming them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, description="Free-text query.")
+    embedding: list[float] | None = Field(None, description="A query vector in the index's space.")
+    k: int = Field(10, gt=0)
+    index: str | None = None
+    labels: list[str] | None = Field(None, description="Keep only hits with one of these labels.")
+    min_score: float | None = None
+    offset: int = Field(0, ge=0)
+
+
+class _Metrics:
+    """Request counts, errors and a latency histogram, in the Prometheus text format."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.hist: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+            h = self.hist.setdefault(path, [0] * (len(self.BUCKETS) + 1))
+            h[next((i for i, b in enumerate(self.BUCKETS) if seconds <= b), len(self.BUCKETS))] += 1
+            self.sums[path] = self.sums.get(path, 0.0) + seconds
+
+    def text(self) -> str:
+        out = ["# TYPE zsl_requests_total counter"]
+        with self.lock:
+            for (path, status), n in sorted(self.requests.items()):
+                out.append(f'zsl_requests_total{{path="{path}",status="{status}"}} {n}')
+            out.append("# TYPE zsl_errors_total counter")
+            for (path, status), n in sorted(self.requests.items()):
+                if status >= 400:
+                    out.append(f'zsl_errors_total{{path="{path}",status="{status}"}} {n}')
+            out.append("# TYPE zsl_request_seconds histogram")
+            for path, h in sorted(self.hist.items()):
+                acc = 0
+                for b, c in zip((*self.BUCKETS, "+Inf"), h):
+                    acc += c
+                    out.append(f'zsl_request_seconds_bucket{{path="{path}",le="{b}"}} {acc}')
+                out.append(f'zsl_request_seconds_sum{{path="{path}"}} {self.sums[path]:.6f}')
+                out.append(f'zsl_request_seconds_count{{path="{path}"}} {acc}')
+        return "\n".join(out) + "\n"
+
+
+def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None):
+    """The FastAPI app serving ``cfg.indexes`` (name -> index dir); ``searchers`` injects loaded ones."""
+    from fastapi import Body, FastAPI, HTTPException, Query, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+
+    loaded = dict(searchers or {})
+    for name, d in cfg.indexes.items():
+        if name not in loaded:
+            LOG.info("loading index %s from %s", name, d)
+            loaded[name] = Searcher(d)
+    if not loaded:
+        raise ValueError("zsl serve needs at least one --index")
+    default = next(iter(loaded))
+    metrics = _Metrics()
+    thumbs = Path(cfg.thumbnail_cache)
+    app = FastAPI(title="zsl-pipeline retrieval", version="1",
+                  description="Text-to-image retrieval over zsl indexes (clip-retrieval compatible endpoints).")
+
+    def searcher(name: str | None) -> tuple[str, Searcher]:
+        name = name or default
+        if name not in loaded:
+            raise HTTPException(404, f"unknown index {name!r} (served: {', '.join(loaded)})")
+        return name, loaded[name]
+
+    def query_vector(s: Searcher, text: str | None, embedding: list[float] | None) -> np.ndarray:
+        if (text is None) == (embedding is None):
+            raise HTTPException(400, "give exactly one of 'text' and 'embedding'")
+        if text is not None:
+            if not text.strip():
+                raise HTTPException(400, "empty text")
+            if len(text) > cfg.max_text_chars:
+                raise HTTPException(400, f"text of {len(text)} characters; at most {cfg.max_text_chars}")
+            return s.text_queries([text])
+        v = np.asarray(embedding, np.float32).reshape(1, -1)
+        if v.shape[1] != s.dim:
+            raise HTTPException(400, f"embedding has {v.shape[1]} values; index {s.index_dir} holds {s.dim}-d vectors")
+        if not np.isfinite(v).all():
+            raise HTTPException(400, "embedding has NaN or infinite values")
+        return v
+
+    def run(s: Searcher, q: np.ndarray, k: int, offset: int, labels, min_score) -> list[dict]:
+        if k > cfg.max_k or offset + k > cfg.max_k * 10:
+            raise HTTPException(400, f"k={k} (offset {offset}) is above the maximum k={cfg.max_k}")
+        want = offset + k
+        fetch = want if not labels and min_score is None else min(max(4 * want, 100), s.index.ntotal)
+        hits = s.search_vectors(q, fetch)[0]
+        if labels:
+            keep = set(labels)
+            hits = [h for h in hits if h["label"] in keep]
+        if min_score is not None:
+            hits = [h for h in hits if h["score"] >= min_score]
+        hits = hits[offset:want]
+        for r, h in enumerate(hits):
+            h["rank"] = offset + r + 1
+        return hits
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        t = time.perf_counter()
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > cfg.max_body_bytes:
+            resp = JSONResponse({"detail": f"request body of {size} bytes; at most {cfg.max_body_bytes}"}, 413)
+        else:
+            try:
+                resp = await call_next(request)
+            except Exception as exc:  # noqa: BLE001 - never a bare 500 page: a JSON reason, logged
+                LOG.exception("unhandled error on %s", request.url.path)
+                resp = JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, 500)
+        route = request.scope.get("route")
+        metrics.observe(getattr(route, "path", "unmatched"), resp.status_code, time.perf_counter() - t)
+        return resp
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "indices": list(loaded)}
+
+    @app.get("/indices")
+    def indices() -> list[dict]:
+        return [{"name": n, "ntotal": s.manifest.ntotal, "dim": s.dim, "factory": s.manifest.factory,
+                 "search_params": s.manifest.search_params, "text_model": s.manifest.text_model,
+                 "recall_at_10": s.manifest.tuning.recall_at_10 if s.manifest.tuning else None}
+                for n, s in loaded.items()]
+
+    @app.post("/search")
+    def search(req: SearchRequest) -> dict:
+        name, s = searcher(req.index)
+        q = query_vector(s, req.text, req.embedding)
+        hits = run(s, q, req.k, req.offset, req.labels, req.min_score)
+        return {"index": name, "query": req.text, "k": req.k, "hits": hits}
+
+    @app.get("/images/{faiss_id}")
+    def image(faiss_id: int, index: str | None = None, size: int = Query(256, ge=16, le=1024)):
+        name, s = searcher(index)
+        if not 0 <= faiss_id < s.manifest.ntotal:
+            raise HTTPException(404, f"no image {faiss_id} in index {name!r} ({s.manifest.ntotal} images)")
+        uri = s.ids.take([faiss_id]).column("uri")[0].as_py()
+        target = thumbs / s.manifest.sha256[:16] / f"{faiss_id}-{size}.jpg"
+        if not target.exists():
+            try:
+                data = _thumbnail(uri, size, cfg.max_image_pixels)
+            except Exception as exc:  # noqa: BLE001 - a gone or broken image is the client's 404, named
+                raise HTTPException(404, f"image {faiss_id} ({uri}) cannot be read: {type(exc).__name__}: {exc}")
+            zio.write_bytes_atomic(str(target), data)
+        return Response(target.read_bytes(), media_type="image/jpeg",
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+    @app.get("/metrics")
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return _PAGE.read_text()
+
+    # -- clip-retrieval compatibility (its ClipClient and front end) ----------------------------------
+    @app.post("/indices-list")
+    def indices_list() -> list[str]:
+        return list(loaded)
+
+    @app.post("/knn-service")
+    def knn_service(body: dict[str, Any] = Body(...)) -> list[dict]:
+        name, s = searcher(body.get("indice_name"))
+        if body.get("image") or body.get("image_url"):
+            raise HTTPException(400, "image queries are not served by this index (text or embedding_input only)")
+        emb = body.get("embedding_input")
+        text = body.get("text") if emb is None else None
+        try:
+            k = int(body.get("num_images", 10))
+        except (TypeError, ValueError):
+            raise HTTPException(400, "num_images must be an integer") from None
+        if k < 1:
+            raise HTTPException(400, "num_images must be >= 1")
+        hits = run(s, query_vector(s, text, emb), min(k, cfg.max_k), 0, None, None)
+        return [{"id": h["faiss_id"], "similarity": h["score"], "url": h["uri"], "caption": h["label"],
+                 "image_id": h["image_id"]} for h in hits]
+
+    app.state.searchers = loaded
+    return app
+
+
+def _thumbnail(uri: str, size: int, max_pixels: int) -> bytes:
+    from PIL import Image
+
+    fs, path = zio.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        raw = f.read()
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    with Image.open(_io.BytesIO(raw)) as im:
+        im.draft("RGB", (size, size))
+        im = im.convert("RGB")
+        im.thumbnail((size, size))
+        buf = _io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    """Load the indexes and serve them with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(cfg)
+    LOG.info("serving %s on http://%s:%d/", ", ".join(cfg.indexes), cfg.host, cfg.port)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+

@@ -1,0 +1,190 @@
+"""`zsl serve`: the FastAPI app over a small index (TestClient, no network): API, clip-retrieval
+compatibility, thumbnails, metrics, the page, bad input as 4xx JSON; a moved index still answers."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss")
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from pipeline.config import IndexConfig, ServeConfig  # noqa: E402
+
+
+class FakeText:
+    """A text encoder that maps a class name to that class's text embedding (and anything else to noise)."""
+
+    def __init__(self, names, text):
+        self.names, self.text, self.dim = list(names), np.asarray(text, np.float32), text.shape[1]
+
+    def encode(self, prompts):
+        out = []
+        for p in prompts:
+            word = p.split()[-1].strip(".")
+            out.append(self.text[self.names.index(word)] if word in self.names else np.ones(self.dim, np.float32))
+        return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from PIL import Image
+
+    from pipeline.classset import write_class_set
+    from pipeline.features import write_features
+    from pipeline.models import save_model
+    from pipeline.models.eszsl import ESZSL
+    from pipeline.retrieval import Searcher
+    from pipeline.stages.index import run_index
+
+    root = tmp_path_factory.mktemp("serve")
+    rng = np.random.default_rng(0)
+    names = ["cat", "dog", "okapi", "zebra"]
+    text = rng.standard_normal((4, 8)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    write_class_set(str(root / "classes"), names, [None] * 4, text, None, {"text_model": "fake-text"})
+    centres = rng.standard_normal((4, 16)).astype(np.float32) * 3
+    y = np.arange(120) % 4
+    X = (centres[y] + 0.3 * rng.standard_normal((120, 16))).astype(np.float32)
+    model = ESZSL(gamma=1.0, lam=0.1).fit(X, y, text)
+    save_model(str(root / "model"), model, {
+        "feature_model": "fake-feat", "feature_dim": 16, "semantics": "text", "semantic_dim": 8,
+        "text_model": "fake-text", "text_model_name": "fake", "text_pretrained": None, "templates": ["a {name}"],
+        "seen": names, "gamma": 0.0, "calibration": None})
+    (root / "img").mkdir()
+    uris = []
+    for i in range(120):
+        p = root / "img" / f"{i:03d}.png"
+        Image.new("RGB", (40, 30), (i * 2, 0, 0)).save(p)
+        uris.append(str(p))
+    (root / "img" / "005.png").write_bytes(b"not an image")
+    write_features(str(root / "features"), image_ids=[f"img{i:03d}" for i in range(120)], uris=uris,
+                   labels=[names[c] for c in y], X=X, model_id="fake-feat", shard_size=50)
+    run_index(IndexConfig(features=str(root / "features"), model=str(root / "model"), output=str(root / "built"),
+                          use_gpu="no", tune_queries=50), progress=False)
+    # the index is moved, its model deleted, and it is served from elsewhere
+    shutil.move(str(root / "built"), str(root / "moved"))
+    shutil.rmtree(root / "model")
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("elsewhere"))
+    try:
+        s = Searcher(str(root / "moved"), load_text=False)
+    finally:
+        os.chdir(cwd)
+    s._encoder = FakeText(names, text)
+    cfg = ServeConfig(indexes={}, max_k=50, thumbnail_cache=str(root / "thumbs"), max_body_bytes=20_000)
+    from pipeline.stages.serve import create_app
+
+    return TestClient(create_app(cfg, searchers={"animals": s})), s, y, names
+
+
+def test_search_by_text_finds_the_class(served):
+    client, _, y, names = served
+    r = client.post("/search", json={"text": "zebra", "k": 10})
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    assert len(hits) == 10 and [h["rank"] for h in hits] == list(range(1, 11))
+    assert sum(h["label"] == "zebra" for h in hits) >= 8
+    assert hits[0]["score"] >= hits[-1]["score"] and {"faiss_id", "image_id", "uri"} <= set(hits[0])
+
+
+def test_filters_offset_and_embedding(served):
+    client, s, _, _ = served
+    only = client.post("/search", json={"text": "zebra", "k": 5, "labels": ["cat"]}).json()["hits"]
+    assert only and all(h["label"] == "cat" for h in only)
+    first = client.post("/search", json={"text": "dog", "k": 10}).json()["hits"]
+    page2 = client.post("/search", json={"text": "dog", "k": 5, "offset": 5}).json()["hits"]
+    assert [h["image_id"] for h in page2] == [h["image_id"] for h in first[5:]] and page2[0]["rank"] == 6
+    q = s.text_queries(["okapi"])[0].tolist()
+    by_vec = client.post("/search", json={"embedding": q, "k": 3}).json()["hits"]
+    assert [h["image_id"] for h in by_vec] == [h["image_id"] for h in
+                                                client.post("/search", json={"text": "okapi", "k": 3}).json()["hits"]]
+    high = client.post("/search", json={"text": "dog", "k": 50, "min_score": first[2]["score"]}).json()["hits"]
+    assert len(high) == 3
+
+
+def test_clip_retrieval_client_requests(served):
+    """The JSON clip-retrieval's ClipClient sends (text / embedding_input, modality, num_images, indice_name,
+    and its filters, which we ignore) and the shape it reads back."""
+    client, s, _, _ = served
+    assert client.post("/indices-list").json() == ["animals"]
+    body = {"text": "cat", "image": None, "image_url": None, "embedding_input": None,
+            "deduplicate": True, "use_safety_model": False, "use_violence_detector": False,
+            "indice_name": "animals", "use_mclip": False, "aesthetic_score": 9, "aesthetic_weight": 0.5,
+            "modality": "image", "num_images": 6, "num_result_ids": 6}
+    r = client.post("/knn-service", json=body)
+    assert r.status_code == 200, r.text
+    rows = r.json()
+    assert len(rows) == 6 and set(rows[0]) >= {"id", "similarity", "url", "caption"}
+    assert sum(row["caption"] == "cat" for row in rows) >= 5 and isinstance(rows[0]["id"], int)
+    emb = {**body, "text": None, "embedding_input": s.text_queries(["cat"])[0].tolist()}
+    assert [x["id"] for x in client.post("/knn-service", json=emb).json()] == [x["id"] for x in rows]
+
+
+def test_thumbnails_are_made_once_and_only_from_the_index(served, tmp_path):
+    client, s, _, _ = served
+    r = client.get("/images/7?size=32")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    from PIL import Image
+    import io
+
+    assert max(Image.open(io.BytesIO(r.content)).size) <= 32
+    cached = list((tmp_path.parent.parent).glob("**/thumbs/*/7-32.jpg"))
+    assert client.get("/images/7?size=32").content == r.content
+    for bad in ("/images/120", "/images/-1", "/images/..%2F..%2Fetc%2Fpasswd", "/images/5"):
+        resp = client.get(bad)
+        assert resp.status_code in (404, 422), (bad, resp.status_code)
+        assert "detail" in resp.json()
+    assert client.get("/images/3?index=nope").status_code == 404
+    del cached
+
+
+@pytest.mark.parametrize("body, status, reason", [
+    ({"text": ""}, 400, "empty text"),
+    ({"text": "x" * 1001}, 400, "at most 1000"),
+    ({"text": "cat", "k": 51}, 400, "above the maximum"),
+    ({"text": "cat", "k": 0}, 422, "greater than 0"),
+    ({"embedding": [0.1] * 5}, 400, "holds 8-d"),
+    ({"embedding": [float("nan")] * 8}, 422, ""),
+    ({"text": "cat", "index": "nope"}, 404, "unknown index"),
+    ({"text": "cat", "embedding": [0.0] * 8}, 400, "exactly one"),
+    ({"text": "cat", "colour": "red"}, 422, "colour"),
+    ({}, 400, "exactly one"),
+])
+def test_bad_requests_get_4xx_with_a_reason(served, body, status, reason):
+    client = served[0]
+    r = client.post("/search", json=body) if "nan" not in str(body) else client.post(
+        "/search", content='{"embedding": [NaN, NaN, NaN, NaN, NaN, NaN, NaN, NaN]}',
+        headers={"content-type": "application/json"})
+    assert r.status_code in (status, 400, 422) if not reason else r.status_code == status, r.text
+    assert reason in str(r.json()["detail"])
+
+
+def test_oversized_body_and_non_json(served):
+    client = served[0]
+    r = client.post("/search", content=b"{" + b" " * 30_000 + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "at most 20000" in r.json()["detail"]
+    r = client.post("/search", content=b"\x89PNG not json", headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422) and r.json()["detail"]
+    assert client.post("/knn-service", json={"image": base64.b64encode(b"x").decode()}).status_code == 400
+
+
+def test_health_indices_metrics_page(served):
+    client = served[0]
+    assert client.get("/health").json() == {"status": "ok", "indices": ["animals"]}
+    ix = client.get("/indices").json()[0]
+    assert ix["name"] == "animals" and ix["ntotal"] == 120 and ix["dim"] == 8
+    client.post("/search", json={"text": ""})
+    m = client.get("/metrics").text
+    assert 'zsl_requests_total{path="/search",status="200"}' in m
+    assert 'zsl_errors_total{path="/search",status="400"}' in m and "zsl_request_seconds_bucket" in m
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="gallery"' in page.text and "http://" not in page.text.replace(
+        'http://www.w3.org', '')  # no external CDN or font
+    assert client.get("/docs").status_code == 200
