@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +76,69 @@ def ray_start_2_cpus():
         yield ray
     finally:
         ray.shutdown()
+
+
+class FakeText:
+    """A text encoder that maps a class name to that class's text embedding (and anything else to noise)."""
+
+    def __init__(self, names, text):
+        self.names, self.text, self.dim = list(names), np.asarray(text, np.float32), text.shape[1]
+
+    def encode(self, prompts):
+        out = []
+        for p in prompts:
+            word = p.split()[-1].strip(".")
+            out.append(self.text[self.names.index(word)] if word in self.names else np.ones(self.dim, np.float32))
+        return np.stack(out)
+
+
+@pytest.fixture(scope="session")
+def serve_world(tmp_path_factory):
+    """A moved index of 120 tiny PNGs in 4 classes, served by a Searcher with a fake text encoder
+    (a class name maps to its class embedding); ``(searcher, root, labels, names)``."""
+    from PIL import Image
+
+    from pipeline.classset import write_class_set
+    from pipeline.features import write_features
+    from pipeline.models import save_model
+    from pipeline.models.eszsl import ESZSL
+    from pipeline.retrieval import Searcher
+    from pipeline.config import IndexConfig
+    from pipeline.stages.index import run_index
+
+    root = tmp_path_factory.mktemp("serve")
+    rng = np.random.default_rng(0)
+    names = ["cat", "dog", "okapi", "zebra"]
+    text = rng.standard_normal((4, 8)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    write_class_set(str(root / "classes"), names, [None] * 4, text, None, {"text_model": "fake-text"})
+    centres = rng.standard_normal((4, 16)).astype(np.float32) * 3
+    y = np.arange(120) % 4
+    X = (centres[y] + 0.3 * rng.standard_normal((120, 16))).astype(np.float32)
+    model = ESZSL(gamma=1.0, lam=0.1).fit(X, y, text)
+    save_model(str(root / "model"), model, {
+        "feature_model": "fake-feat", "feature_dim": 16, "semantics": "text", "semantic_dim": 8,
+        "text_model": "fake-text", "text_model_name": "fake", "text_pretrained": None, "templates": ["a {name}"],
+        "seen": names, "gamma": 0.0, "calibration": None})
+    (root / "img").mkdir()
+    uris = []
+    for i in range(120):
+        p = root / "img" / f"{i:03d}.png"
+        Image.new("RGB", (40, 30), (i * 2, 0, 0)).save(p)
+        uris.append(str(p))
+    (root / "img" / "005.png").write_bytes(b"not an image")
+    write_features(str(root / "features"), image_ids=[f"img{i:03d}" for i in range(120)], uris=uris,
+                   labels=[names[c] for c in y], X=X, model_id="fake-feat", shard_size=50)
+    run_index(IndexConfig(features=str(root / "features"), model=str(root / "model"), output=str(root / "built"),
+                          use_gpu="no", tune_queries=50), progress=False)
+    # the index is moved, its model deleted, and it is served from elsewhere
+    shutil.move(str(root / "built"), str(root / "moved"))
+    shutil.rmtree(root / "model")
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("elsewhere"))
+    try:
+        s = Searcher(str(root / "moved"), load_text=False)
+    finally:
+        os.chdir(cwd)
+    s._encoder = FakeText(names, text)
+    return s, root, y, names
