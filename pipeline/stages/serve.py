@@ -50,6 +50,47 @@ class SearchRequest(BaseModel):
     offset: int = Field(0, ge=0)
 
 
+class _TextBatcher:
+    """Encodes the text queries of concurrent requests together: a request waits at most
+    ``wait_ms`` for others, then one encoder call embeds up to ``max_batch`` texts."""
+
+    def __init__(self, searcher: Searcher, *, max_batch: int = 32, wait_ms: float = 2.0) -> None:
+        import queue
+
+        self.searcher, self.max_batch, self.wait = searcher, max_batch, wait_ms / 1000
+        self.q: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        threading.Thread(target=self._loop, daemon=True, name="zsl-text-batcher").start()
+
+    def encode(self, text: str) -> np.ndarray:
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self.q.put((text, fut))
+        return fut.result()
+
+    def _loop(self) -> None:
+        import queue
+
+        while True:
+            batch = [self.q.get()]
+            deadline = time.perf_counter() + self.wait
+            while len(batch) < self.max_batch:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(self.q.get(timeout=left))
+                except queue.Empty:
+                    break
+            try:
+                vecs = self.searcher.text_queries([t for t, _ in batch])
+                for (_, fut), v in zip(batch, vecs):
+                    fut.set_result(v[None, :])
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting request
+                for _, fut in batch:
+                    fut.set_exception(exc)
+
+
 class _Metrics:
     """Request counts, errors and a latency histogram, in the Prometheus text format."""
 
@@ -101,6 +142,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     if not loaded:
         raise ValueError("zsl serve needs at least one --index")
     default = next(iter(loaded))
+    batchers = {n: _TextBatcher(s) for n, s in loaded.items()}
     metrics = _Metrics()
     thumbs = Path(cfg.thumbnail_cache)
     app = FastAPI(title="zsl-pipeline retrieval", version="1",
@@ -112,7 +154,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
             raise HTTPException(404, f"unknown index {name!r} (served: {', '.join(loaded)})")
         return name, loaded[name]
 
-    def query_vector(s: Searcher, text: str | None, embedding: list[float] | None) -> np.ndarray:
+    def query_vector(s: Searcher, text: str | None, embedding: list[float] | None, name: str) -> np.ndarray:
         if (text is None) == (embedding is None):
             raise HTTPException(400, "give exactly one of 'text' and 'embedding'")
         if text is not None:
@@ -120,7 +162,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
                 raise HTTPException(400, "empty text")
             if len(text) > cfg.max_text_chars:
                 raise HTTPException(400, f"text of {len(text)} characters; at most {cfg.max_text_chars}")
-            return s.text_queries([text])
+            return batchers[name].encode(text)
         v = np.asarray(embedding, np.float32).reshape(1, -1)
         if v.shape[1] != s.dim:
             raise HTTPException(400, f"embedding has {v.shape[1]} values; index {s.index_dir} holds {s.dim}-d vectors")
@@ -174,7 +216,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     @app.post("/search")
     def search(req: SearchRequest) -> dict:
         name, s = searcher(req.index)
-        q = query_vector(s, req.text, req.embedding)
+        q = query_vector(s, req.text, req.embedding, name)
         hits = run(s, q, req.k, req.offset, req.labels, req.min_score)
         return {"index": name, "query": req.text, "k": req.k, "hits": hits}
 
@@ -220,7 +262,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
             raise HTTPException(400, "num_images must be an integer") from None
         if k < 1:
             raise HTTPException(400, "num_images must be >= 1")
-        hits = run(s, query_vector(s, text, emb), min(k, cfg.max_k), 0, None, None)
+        hits = run(s, query_vector(s, text, emb, name), min(k, cfg.max_k), 0, None, None)
         return [{"id": h["faiss_id"], "similarity": h["score"], "url": h["uri"], "caption": h["label"],
                  "image_id": h["image_id"]} for h in hits]
 

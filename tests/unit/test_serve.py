@@ -128,3 +128,17 @@ def test_health_indices_metrics_page(served):
     assert page.status_code == 200 and 'id="gallery"' in page.text and "http://" not in page.text.replace(
         'http://www.w3.org', '')  # no external CDN or font
     assert client.get("/docs").status_code == 200
+
+
+def test_concurrent_text_queries_are_batched_and_each_gets_its_own_answer(served, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, s, _, names = served
+    calls = []
+    real = s.text_queries
+    monkeypatch.setattr(s, "text_queries", lambda texts: (calls.append(len(texts)), real(texts))[1])
+    asks = [names[i % 4] for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        tops = list(pool.map(lambda t: client.post("/search", json={"text": t, "k": 1}).json()["hits"][0]["label"],
+                             asks))
+    assert tops == asks and sum(calls) == 64 and max(calls) > 1  # several texts per encoder call
