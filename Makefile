@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-slow test-all bench bench-scale gpu-check eval redo-share clean help
+.PHONY: install demo test test-slow test-all bench bench-scale bench-serve gpu-check eval redo-share clean help
 
 help:
 	@echo "make demo   - install into $(VENV) and run extract -> classes -> train -> evaluate -> label -> index -> search -> report"
@@ -84,3 +84,7 @@ clean:
 # GPU paths (CUDA encoder actors in fp16, faiss-gpu build/search); exits 2 without a CUDA GPU.
 gpu-check: install
 	$(BIN)/python -m benchmarks.gpu_check --output benchmarks/results/gpu.json
+
+# Load test of `zsl serve` on 127.0.0.1 (bounded in requests and seconds) -> benchmarks/results/serve.json
+bench-serve: install
+	$(BIN)/python -m benchmarks.bench_serve --output benchmarks/results/serve.json
