@@ -344,9 +344,12 @@ def serve(
     index: Optional[list[str]] = typer.Option(None, help="`zsl index` output, or NAME=DIR (repeatable)."),
     host: Optional[str] = typer.Option(None, help="Interface (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
+    ray: Optional[bool] = typer.Option(None, "--ray", help="Serve with Ray Serve, one replica per node."),
+    address: Optional[str] = AddressOpt,
+    replicas: Optional[int] = typer.Option(None, help="Ray Serve replicas (default: one per node)."),
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Serve text-to-image retrieval over HTTP (FastAPI + uvicorn) with a web page at /."""
+    """Serve text-to-image retrieval over HTTP (FastAPI + uvicorn, or Ray Serve) with a web page at /."""
     def body():
         from pipeline.stages.serve import run_serve
 
@@ -359,7 +362,8 @@ def serve(
                 if name in indexes:
                     raise ValueError(f"--index {item}: the name {name!r} is given twice; use NAME=DIR")
                 indexes[name] = d
-        cfg = load_config("serve", dict(indexes=indexes, host=host, port=port), config, set)
+        cfg = load_config("serve", dict(indexes=indexes, host=host, port=port, ray=ray, address=address,
+                                        replicas=replicas), config, set)
         typer.echo(f"zsl serve: http://{cfg.host}:{cfg.port}/ (API docs at /docs); Ctrl-C stops")
         run_serve(cfg)
     _run(body)

@@ -216,6 +216,10 @@ class ServeConfig(_Config):
     max_body_bytes: int = Field(4 << 20, gt=0, description="Larger request bodies get a 413.")
     max_image_pixels: int = Field(50_000_000, gt=0, description="Thumbnails refuse larger images.")
     thumbnail_cache: str = Field("/tmp/zsl-thumbnails", description="Where thumbnails are cached.")
+    preload_text: bool = Field(True, description="Load the text encoder before reporting ready.")
+    ray: bool = Field(False, description="Serve with Ray Serve (one replica per node) instead of uvicorn.")
+    address: str | None = Field(None, description="Ray cluster address for --ray (default: a local one).")
+    replicas: int | None = Field(None, gt=0, description="Ray Serve replicas (default: one per node).")
 
 
 class AddClassesConfig(_Config):

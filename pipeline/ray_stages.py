@@ -33,7 +33,7 @@ from pipeline.shards import Shard, read_shard
 LOG = logging.getLogger(__name__)
 
 __all__ = ["init_ray", "decode_shard", "EncodeActor", "ResourcePlan", "plan_resources", "run_extraction",
-           "run_shard_jobs"]
+           "run_shard_jobs", "serve_asgi"]
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -277,3 +277,32 @@ def run_shard_jobs(items: list[str], factory: Callable[[], Callable[[str], dict]
                         num_cpus=per, fn_constructor_kwargs=dict(factory=factory, threads=max(1, int(cpus) // n)))
     return [json.loads(str(r)) for b in ds.iter_batches(batch_size=None, batch_format="numpy")
             for r in b["result"]]
+
+
+def serve_asgi(builder: Callable[[], object], *, address: str | None, host: str, port: int,
+               replicas: int | None = None, blocking: bool = True, name: str = "zsl",
+               env: dict[str, str] | None = None) -> None:
+    """Serve the ASGI app ``builder()`` makes with Ray Serve: one replica per node by default,
+    each building (loading) the app itself; HTTP on ``host:port`` of the head node.
+
+    ``builder`` is a module-level function of no arguments (Ray Serve calls it on each replica);
+    ``env`` are environment variables of the replicas (how the builder gets its settings).
+    """
+    import ray
+    from ray import serve
+
+    init_ray(address)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    n = replicas or max(1, len(nodes))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    serve.start(http_options={"host": host, "port": port})
+
+    @serve.deployment(num_replicas=n, max_replicas_per_node=None if replicas else 1,
+                      ray_actor_options={"num_cpus": min(1.0, max(0.1, (cpus - 0.5) / n)),
+                                         "runtime_env": {"env_vars": dict(env or {})}})
+    @serve.ingress(builder)
+    class ZslService:
+        pass
+
+    LOG.info("Ray Serve: %d replica(s) of %s on http://%s:%d/", n, name, host, port)
+    serve.run(ZslService.bind(), name=name, route_prefix="/", blocking=blocking)

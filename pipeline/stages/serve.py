@@ -138,7 +138,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     for name, d in cfg.indexes.items():
         if name not in loaded:
             LOG.info("loading index %s from %s", name, d)
-            loaded[name] = Searcher(d)
+            loaded[name] = Searcher(d, load_text=cfg.preload_text)
     if not loaded:
         raise ValueError("zsl serve needs at least one --index")
     default = next(iter(loaded))
@@ -286,8 +286,41 @@ def _thumbnail(uri: str, size: int, max_pixels: int) -> bytes:
     return buf.getvalue()
 
 
-def run_serve(cfg: ServeConfig) -> None:
-    """Load the indexes and serve them with uvicorn until interrupted."""
+_CONFIG_ENV = "ZSL_SERVE_CONFIG"
+
+
+def _build_app():
+    """App builder for Ray Serve replicas: the config comes as JSON in ``ZSL_SERVE_CONFIG``; each
+    replica loads the indexes itself."""
+    import json
+    import os
+
+    return create_app(ServeConfig(**json.loads(os.environ[_CONFIG_ENV])))
+
+
+def ray_app(args: dict | None = None):
+    """Ray Serve application builder for ``serve run`` / a KubeRay RayService
+    (``import_path: pipeline.stages.serve:ray_app``; config in ``ZSL_SERVE_CONFIG``)."""
+    from ray import serve
+
+    @serve.deployment(max_replicas_per_node=1)
+    @serve.ingress(_build_app)
+    class ZslService:
+        pass
+
+    return ZslService.bind()
+
+
+def run_serve(cfg: ServeConfig, *, blocking: bool = True) -> None:
+    """Load the indexes and serve them with uvicorn (or Ray Serve with ``cfg.ray``) until interrupted."""
+    if cfg.ray:
+        import json
+
+        from pipeline.ray_stages import serve_asgi
+
+        serve_asgi(_build_app, address=cfg.address, host=cfg.host, port=cfg.port, replicas=cfg.replicas,
+                   blocking=blocking, env={_CONFIG_ENV: json.dumps(cfg.model_dump(mode="json"))})
+        return
     import uvicorn
 
     app = create_app(cfg)
