@@ -379,18 +379,12 @@ def merge_ivf_parts(trained: "faiss.Index", part_files: list[str], out_dir: str)
     except RuntimeError:
         raise ValueError(f"only IVF indexes can be merged from partitions, not {_factory_of(trained)}") from None
     target = zio.join(out_dir, IVFDATA_FILE)
-    if not _is_local(target):
+    if not zio.is_local(target):
         raise ValueError(f"{out_dir}: partitions are merged on a local disk only")
     path = zio.filesystem(target)[1]
     zio.remove(target)
     merge_ondisk(index, [zio.local_path(f) for f in part_files], path)
     return index
-
-
-def _is_local(uri: str) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(zio.filesystem(uri)[0], LocalFileSystem)
 
 
 def _set_nprobe(index: "faiss.Index", nprobe: int) -> int | None:
@@ -529,7 +523,7 @@ class IdTable:
 
         uri = zio.join(out_dir, "ids.parquet")
         fs, path = zio.filesystem(uri)
-        self._file = pq.ParquetFile(path, memory_map=True) if _is_local(uri) else pq.ParquetFile(fs.open(path, "rb"))
+        self._file = pq.ParquetFile(path, memory_map=True) if zio.is_local(uri) else pq.ParquetFile(fs.open(path, "rb"))
         check_schema(self._file.schema_arrow, INDEX_IDS_SCHEMA, uri)
         meta = self._file.metadata
         self.num_rows = meta.num_rows
@@ -556,7 +550,7 @@ class IdTable:
 def read_ids(out_dir: str) -> pa.Table:
     """``ids.parquet`` of an index directory, memory-mapped where local (no Python objects per row)."""
     uri = zio.join(out_dir, "ids.parquet")
-    if _is_local(uri):
+    if zio.is_local(uri):
         import pyarrow.parquet as pq
 
         table = pq.read_table(zio.filesystem(uri)[1], memory_map=True)
@@ -588,7 +582,7 @@ def load_index(out_dir: str, *, expected_dim: int | None = None, expected: dict 
     faiss = _faiss()
     manifest = read_manifest(out_dir, IndexManifest)
     cache = None
-    if not _is_local(out_dir):
+    if not zio.is_local(out_dir):
         import tempfile
 
         cache = os.path.join(tempfile.gettempdir(), "zsl-cache", manifest.sha256[:32])

@@ -52,9 +52,15 @@ __all__ = [
     "atomic_local_file",
     "atomic_parquet_writer",
     "local_path",
+    "is_local",
 ]
 
 TMP_PREFIX = "._tmp-"
+
+
+def is_local(uri: str) -> bool:
+    """True when ``uri`` is on the local filesystem (a path or ``file://``), not an object store."""
+    return isinstance(filesystem(uri)[0], LocalFileSystem)
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -229,7 +229,7 @@ def _check_plan(cfg: IndexConfig, dim: int, factory: str, partitioned: bool) -> 
     fixed = _fixed_params(cfg)
     if fixed:
         set_search_params(new_index(dim, factory), fixed)
-    if partitioned and "://" in cfg.output and not cfg.output.startswith("file://"):
+    if partitioned and not zio.is_local(cfg.output):
         raise ValueError(f"{cfg.output}: IVF partitions are merged into index.ivfdata on a local (or mounted) "
                          "disk; give a local --output or drop --address/--partitions")
 
