@@ -170,15 +170,15 @@ def _exact_codes(index) -> bool:
 
 
 def _recall(approx: np.ndarray, approx_scores: np.ndarray | None, exact: np.ndarray, exact_scores: np.ndarray,
-            exclude: np.ndarray | None, k: int) -> float:
-    """Mean over queries of the share of the exact top-k found in the approximate top-k (own id dropped).
+            k: int) -> float:
+    """Mean over queries of the share of the exact top-k found in the approximate top-k.
 
     With exact scores from the index (``approx_scores``), a hit is any returned vector scoring at
     least the k-th exact score (ann-benchmarks' rule), so ties (duplicate images) are not misses.
     """
     hits = total = 0
     for i, (a, e) in enumerate(zip(approx, exact)):
-        keep = (a >= 0) & (a != (exclude[i] if exclude is not None else -2))
+        keep = a >= 0
         e = e[:k]
         if approx_scores is not None and len(e):
             kth = exact_scores[i, len(e) - 1]
@@ -189,9 +189,9 @@ def _recall(approx: np.ndarray, approx_scores: np.ndarray | None, exact: np.ndar
     return hits / total if total else 1.0
 
 
-def _search_recall(index, queries, exact_ids, exact_scores, exclude, k: int) -> float:
-    scores, got = index.search(queries, min(k + (exclude is not None), int(index.ntotal)))
-    return _recall(got, scores if _exact_codes(index) else None, exact_ids, exact_scores, exclude, k)
+def _search_recall(index, queries, exact_ids, exact_scores, k: int) -> float:
+    scores, got = index.search(queries, min(k, int(index.ntotal)))
+    return _recall(got, scores if _exact_codes(index) else None, exact_ids, exact_scores, k)
 
 
 def _single_latencies(index, queries: np.ndarray, k: int, n: int) -> np.ndarray:
@@ -203,13 +203,13 @@ def _single_latencies(index, queries: np.ndarray, k: int, n: int) -> np.ndarray:
     return np.asarray(out)
 
 
-def measure(index, queries: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray, exclude: np.ndarray | None, *,
+def measure(index, queries: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray, *,
             ks: tuple[int, ...] = (1, 10, 100), n_single: int = 200) -> dict:
     """Recall@k for each k (searched at k, as a user would), single-query mean/p99 ms, batched ms/query."""
     out = {}
     for k in ks:
         if k <= exact_ids.shape[1]:
-            out[f"recall_at_{k}"] = round(_search_recall(index, queries, exact_ids, exact_scores, exclude, k), 4)
+            out[f"recall_at_{k}"] = round(_search_recall(index, queries, exact_ids, exact_scores, k), 4)
     k = min(10, int(index.ntotal))
     lat = _single_latencies(index, queries, k, n_single)
     t = time.perf_counter()
@@ -242,10 +242,10 @@ def tune_index(index, batches: Iterable[np.ndarray], *, n_total: int, target_rec
     tried, chosen = [], None
     if params is not None:
         set_search_params(index, params)
-        chosen = {"params": params, f"recall_at_{k}": _search_recall(index, queries, exact, exact_s, None, k)}
+        chosen = {"params": params, f"recall_at_{k}": _search_recall(index, queries, exact, exact_s, k)}
     for params in (candidate_params(index) if chosen is None else []):
         set_search_params(index, params)
-        rec = _search_recall(index, queries, exact, exact_s, None, k)
+        rec = _search_recall(index, queries, exact, exact_s, k)
         entry = {"params": params, f"recall_at_{k}": round(rec, 4)}
         if max_query_ms is not None:
             entry["latency_ms_mean"] = round(float(_single_latencies(index, queries, k, 100).mean()), 4)
@@ -270,7 +270,7 @@ def tune_index(index, batches: Iterable[np.ndarray], *, n_total: int, target_rec
         LOG.warning("tuning: recall@%d %.4f < target %.2f with the best parameters (%s)%s", k,
                     chosen[f"recall_at_{k}"], target_recall, chosen["params"] or "none",
                     f" within {max_query_ms} ms" if max_query_ms is not None else "")
-    figures = measure(index, queries, exact, exact_s, None)
+    figures = measure(index, queries, exact, exact_s)
     return IndexTuning(params=chosen["params"], target_recall=target_recall, k=k, max_query_ms=max_query_ms,
                        met_target=met, n_queries=len(queries), recall_at_1=figures["recall_at_1"],
                        recall_at_10=figures.get("recall_at_10", figures["recall_at_1"]),
