@@ -26,15 +26,24 @@ __all__ = ["apply_calibrated_stacking", "tune_gamma", "split_seen_classes"]
 _TIE_TOL = 1e-12
 
 
-def apply_calibrated_stacking(scores: np.ndarray, seen_mask: np.ndarray, gamma: float) -> np.ndarray:
-    """Return ``scores - gamma * seen_mask`` as a new float64 array (the input is not modified).
+def apply_calibrated_stacking(scores: np.ndarray, seen_mask: np.ndarray, gamma: float, *,
+                              inplace: bool = False) -> np.ndarray:
+    """Return ``scores - gamma * seen_mask``: a new float64 array (the input is not modified), or,
+    with ``inplace``, ``scores`` itself (float32 or wider, writeable) changed in its own dtype in one
+    broadcast pass, for bulk labeling where a float64 copy would double the memory of every batch.
 
     Args:
         scores: ``(n, C)`` class scores.
         seen_mask: ``(C,)`` boolean, True for seen-class columns.
         gamma: amount subtracted from every seen-class score.
+        inplace: subtract in place (a copy is made only if ``scores`` is read-only or narrower than float32).
     """
-    arr = np.asarray(scores, dtype=np.float64)
+    if inplace:
+        arr = np.asarray(scores, dtype=np.result_type(scores, np.float32))
+        if not arr.flags.writeable:
+            arr = arr.copy()
+    else:
+        arr = np.asarray(scores, dtype=np.float64)
     mask = np.asarray(seen_mask)
     if arr.ndim != 2:
         raise ValueError(f"scores must be 2-D (n, C), got shape {arr.shape}")
@@ -45,7 +54,11 @@ def apply_calibrated_stacking(scores: np.ndarray, seen_mask: np.ndarray, gamma: 
     g = float(gamma)
     if not np.isfinite(g):
         raise ValueError(f"gamma must be finite, got {gamma!r}")
-    return arr - np.where(mask, g, 0.0)  # a new array; seen columns get exactly s - g
+    offsets = np.where(mask, g, 0.0)
+    if inplace:
+        arr -= offsets.astype(arr.dtype)
+        return arr
+    return arr - offsets  # a new array; seen columns get exactly s - g
 
 
 def tune_gamma(

@@ -12,6 +12,7 @@ import numpy as np
 from pipeline import io as zio
 from pipeline.models.base import ZSLModel
 from pipeline.schema import ModelManifest
+from pipeline.calibration import apply_calibrated_stacking
 from pipeline.classset import ClassSet
 
 __all__ = ["class_semantics", "seen_mask", "class_scores", "model_fingerprint", "check_model_classes", "topk"]
@@ -40,12 +41,7 @@ def class_scores(model: ZSLModel, manifest: ModelManifest, X: np.ndarray, classe
     """Scores ``(n, C)`` of images against every class of ``classes``; γ subtracted from seen classes if calibrated."""
     scores = model.scores(X, class_semantics(manifest, classes))
     if calibrated and manifest.gamma:
-        # same as apply_calibrated_stacking, in place and in the scores' own dtype (no float64 copy)
-        scores = np.asarray(scores, dtype=np.result_type(scores, np.float32))
-        if not scores.flags.writeable:
-            scores = scores.copy()
-        # one broadcast pass (subtracting from a column subset by fancy indexing copies it twice)
-        scores -= np.where(seen_mask(manifest, classes.names), manifest.gamma, 0.0).astype(scores.dtype)
+        scores = apply_calibrated_stacking(scores, seen_mask(manifest, classes.names), manifest.gamma, inplace=True)
     return scores
 
 
