@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["IdTable", "choose_index", "estimate_memory", "training_rows", "new_index", "train_index", "add_vectors",
-           "build_index", "merge_ivf_parts", "write_index_files", "save_index", "load_index",
+__all__ = ["IdTable", "choose_index", "estimate_memory", "training_rows", "training_sample", "new_index",
+           "train_index", "add_vectors", "build_index", "merge_ivf_parts", "write_index_files", "save_index", "load_index",
            "set_search_params", "search", "brute_force_search", "recall_at_k", "INDEX_FILE", "IVFDATA_FILE"]
 
 _FLAT_MAX_N = 20_000
@@ -216,7 +216,7 @@ def _no_polysemous(faiss, index) -> None:
         inner.do_polysemous_training = False
 
 
-def _train_sample(source: Iterable, dim: int, n_total: int | None, size: int, seed: int):
+def training_sample(source: Iterable, dim: int, n_total: int | None, size: int, seed: int):
     """``(sample, batches)``: a seeded uniform sample (two passes over a re-iterable ``source``,
     three without ``n_total``) or the head of a one-shot iterator, and the batches to add."""
     batches, parts = iter(source), []
@@ -350,7 +350,7 @@ def build_index(vectors: np.ndarray | Iterable[np.ndarray], *, dim: int, factory
     batches = iter(source)
     if not index.is_trained:
         size = train_sample or (training_rows(factory, n_total) if n_total else 100_000)
-        sample, batches = _train_sample(source, dim, n_total, size, seed)
+        sample, batches = training_sample(source, dim, n_total, size, seed)
         if sample is None:
             raise ValueError(f"cannot train {factory}: no vectors given")
         index = train_index(sample, dim=dim, factory=factory, use_gpu=use_gpu)

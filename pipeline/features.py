@@ -8,7 +8,7 @@ Layout (every file written atomically, named by zero-padded shard id)::
     DIR/manifest.json                   FeaturesManifest: model id, dim, counts, config (written last)
 
 This module opens and checks such a directory (:func:`open_features`, :func:`check_feature_shards`),
-reads it shard by shard or whole (:func:`read_shard_embeddings`, :func:`load_features`), says what
+reads it batch by batch or whole (:func:`iter_shard_batches`, :func:`load_features`), says what
 it is (:func:`features_identity`) and writes features computed elsewhere (:func:`write_features`).
 """
 
@@ -25,7 +25,7 @@ from pipeline import io as zio
 from pipeline.schema import FeaturesManifest, features_schema, read_manifest, write_manifest
 
 __all__ = ["shard_name", "shard_id_of", "open_features", "feature_shards", "features_identity", "check_feature_shards",
-           "table_embeddings", "read_shard_embeddings", "iter_shard_batches", "Features", "load_features", "write_features",
+           "table_embeddings", "iter_shard_batches", "Features", "load_features", "write_features",
            "labelled_rows", "IDENTITY_KEYS"]
 
 #: Extract settings that change what is written; anything else (batch size, actors, address) may
@@ -97,12 +97,6 @@ def table_embeddings(table: pa.Table, dim: int, where: str) -> np.ndarray:
     # flatten() (not .values) honours slicing of the chunks
     flat = pa.concat_arrays([c.flatten() for c in col.chunks]) if col.num_chunks else pa.array([], pa.float32())
     return flat.to_numpy(zero_copy_only=False).reshape(-1, dim)
-
-
-def read_shard_embeddings(uri: str, dim: int, columns: Sequence[str] = ()) -> tuple[pa.Table, np.ndarray]:
-    """One feature shard: its ``columns`` (besides the embedding) and its ``(n, dim)`` embeddings."""
-    table = zio.read_parquet(uri, columns=[*columns, "embedding"])
-    return table.select(list(columns)), table_embeddings(table, dim, uri)
 
 
 def iter_shard_batches(uri: str, dim: int, columns: Sequence[str] = (), batch_rows: int = 65_536):

@@ -33,7 +33,7 @@ import pyarrow as pa
 from pipeline import io as zio
 from pipeline.config import IndexConfig, parse_memory
 from pipeline.faiss_index import add_vectors, build_index, choose_index, estimate_memory, load_index, \
-    merge_ivf_parts, set_search_params, train_index, training_rows, write_index_files
+    merge_ivf_parts, set_search_params, train_index, training_rows, training_sample, write_index_files
 from pipeline.features import check_feature_shards, feature_shards, features_identity, iter_shard_batches, \
     open_features
 from pipeline.index_tuning import tune_index
@@ -178,11 +178,9 @@ def _build_partitions(cfg: IndexConfig, out: OutputDir, vec_files: list[str], ro
 
     import faiss
 
-    from pipeline.faiss_index import _train_sample
-
     t = time.perf_counter()
     n_train = training_rows(factory, n_total)
-    sample, _ = _train_sample(_CachedVectors(vec_files), dim, n_total, n_train, 0)
+    sample, _ = training_sample(_CachedVectors(vec_files), dim, n_total, n_train, 0)
     trained = train_index(sample, dim=dim, factory=factory, use_gpu=use_gpu)
     del sample
     trained_file = out.join("parts", "trained.faiss")
