@@ -142,3 +142,16 @@ def serve_world(tmp_path_factory):
         os.chdir(cwd)
     s._encoder = FakeText(names, text)
     return s, root, y, names
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function giving a free TCP port on 127.0.0.1 (servers under test listen on loopback only)."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

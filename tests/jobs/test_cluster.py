@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,21 +21,15 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
             "TQDM_DISABLE": "1"}
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(free_port):
     """A one-node Ray cluster of 2 CPUs on loopback, stopped afterwards."""
-    port, temp = _free_port(), f"/tmp/zr-{os.getpid()}"
+    port, temp = free_port(), f"/tmp/zr-{os.getpid()}"
     start = subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=2", f"--port={port}",
                             "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp}",
                             "--disable-usage-stats"], env=_env(), capture_output=True, text=True, timeout=120)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 import urllib.request
@@ -16,21 +15,15 @@ pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(serve_world):
+def server(serve_world, free_port):
     import uvicorn
 
     from pipeline.config import ServeConfig
     from pipeline.stages.serve import create_app
 
     s, root, _, _ = serve_world
-    port = _free_port()
+    port = free_port()
     cfg = ServeConfig(indexes={}, port=port, thumbnail_cache=str(root / "thumbs-live"))
     srv = uvicorn.Server(uvicorn.Config(create_app(cfg, searchers={"animals": s}), host="127.0.0.1", port=port,
                                         log_level="warning"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.request
 
@@ -16,14 +15,8 @@ pytest.importorskip("faiss")
 pytest.importorskip("ray.serve")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # ~30 s: Ray + Serve start-up
-def test_ray_serve_deployment_answers(serve_world, tmp_path):
+def test_ray_serve_deployment_answers(serve_world, tmp_path, free_port):
     import ray
     from ray import serve
 
@@ -36,7 +29,7 @@ def test_ray_serve_deployment_answers(serve_world, tmp_path):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/zr-serve-{os.getpid()}")
-    port = _free_port()
+    port = free_port()
     try:
         cfg = ServeConfig(indexes={"animals": str(root / "moved")}, port=port, preload_text=False,
                           thumbnail_cache=str(tmp_path / "thumbs"), ray=True)
