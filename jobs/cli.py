@@ -342,6 +342,8 @@ def index(
 @app.command()
 def serve(
     index: Optional[list[str]] = typer.Option(None, help="`zsl index` output, or NAME=DIR (repeatable)."),
+    labels: Optional[list[str]] = typer.Option(None, help=(
+        "`zsl label` output of an index's features, or NAME=DIR (repeatable): hits carry the predicted label.")),
     host: Optional[str] = typer.Option(None, help="Interface (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
     ray: Optional[bool] = typer.Option(None, "--ray", help="Serve with Ray Serve, one replica per node."),
@@ -353,20 +355,33 @@ def serve(
     def body():
         from pipeline.stages.serve import run_serve
 
-        indexes = None
-        if index:
-            indexes = {}
-            for item in index:
-                name, sep, d = item.partition("=")
-                name, d = (name, d) if sep else (Path(item.rstrip("/")).name or "index", item)
-                if name in indexes:
-                    raise ValueError(f"--index {item}: the name {name!r} is given twice; use NAME=DIR")
-                indexes[name] = d
-        cfg = load_config("serve", dict(indexes=indexes, host=host, port=port, ray=ray, address=address,
-                                        replicas=replicas), config, set)
+        indexes = _named_dirs("--index", index, lambda d: Path(d.rstrip("/")).name or "index")
+        default = next(iter(indexes)) if indexes and len(indexes) == 1 else None
+
+        def label_name(d: str) -> str:
+            if default is None:
+                raise ValueError(f"--labels {d}: several indexes are served; say which with NAME=DIR")
+            return default
+        cfg = load_config("serve", dict(indexes=indexes, labels=_named_dirs("--labels", labels, label_name),
+                                        host=host, port=port, ray=ray, address=address, replicas=replicas),
+                          config, set)
         typer.echo(f"zsl serve: http://{cfg.host}:{cfg.port}/ (API docs at /docs); Ctrl-C stops")
         run_serve(cfg)
     _run(body)
+
+
+def _named_dirs(option: str, items: Optional[list[str]], default_name) -> dict[str, str] | None:
+    """``[NAME=]DIR`` options -> {name: dir}; ``default_name(dir)`` names a bare DIR."""
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, d = item.partition("=")
+        name, d = (name, d) if sep else (default_name(item), item)
+        if name in out:
+            raise ValueError(f"{option} {item}: the name {name!r} is given twice; use NAME=DIR")
+        out[name] = d
+    return out
 
 
 @app.command()

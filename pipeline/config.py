@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.io import absolute_uri
 
@@ -209,17 +209,28 @@ class SearchConfig(_Config):
 
 class ServeConfig(_Config):
     indexes: dict[str, Uri] = Field(description="Served indexes: name -> `zsl index` output.")
+    labels: dict[str, Uri] = Field(default_factory=dict, description=(
+        "`zsl label` outputs of the indexed features: index name -> labels dir; hits then carry the "
+        "predicted label and score."))
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     max_k: int = Field(200, gt=0, description="Largest k a request may ask for.")
     max_text_chars: int = Field(1000, gt=0)
     max_body_bytes: int = Field(4 << 20, gt=0, description="Larger request bodies get a 413.")
-    max_image_pixels: int = Field(50_000_000, gt=0, description="Thumbnails refuse larger images.")
+    max_image_pixels: int = Field(50_000_000, gt=0, description="Thumbnails and image queries refuse larger images.")
     thumbnail_cache: str = Field("/tmp/zsl-thumbnails", description="Where thumbnails are cached.")
     preload_text: bool = Field(True, description="Load the text encoder before reporting ready.")
     ray: bool = Field(False, description="Serve with Ray Serve (one replica per node) instead of uvicorn.")
     address: str | None = Field(None, description="Ray cluster address for --ray (default: a local one).")
     replicas: int | None = Field(None, gt=0, description="Ray Serve replicas (default: one per node).")
+
+    @model_validator(mode="after")
+    def _labels_of_served(self) -> "ServeConfig":
+        unknown = sorted(set(self.labels) - set(self.indexes))
+        if unknown and self.indexes:  # (no indexes: a library caller injects loaded ones)
+            raise ValueError(f"labels given for unserved index(es) {', '.join(unknown)} (served: "
+                             f"{', '.join(self.indexes)})")
+        return self
 
 
 class AddClassesConfig(_Config):

@@ -511,40 +511,22 @@ def _read_flags(faiss, manifest: IndexManifest, mmap: bool) -> int:
     return (faiss.IO_FLAG_MMAP if is_ivf else faiss.IO_FLAG_MMAP_IFC) | faiss.IO_FLAG_READ_ONLY
 
 
-class IdTable:
+class IdTable(zio.LazyParquet):
     """``ids.parquet`` read lazily: only the row groups holding the requested faiss ids are decoded
     (a few kept in an LRU cache), so a search process does not hold every uri of a large index.
     Row ``i`` is faiss id ``i`` (as :func:`write_index_files` checks)."""
 
     def __init__(self, out_dir: str, cache_groups: int = 64) -> None:
-        import functools
-
-        import pyarrow.parquet as pq
-
         uri = zio.join(out_dir, "ids.parquet")
-        fs, path = zio.filesystem(uri)
-        self._file = pq.ParquetFile(path, memory_map=True) if zio.is_local(uri) else pq.ParquetFile(fs.open(path, "rb"))
-        check_schema(self._file.schema_arrow, INDEX_IDS_SCHEMA, uri)
-        meta = self._file.metadata
-        self.num_rows = meta.num_rows
-        self._starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        self._group = functools.lru_cache(maxsize=cache_groups)(self._read_group)
-
-    def _read_group(self, g: int) -> pa.Table:
-        return self._file.read_row_group(g)
+        super().__init__(uri, cache_groups)
+        check_schema(self.schema, INDEX_IDS_SCHEMA, uri)
 
     def take(self, faiss_ids) -> pa.Table:
         """The rows of ``faiss_ids`` (in that order) as a table of :data:`INDEX_IDS_SCHEMA`."""
         ids = np.asarray(faiss_ids, np.int64)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.num_rows):
             raise IndexError(f"faiss ids must be in 0..{self.num_rows - 1}")
-        groups = np.searchsorted(self._starts, ids, side="right") - 1
-        parts = [self._group(int(g)).take(pa.array(ids[groups == g] - self._starts[g])) for g in np.unique(groups)]
-        if not parts:
-            return INDEX_IDS_SCHEMA.empty_table()
-        table = pa.concat_tables(parts)
-        order = np.argsort(np.concatenate([np.flatnonzero(groups == g) for g in np.unique(groups)]), kind="stable")
-        return table.take(pa.array(order))
+        return super().take(ids) if len(ids) else INDEX_IDS_SCHEMA.empty_table()
 
 
 def read_ids(out_dir: str) -> pa.Table:

@@ -152,10 +152,12 @@ def labelled_rows(labels: Sequence[str | None], class_names: Sequence[str], want
 
 
 def write_features(out: str, *, image_ids, uris, labels, X: np.ndarray, model_id: str,
-                   shard_size: int = 50_000, notes: dict | None = None) -> FeaturesManifest:
+                   shard_size: int = 50_000, notes: dict | None = None, config: dict | None = None,
+                   image_size: int | None = None) -> FeaturesManifest:
     """Write an in-memory feature matrix as a feature directory (same layout as ``zsl extract``).
 
-    For features computed elsewhere (another extractor, simulations, benchmarks).
+    For features computed elsewhere (another extractor, simulations, benchmarks); ``config``
+    (``encoder``, ``pretrained``) and ``image_size`` say how, when a known encoder made them.
     """
     X = np.asarray(X, np.float32)
     n, dim = X.shape
@@ -172,6 +174,7 @@ def write_features(out: str, *, image_ids, uris, labels, X: np.ndarray, model_id
         }, schema=features_schema(dim))
         zio.write_parquet_atomic(zio.join(out, "features", shard_name(sid)), table)
     manifest = FeaturesManifest(model_id=model_id, dim=int(dim), n_images=int(n), n_errors=0,
-                                n_shards=max(1, -(-n // shard_size)), notes=dict(notes or {}))
+                                n_shards=max(1, -(-n // shard_size)), notes=dict(notes or {}),
+                                config=dict(config or {}), image_size=image_size)
     write_manifest(out, manifest)
     return manifest

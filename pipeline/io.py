@@ -387,3 +387,36 @@ def parquet_num_rows(uri: str) -> int:
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as f:
         return pq.ParquetFile(f).metadata.num_rows
+
+
+class LazyParquet:
+    """One Parquet file read by row number: only the row groups holding the requested rows are
+    decoded (the last ``cache_groups`` kept in an LRU cache); local files are memory-mapped."""
+
+    def __init__(self, uri: str, cache_groups: int = 64) -> None:
+        import functools
+
+        import pyarrow.parquet as pq
+
+        fs, path = filesystem(uri)
+        self.uri = uri
+        self._file = pq.ParquetFile(path, memory_map=True) if is_local(uri) else pq.ParquetFile(fs.open(path, "rb"))
+        self.schema = self._file.schema_arrow
+        meta = self._file.metadata
+        self.num_rows = meta.num_rows
+        self._starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self._group = functools.lru_cache(maxsize=cache_groups)(self._file.read_row_group)
+
+    def take(self, rows) -> pa.Table:
+        """Rows ``rows`` (in that order); IndexError outside ``0..num_rows-1``."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"{self.uri}: rows must be in 0..{self.num_rows - 1}")
+        if not len(rows):
+            return self.schema.empty_table()
+        groups = np.searchsorted(self._starts, rows, side="right") - 1
+        uniq = np.unique(groups)
+        table = pa.concat_tables([self._group(int(g)).take(pa.array(rows[groups == g] - self._starts[g]))
+                                  for g in uniq])
+        order = np.argsort(np.concatenate([np.flatnonzero(groups == g) for g in uniq]), kind="stable")
+        return table.take(pa.array(order))

@@ -3,13 +3,16 @@
 :class:`Searcher` holds the memory-mapped index, its lazily read id table, the model (the copy the
 index directory carries, so the directory can move) and the text encoder. Free text is embedded
 like a class name (the mean over the class prompt templates) and mapped like the training classes
-(``search_queries``); vectors already in the index's space can be searched directly. Used by
+(``search_queries``); an image is encoded by the encoder that made the indexed features and
+projected like them (``search_images``); vectors already in the index's space can be searched
+directly. :class:`PredictedLabels` adds a ``zsl label`` output's predictions to hits. Used by
 ``zsl search`` and by the HTTP service (``zsl serve``).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 
@@ -21,7 +24,7 @@ from pipeline.models.scoring import model_fingerprint
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["Searcher", "MODEL_COPY"]
+__all__ = ["Searcher", "PredictedLabels", "MODEL_COPY"]
 
 #: Where an index directory keeps a copy of the model it was built with.
 MODEL_COPY = "model"
@@ -45,6 +48,9 @@ class Searcher:
                              "rebuild the index")
         self.templates = m.templates or ["{name}"]
         self._encoder = None
+        self._image_encoder = None
+        self._image_lock = threading.Lock()
+        self.labels: PredictedLabels | None = None
         if load_text:
             self.encoder  # noqa: B018 - load now, not on the first query
 
@@ -62,6 +68,44 @@ class Searcher:
                 raise ValueError(f"text model gives {enc.dim}-d vectors, index holds {m.dim}-d")
             self._encoder = enc
         return self._encoder
+
+    @property
+    def image_encoder(self):
+        """The encoder that made the indexed features (loaded on first use, on the CPU)."""
+        if self._image_encoder is None:
+            from pipeline.encoders import encoder_id, load_image_encoder
+
+            m = self.manifest
+            name, pretrained = m.image_encoder, m.image_pretrained
+            if name is None and m.features_dir and zio.exists(zio.join(m.features_dir, "manifest.json")):
+                from pipeline.features import open_features  # an index built before the encoder was recorded
+
+                fman = open_features(m.features_dir)
+                name, pretrained = fman.config.get("encoder"), fman.config.get("pretrained")
+            if not name:
+                raise ValueError(f"{self.index_dir}: the index does not say which image encoder made its features "
+                                 "(features imported or built by hand); image queries need it")
+            if encoder_id(name, pretrained) != m.feature_model:
+                raise ValueError(f"{self.index_dir}: encoder {encoder_id(name, pretrained)} is not the one that "
+                                 f"made the indexed features ({m.feature_model})")
+            self._image_encoder = load_image_encoder(name, pretrained, device="cpu")
+        return self._image_encoder
+
+    def image_queries(self, images: list[bytes]) -> np.ndarray:
+        """Query vectors of encoded images (JPEG/PNG/... bytes), mapped like the indexed images.
+
+        Raises :class:`pipeline.images.DecodeError` for bytes that are not a usable image."""
+        from pipeline.images import decode_image
+
+        enc = self.image_encoder
+        size = self.manifest.image_size or enc.image_size
+        pixels = np.stack([decode_image(b, size=size, max_pixels=self.max_image_pixels)[0] for b in images])
+        with self._image_lock:  # one forward pass at a time; torch uses every core for it
+            X = enc.encode(pixels)
+        return self.model.search_images(X).astype(np.float32)
+
+    #: decoded images above this many pixels are refused (decompression bombs)
+    max_image_pixels: int = 89_478_485
 
     @property
     def dim(self) -> int:
@@ -87,4 +131,61 @@ class Searcher:
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[dict]:
         keep = ids >= 0
         rows = self.ids.take(ids[keep]).select(["faiss_id", "image_id", "uri", "label"]).to_pylist()
+        if self.labels is not None:
+            self.labels.annotate(rows)
         return [{"rank": r + 1, "score": float(s), **row} for r, (s, row) in enumerate(zip(scores[keep], rows))]
+
+
+class PredictedLabels:
+    """A ``zsl label`` output of the same feature directory, looked up by faiss id.
+
+    The index adds feature shards in the order its manifest lists them and label shards keep the
+    feature shards' names and row order, so faiss id ``i`` is row ``i - offset`` of one label shard.
+    Checked when opened (same features, every indexed shard labelled with the same row count) and
+    per hit (same image id).
+    """
+
+    COLUMNS = ["image_id", "top1", "top1_score", "top1_is_unseen"]
+
+    def __init__(self, labels_dir: str, index_manifest) -> None:
+        from pipeline.schema import LabelsManifest, read_manifest
+
+        self.labels_dir = labels_dir
+        lman = read_manifest(labels_dir, LabelsManifest)
+        im = index_manifest
+        if im.identity.get("features") and lman.identity.get("features") != im.identity["features"]:
+            raise ValueError(f"{labels_dir}: labels of {lman.features_dir}, but the index holds {im.features_dir}")
+        files = {f.rsplit("/", 1)[-1]: f for f in zio.iter_parquet_files(zio.join(labels_dir, "labels"))}
+        missing = [s for s in im.shards if s not in files]
+        if missing:
+            raise ValueError(f"{labels_dir}: no labels for {len(missing)} indexed shard(s) ({', '.join(missing[:3])}"
+                             f"{', ...' if len(missing) > 3 else ''}); run `zsl label` on the features again")
+        self.tables = [zio.LazyParquet(files[s]) for s in im.shards]
+        counts = [t.num_rows for t in self.tables]
+        if sum(counts) != im.ntotal:
+            raise ValueError(f"{labels_dir}: {sum(counts)} labelled rows in the indexed shards, index holds {im.ntotal}")
+        self.starts = np.cumsum([0, *counts])
+        self.classes = lman.classes
+        self._lock = threading.Lock()
+
+    def annotate(self, rows: list[dict]) -> None:
+        """Add ``predicted``, ``predicted_score``, ``predicted_unseen`` to hits (dicts with faiss_id, image_id)."""
+        if not rows:
+            return
+        ids = np.array([r["faiss_id"] for r in rows], np.int64)
+        shard = np.searchsorted(self.starts, ids, side="right") - 1
+        with self._lock:  # the row-group caches are not thread-safe
+            found: dict[int, dict] = {}
+            for s in np.unique(shard):
+                sel = np.flatnonzero(shard == s)
+                got = self.tables[s].take(ids[sel] - self.starts[s]).select(self.COLUMNS).to_pylist()
+                found.update(zip(sel.tolist(), got))
+        for i, r in enumerate(rows):
+            lab = found[i]
+            ok = lab["image_id"] == r["image_id"]
+            if not ok:
+                LOG.warning("%s: faiss id %d is image %s in the index but %s in the labels", self.labels_dir,
+                            r["faiss_id"], r["image_id"], lab["image_id"])
+            r["predicted"] = lab["top1"] if ok else None
+            r["predicted_score"] = lab["top1_score"] if ok else None
+            r["predicted_unseen"] = lab["top1_is_unseen"] if ok else None

@@ -292,6 +292,11 @@ class IndexManifest(Manifest):
     model_dir: str | None = None
     model_fingerprint: str | None = None
     feature_model: str | None = None
+    #: the image encoder that made the features (``zsl extract --encoder/--pretrained``) and its
+    #: input size, so image queries can be encoded like the indexed images
+    image_encoder: str | None = None
+    image_pretrained: str | None = None
+    image_size: int | None = None
     text_model: str | None = None
     text_model_name: str | None = None
     text_pretrained: str | None = None

@@ -144,6 +144,60 @@ def serve_world(tmp_path_factory):
     return s, root, y, names
 
 
+def png_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def image_world(tmp_path_factory):
+    """24 animal-mnist silhouettes (3 classes) encoded by EfficientNet-Lite0 exactly as `zsl extract`
+    decodes and encodes them, an ESZSL text model on them, and the index."""
+    from pipeline.classset import write_class_set
+    from pipeline.config import IndexConfig
+    from pipeline.demo_data import load_animal_mnist
+    from pipeline.encoders import load_image_encoder
+    from pipeline.features import write_features
+    from pipeline.images import decode_image
+    from pipeline.models import save_model
+    from pipeline.models.eszsl import ESZSL
+    from pipeline.stages.index import run_index
+
+    root = tmp_path_factory.mktemp("imgq")
+    x, y = load_animal_mnist()
+    pick = np.concatenate([np.flatnonzero(y == c)[:8] for c in (2, 6, 9)])  # cat, giraffe, zebra
+    names = ["cat", "giraffe", "zebra"]
+    labels = np.repeat(np.arange(3), 8)
+    (root / "img").mkdir()
+    uris, blobs = [], []
+    for i, j in enumerate(pick):
+        data = png_bytes(x[j])
+        (root / "img" / f"{i:02d}.png").write_bytes(data)
+        uris.append(str(root / "img" / f"{i:02d}.png"))
+        blobs.append(data)
+    enc = load_image_encoder("effnet-lite0", device="cpu")
+    X = enc.encode(np.stack([decode_image(b, size=224)[0] for b in blobs]))
+    write_features(str(root / "features"), image_ids=[f"a{i:02d}" for i in range(24)], uris=uris,
+                   labels=[names[c] for c in labels], X=X, model_id="effnet-lite0", shard_size=10,
+                   config={"encoder": "effnet-lite0", "pretrained": None}, image_size=224)
+    rng = np.random.default_rng(0)
+    S = rng.standard_normal((3, 8)).astype(np.float32)
+    S /= np.linalg.norm(S, axis=1, keepdims=True)
+    write_class_set(str(root / "classes"), names, [None] * 3, S, None, {"text_model": "fake-text"})
+    save_model(str(root / "model"), ESZSL(gamma=1.0, lam=0.1).fit(X, labels, S), {
+        "feature_model": "effnet-lite0", "feature_dim": X.shape[1], "semantics": "text", "semantic_dim": 8,
+        "text_model": "fake-text", "text_model_name": "fake", "text_pretrained": None, "templates": ["{name}"],
+        "seen": names, "gamma": 0.0, "calibration": None})
+    run_index(IndexConfig(features=str(root / "features"), model=str(root / "model"), output=str(root / "index"),
+                          use_gpu="no", tune_queries=10), progress=False)
+    return root, blobs, labels, names
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """A function giving a free TCP port on 127.0.0.1 (servers under test listen on loopback only)."""

@@ -277,6 +277,14 @@ def _tune(cfg: IndexConfig, index, vectors: _CachedVectors, n_total: int) -> Ind
                       max_query_ms=cfg.max_query_ms, n_queries=cfg.tune_queries, params=fixed)
 
 
+def _image_encoder(fman) -> dict:
+    """How the features were made (for image queries); a checkpoint path is stored absolute."""
+    enc, pre = fman.config.get("encoder"), fman.config.get("pretrained")
+    if pre and pre != "random" and zio.is_local(pre) and zio.exists(pre):
+        pre = zio.absolute_uri(pre)
+    return {"image_encoder": enc, "image_pretrained": pre, "image_size": fman.image_size}
+
+
 def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
     """Build (or resume, or bring up to date) the text-searchable index of a feature directory."""
     t0 = time.perf_counter()
@@ -374,7 +382,8 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
             **{**fields, "factory": factory}, nprobe=cfg.nprobe, search_params=tuning.params if tuning else None,
             tuning=tuning, build=build, added_last_run=added, train_rows=n_train, timings=timings,
             identity=identity, model_dir=cfg.model,
-            model_fingerprint=model_fp, feature_model=fman.model_id, text_model=mman.text_model,
+            model_fingerprint=model_fp, feature_model=fman.model_id, **_image_encoder(fman),
+            text_model=mman.text_model,
             text_model_name=mman.text_model_name, text_pretrained=mman.text_pretrained, templates=mman.templates,
             features_dir=cfg.features, shards=order, max_memory=cfg.max_memory,
             estimated_bytes=est, shards_projected_last_run=n_new, seconds=round(time.perf_counter() - t0, 2))

@@ -4,18 +4,22 @@
 starts it. Each index loads once (memory-mapped, :class:`pipeline.retrieval.Searcher`); faiss
 searches and the text encoder are thread-safe for reads. Endpoints:
 
-- ``POST /search`` ``{"text" | "embedding", "k", "index", "labels", "min_score", "offset"}`` -> hits
+- ``POST /search`` ``{"text" | "image" (base64) | "embedding", "k", "index", "labels", "unseen_only",
+  "min_score", "offset"}`` -> hits (with the predicted label and score when a labels dir is served)
 - ``GET /images/{faiss_id}?index=&size=`` a JPEG thumbnail of the uri the index holds for that id
   (made on first request, cached on disk atomically); ids are integers, so no path reaches the disk
 - ``GET /indices``, ``GET /health``, ``GET /metrics`` (Prometheus text format), ``GET /`` the page
 - clip-retrieval compatibility: ``POST /knn-service``, ``POST /indices-list``
 
 Bad input gets a 4xx with a JSON ``detail``, never a 500: empty or overlong text, ``k`` above the
-maximum, wrong-dimension embeddings, unknown indexes or ids, bodies above the size cap.
+maximum, images that are not base64 or not an image or too many pixels, wrong-dimension
+embeddings, unknown indexes or ids, bodies above the size cap.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io as _io
 import logging
 import threading
@@ -28,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import io as zio
 from pipeline.config import ServeConfig
-from pipeline.retrieval import Searcher
+from pipeline.images import DecodeError
+from pipeline.retrieval import PredictedLabels, Searcher
 
 LOG = logging.getLogger(__name__)
 
@@ -42,10 +47,12 @@ class SearchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, description="Free-text query.")
+    image: str | None = Field(None, description="Query image (JPEG, PNG, ...), base64; a data: URL is accepted.")
     embedding: list[float] | None = Field(None, description="A query vector in the index's space.")
     k: int = Field(10, gt=0)
     index: str | None = None
-    labels: list[str] | None = Field(None, description="Keep only hits with one of these labels.")
+    labels: list[str] | None = Field(None, description="Keep only hits whose label or predicted label is one of these.")
+    unseen_only: bool = Field(False, description="Keep only hits predicted as an unseen class (needs --labels).")
     min_score: float | None = None
     offset: int = Field(0, ge=0)
 
@@ -141,6 +148,14 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
             loaded[name] = Searcher(d, load_text=cfg.preload_text)
     if not loaded:
         raise ValueError("zsl serve needs at least one --index")
+    unknown = sorted(set(cfg.labels) - set(loaded))
+    if unknown:
+        raise ValueError(f"labels given for unserved index(es) {', '.join(unknown)} (served: {', '.join(loaded)})")
+    for name, s in loaded.items():
+        s.max_image_pixels = cfg.max_image_pixels
+        if name in cfg.labels:
+            LOG.info("predicted labels of index %s from %s", name, cfg.labels[name])
+            s.labels = PredictedLabels(cfg.labels[name], s.manifest)
     default = next(iter(loaded))
     batchers = {n: _TextBatcher(s) for n, s in loaded.items()}
     metrics = _Metrics()
@@ -154,31 +169,55 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
             raise HTTPException(404, f"unknown index {name!r} (served: {', '.join(loaded)})")
         return name, loaded[name]
 
-    def query_vector(s: Searcher, text: str | None, embedding: list[float] | None, name: str) -> np.ndarray:
-        if (text is None) == (embedding is None):
-            raise HTTPException(400, "give exactly one of 'text' and 'embedding'")
+    def query_vector(s: Searcher, text: str | None, embedding: list[float] | None, name: str,
+                     image: str | None = None) -> np.ndarray:
+        if sum(x is not None for x in (text, image, embedding)) != 1:
+            raise HTTPException(400, "give exactly one of 'text', 'image' and 'embedding'")
+        if image is not None:
+            return image_vector(s, image)
         if text is not None:
             if not text.strip():
                 raise HTTPException(400, "empty text")
             if len(text) > cfg.max_text_chars:
                 raise HTTPException(400, f"text of {len(text)} characters; at most {cfg.max_text_chars}")
             return batchers[name].encode(text)
-        v = np.asarray(embedding, np.float32).reshape(1, -1)
+        try:
+            v = np.asarray(embedding, np.float32).reshape(1, -1)
+        except (TypeError, ValueError):
+            raise HTTPException(400, "embedding must be a list of numbers") from None
         if v.shape[1] != s.dim:
             raise HTTPException(400, f"embedding has {v.shape[1]} values; index {s.index_dir} holds {s.dim}-d vectors")
         if not np.isfinite(v).all():
             raise HTTPException(400, "embedding has NaN or infinite values")
         return v
 
-    def run(s: Searcher, q: np.ndarray, k: int, offset: int, labels, min_score) -> list[dict]:
+    def image_vector(s: Searcher, image: str) -> np.ndarray:
+        data = image.split(",", 1)[1] if image.startswith("data:") else image
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise HTTPException(400, "image is not valid base64") from None
+        try:
+            return s.image_queries([raw])
+        except DecodeError as exc:
+            raise HTTPException(400, f"image cannot be used: {exc}") from None
+        except ValueError as exc:  # the index cannot encode images (no known encoder)
+            raise HTTPException(400, str(exc)) from None
+
+    def run(s: Searcher, q: np.ndarray, k: int, offset: int, labels, min_score, unseen_only: bool = False) -> list[dict]:
         if k > cfg.max_k or offset + k > cfg.max_k * 10:
             raise HTTPException(400, f"k={k} (offset {offset}) is above the maximum k={cfg.max_k}")
+        if unseen_only and s.labels is None:
+            raise HTTPException(400, "unseen_only needs predicted labels; start zsl serve with --labels")
         want = offset + k
-        fetch = want if not labels and min_score is None else min(max(4 * want, 100), s.index.ntotal)
+        filtered = labels or min_score is not None or unseen_only
+        fetch = min(max(4 * want, 100), s.index.ntotal) if filtered else want
         hits = s.search_vectors(q, fetch)[0]
         if labels:
             keep = set(labels)
-            hits = [h for h in hits if h["label"] in keep]
+            hits = [h for h in hits if h["label"] in keep or h.get("predicted") in keep]
+        if unseen_only:
+            hits = [h for h in hits if h["predicted_unseen"]]
         if min_score is not None:
             hits = [h for h in hits if h["score"] >= min_score]
         hits = hits[offset:want]
@@ -210,14 +249,16 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     def indices() -> list[dict]:
         return [{"name": n, "ntotal": s.manifest.ntotal, "dim": s.dim, "factory": s.manifest.factory,
                  "search_params": s.manifest.search_params, "text_model": s.manifest.text_model,
-                 "recall_at_10": s.manifest.tuning.recall_at_10 if s.manifest.tuning else None}
+                 "recall_at_10": s.manifest.tuning.recall_at_10 if s.manifest.tuning else None,
+                 "image_encoder": s.manifest.image_encoder or s.manifest.feature_model,
+                 "labels": s.labels.labels_dir if s.labels else None}
                 for n, s in loaded.items()]
 
     @app.post("/search")
     def search(req: SearchRequest) -> dict:
         name, s = searcher(req.index)
-        q = query_vector(s, req.text, req.embedding, name)
-        hits = run(s, q, req.k, req.offset, req.labels, req.min_score)
+        q = query_vector(s, req.text, req.embedding, name, req.image)
+        hits = run(s, q, req.k, req.offset, req.labels, req.min_score, req.unseen_only)
         return {"index": name, "query": req.text, "k": req.k, "hits": hits}
 
     @app.get("/images/{faiss_id}")
@@ -252,19 +293,23 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     @app.post("/knn-service")
     def knn_service(body: dict[str, Any] = Body(...)) -> list[dict]:
         name, s = searcher(body.get("indice_name"))
-        if body.get("image") or body.get("image_url"):
-            raise HTTPException(400, "image queries are not served by this index (text or embedding_input only)")
-        emb = body.get("embedding_input")
-        text = body.get("text") if emb is None else None
+        if body.get("image_url"):
+            raise HTTPException(400, "image_url is not fetched by this server; send the image itself as 'image' (base64)")
+        emb, image = body.get("embedding_input"), body.get("image")
+        text = body.get("text") if emb is None and image is None else None
+        image = image if emb is None else None
+        for key, v in (("text", text), ("image", image)):
+            if v is not None and not isinstance(v, str):
+                raise HTTPException(400, f"{key} must be a string")
         try:
             k = int(body.get("num_images", 10))
         except (TypeError, ValueError):
             raise HTTPException(400, "num_images must be an integer") from None
         if k < 1:
             raise HTTPException(400, "num_images must be >= 1")
-        hits = run(s, query_vector(s, text, emb, name), min(k, cfg.max_k), 0, None, None)
-        return [{"id": h["faiss_id"], "similarity": h["score"], "url": h["uri"], "caption": h["label"],
-                 "image_id": h["image_id"]} for h in hits]
+        hits = run(s, query_vector(s, text, emb, name, image), min(k, cfg.max_k), 0, None, None)
+        return [{"id": h["faiss_id"], "similarity": h["score"], "url": h["uri"],
+                 "caption": h.get("predicted") or h["label"], "image_id": h["image_id"]} for h in hits]
 
     app.state.searchers = loaded
     return app

@@ -15,21 +15,17 @@ pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
 
 
-@pytest.fixture(scope="module")
-def server(serve_world, free_port):
+def _serve(cfg, searchers):
+    """uvicorn in a thread on cfg.port (loopback); yields the base URL, stops on exit."""
     import uvicorn
 
-    from pipeline.config import ServeConfig
     from pipeline.stages.serve import create_app
 
-    s, root, _, _ = serve_world
-    port = free_port()
-    cfg = ServeConfig(indexes={}, port=port, thumbnail_cache=str(root / "thumbs-live"))
-    srv = uvicorn.Server(uvicorn.Config(create_app(cfg, searchers={"animals": s}), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(create_app(cfg, searchers=searchers), host="127.0.0.1", port=cfg.port,
                                         log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{cfg.port}"
     for _ in range(100):
         try:
             urllib.request.urlopen(base + "/health", timeout=1)
@@ -39,6 +35,25 @@ def server(serve_world, free_port):
     yield base
     srv.should_exit = True
     t.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(serve_world, free_port):
+    from pipeline.config import ServeConfig
+
+    s, root, _, _ = serve_world
+    cfg = ServeConfig(indexes={}, port=free_port(), thumbnail_cache=str(root / "thumbs-live"))
+    yield from _serve(cfg, {"animals": s})
+
+
+@pytest.fixture(scope="module")
+def image_server(image_world, free_port):
+    from pipeline.config import ServeConfig
+
+    root = image_world[0]
+    cfg = ServeConfig(indexes={"silhouettes": str(root / "index")}, port=free_port(), preload_text=False,
+                      thumbnail_cache=str(root / "thumbs-live"))
+    yield from _serve(cfg, None)
 
 
 def test_live_server_answers_over_http(server):
@@ -90,5 +105,23 @@ def test_web_page_in_a_real_browser(server):
         d.get(server + "/?q=dog&k=5")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figure")) == 5)
         assert d.find_element(By.CSS_SELECTOR, "#gallery figure .label").text == "dog"
+    finally:
+        d.quit()
+
+
+def test_search_by_image_in_a_real_browser(image_server, image_world):
+    """The page's file picker sends the image; the same image comes back first."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root = image_world[0]
+    d = _chrome()
+    try:
+        d.get(image_server + "/")
+        d.find_element(By.ID, "file").send_keys(str(root / "img" / "12.png"))
+        wait = WebDriverWait(d, 30)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figure")) >= 10)
+        assert d.find_element(By.CSS_SELECTOR, "#gallery figure .id").text == "a12"
+        assert d.find_element(By.CSS_SELECTOR, "#gallery figure .label").text == "giraffe"
     finally:
         d.quit()
