@@ -50,7 +50,7 @@ demo: install
 		--search $(DEMO)/search_1.json --search $(DEMO)/search_2.json --search $(DEMO)/search_3.json \
 		--title "zsl-pipeline demo: animal-mnist, 7 seen / 3 unseen" --output $(DEMO)/report.html
 	@echo ""
-	@echo "Search the demo index in a browser:  $(ZSL) serve --index $(DEMO)/index   then open http://127.0.0.1:8000/?q=a+striped+animal"
+	@echo "Search the demo index in a browser:  $(ZSL) serve --index $(DEMO)/index --labels $(DEMO)/labels   then open http://127.0.0.1:8000/?q=a+striped+animal"
 
 test: install
 	$(BIN)/python -m pytest -q

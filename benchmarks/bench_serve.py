@@ -4,8 +4,14 @@ Builds a ``--rows`` image index (synthetic feature shards in the real format and
 as ``benchmarks.bench_scale`` makes them; the text encoder is the real offline MiniLM), starts
 ``zsl serve`` as a subprocess on a free 127.0.0.1 port, then runs ``--clients`` concurrent clients
 (keep-alive HTTP connections) sending text queries for ``--seconds`` seconds (at most
-``--max-requests``). Reports QPS, p50/p99 latency, errors and the server's RSS before and after,
-to ``benchmarks/results/serve.json``. Traffic never leaves 127.0.0.1.
+``--max-requests``), in two phases against the same server:
+
+- ``zipf``: queries drawn from a pool of ``--pool`` distinct phrases with Zipf(1.0) frequencies, as
+  query logs are; the server's query cache answers the repeats (its hit rate is reported);
+- ``unique``: every query a phrase never sent before (the cache cannot help): the cold text path.
+
+Reports QPS, p50/p99 latency, errors and the server's RSS before and after each phase, to
+``benchmarks/results/serve.json``. Traffic never leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -28,9 +34,42 @@ import typer
 
 LOG = logging.getLogger("zsl.bench_serve")
 RESULTS = Path(__file__).resolve().parent / "results"
-WORDS = ["zebra", "a striped animal", "an animal with a long neck", "a small pet with whiskers", "a bird",
-         "something that swims", "a large grey animal", "a horse", "a dog playing", "a cat sleeping",
-         "an animal with hooves", "a spotted cat", "a monkey in a tree", "a farm animal", "a wild animal"]
+ADJ = ["striped", "spotted", "small", "large", "grey", "brown", "black", "white", "young", "old", "wild",
+       "sleeping", "running", "swimming", "hungry", "furry", "tiny", "huge", "curious", "shy", "fast", "slow",
+       "noisy", "quiet", "wet", "muddy", "golden", "pale", "dark", "friendly"]
+NOUN = ["zebra", "horse", "dog", "cat", "bird", "cow", "sheep", "giraffe", "elephant", "bear", "monkey",
+        "tiger", "lion", "wolf", "fox", "deer", "rabbit", "mouse", "owl", "eagle", "duck", "goose", "fish",
+        "whale", "dolphin", "seal", "otter", "beaver", "camel", "llama", "goat", "pig", "donkey", "mule",
+        "okapi", "hippo", "rhino", "bat", "squirrel", "hedgehog"]
+WHERE = ["", " in a tree", " on a farm", " in the snow", " near water", " in a field", " at night",
+         " in a zoo", " with its young", " eating grass", " playing", " in the desert", " on a rock", " in a forest"]
+
+
+def phrases(seed: int) -> list[str]:
+    """Every 'a(n) <adj> <noun><where>' phrase (16,800), shuffled by ``seed``."""
+    out = [f"a {a} {n}{w}" for a in ADJ for n in NOUN for w in WHERE]
+    np.random.default_rng(seed).shuffle(out)
+    return out
+
+
+class Queries:
+    """Thread-safe query source: Zipf(1.0) over a fixed pool, or each phrase once."""
+
+    def __init__(self, pool: list[str], zipf: bool, seed: int) -> None:
+        self.pool, self.zipf, self.i = pool, zipf, 0
+        self.rng = np.random.default_rng(seed)
+        w = np.cumsum(1.0 / np.arange(1, len(pool) + 1))
+        self.cdf = w / w[-1]
+        self.lock = threading.Lock()
+
+    def __call__(self) -> str:
+        with self.lock:
+            if self.zipf:
+                return self.pool[min(int(np.searchsorted(self.cdf, self.rng.random())), len(self.pool) - 1)]
+            self.i += 1
+            return self.pool[(self.i - 1) % len(self.pool)]
+
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -48,15 +87,14 @@ def _free_port() -> int:
 
 
 def _client(port: int, stop_at: float, budget: list[int], lock: threading.Lock, out: list, errors: list,
-            seed: int) -> None:
-    rng = np.random.default_rng(seed)
+            next_query) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     while time.perf_counter() < stop_at:
         with lock:
             if budget[0] <= 0:
                 break
             budget[0] -= 1
-        body = json.dumps({"text": WORDS[rng.integers(len(WORDS))], "k": 10})
+        body = json.dumps({"text": next_query(), "k": 10})
         t = time.perf_counter()
         try:
             conn.request("POST", "/search", body=body, headers={"Content-Type": "application/json"})
@@ -71,16 +109,75 @@ def _client(port: int, stop_at: float, budget: list[int], lock: threading.Lock, 
     conn.close()
 
 
+def _cache_counts(port: int) -> tuple[int, int]:
+    """(hits, misses) of the server's query cache, from /metrics."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    get = lambda name: sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))  # noqa: E731
+    return get("zsl_query_cache_hits_total"), get("zsl_query_cache_misses_total")
+
+
+def _start_server(work: Path, workers: int, env: dict) -> tuple[subprocess.Popen, int, float]:
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--index", str(work / "index"),
+                               "--port", str(port), "--set", f"thumbnail_cache={work / 'thumbs'}",
+                               "--set", f"text_workers={workers}"], env=env)
+    t0 = time.perf_counter()
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return server, port, time.perf_counter() - t0
+        except OSError:
+            pass
+        if server.poll() is not None or time.perf_counter() - t0 > 120:
+            server.kill()
+            raise RuntimeError("zsl serve did not come up")
+        time.sleep(0.2)
+
+
+def _phase(server: subprocess.Popen, port: int, source, clients: int, seconds: float, max_requests: int) -> dict:
+    """``clients`` threads sending ``source()`` texts for ``seconds`` (at most ``max_requests``)."""
+    hits0 = _cache_counts(port)
+    rss_before = _rss_mb(server.pid)
+    lat: list[float] = []
+    errs: list[float] = []
+    budget, lock = [max_requests], threading.Lock()
+    stop_at = time.perf_counter() + seconds
+    start = time.perf_counter()
+    threads = [threading.Thread(target=_client, args=(port, stop_at, budget, lock, lat, errs, source))
+               for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    hits1 = _cache_counts(port)
+    ms = np.asarray(lat) * 1000
+    looked = (hits1[0] - hits0[0]) + (hits1[1] - hits0[1])
+    return {
+        "seconds": round(wall, 2), "requests": len(lat) + len(errs), "errors": len(errs),
+        "qps": round(len(lat) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2),
+        "cache_hit_rate": round((hits1[0] - hits0[0]) / looked, 3) if looked else None,
+        "server_rss_mb_before": round(rss_before, 1), "server_rss_mb_after": round(_rss_mb(server.pid), 1),
+    }
+
+
 @app.command()
 def main(rows: int = typer.Option(100_000), clients: int = typer.Option(8), seconds: float = typer.Option(20.0),
          max_requests: int = typer.Option(20_000), output: Path = typer.Option(RESULTS / "serve.json"),
+         pool: int = typer.Option(5_000, help="Distinct phrases of the zipf phase."),
+         text_workers: list[int] = typer.Option([1, 0], help="Server text_workers settings to compare (0: auto)."),
          keep: bool = typer.Option(False)) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from benchmarks.bench_scale import World, make_scale_data
 
     work = Path(tempfile.mkdtemp(prefix="zsl-bench-serve-"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
-    server = None
     try:
         LOG.info("building a %d-image index", rows)
         world = World(work, n_classes=1000, n_seen=800, latent_rank=8, noise=0.5, train_per_class=20,
@@ -88,54 +185,32 @@ def main(rows: int = typer.Option(100_000), clients: int = typer.Option(8), seco
         data = make_scale_data(world, work / "data", rows)
         subprocess.run([sys.executable, "-m", "jobs.cli", "index", "--features", data["features_dir"], "--model",
                         world.model_dir, "--output", str(work / "index"), "--max-memory", "2G"], check=True, env=env)
-        port = _free_port()
-        server = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--index", str(work / "index"),
-                                   "--port", str(port), "--set", f"thumbnail_cache={work / 'thumbs'}"], env=env)
-        t0 = time.perf_counter()
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.perf_counter() - t0 > 120:
-                raise RuntimeError("zsl serve did not come up")
-            time.sleep(0.2)
-        ready_s = time.perf_counter() - t0
-        # warm-up, then RSS before
-        _client(port, time.perf_counter() + 2, [50], threading.Lock(), [], [], 99)
-        rss_before = _rss_mb(server.pid)
-        lat: list[float] = []
-        errs: list[float] = []
-        budget, lock = [max_requests], threading.Lock()
-        stop_at = time.perf_counter() + seconds
-        start = time.perf_counter()
-        threads = [threading.Thread(target=_client, args=(port, stop_at, budget, lock, lat, errs, i))
-                   for i in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-        rss_after = _rss_mb(server.pid)
-        ms = np.asarray(lat) * 1000
+        words = phrases(0)
         result = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(), "rows": rows, "clients": clients,
-            "seconds": round(wall, 2), "requests": len(lat) + len(errs), "errors": len(errs),
-            "qps": round(len(lat) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2),
-            "server_ready_s": round(ready_s, 2), "server_rss_mb_before": round(rss_before, 1),
-            "server_rss_mb_after": round(rss_after, 1),
-            "index": json.loads((work / "index" / "manifest.json").read_text())["factory"],
-            "notes": "text queries (MiniLM on CPU, batched across concurrent requests) + FAISS search, k=10, "
-                     "keep-alive connections from client threads in this process, loopback only",
+            "pool": pool, "index": json.loads((work / "index" / "manifest.json").read_text())["factory"],
+            "notes": "text queries (MiniLM on CPU, 5 prompt templates per query, batched across concurrent "
+                     "requests) + FAISS search, k=10, keep-alive connections from client threads in this "
+                     "process, loopback only; 'zipf': a pool of distinct phrases with Zipf(1.0) frequencies "
+                     "(the server's query cache answers repeats), 'unique': every query new (cold path); "
+                     "one fresh server per text_workers setting, same index, same query streams",
+            "servers": {},
         }
+        for workers in text_workers:
+            server, port, ready_s = _start_server(work, workers, env)
+            try:
+                # warm-up (phrases used by neither phase)
+                _client(port, time.perf_counter() + 2, [50], threading.Lock(), [], [], Queries(words[-100:], False, 0))
+                res = {"text_workers": workers, "server_ready_s": round(ready_s, 2), "phases": {}}
+                sources = {"zipf": Queries(words[:pool], True, 1), "unique": Queries(words[pool:-100], False, 2)}
+                for phase, source in sources.items():
+                    res["phases"][phase] = _phase(server, port, source, clients, seconds, max_requests)
+                    LOG.info("text_workers=%d %s: %s", workers, phase, res["phases"][phase])
+                result["servers"][f"text_workers={workers}"] = res
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     output.parent.mkdir(parents=True, exist_ok=True)

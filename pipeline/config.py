@@ -220,6 +220,10 @@ class ServeConfig(_Config):
     max_image_pixels: int = Field(50_000_000, gt=0, description="Thumbnails and image queries refuse larger images.")
     thumbnail_cache: str = Field("/tmp/zsl-thumbnails", description="Where thumbnails are cached.")
     preload_text: bool = Field(True, description="Load the text encoder before reporting ready.")
+    query_cache: int = Field(10_000, ge=0, description="Query vectors of this many distinct texts are cached (0: none).")
+    text_workers: int = Field(0, ge=0, description=(
+        "Threads encoding text queries, one torch thread each (0: one per CPU core, at most 4; 1: one "
+        "thread using torch's default threads)."))
     ray: bool = Field(False, description="Serve with Ray Serve (one replica per node) instead of uvicorn.")
     address: str | None = Field(None, description="Ray cluster address for --ray (default: a local one).")
     replicas: int | None = Field(None, gt=0, description="Ray Serve replicas (default: one per node).")

@@ -33,6 +33,7 @@ CASES = {
                     "input", "/from-conf.yaml", "/from-set.yaml", ["--input", "/from-flag.yaml"]),
     "report": ("pipeline.stages.report", "run_report", ["--evaluation", "/e.json", "--output", "/r.html"],
                "title", "from conf", "from set", ["--title", "from flag"]),
+    "serve": ("pipeline.stages.serve", "run_serve", ["--index", "/i"], "port", 8001, 8002, ["--port", "8003"]),
     "demo-data": ("pipeline.demo_data", "write_demo_data", [], "output", "/from-conf", "/from-set",
                   ["--output", "/from-flag"]),
 }
@@ -110,3 +111,16 @@ def test_search_k_from_conf_is_not_overridden_by_a_flag_default(spy):
     (conf / "search.yaml").write_text("k: 3\n")
     _run(["search", "--index", "/i", "zebra"])
     assert seen["cfg"].k == 3
+
+
+def test_serve_names_indexes_and_their_labels(spy, capsys):
+    conf, install = spy
+    seen = install("serve")
+    _run(["serve", "--index", "/x/animals/", "--labels", "/x/labels"])
+    assert seen["cfg"].indexes == {"animals": "/x/animals"} and seen["cfg"].labels == {"animals": "/x/labels"}
+    _run(["serve", "--index", "a=/x/1", "--index", "b=/x/2", "--labels", "b=/x/l2"])
+    assert seen["cfg"].labels == {"b": "/x/l2"}
+    assert main(["serve", "--index", "a=/x/1", "--index", "b=/x/2", "--labels", "/x/l"]) == 2
+    assert "say which with NAME=DIR" in capsys.readouterr().err
+    assert main(["serve", "--index", "a=/x/1", "--labels", "c=/x/l"]) == 2
+    assert "unserved index(es) c" in capsys.readouterr().err

@@ -130,10 +130,14 @@ def test_health_indices_metrics_page(served):
     assert client.get("/docs").status_code == 200
 
 
-def test_concurrent_text_queries_are_batched_and_each_gets_its_own_answer(served, monkeypatch):
+def test_concurrent_text_queries_are_batched_and_each_gets_its_own_answer(served, monkeypatch, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    client, s, _, names = served
+    from pipeline.stages.serve import create_app
+
+    _, s, _, names = served
+    client = TestClient(create_app(ServeConfig(indexes={}, query_cache=0, thumbnail_cache=str(tmp_path)),
+                                   searchers={"animals": s}))
     calls = []
     real = s.text_queries
     monkeypatch.setattr(s, "text_queries", lambda texts: (calls.append(len(texts)), real(texts))[1])
@@ -142,3 +146,23 @@ def test_concurrent_text_queries_are_batched_and_each_gets_its_own_answer(served
         tops = list(pool.map(lambda t: client.post("/search", json={"text": t, "k": 1}).json()["hits"][0]["label"],
                              asks))
     assert tops == asks and sum(calls) == 64 and max(calls) > 1  # several texts per encoder call
+
+
+def test_query_cache_encodes_each_text_once_and_evicts_the_oldest(served, monkeypatch, tmp_path):
+    from pipeline.stages.serve import create_app
+
+    _, s, _, names = served
+    client = TestClient(create_app(ServeConfig(indexes={}, query_cache=2, thumbnail_cache=str(tmp_path)),
+                                   searchers={"animals": s}))
+    calls = []
+    real = s.text_queries
+    monkeypatch.setattr(s, "text_queries", lambda texts: (calls.extend(texts), real(texts))[1])
+    first = client.post("/search", json={"text": "zebra", "k": 5}).json()["hits"]
+    again = client.post("/search", json={"text": " zebra ", "k": 5}).json()["hits"]
+    assert first == again and calls == ["zebra"]  # the second came from the cache
+    client.post("/search", json={"text": "cat", "k": 5})
+    client.post("/search", json={"text": "dog", "k": 5})  # evicts zebra (cache of 2)
+    client.post("/search", json={"text": "zebra", "k": 5})
+    assert calls == ["zebra", "cat", "dog", "zebra"]
+    m = client.get("/metrics").text
+    assert 'zsl_query_cache_hits_total{index="animals"} 1' in m and 'zsl_query_cache_misses_total{index="animals"} 4' in m
