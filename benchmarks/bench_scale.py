@@ -294,7 +294,8 @@ class World:
             table = pa.table({
                 "image_id": ids, "uri": [f"synthetic://{i}" for i in ids], "label": names[y[s:e]].tolist(),
                 "caption": pa.nulls(e - s, pa.string()), "width": pa.nulls(e - s, pa.int32()),
-                "height": pa.nulls(e - s, pa.int32()),
+                "height": pa.nulls(e - s, pa.int32()), "url": pa.nulls(e - s, pa.string()),
+                "key": pa.nulls(e - s, pa.string()), "meta": pa.nulls(e - s, pa.string()),
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1), pa.float32()), DIM),
             }, schema=features_schema(DIM))
             zio.write_parquet_atomic(zio.join(str(out), "features", shard_name(sid)), table)

@@ -360,7 +360,8 @@ def serve(
 
         def label_name(d: str) -> str:
             if default is None:
-                raise ValueError(f"--labels {d}: several indexes are served; say which with NAME=DIR")
+                raise ValueError(f"--labels {d}: say which index it labels with NAME=DIR "
+                                 f"({'several --index are given' if indexes else 'the indexes come from the config'})")
             return default
         cfg = load_config("serve", dict(indexes=indexes, labels=_named_dirs("--labels", labels, label_name),
                                         host=host, port=port, ray=ray, address=address, replicas=replicas),

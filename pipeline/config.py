@@ -60,11 +60,17 @@ DEFAULT_TEMPLATES = (
 class ExtractConfig(_Config):
     """``zsl extract``: image shards -> feature Parquet shards."""
 
-    input: Uri = Field(description="Folder of images, .tar shards, or Parquet with image bytes (local or fsspec URI).")
+    input: Uri = Field(description=(
+        "Folder of images, img2dataset output (files / webdataset / parquet), .tar shards or Parquet with "
+        "image bytes; local or any fsspec URI; brace patterns such as shards/{00000..00099}.tar."))
     output: Uri = Field(description="Output directory (local or fsspec URI).")
-    input_format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
-    image_column: str = "image"
-    label_column: str = "label"
+    input_format: Literal["auto", "folder", "files", "webdataset", "parquet"] = Field("auto", description=(
+        "'auto' recognises img2dataset's three layouts, Parquet with image bytes and image folders, and logs why."))
+    image_column: str = Field("auto", description="Parquet column of image bytes; 'auto': image, jpg, jpeg, png, webp.")
+    label_column: str = Field("label", description="Parquet column of labels (when present).")
+    label_field: str | None = Field(None, description=(
+        "Key of the json sidecars (files, webdataset) or Parquet column holding the label; the img2dataset "
+        "'files' layout has labels only from it."))
     encoder: str = Field("effnet-lite0", description="'effnet-lite0' or 'open_clip:<arch>'.")
     pretrained: str | None = Field(
         None, description="open_clip checkpoint path or pretrained tag; 'random' allows random weights (tests)."

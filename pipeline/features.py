@@ -30,7 +30,7 @@ __all__ = ["shard_name", "shard_id_of", "open_features", "feature_shards", "feat
 
 #: Extract settings that change what is written; anything else (batch size, actors, address) may
 #: change on rerun without changing the features.
-IDENTITY_KEYS = ("input", "input_format", "image_column", "label_column", "encoder", "pretrained",
+IDENTITY_KEYS = ("input", "input_format", "image_column", "label_column", "label_field", "encoder", "pretrained",
                  "shard_size", "max_image_pixels")
 
 
@@ -169,7 +169,8 @@ def write_features(out: str, *, image_ids, uris, labels, X: np.ndarray, model_id
             "image_id": [str(v) for v in image_ids[s:e]], "uri": [str(v) for v in uris[s:e]],
             "label": [None if v is None else str(v) for v in labels[s:e]],
             "caption": pa.nulls(e - s, pa.string()), "width": pa.nulls(e - s, pa.int32()),
-            "height": pa.nulls(e - s, pa.int32()),
+            "height": pa.nulls(e - s, pa.int32()), "url": pa.nulls(e - s, pa.string()),
+            "key": pa.nulls(e - s, pa.string()), "meta": pa.nulls(e - s, pa.string()),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X[s:e].reshape(-1), pa.float32()), dim),
         }, schema=features_schema(dim))
         zio.write_parquet_atomic(zio.join(out, "features", shard_name(sid)), table)

@@ -18,6 +18,11 @@ __all__ = ["DecodeError", "decode_image", "resize_center_crop"]
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+#: Pillow plugins tried on untrusted bytes: raster formats only (never EPS/PS, which would run
+#: Ghostscript, nor the rarer plugins).
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "TGA")
+
+
 class DecodeError(ValueError):
     """The bytes are not a usable image; the message says why."""
 
@@ -58,7 +63,7 @@ def decode_image(data: bytes, *, size: int, max_pixels: int = 89_478_485) -> tup
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
             w, h = im.size  # header only; nothing decoded yet
             if w * h > max_pixels:
                 raise DecodeError(f"decompression bomb: header claims {w}x{h} pixels (limit {max_pixels})")

@@ -391,9 +391,10 @@ def parquet_num_rows(uri: str) -> int:
 
 class LazyParquet:
     """One Parquet file read by row number: only the row groups holding the requested rows are
-    decoded (the last ``cache_groups`` kept in an LRU cache); local files are memory-mapped."""
+    decoded (the last ``cache_groups`` kept in an LRU cache), only ``columns`` if given; local
+    files are memory-mapped."""
 
-    def __init__(self, uri: str, cache_groups: int = 64) -> None:
+    def __init__(self, uri: str, cache_groups: int = 64, columns: list[str] | None = None) -> None:
         import functools
 
         import pyarrow.parquet as pq
@@ -402,10 +403,16 @@ class LazyParquet:
         self.uri = uri
         self._file = pq.ParquetFile(path, memory_map=True) if is_local(uri) else pq.ParquetFile(fs.open(path, "rb"))
         self.schema = self._file.schema_arrow
+        if columns is not None:
+            missing = [c for c in columns if c not in self.schema.names]
+            if missing:
+                raise ValueError(f"{uri}: no column(s) {', '.join(missing)}")
+            self.schema = pa.schema([self.schema.field(c) for c in columns])
         meta = self._file.metadata
         self.num_rows = meta.num_rows
         self._starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        self._group = functools.lru_cache(maxsize=cache_groups)(self._file.read_row_group)
+        self._group = functools.lru_cache(maxsize=cache_groups)(
+            lambda g: self._file.read_row_group(g, columns=columns))
 
     def take(self, rows) -> pa.Table:
         """Rows ``rows`` (in that order); IndexError outside ``0..num_rows-1``."""

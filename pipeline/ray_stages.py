@@ -16,6 +16,7 @@ path hold on a cluster (the output must be on storage every node sees).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -53,20 +54,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir, **kwargs)
 
 
-def decode_shard(batch: dict, *, image_size: int, max_pixels: int, image_column: str,
-                 label_column: str) -> dict:
-    """Ray mapper (CPU task): shard specs -> decoded rows. Broken items become error rows."""
+def decode_shard(batch: dict, *, image_size: int, max_pixels: int, read: dict) -> dict:
+    """Ray mapper (CPU task): shard specs -> decoded rows. Broken items become error rows.
+    ``read``: keyword arguments of :func:`pipeline.shards.read_shard` (image column, label field)."""
     cols: dict[str, list] = {k: [] for k in
                              ("shard_id", "shard_n", "shard_row", "image_id", "uri", "label", "caption", "width",
-                              "height", "error", "stage")}
+                              "height", "url", "key", "meta", "error", "stage")}
     pixels: list[np.ndarray] = []
     blank = np.zeros((image_size, image_size, 3), np.uint8)
     for spec in batch["shard"]:
         shard = Shard.from_json(str(spec))
         rows = []
         try:
-            for rec in read_shard(shard, image_column=image_column, label_column=label_column):
-                px, w, h, err, stage = blank, 0, 0, rec.error, "read" if rec.error else ""
+            for rec in read_shard(shard, **read):
+                px, w, h, err, stage = blank, 0, 0, rec.error, rec.stage if rec.error else ""
                 if err is None:
                     try:
                         px, w, h = decode_image(rec.data, size=image_size, max_pixels=max_pixels)
@@ -90,6 +91,9 @@ def decode_shard(batch: dict, *, image_size: int, max_pixels: int, image_column:
             cols["uri"].append(rec.uri)
             cols["label"].append(rec.label or "")  # "" = none: Ray turns None in object columns into NaN
             cols["caption"].append(rec.caption or "")
+            cols["url"].append(rec.url or "")
+            cols["key"].append(rec.key or "")
+            cols["meta"].append(json.dumps(rec.meta, sort_keys=True, default=str) if rec.meta else "")
             cols["width"].append(w)
             cols["height"].append(h)
             cols["error"].append(err or "")
@@ -185,8 +189,7 @@ def _decode_task_args() -> dict:
 
 def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None, image_size: int,
                    batch_size: int, num_actors: int | None, device: str, max_pixels: int,
-                   image_column: str, label_column: str,
-                   on_rows: Callable[[dict], None]) -> ResourcePlan:
+                   read: dict, on_rows: Callable[[dict], None]) -> ResourcePlan:
     """Run decode + encode on Ray Data; hand each output batch (numpy dict) to ``on_rows``."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -204,8 +207,7 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(decode_shard, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
-                            fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels,
-                                           image_column=image_column, label_column=label_column))
+                            fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels, read=read))
     ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=plan.num_actors),
                         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,

@@ -97,10 +97,10 @@ class Searcher:
         Raises :class:`pipeline.images.DecodeError` for bytes that are not a usable image."""
         from pipeline.images import decode_image
 
-        enc = self.image_encoder
-        size = self.manifest.image_size or enc.image_size
-        pixels = np.stack([decode_image(b, size=size, max_pixels=self.max_image_pixels)[0] for b in images])
-        with self._image_lock:  # one forward pass at a time; torch uses every core for it
+        with self._image_lock:  # one image query at a time: loading, decoding (large images) and encoding
+            enc = self.image_encoder
+            size = self.manifest.image_size or enc.image_size
+            pixels = np.stack([decode_image(b, size=size, max_pixels=self.max_image_pixels)[0] for b in images])
             X = enc.encode(pixels)
         return self.model.search_images(X).astype(np.float32)
 
@@ -160,7 +160,8 @@ class PredictedLabels:
         if missing:
             raise ValueError(f"{labels_dir}: no labels for {len(missing)} indexed shard(s) ({', '.join(missing[:3])}"
                              f"{', ...' if len(missing) > 3 else ''}); run `zsl label` on the features again")
-        self.tables = [zio.LazyParquet(files[s]) for s in im.shards]
+        # only the four columns hits need, a few row groups cached per shard
+        self.tables = [zio.LazyParquet(files[s], cache_groups=4, columns=self.COLUMNS) for s in im.shards]
         counts = [t.num_rows for t in self.tables]
         if sum(counts) != im.ntotal:
             raise ValueError(f"{labels_dir}: {sum(counts)} labelled rows in the indexed shards, index holds {im.ntotal}")
@@ -178,7 +179,7 @@ class PredictedLabels:
             found: dict[int, dict] = {}
             for s in np.unique(shard):
                 sel = np.flatnonzero(shard == s)
-                got = self.tables[s].take(ids[sel] - self.starts[s]).select(self.COLUMNS).to_pylist()
+                got = self.tables[s].take(ids[sel] - self.starts[s]).to_pylist()
                 found.update(zip(sel.tolist(), got))
         for i, r in enumerate(rows):
             lab = found[i]

@@ -49,6 +49,11 @@ def features_schema(dim: int) -> pa.Schema:
             pa.field("caption", pa.string()),
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
+            # where the image came from, as the input said (img2dataset's url and key), and the
+            # rest of its metadata as a JSON object (null for plain folders)
+            pa.field("url", pa.string()),
+            pa.field("key", pa.string()),
+            pa.field("meta", pa.string()),
             pa.field("embedding", embedding_type(dim), nullable=False),
         ]
     )

@@ -43,7 +43,7 @@ def _decoded_batch(tiny_images, image_size: int) -> dict:
         f.write(good[: len(good) // 2])
     (shard,) = list_shards(root, shard_size=100)
     return decode_shard({"shard": np.array([shard.to_json()], dtype=object)}, image_size=image_size,
-                        max_pixels=10**6, image_column="image", label_column="label")
+                        max_pixels=10**6, read={"image_column": "image"})
 
 
 def _copy(batch: dict) -> dict:

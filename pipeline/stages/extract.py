@@ -24,7 +24,7 @@ from pipeline.encoders import image_encoder_info
 from pipeline.features import IDENTITY_KEYS, shard_id_of, shard_name
 from pipeline.resume import OutputDir
 from pipeline.schema import ERRORS_SCHEMA, FeaturesManifest, features_schema
-from pipeline.shards import Shard, list_shards
+from pipeline.shards import Shard, describe_input, list_shards
 
 LOG = logging.getLogger(__name__)
 
@@ -125,6 +125,9 @@ class _ShardWriter:
             "uri": [str(r["uri"]) for r in good],
             "label": [str(r["label"]) or None for r in good],
             "caption": [str(r["caption"]) or None for r in good],
+            "url": [str(r["url"]) or None for r in good],
+            "key": [str(r["key"]) or None for r in good],
+            "meta": [str(r["meta"]) or None for r in good],
             "width": [int(r["width"]) for r in good],
             "height": [int(r["height"]) for r in good],
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.dim),
@@ -160,8 +163,12 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> FeaturesManifes
     t0 = time.perf_counter()
     info = image_encoder_info(cfg.encoder, cfg.pretrained)
     check_checkpoint(cfg.pretrained)
-    shards = list_shards(cfg.input, input_format=cfg.input_format, shard_size=cfg.shard_size,
-                         image_column=cfg.image_column)
+    if cfg.input_format == "auto":
+        fmt, why = describe_input(cfg.input, cfg.image_column)
+        LOG.info("%s: input format %s (%s)", cfg.input, fmt, why)
+    else:
+        fmt = cfg.input_format
+    shards = list_shards(cfg.input, input_format=fmt, shard_size=cfg.shard_size, image_column=cfg.image_column)
     listing = shard_plan(shards)
     if cfg.limit:
         shards = shards[: cfg.limit]
@@ -210,8 +217,9 @@ def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard],
     writer = _ShardWriter(cfg.output, info.dim, bar)
     plan = run_extraction(pending, encoder=cfg.encoder, pretrained=cfg.pretrained, image_size=info.image_size,
                           batch_size=cfg.batch_size, num_actors=cfg.num_actors, device=cfg.device,
-                          max_pixels=cfg.max_image_pixels, image_column=cfg.image_column,
-                          label_column=cfg.label_column, on_rows=writer)
+                          max_pixels=cfg.max_image_pixels, on_rows=writer,
+                          read=dict(image_column=cfg.image_column, label_column=cfg.label_column,
+                                    label_field=cfg.label_field))
     bar.close()
     if writer.rows:
         raise RuntimeError(f"shards {sorted(writer.rows)} came back incomplete; rerun to retry them")

@@ -121,6 +121,6 @@ def test_serve_names_indexes_and_their_labels(spy, capsys):
     _run(["serve", "--index", "a=/x/1", "--index", "b=/x/2", "--labels", "b=/x/l2"])
     assert seen["cfg"].labels == {"b": "/x/l2"}
     assert main(["serve", "--index", "a=/x/1", "--index", "b=/x/2", "--labels", "/x/l"]) == 2
-    assert "say which with NAME=DIR" in capsys.readouterr().err
+    assert "say which index it labels with NAME=DIR" in capsys.readouterr().err
     assert main(["serve", "--index", "a=/x/1", "--labels", "c=/x/l"]) == 2
     assert "unserved index(es) c" in capsys.readouterr().err

@@ -176,7 +176,7 @@ def reference(corpus) -> dict:
     emb, errors = {}, {}
     for s in shards:
         out = enc(decode_shard({"shard": np.array([s.to_json()], dtype=object)}, image_size=224,
-                               max_pixels=89_478_485, image_column="image", label_column="label"))
+                               max_pixels=89_478_485, read={"image_column": "image"}))
         for i, image_id in enumerate(out["image_id"]):
             if out["error"][i]:
                 errors[str(image_id)] = str(out["stage"][i])

@@ -40,7 +40,7 @@ from pipeline.semantics import read_class_table
 from pipeline.shards import Shard, list_shards, read_shard
 
 SIZE = 16
-KW = {"image_size": SIZE, "max_pixels": 89_478_485, "image_column": "image", "label_column": "label"}
+KW = {"image_size": SIZE, "max_pixels": 89_478_485, "read": {"image_column": "image", "label_column": "label"}}
 
 
 def _enc(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -243,7 +243,7 @@ def test_missing_and_corrupted_parquet_shards_become_one_error_row_each(tmp_path
 
 
 @pytest.mark.parametrize("table, needle", [
-    (pa.table({"pixels": [b"x"], "label": ["a"]}), "no image column 'image' (columns: pixels, label)"),
+    (pa.table({"pixels": [b"x"], "label": ["a"]}), "no image column among image, jpg, jpeg, png, webp (columns: pixels, label)"),
     (pa.table({"image": ["not bytes"]}), "column 'image' is string, expected image bytes"),
     (pa.table({"image": [1, 2]}), "column 'image' is int64, expected image bytes"),
     (pa.table({"image": [{"path": "x.jpg", "size": 3}]}), "column 'image' is struct<path: string, size: int64>"),
@@ -352,7 +352,7 @@ def _foreign_shard(features_dir: str, name: str, dim: int, n: int = 3) -> None:
     X = np.ones((n, dim), np.float32)
     table = pa.table({
         "image_id": [f"x{i}" for i in range(n)], "uri": ["u"] * n, "label": [None] * n, "caption": [None] * n,
-        "width": [1] * n, "height": [1] * n,
+        "width": [1] * n, "height": [1] * n, "url": [None] * n, "key": [None] * n, "meta": [None] * n,
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1), pa.float32()), dim),
     }, schema=features_schema(dim))
     zio.write_parquet_atomic(zio.join(features_dir, "features", name), table)

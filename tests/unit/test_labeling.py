@@ -72,7 +72,7 @@ def _features_dir(root: str, X: np.ndarray) -> None:
             "label": [NAMES[i % 4] if i != 1 else None for i in rows],
             "caption": [None] * n,
             "width": [28] * n,
-            "height": [28] * n,
+            "height": [28] * n, "url": [None] * n, "key": [None] * n, "meta": [None] * n,
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X[start:start + n].reshape(-1), pa.float32()),
                                                            DIM),
         }, schema=features_schema(DIM))

@@ -11,7 +11,7 @@ from pipeline.ray_stages import ResourcePlan, decode_shard, plan_resources
 from pipeline.shards import Shard, list_shards
 
 SIZE = 28
-KW = dict(image_size=SIZE, max_pixels=10**6, image_column="image", label_column="label")
+KW = dict(image_size=SIZE, max_pixels=10**6, read={"image_column": "image", "label_column": "label"})
 
 
 def _batch(*shards: Shard) -> dict:
@@ -28,7 +28,7 @@ def test_decode_shard_folder_with_one_broken_file(tiny_images):
     out = decode_shard(_batch(shard), **KW)
     n = len(written) + 1
     assert set(out) == {"shard_id", "shard_n", "shard_row", "image_id", "uri", "label", "caption", "width", "height",
-                        "error", "stage", "pixels"}
+                        "url", "key", "meta", "error", "stage", "pixels"}
     assert out["shard_row"].tolist() == list(range(n))
     assert out["pixels"].shape == (n, SIZE, SIZE, 3) and out["pixels"].dtype == np.uint8
     assert out["shard_n"].tolist() == [n] * n and out["shard_id"].tolist() == [0] * n

@@ -49,12 +49,12 @@ def fake_ray(monkeypatch):
 
     state = {"batches": 0, "crash_after_batches": None, "shards_run": []}
 
-    def run_extraction(shards, *, image_size, max_pixels, image_column, label_column, on_rows, **_):
+    def run_extraction(shards, *, image_size, max_pixels, read, on_rows, **_):
         outs = []
         for s in shards:
             state["shards_run"].append(s.shard_id)
             out = rs.decode_shard({"shard": np.array([s.to_json()], dtype=object)}, image_size=image_size,
-                                  max_pixels=max_pixels, image_column=image_column, label_column=label_column)
+                                  max_pixels=max_pixels, read=read)
             px = out.pop("pixels")
             emb = np.zeros((len(px), 1280), np.float32)
             emb[:, :48] = px[:, 100:104, 100:104, :].reshape(len(px), 48) / 255.0

@@ -166,3 +166,21 @@ def test_query_cache_encodes_each_text_once_and_evicts_the_oldest(served, monkey
     assert calls == ["zebra", "cat", "dog", "zebra"]
     m = client.get("/metrics").text
     assert 'zsl_query_cache_hits_total{index="animals"} 1' in m and 'zsl_query_cache_misses_total{index="animals"} 4' in m
+
+
+def test_malformed_fields_are_4xx_never_500(served):
+    client = served[0]
+    for path, body, status in [
+        ("/search", {"image": "data:image/png;base64"}, 400),  # a data: URL with no data
+        ("/knn-service", {"image": "data:abc"}, 400),
+        ("/knn-service", {"text": "cat", "indice_name": [1]}, 400),
+        ("/knn-service", {"text": ["cat"]}, 400),
+        ("/search", {"embedding": {"a": 1}}, 422),
+    ]:
+        r = client.post(path, json=body)
+        assert r.status_code == status and r.json()["detail"], (path, body, r.status_code, r.text)
+    r = client.post("/knn-service", content=b'{"text": "cat", "num_images": 1e400}',  # Python reads inf
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "num_images" in r.json()["detail"]
+    chunked = client.post("/search", content=iter([b'{"text": "cat"}']), headers={"content-type": "application/json"})
+    assert chunked.status_code == 411 and "Content-Length" in chunked.json()["detail"]

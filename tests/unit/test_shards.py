@@ -193,7 +193,7 @@ def test_parquet_without_image_column_names_file_and_columns(tmp_path):
     with pytest.raises(ValueError) as err:
         list_shards(str(tmp_path))
     msg = str(err.value)
-    assert "bad.parquet" in msg and "'image'" in msg and "pixels, label" in msg
+    assert "bad.parquet" in msg and "image, jpg" in msg and "pixels, label" in msg
 
 
 def test_unreadable_parquet_is_a_value_error(tmp_path):
