@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-slow test-all bench bench-scale bench-serve gpu-check eval redo-share clean help
+.PHONY: install tools demo test test-slow test-all bench bench-scale bench-serve gpu-check eval redo-share clean help
 
 help:
 	@echo "make demo   - install into $(VENV) and run extract -> classes -> train -> evaluate -> label -> index -> search -> report"
@@ -31,6 +31,24 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	touch $@
 
 install: $(VENV)/.installed
+
+# Real third-party tools the tests and benchmarks run, each in its own venv (their pins clash with
+# ours: autofaiss needs numpy<2 and pyarrow<17): img2dataset writes the test inputs, autofaiss reads
+# our exports and is the index benchmark's reference.
+TOOLS := .venv-tools
+IMG2DATASET_VERSION := 1.47.0
+AUTOFAISS_VERSION := 2.18.0
+$(TOOLS)/img2dataset/.installed:
+	$(PYTHON) -m venv $(TOOLS)/img2dataset
+	$(TOOLS)/img2dataset/bin/pip install --quiet img2dataset==$(IMG2DATASET_VERSION)
+	touch $@
+
+$(TOOLS)/autofaiss/.installed:
+	$(PYTHON) -m venv $(TOOLS)/autofaiss
+	$(TOOLS)/autofaiss/bin/pip install --quiet autofaiss==$(AUTOFAISS_VERSION) "numpy<2" "pyarrow<17"
+	touch $@
+
+tools: $(TOOLS)/img2dataset/.installed $(TOOLS)/autofaiss/.installed
 
 demo: install
 	$(ZSL) demo-data --output $(DEMO)/data --per-class 100
@@ -52,19 +70,19 @@ demo: install
 	@echo ""
 	@echo "Search the demo index in a browser:  $(ZSL) serve --index $(DEMO)/index --labels $(DEMO)/labels   then open http://127.0.0.1:8000/?q=a+striped+animal"
 
-test: install
+test: install tools
 	$(BIN)/python -m pytest -q
 
-test-slow: install
+test-slow: install tools
 	$(BIN)/python -m pytest -q -m slow
 
-test-all: install
+test-all: install tools
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: install
 	$(BIN)/python -m benchmarks.bench --output benchmarks/results/results.json
 
-# Not part of `make test`: takes long at 1M rows (scratch data under TMPDIR, default /tmp; autofaiss in benchmarks/.venv-autofaiss).
+# Not part of `make test`: takes long at 1M rows (scratch data under TMPDIR, default /tmp; autofaiss in .venv-tools/autofaiss).
 SCALE_ROWS ?= 100000 1000000
 SCALE_MAX_MEMORY ?= 2G
 SCALE_ARGS ?=

@@ -21,7 +21,7 @@ For each row count N (``--rows``, repeatable) the harness
    feature shards projected by the model (``model.search_images``, as the index stage does), the
    queries 1,000 held-out rows of the same distribution projected the same way, the ground truth exact
    (blocked NumPy); single-query latency (one query per ``search`` call) and batched latency;
-5. builds an **autofaiss** (2.18.0, its own venv, ``benchmarks/.venv-autofaiss``) index of the same
+5. builds an **autofaiss** (2.18.0, its own venv, ``.venv-tools/autofaiss``) index of the same
    projected vectors in the same run, with the same wall-time and RSS measurement, and measures it
    exactly as ours (loaded in this venv with ``faiss.read_index``; same queries, same ground truth);
 6. optionally (``--extract-images``, default 5000) measures **extraction steady state**: one
@@ -61,7 +61,7 @@ from benchmarks.bench import FEATURE_MODEL, RESULTS, TEXT_DIM, _interleaved, _ma
 LOG = logging.getLogger("zsl.bench_scale")
 REPO = Path(__file__).resolve().parent.parent
 AUTOFAISS_VERSION = "2.18.0"
-AUTOFAISS_VENV = Path(__file__).resolve().parent / ".venv-autofaiss"
+AUTOFAISS_VENV = Path(__file__).resolve().parents[1] / ".venv-tools" / "autofaiss"  # made by `make tools`
 AUTOFAISS_PINS = (f"autofaiss=={AUTOFAISS_VERSION}", "numpy<2", "pyarrow<17")
 DIM = 1280
 RECALL_KS = (1, 10, 100)

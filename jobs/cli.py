@@ -124,11 +124,14 @@ OverwriteOpt = typer.Option(None, "--overwrite/--no-overwrite",
 
 @app.command()
 def extract(
-    input: Optional[str] = typer.Option(None, help="Image folder, webdataset .tar shards, or Parquet with image bytes (any fsspec URI)."),
+    input: Optional[str] = typer.Option(None, help=(
+        "Image folder, img2dataset output (files / webdataset / parquet), .tar shards or Parquet with image "
+        "bytes; any fsspec URI; brace patterns like shards/{00000..00099}.tar.")),
     output: Optional[str] = typer.Option(None, help="Output directory for feature shards."),
     encoder: Optional[str] = typer.Option(None, help="'effnet-lite0' (default) or 'open_clip:<arch>'."),
     pretrained: Optional[str] = typer.Option(None, help="open_clip checkpoint path or pretrained tag."),
-    input_format: Optional[str] = typer.Option(None, help="auto | folder | webdataset | parquet"),
+    input_format: Optional[str] = typer.Option(None, help="auto (says which it chose) | folder | files | webdataset | parquet"),
+    label_field: Optional[str] = typer.Option(None, help="json sidecar key (files, webdataset) or Parquet column of the label."),
     shard_size: Optional[int] = typer.Option(None, help="Images per shard (folder input)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per encoder batch."),
     num_actors: Optional[int] = typer.Option(None, help="Encoder actors (default: one per GPU, else CPUs-1)."),
@@ -143,7 +146,8 @@ def extract(
         from pipeline.stages.extract import run_extract
 
         cfg = load_config("extract", dict(input=input, output=output, encoder=encoder, pretrained=pretrained,
-                                          input_format=input_format, shard_size=shard_size, batch_size=batch_size,
+                                          input_format=input_format, label_field=label_field,
+                                          shard_size=shard_size, batch_size=batch_size,
                                           num_actors=num_actors, address=address, limit=limit, device=device,
                                           overwrite=overwrite), config, set)
         m = run_extract(cfg)

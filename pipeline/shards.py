@@ -104,12 +104,12 @@ def _list(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """Sorted files under ``uri`` or matching its brace pattern (each expanded file must exist)."""
     if "{" not in uri:
         return zio.list_files(uri, suffixes=suffixes)
-    out = []
-    for f in expand(uri):
-        if not zio.exists(f):
-            raise FileNotFoundError(f"{f} (from the pattern {uri}): no such file")
-        out.extend(zio.list_files(f, suffixes=suffixes))
-    return sorted(out)
+    files = expand(uri)
+    missing = [f for f in files if not zio.exists(f)]
+    if missing:
+        raise FileNotFoundError(f"{uri}: {len(missing)} of its {len(files)} files do not exist "
+                                f"({', '.join(m.rsplit('/', 1)[-1] for m in missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    return sorted(p for f in files for p in zio.list_files(f, suffixes=suffixes))
 
 
 def _image_column(schema: pa.Schema, image_column: str) -> str | None:
@@ -470,7 +470,10 @@ def _read_parquet(shard: Shard, image_column: str, label_column: str) -> Iterato
     rows = table.select(scalar).to_pylist()
     for i, value in enumerate(images):
         row = offset + i
-        image_id = str(ids[i]) if ids and ids[i] is not None else f"{stem}/{row}"
+        if ids and ids[i] is not None:  # img2dataset's keys are ids within its output: prefixed like its tars'
+            image_id = f"{stem}/{ids[i]}" if id_col == "key" else str(ids[i])
+        else:
+            image_id = f"{stem}/{row}"
         uri = str(uris[i]) if uris and uris[i] else f"{shard.source}::row={row}"
         m = _i2d_meta(rows[i], None)
         label = None if labels[i] is None else str(labels[i])

@@ -174,7 +174,7 @@ def test_parquet_ids_uri_null_and_hf_struct_images(tmp_path):
     pq.write_table(table, tmp_path / "hf.parquet")
     (shard,) = list_shards(str(tmp_path), image_column="img")
     recs = list(read_shard(shard, image_column="img", label_column="cls"))
-    assert [r.image_id for r in recs] == ["id0", "id1", "hf/2"]
+    assert [r.image_id for r in recs] == ["hf/id0", "hf/id1", "hf/2"]  # keys are prefixed like tar keys
     assert [r.data for r in recs] == [b"B0", None, b"B2"]
     assert [r.label for r in recs] == ["1", "2", "3"]
     assert recs[0].uri == "http://x/0.jpg" and recs[1].uri.endswith("hf.parquet::row=1")
