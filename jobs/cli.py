@@ -116,10 +116,7 @@ def _run(fn) -> None:
         raise typer.Exit(2) from None
 
 
-ConfigOpt = typer.Option(None, "--config", help="Extra YAML config file (overrides conf/<job>.yaml).")
-SetOpt = typer.Option(None, "--set", help="Override a config key: --set key=value (repeatable).")
-OverwriteOpt = typer.Option(None, "--overwrite/--no-overwrite",
-                            help="Replace an output made from other inputs or settings (default: refuse).")
+from jobs.options import ConfigOpt, OverwriteOpt, SetOpt  # noqa: E402
 
 
 @app.command()
@@ -484,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+from jobs.interop import register as _register_interop  # noqa: E402
+
+_register_interop(app)  # embed-text, export, import
 
 
 if __name__ == "__main__":

@@ -264,6 +264,42 @@ class ReportConfig(_Config):
         return v
 
 
+class EmbedTextConfig(_Config):
+    """``zsl embed-text``: the captions of a feature directory -> caption embeddings (``FEATURES/text``)."""
+
+    features: Uri
+    text_model: str = Field("minilm", description="'minilm' (offline default) or 'open_clip:<arch>'.")
+    pretrained: str | None = None
+    column: str = Field("caption", description="Feature-shard column holding the text.")
+    batch_size: int = Field(256, gt=0)
+    overwrite: bool = False
+
+
+class ExportConfig(_Config):
+    """``zsl export``: a feature directory -> clip-retrieval's embedding layout (read by autofaiss)."""
+
+    features: Uri
+    output: Uri
+    format: Literal["clip-retrieval"] = "clip-retrieval"
+    model: Uri | None = Field(None, description=(
+        "Export the model's search vectors (the space `zsl index` holds) instead of the raw features."))
+    dtype: Literal["float16", "float32"] = Field("float16", description="clip-retrieval writes float16.")
+    normalize: bool = Field(True, description="L2-normalise the raw features (model vectors always are).")
+    overwrite: bool = False
+
+
+class ImportConfig(_Config):
+    """``zsl import``: clip-retrieval's ``img_emb/`` + ``metadata/`` (+ ``text_emb/``) -> a feature directory."""
+
+    input: Uri = Field(description="Folder with img_emb/ and metadata/ (as clip-retrieval inference writes).")
+    output: Uri
+    model_id: str = Field(description=(
+        "The image encoder that made the embeddings (e.g. 'open_clip:ViT-B-32@laion2b_s34b_b79k'); models "
+        "trained on these features must match it."))
+    text_model: str | None = Field(None, description="The text model of text_emb/, when present (e.g. the CLIP text tower).")
+    overwrite: bool = False
+
+
 class DemoDataConfig(_Config):
     output: Uri
     per_class: int = Field(100, gt=0, description="Images per class in each of train/test.")
@@ -282,6 +318,9 @@ CONFIGS: dict[str, type[_Config]] = {
     "add-classes": AddClassesConfig,
     "report": ReportConfig,
     "demo-data": DemoDataConfig,
+    "embed-text": EmbedTextConfig,
+    "export": ExportConfig,
+    "import": ImportConfig,
 }
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}

@@ -22,11 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import io as zio
-from pipeline.schema import FeaturesManifest, features_schema, read_manifest, write_manifest
+from pipeline.schema import CaptionsManifest, FeaturesManifest, features_schema, read_manifest, write_manifest
 
 __all__ = ["shard_name", "shard_id_of", "open_features", "feature_shards", "features_identity", "check_feature_shards",
            "table_embeddings", "iter_shard_batches", "Features", "load_features", "write_features",
-           "labelled_rows", "IDENTITY_KEYS"]
+           "labelled_rows", "IDENTITY_KEYS", "CAPTIONS_DIR", "open_captions", "caption_shards"]
+
+#: Where a feature directory keeps its caption embeddings (``zsl embed-text``), one shard per feature shard.
+CAPTIONS_DIR = "text"
 
 #: Extract settings that change what is written; anything else (batch size, actors, address) may
 #: change on rerun without changing the features.
@@ -58,6 +61,18 @@ def open_features(uri: str) -> FeaturesManifest:
 def feature_shards(uri: str) -> list[str]:
     """Finished feature shard files of a feature directory, in shard order."""
     return list(zio.iter_parquet_files(zio.join(uri, "features")))
+
+
+def open_captions(features: str) -> CaptionsManifest | None:
+    """The caption embeddings' manifest of a feature directory, or None when it has none (finished)."""
+    d = zio.join(features, CAPTIONS_DIR)
+    return read_manifest(d, CaptionsManifest) if zio.exists(zio.join(d, "manifest.json")) else None
+
+
+def caption_shards(features: str) -> dict[str, str]:
+    """Feature-shard name -> its caption-embeddings file."""
+    d = zio.join(features, CAPTIONS_DIR, "shards")
+    return {f.rsplit("/", 1)[-1]: f for f in zio.iter_parquet_files(d)} if zio.exists(d) else {}
 
 
 def features_identity(uri: str, manifest: FeaturesManifest) -> str:
@@ -153,7 +168,7 @@ def labelled_rows(labels: Sequence[str | None], class_names: Sequence[str], want
 
 def write_features(out: str, *, image_ids, uris, labels, X: np.ndarray, model_id: str,
                    shard_size: int = 50_000, notes: dict | None = None, config: dict | None = None,
-                   image_size: int | None = None) -> FeaturesManifest:
+                   image_size: int | None = None, captions=None) -> FeaturesManifest:
     """Write an in-memory feature matrix as a feature directory (same layout as ``zsl extract``).
 
     For features computed elsewhere (another extractor, simulations, benchmarks); ``config``
@@ -168,7 +183,8 @@ def write_features(out: str, *, image_ids, uris, labels, X: np.ndarray, model_id
         table = pa.table({
             "image_id": [str(v) for v in image_ids[s:e]], "uri": [str(v) for v in uris[s:e]],
             "label": [None if v is None else str(v) for v in labels[s:e]],
-            "caption": pa.nulls(e - s, pa.string()), "width": pa.nulls(e - s, pa.int32()),
+            "caption": pa.nulls(e - s, pa.string()) if captions is None else pa.array(list(captions[s:e]), pa.string()),
+            "width": pa.nulls(e - s, pa.int32()),
             "height": pa.nulls(e - s, pa.int32()), "url": pa.nulls(e - s, pa.string()),
             "key": pa.nulls(e - s, pa.string()), "meta": pa.nulls(e - s, pa.string()),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X[s:e].reshape(-1), pa.float32()), dim),

@@ -21,6 +21,9 @@ __all__ = [
     "ModelManifest",
     "LabelsManifest",
     "IndexManifest",
+    "CaptionsManifest",
+    "ExportManifest",
+    "captions_schema",
     "RunRecord",
     "parse_manifest",
     "read_manifest",
@@ -54,6 +57,19 @@ def features_schema(dim: int) -> pa.Schema:
             pa.field("url", pa.string()),
             pa.field("key", pa.string()),
             pa.field("meta", pa.string()),
+            pa.field("embedding", embedding_type(dim), nullable=False),
+        ]
+    )
+
+
+def captions_schema(dim: int) -> pa.Schema:
+    """Caption embeddings of a feature directory (``FEATURES/text/shard-N.parquet``, written by
+    ``zsl embed-text`` or ``zsl import``): row ``i`` is row ``i`` of the feature shard of that name;
+    rows without a caption hold zeros and ``has_caption`` false."""
+    return pa.schema(
+        [
+            pa.field("image_id", pa.string(), nullable=False),
+            pa.field("has_caption", pa.bool_(), nullable=False),
             pa.field("embedding", embedding_type(dim), nullable=False),
         ]
     )
@@ -128,6 +144,8 @@ CLASSES_FORMAT = "zsl-classes/1"
 MODEL_FORMAT = "zsl-model/1"
 LABELS_FORMAT = "zsl-labels/1"
 INDEX_FORMAT = "zsl-index/1"
+CAPTIONS_FORMAT = "zsl-captions/1"
+EXPORT_FORMAT = "zsl-export/1"
 
 
 class Manifest(BaseModel):
@@ -312,6 +330,41 @@ class IndexManifest(Manifest):
     estimated_bytes: int | None = None
     shards_projected_last_run: int | None = None
     seconds: float | None = None
+
+
+class CaptionsManifest(Manifest):
+    """``zsl embed-text`` (or ``zsl import``) output: ``FEATURES/text/``, one shard per feature shard."""
+
+    FORMAT: ClassVar[str] = CAPTIONS_FORMAT
+    WRITER: ClassVar[str] = "zsl embed-text"
+    text_model: str
+    text_model_name: str | None = None
+    text_pretrained: str | None = None
+    dim: int = Field(gt=0)
+    column: str = "caption"
+    n_shards: int = Field(ge=0)
+    n_rows: int = Field(ge=0)
+    n_captions: int = Field(ge=0)
+    seconds_last_run: float | None = None
+
+
+class ExportManifest(Manifest):
+    """``zsl export`` output: clip-retrieval's ``img_emb/img_emb_N.npy`` + ``metadata/metadata_N.parquet``
+    (+ ``text_emb/text_emb_N.npy``), part ``N`` from feature shard ``shards[N]``, rows in the same order."""
+
+    FORMAT: ClassVar[str] = EXPORT_FORMAT
+    WRITER: ClassVar[str] = "zsl export"
+    layout: Literal["clip-retrieval"] = "clip-retrieval"
+    features_dir: str
+    #: what the image vectors are: the extracted features, or a model's search space (``--model``)
+    space: Literal["features", "model"]
+    model_dir: str | None = None
+    dim: int = Field(gt=0)
+    dtype: Literal["float16", "float32"]
+    normalized: bool
+    text_dim: int | None = None
+    shards: list[str] = Field(default_factory=list)
+    n_rows: int = Field(ge=0)
 
 
 class RunRecord(BaseModel):

@@ -175,7 +175,7 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> FeaturesManifes
     settings = cfg.model_dump()
     identity = {**{k: settings[k] for k in IDENTITY_KEYS}, "model_id": info.model_id}
     with OutputDir(cfg.output, job="extract", identity=identity, overwrite=cfg.overwrite,
-                   owned=("features", "errors")) as out:
+                   owned=("features", "errors", "text")) as out:
         feat_dir = out.join("features")
         done = _done_shards(feat_dir)
         try:
