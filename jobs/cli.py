@@ -391,6 +391,7 @@ def search(
     text: Optional[str] = typer.Argument(None, help="Free-text query."),
     index: Optional[str] = typer.Option(None, help="`zsl index` output."),
     k: Optional[int] = typer.Option(None, "-k", "--k", help="Number of hits (default: conf/search.yaml)."),
+    mode: Optional[str] = typer.Option(None, help="image (default) | caption | both (needs `zsl embed-text`)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -398,7 +399,7 @@ def search(
     def body():
         from pipeline.stages.search import run_search
 
-        cfg = load_config("search", dict(index=index, text=text, k=k), config, set)
+        cfg = load_config("search", dict(index=index, text=text, k=k, mode=mode), config, set)
         out = run_search(cfg)
         if as_json:
             typer.echo(json.dumps(out, indent=2))

@@ -211,6 +211,9 @@ class SearchConfig(_Config):
     index: Uri
     text: str
     k: int = Field(10, gt=0)
+    mode: Literal["image", "caption", "both"] = Field("image", description=(
+        "Search the images (the model's space), their captions (zsl embed-text), or both."))
+    caption_weight: float = Field(0.5, ge=0, le=1, description="Weight of the caption score in mode 'both'.")
 
 
 class ServeConfig(_Config):

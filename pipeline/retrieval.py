@@ -24,10 +24,14 @@ from pipeline.models.scoring import model_fingerprint
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["Searcher", "PredictedLabels", "MODEL_COPY"]
+__all__ = ["Searcher", "PredictedLabels", "MODEL_COPY", "CAPTIONS_INDEX", "MODES"]
 
 #: Where an index directory keeps a copy of the model it was built with.
 MODEL_COPY = "model"
+#: Where an index directory keeps the index of its images' caption embeddings (same faiss ids).
+CAPTIONS_INDEX = "captions"
+#: what a text query searches: the images (the model's space), their captions, or both
+MODES = ("image", "caption", "both")
 
 
 class Searcher:
@@ -47,6 +51,13 @@ class Searcher:
             raise ValueError(f"{index_dir}: the model at {model_dir} is not the one the index was built with; "
                              "rebuild the index")
         self.templates = m.templates or ["{name}"]
+        # the caption index, when the features' captions were embedded (``zsl embed-text``)
+        self.captions = self.captions_manifest = None
+        if zio.exists(zio.join(index_dir, CAPTIONS_INDEX, "manifest.json")):
+            self.captions, _, self.captions_manifest = load_index(zio.join(index_dir, CAPTIONS_INDEX), lazy_ids=True)
+            if self.captions.ntotal != self.index.ntotal:
+                raise ValueError(f"{index_dir}: the caption index holds {self.captions.ntotal} rows, the image "
+                                 f"index {self.index.ntotal}; run `zsl index` again")
         self._encoder = None
         self._image_encoder = None
         self._image_lock = threading.Lock()
@@ -120,8 +131,52 @@ class Searcher:
         emb = self.encoder.encode(prompts).reshape(len(texts), len(self.templates), -1).mean(1)
         return self.model.search_queries(emb)
 
-    def search(self, text: str, k: int = 10) -> list[dict]:
-        return self.search_vectors(self.text_queries([text]), k)[0]
+    def text_query_pairs(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Per text: the image-space query (:meth:`text_queries`) and, when the index has captions,
+        the text embedded as it is (captions are embedded without templates); one encoder call."""
+        if self.captions is None:
+            return [(q, None) for q in self.text_queries(texts)]
+        for t in texts:
+            if not t.strip():
+                raise ValueError("empty search text")
+        per = len(self.templates) + 1
+        prompts = [p for t in texts for p in (*(tpl.format(name=t.strip()) for tpl in self.templates), t.strip())]
+        emb = self.encoder.encode(prompts).reshape(len(texts), per, -1)
+        q_img = self.model.search_queries(emb[:, :-1].mean(1))
+        return [(q_img[i], emb[i, -1]) for i in range(len(texts))]
+
+    def search(self, text: str, k: int = 10, *, mode: str = "image", caption_weight: float = 0.5) -> list[dict]:
+        q_img, q_cap = self.text_query_pairs([text])[0]
+        return self.search_pair(q_img, q_cap, k, mode=mode, caption_weight=caption_weight)
+
+    def search_pair(self, q_img: np.ndarray | None, q_cap: np.ndarray | None, k: int, *, mode: str = "image",
+                    caption_weight: float = 0.5) -> list[dict]:
+        """Hits by the image index (``image``), the caption index (``caption``), or both (``both``:
+        ``(1 - w) * image score + w * caption score`` over the union of each index's candidates)."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode != "image" and (self.captions is None or q_cap is None):
+            raise ValueError(f"{self.index_dir} has no caption index (run `zsl embed-text` on the features, "
+                             "then `zsl index` again)")
+        if mode == "image":
+            return self.search_vectors(np.asarray(q_img).reshape(1, -1), k)[0]
+        q_cap = np.asarray(q_cap, np.float32).reshape(1, -1)
+        if mode == "caption":
+            scores, ids = index_search(self.captions, q_cap, k)
+            return self._hits(scores[0], ids[0])
+        q_img = np.asarray(q_img, np.float32).reshape(1, -1)
+        fetch = max(4 * k, 50)
+        si, ii = index_search(self.index, q_img, fetch)
+        sc, ic = index_search(self.captions, q_cap, fetch)
+        cand = np.unique(np.concatenate([ii[0][ii[0] >= 0], ic[0][ic[0] >= 0]]))
+        s_img = _scores_of(self.index, q_img[0], cand, ii[0], si[0])
+        s_cap = _scores_of(self.captions, q_cap[0], cand, ic[0], sc[0])
+        total = (1 - caption_weight) * s_img + caption_weight * s_cap
+        order = np.argsort(-total, kind="stable")[:k]
+        hits = self._hits(total[order], cand[order])
+        for h, i in zip(hits, order):
+            h["image_score"], h["caption_score"] = float(s_img[i]), float(s_cap[i])
+        return hits
 
     def search_vectors(self, queries: np.ndarray, k: int = 10) -> list[list[dict]]:
         """Hits of each query vector (already in the index's space): rank, score, image_id, uri, label."""
@@ -134,6 +189,18 @@ class Searcher:
         if self.labels is not None:
             self.labels.annotate(rows)
         return [{"rank": r + 1, "score": float(s), **row} for r, (s, row) in enumerate(zip(scores[keep], rows))]
+
+
+def _scores_of(index, q: np.ndarray, cand: np.ndarray, found_ids: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Inner products of ``q`` with the candidates' stored vectors; where the index cannot give
+    them back (compressed or IVF without a direct map), the search's own scores, and below its
+    lowest for candidates it did not return."""
+    try:
+        return index.reconstruct_batch(cand.astype(np.int64)) @ q
+    except RuntimeError:
+        known = dict(zip(found_ids.tolist(), found.tolist()))
+        floor = min((v for i, v in known.items() if i >= 0), default=0.0) - 1e-3
+        return np.array([known.get(int(i), floor) for i in cand], np.float32)
 
 
 class PredictedLabels:

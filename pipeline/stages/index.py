@@ -33,14 +33,15 @@ import pyarrow as pa
 from pipeline import io as zio
 from pipeline.config import IndexConfig, parse_memory
 from pipeline.faiss_index import add_vectors, build_index, choose_index, estimate_memory, load_index, \
-    merge_ivf_parts, set_search_params, train_index, training_rows, training_sample, write_index_files
-from pipeline.features import check_feature_shards, feature_shards, features_identity, iter_shard_batches, \
-    open_features
+    merge_ivf_parts, read_ids, save_index, set_search_params, train_index, training_rows, training_sample, \
+    write_index_files
+from pipeline.features import caption_shards, check_feature_shards, feature_shards, features_identity, \
+    iter_shard_batches, open_captions, open_features
 from pipeline.index_tuning import tune_index
 from pipeline.models import load_model
 from pipeline.models.scoring import model_fingerprint
 from pipeline.resume import OutputDir
-from pipeline.retrieval import MODEL_COPY
+from pipeline.retrieval import CAPTIONS_INDEX, MODEL_COPY
 from pipeline.schema import INDEX_IDS_SCHEMA, IndexManifest, IndexTuning
 
 LOG = logging.getLogger(__name__)
@@ -285,6 +286,57 @@ def _image_encoder(fman) -> dict:
     return {"image_encoder": enc, "image_pretrained": pre, "image_size": fman.image_size}
 
 
+def _caption_index(cfg: IndexConfig, out: OutputDir, mman, files: list[str], n_total: int, budget: int,
+                   progress: bool, *, dry: bool = False) -> bool:
+    """The caption index (``OUT/captions/``, an index directory of its own with the same faiss ids):
+    built from ``FEATURES/text`` when the captions were embedded with the model's text model;
+    kept when its inputs are unchanged, removed when the features have no (usable) captions.
+    Returns whether it was (or, with ``dry``, would be) built."""
+    dest = out.join(CAPTIONS_INDEX)
+    cman = open_captions(cfg.features)
+    caps = caption_shards(cfg.features) if cman else {}
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    why = ("no caption embeddings (`zsl embed-text`)" if cman is None
+           else f"captions embedded with {cman.text_model}, the model's text space is {mman.text_model}"
+           if cman.text_model != mman.text_model
+           else f"no caption embeddings for {sum(n not in caps for n in names)} shard(s); run `zsl embed-text`"
+           if any(n not in caps for n in names) else None)
+    if why:
+        if cman is not None:
+            LOG.warning("%s: no caption index: %s", cfg.output, why)
+        if not dry:
+            zio.remove(dest)
+        return False
+    ident = {"text_model": cman.text_model, "shards": names,
+             "sizes": [zio.filesystem(caps[n])[0].size(zio.filesystem(caps[n])[1]) for n in names],
+             "max_memory": cfg.max_memory, "target_recall": cfg.target_recall}
+    if zio.exists(zio.join(dest, "manifest.json")) and zio.read_json(zio.join(dest, "manifest.json")).get(
+            "identity") == ident:
+        return False
+    if dry:
+        return True
+    batches = []
+    for f, n in zip(files, names):
+        t = zio.read_parquet(caps[n])
+        ids = zio.read_parquet(f, columns=["image_id"]).column("image_id")
+        if t.num_rows != len(ids) or not t.column("image_id").equals(ids):
+            raise ValueError(f"{caps[n]}: caption embeddings do not match {f} row by row; "
+                             "run `zsl embed-text --overwrite`")
+        batches.append(t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, cman.dim))
+    factory = choose_index(n_total, cman.dim, max_memory_bytes=budget)
+    LOG.info("caption index: %d captions (%d rows) in %s", sum(int(np.abs(b).sum(1).astype(bool).sum())
+                                                               for b in batches), n_total, factory)
+    index = build_index(batches, dim=cman.dim, factory=factory, n_total=n_total, use_gpu=False, progress=progress)
+    tuning = tune_index(index, batches, n_total=n_total, target_recall=cfg.target_recall, k=cfg.tune_k,
+                        max_query_ms=cfg.max_query_ms, n_queries=min(cfg.tune_queries, n_total))
+    save_index(index, dest, ids=read_ids(out.uri), manifest={
+        "factory": factory, "search_params": tuning.params if tuning else None, "tuning": tuning,
+        "build": "build", "identity": ident, "text_model": cman.text_model,
+        "text_model_name": cman.text_model_name, "text_pretrained": cman.text_pretrained,
+        "features_dir": cfg.features, "shards": names, "max_memory": cfg.max_memory})
+    return True
+
+
 def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
     """Build (or resume, or bring up to date) the text-searchable index of a feature directory."""
     t0 = time.perf_counter()
@@ -306,13 +358,18 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
     identity = {"model": model_fp, "features": features_identity(cfg.features, fman), "dim": dim,
                 "index_factory": cfg.index_factory, "max_memory": cfg.max_memory, "nprobe": cfg.nprobe}
     with OutputDir(cfg.output, job="index", identity=identity, overwrite=cfg.overwrite,
-                   owned=("index.faiss", "index.ivfdata", "ids.parquet", "vectors", "parts", MODEL_COPY)) as out:
+                   owned=("index.faiss", "index.ivfdata", "ids.parquet", "vectors", "parts", MODEL_COPY,
+                          CAPTIONS_INDEX)) as out:
         done = out.finished(IndexManifest)
         retune = done is not None and done.shards == names
         if retune and (_tuned_by(done.tuning) == _tuning_settings(cfg, n_total) or n_total < 2):
             LOG.info("%s: index of these features with this model is complete; nothing to do", cfg.output)
             zio.remove(out.join("vectors"))  # a kill after the manifest, before the cache was removed
             zio.remove(out.join("parts"))
+            if _caption_index(cfg, out, mman, files, n_total, budget, progress, dry=True):
+                out.begin()  # captions embedded since: their index is added, then the manifest again
+                _caption_index(cfg, out, mman, files, n_total, budget, progress)
+                out.finish(done)
             return done
         if retune:
             LOG.info("%s: the tuning settings changed; re-tuning the search parameters (the index is kept)",
@@ -388,6 +445,7 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
             features_dir=cfg.features, shards=order, max_memory=cfg.max_memory,
             estimated_bytes=est, shards_projected_last_run=n_new, seconds=round(time.perf_counter() - t0, 2))
         _copy_model(cfg.model, out.join(MODEL_COPY))
+        _caption_index(cfg, out, mman, ordered_files, n_total, budget, progress)
         out.finish(manifest)
         zio.remove(out.join("vectors"))
         zio.remove(out.join("parts"))

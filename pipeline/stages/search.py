@@ -10,5 +10,5 @@ __all__ = ["Searcher", "run_search"]
 
 def run_search(cfg: SearchConfig) -> dict:
     """``{"query": text, "k": k, "hits": [...]}`` for one query (what ``zsl search --json`` prints)."""
-    hits = Searcher(cfg.index).search(cfg.text, cfg.k)
+    hits = Searcher(cfg.index).search(cfg.text, cfg.k, mode=cfg.mode, caption_weight=cfg.caption_weight)
     return {"query": cfg.text, "k": cfg.k, "hits": hits}

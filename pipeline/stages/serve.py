@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,6 +54,9 @@ class SearchRequest(BaseModel):
     index: str | None = None
     labels: list[str] | None = Field(None, description="Keep only hits whose label or predicted label is one of these.")
     unseen_only: bool = Field(False, description="Keep only hits predicted as an unseen class (needs --labels).")
+    mode: Literal["image", "caption", "both"] = Field("image", description=(
+        "Search the images, their captions (zsl embed-text), or both (weighted sum of the two scores)."))
+    caption_weight: float = Field(0.5, ge=0, le=1, description="Weight of the caption score in mode 'both'.")
     min_score: float | None = None
     offset: int = Field(0, ge=0)
 
@@ -77,7 +80,8 @@ class _TextBatcher:
         for i in range(workers):
             threading.Thread(target=self._loop, daemon=True, name=f"zsl-text-batcher-{i}").start()
 
-    def encode(self, text: str) -> np.ndarray:
+    def encode(self, text: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(image-space query (1, d), caption query or None)`` of a text."""
         from concurrent.futures import Future
 
         key = text.strip()
@@ -91,8 +95,7 @@ class _TextBatcher:
                 self.misses += 1
         fut: Future = Future()
         self.q.put((key, fut))
-        v = fut.result().copy()  # not a view into the batch's matrix
-        v.setflags(write=False)
+        v = tuple(None if a is None else _frozen(a) for a in fut.result())  # not views into the batch's matrix
         if self.cache_size:
             with self.lock:
                 self.cache[key] = v
@@ -127,12 +130,18 @@ class _TextBatcher:
                 except queue.Empty:
                     break
             try:
-                vecs = self.searcher.text_queries([t for t, _ in batch])
-                for (_, fut), v in zip(batch, vecs):
-                    fut.set_result(v[None, :])
+                pairs = self.searcher.text_query_pairs([t for t, _ in batch])
+                for (_, fut), (q_img, q_cap) in zip(batch, pairs):
+                    fut.set_result((q_img[None, :], q_cap))
             except Exception as exc:  # noqa: BLE001 - handed to each waiting request
                 for _, fut in batch:
                     fut.set_exception(exc)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, copy=True)
+    a.setflags(write=False)
+    return a
 
 
 class _Metrics:
@@ -222,11 +231,12 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
         return name, loaded[name]
 
     def query_vector(s: Searcher, text: str | None, embedding: list[float] | None, name: str,
-                     image: str | None = None) -> np.ndarray:
+                     image: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(image-space query, caption query or None)``."""
         if sum(x is not None for x in (text, image, embedding)) != 1:
             raise HTTPException(400, "give exactly one of 'text', 'image' and 'embedding'")
         if image is not None:
-            return image_vector(s, image)
+            return image_vector(s, image), None
         if text is not None:
             if not text.strip():
                 raise HTTPException(400, "empty text")
@@ -241,7 +251,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
             raise HTTPException(400, f"embedding has {v.shape[1]} values; index {s.index_dir} holds {s.dim}-d vectors")
         if not np.isfinite(v).all():
             raise HTTPException(400, "embedding has NaN or infinite values")
-        return v
+        return v, None
 
     def image_vector(s: Searcher, image: str) -> np.ndarray:
         if len(image) > cfg.max_body_bytes:
@@ -263,15 +273,20 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
         except ValueError as exc:  # the index cannot encode images (no known encoder)
             raise HTTPException(400, str(exc)) from None
 
-    def run(s: Searcher, q: np.ndarray, k: int, offset: int, labels, min_score, unseen_only: bool = False) -> list[dict]:
+    def run(s: Searcher, q: tuple, k: int, offset: int, labels, min_score, unseen_only: bool = False,
+            mode: str = "image", caption_weight: float = 0.5) -> list[dict]:
         if k > cfg.max_k or offset + k > cfg.max_k * 10:
             raise HTTPException(400, f"k={k} (offset {offset}) is above the maximum k={cfg.max_k}")
         if unseen_only and s.labels is None:
             raise HTTPException(400, "unseen_only needs predicted labels; start zsl serve with --labels")
+        if mode != "image" and s.captions is None:
+            raise HTTPException(400, f"mode {mode!r}: this index has no caption index (zsl embed-text, then zsl index)")
+        if mode != "image" and q[1] is None:
+            raise HTTPException(400, f"mode {mode!r} needs a text query (captions are searched by text)")
         want = offset + k
         filtered = labels or min_score is not None or unseen_only
         fetch = min(max(4 * want, 100), s.index.ntotal) if filtered else want
-        hits = s.search_vectors(q, fetch)[0]
+        hits = s.search_pair(q[0], q[1], fetch, mode=mode, caption_weight=caption_weight)
         if labels:
             keep = set(labels)
             hits = [h for h in hits if h["label"] in keep or h.get("predicted") in keep]
@@ -312,14 +327,14 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
                  "search_params": s.manifest.search_params, "text_model": s.manifest.text_model,
                  "recall_at_10": s.manifest.tuning.recall_at_10 if s.manifest.tuning else None,
                  "image_encoder": s.manifest.image_encoder or s.manifest.feature_model,
-                 "labels": s.labels.labels_dir if s.labels else None}
+                 "labels": s.labels.labels_dir if s.labels else None, "captions": s.captions is not None}
                 for n, s in loaded.items()]
 
     @app.post("/search")
     def search(req: SearchRequest) -> dict:
         name, s = searcher(req.index)
         q = query_vector(s, req.text, req.embedding, name, req.image)
-        hits = run(s, q, req.k, req.offset, req.labels, req.min_score, req.unseen_only)
+        hits = run(s, q, req.k, req.offset, req.labels, req.min_score, req.unseen_only, req.mode, req.caption_weight)
         return {"index": name, "query": req.text, "k": req.k, "hits": hits}
 
     @app.get("/images/{faiss_id}")
@@ -375,7 +390,9 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
             raise HTTPException(400, "num_images must be an integer") from None
         if k < 1:
             raise HTTPException(400, "num_images must be >= 1")
-        hits = run(s, query_vector(s, text, emb, name, image), min(k, cfg.max_k), 0, None, None)
+        # clip-retrieval's modality: "image" searches the images, "text" the captions (its text index)
+        mode = "caption" if body.get("modality") == "text" else "image"
+        hits = run(s, query_vector(s, text, emb, name, image), min(k, cfg.max_k), 0, None, None, mode=mode)
         return [{"id": h["faiss_id"], "similarity": h["score"], "url": h["uri"],
                  "caption": h.get("predicted") or h["label"], "image_id": h["image_id"]} for h in hits]
 
