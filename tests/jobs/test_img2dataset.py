@@ -137,7 +137,8 @@ def test_zsl_extract_reads_each_layout_into_features_and_errors(img2dataset_outp
 
     outs, rows = img2dataset_outputs
     out = tmp_path / "features"
-    assert main(["extract", "--input", str(outs[fmt]), "--output", str(out), "--label-field", "animal"]) == 0
+    src = str(outs[fmt]) if fmt != "webdataset" else f"{outs[fmt]}/{{00000..00001}}.tar"  # a brace pattern
+    assert main(["extract", "--input", src, "--output", str(out), "--label-field", "animal"]) == 0
     feats = pq.ParquetDataset(str(out / "features")).read().to_pylist()
     errors = pq.ParquetDataset(str(out / "errors")).read().to_pylist()
     by_url = {r["url"]: r for r in rows}
@@ -150,3 +151,7 @@ def test_zsl_extract_reads_each_layout_into_features_and_errors(img2dataset_outp
         ("missing.png", "download"), ("notimage.jpg", "download")]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["n_images"] == N_IMAGES and manifest["n_errors"] == 2
+    # the captions img2dataset kept are embedded row for row
+    assert main(["embed-text", "--features", str(out)]) == 0
+    caps = json.loads((out / "text" / "manifest.json").read_text())
+    assert caps["n_captions"] == caps["n_rows"] == N_IMAGES
