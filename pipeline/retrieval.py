@@ -47,6 +47,7 @@ class Searcher:
         model_dir = zio.join(index_dir, MODEL_COPY) if zio.exists(zio.join(index_dir, MODEL_COPY, "manifest.json")) \
             else m.model_dir
         self.model, mman = load_model(model_dir)
+        self.model_manifest = mman
         if model_fingerprint(model_dir, mman) != m.model_fingerprint:
             raise ValueError(f"{index_dir}: the model at {model_dir} is not the one the index was built with; "
                              "rebuild the index")
@@ -75,8 +76,9 @@ class Searcher:
             if not m.text_model:
                 raise ValueError(f"{self.index_dir}: manifest names no text model; cannot embed text queries")
             enc = load_text_encoder(m.text_model_name or m.text_model.split("@", 1)[0], m.text_pretrained)
-            if enc.dim != m.dim:
-                raise ValueError(f"text model gives {enc.dim}-d vectors, index holds {m.dim}-d")
+            want = self.model_manifest.semantic_dim if self.model_manifest.uses_text else m.dim
+            if enc.dim != want:
+                raise ValueError(f"text model gives {enc.dim}-d vectors, the model takes {want}-d")
             self._encoder = enc
         return self._encoder
 

@@ -224,6 +224,9 @@ class ModelManifest(Manifest):
     semantics: str
     semantic_weights: dict[str, float] = Field(default_factory=dict)
     semantic_dim: int = Field(gt=0)
+    #: dimension of the search space (``search_images``/``search_queries``) when it is not the
+    #: semantic space (ASIF: one dimension per anchor)
+    search_dim: int | None = Field(None, gt=0)
     text_model: str | None = None
     text_model_name: str | None = None
     text_pretrained: str | None = None

@@ -12,6 +12,7 @@ from pipeline.models import sae as _sae  # noqa: F401
 from pipeline.models import dap as _dap  # noqa: F401
 from pipeline.models import relation as _relation  # noqa: F401
 from pipeline.models import ensemble as _ensemble  # noqa: F401
+from pipeline.models import bridge as _bridge  # noqa: F401
 
 __all__ = ["METHODS", "ZSLModel", "load_model", "save_model", "save_weights", "model_manifest", "make_model",
            "method_params", "check_method"]

@@ -352,7 +352,7 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
     n_total = sum(rows.values())
     if n_total == 0:
         raise ValueError(f"{cfg.features}: no features to index")
-    dim, budget = mman.semantic_dim, parse_memory(cfg.max_memory)
+    dim, budget = mman.search_dim or mman.semantic_dim, parse_memory(cfg.max_memory)
     model_fp = model_fingerprint(cfg.model, mman)
     # what the vectors and the index type are; the tuning settings only re-tune a finished index
     identity = {"model": model_fp, "features": features_identity(cfg.features, fman), "dim": dim,

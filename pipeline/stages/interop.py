@@ -81,7 +81,7 @@ def run_export(cfg: ExportConfig, *, progress: bool = True) -> ExportManifest:
                 "shard": pa.array([name] * len(X), pa.string()),
             }))
         if model is not None:
-            dim = mman.semantic_dim
+            dim = mman.search_dim or mman.semantic_dim
         manifest = ExportManifest(features_dir=cfg.features, space="model" if model is not None else "features",
                                   model_dir=cfg.model, dim=dim, dtype=cfg.dtype,
                                   normalized=model is not None or cfg.normalize,

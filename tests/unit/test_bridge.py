@@ -1,0 +1,94 @@
+"""Bridges from image features to a text space: the ridge bridge against its closed form, ASIF's
+relative representation against a hand computation, λ chosen on held-out pairs, seeded contrastive
+fits, save/load, and the class-supervised `fit`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.models import load_model, save_model
+from pipeline.models.base import l2n
+from pipeline.models.bridge import ASIF, ContrastiveBridge, RidgeBridge, fit_ridge_bridge, pair_recall, \
+    relative_representation
+
+
+def _pairs(n=400, d=24, k=12, seed=0, noise=0.05):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    A = rng.standard_normal((d, k)).astype(np.float32)
+    T = (l2n(X) @ A + noise * rng.standard_normal((n, k))).astype(np.float32)
+    return X, T
+
+
+def test_ridge_bridge_is_the_closed_form():
+    X, T = _pairs()
+    m = RidgeBridge(lam=0.1).fit_pairs(X, T)
+    Xn = l2n(X).astype(np.float64)
+    Xc = Xn - Xn.mean(0)
+    Tn = T / np.linalg.norm(T, axis=1, keepdims=True)
+    lam = 0.1 * np.trace(Xc.T @ Xc) / X.shape[1]
+    W = np.linalg.inv(Xc.T @ Xc + lam * np.eye(X.shape[1])) @ Xc.T @ Tn  # the textbook formula
+    np.testing.assert_allclose(m.W, W, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(m.embed_images(X[:3]), l2n((Xn[:3] - Xn.mean(0)) @ W), atol=1e-5)
+    # scores are cosines to the class texts
+    S = np.eye(12, dtype=np.float32)[:4] * 3
+    np.testing.assert_allclose(m.scores(X[:5], S), m.embed_images(X[:5]) @ l2n(S).T, atol=1e-6)
+
+
+def test_relative_representation_by_hand():
+    A = l2n(np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], np.float32))
+    z = np.array([[3.0, 1.0, -2.0]], np.float32)
+    zn = z / np.linalg.norm(z)
+    sims = (zn @ A.T)[0]  # [0.802, 0.267, -0.535, 0.756]
+    # top 2 anchors are 0 and 3; the others are zeroed; p = 2; then unit length
+    want = np.zeros(4)
+    want[0], want[3] = sims[0] ** 2, sims[3] ** 2
+    want /= np.linalg.norm(want)
+    np.testing.assert_allclose(relative_representation(z, A, k=2, p=2.0)[0], want, atol=1e-6)
+    # negatives never count, even among the top k
+    got = relative_representation(z, A, k=4, p=1.0)[0]
+    assert got[2] == 0.0 and got[0] > got[3] > got[1] > 0
+
+
+def test_asif_scores_compare_relative_representations():
+    X, T = _pairs(n=200)
+    m = ASIF(k=10, p=8.0).fit_pairs(X, T)
+    S = T[:5] + 0.01
+    want = relative_representation(X[:7], l2n(X), 10, 8.0) @ relative_representation(S, l2n(T), 10, 8.0).T
+    np.testing.assert_allclose(m.scores(X[:7], S), want, atol=1e-5)
+    assert m.search_dim == 200 and m.search_images(X[:2]).shape == (2, 200)
+    # an anchor image is closest to its own caption among the anchors' captions
+    assert (m.scores(X[:50], T[:50]).argmax(1) == np.arange(50)).mean() > 0.9
+
+
+def test_lambda_is_chosen_on_held_out_pairs_and_recall_beats_chance():
+    X, T = _pairs(n=600, noise=0.3)
+    m, info = fit_ridge_bridge(X, T, seed=1)
+    assert info["n_pairs"] == 600 and info["n_holdout"] == 60
+    best = info["recall_at_10"][str(info["lam"])]
+    assert best == max(info["recall_at_10"].values()) and best > 0.5  # chance is 10/60
+    assert pair_recall(m.embed_images(X), T) > 0.5
+
+
+def test_contrastive_bridge_is_seeded_and_learns():
+    X, T = _pairs(n=300, noise=0.2)
+    a = ContrastiveBridge(epochs=5, seed=3).fit_pairs(X, T)
+    b = ContrastiveBridge(epochs=5, seed=3).fit_pairs(X, T)
+    np.testing.assert_array_equal(a.W, b.W)
+    assert pair_recall(a.embed_images(X), T) > 0.5
+
+
+def test_bridges_save_load_and_fit_from_classes(tmp_path):
+    X, T = _pairs(n=120)
+    y = np.arange(120) % 4
+    S = np.random.default_rng(0).standard_normal((4, 12)).astype(np.float32)
+    for cls, name in ((RidgeBridge, "bridge"), (ASIF, "asif")):
+        m = cls().fit(X, y, S)
+        save_model(str(tmp_path / name), m, {"feature_model": "f", "feature_dim": 24, "semantics": "text",
+                                             "semantic_dim": 12, "seen": [], "text_model": "t"})
+        back, man = load_model(str(tmp_path / name))
+        assert man.method == name
+        np.testing.assert_allclose(back.scores(X[:4], S), m.scores(X[:4], S), atol=1e-6)
+    with pytest.raises(ValueError, match="do not pair up"):
+        RidgeBridge().fit_pairs(X, T[:5])
