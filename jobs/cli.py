@@ -486,7 +486,7 @@ def run() -> None:
 
 from jobs.interop import register as _register_interop  # noqa: E402
 
-_register_interop(app)  # embed-text, export, import
+_register_interop(app)  # embed-text, export, import, corpus, bridge
 
 
 if __name__ == "__main__":

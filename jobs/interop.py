@@ -78,3 +78,44 @@ def register(app: typer.Typer) -> None:
                        f"-> {cfg.output}")
         _job("import", dict(input=input, output=output, model_id=model_id, text_model=text_model,
                             overwrite=overwrite), config, set, body)
+
+    @app.command("corpus")
+    def corpus(
+        source: str = typer.Argument("openclipart", help="openclipart (Debian openclipart-png + -svg)."),
+        output: Optional[str] = typer.Option(None, help="Folder for the corpus's Parquet shards."),
+        limit: Optional[int] = typer.Option(None, help="A seeded sample of this many images (default: all)."),
+        root: Optional[str] = typer.Option(None, help="Where the packages are installed (/usr/share/openclipart)."),
+        overwrite: Optional[bool] = OverwriteOpt,
+        config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
+    ) -> None:
+        """Write a captioned image corpus from installed packages (for `zsl extract` + `zsl bridge`)."""
+        def body(cfg):
+            from pipeline.corpus import write_openclipart_corpus
+
+            m = write_openclipart_corpus(cfg.output, root=cfg.root, limit=cfg.limit, seed=cfg.seed,
+                                         overwrite=cfg.overwrite)
+            typer.echo(f"{m['source']} corpus: {m['n_images']} images, {m['n_captions']} with captions, "
+                       f"{m['n_shards']} shards -> {cfg.output}")
+        _job("corpus", dict(source=source, output=output, limit=limit, root=root, overwrite=overwrite), config,
+             set, body)
+
+    @app.command("bridge")
+    def bridge(
+        features: Optional[str] = typer.Option(None, help="Features of captioned images (after `zsl embed-text`)."),
+        output: Optional[str] = typer.Option(None, help="Model directory to write."),
+        method: Optional[str] = typer.Option(None, help="ridge (default, λ tuned) | contrastive | asif."),
+        exclude: Optional[list[str]] = typer.Option(None, help="Feature dirs whose images must not be used (eval sets)."),
+        max_pairs: Optional[int] = typer.Option(None, help="A seeded sample of at most this many pairs."),
+        overwrite: Optional[bool] = OverwriteOpt,
+        config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
+    ) -> None:
+        """Fit a bridge from image features into the text model's space on (image, caption) pairs."""
+        def body(cfg):
+            from pipeline.stages.bridge import run_bridge
+
+            m = run_bridge(cfg)
+            extra = f", λ={m.tuning['lam']}" if m.tuning else ""
+            typer.echo(f"{m.method} bridge on {m.n_train} pairs ({m.config.get('overlap_dropped', 0)} dropped as in "
+                       f"--exclude){extra} -> {cfg.output}")
+        _job("bridge", dict(features=features, output=output, method=method, exclude=exclude or None,
+                            max_pairs=max_pairs, overwrite=overwrite), config, set, body)

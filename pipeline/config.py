@@ -303,6 +303,33 @@ class ImportConfig(_Config):
     overwrite: bool = False
 
 
+class CorpusConfig(_Config):
+    """``zsl corpus openclipart``: a captioned image corpus from the installed Open Clip Art packages."""
+
+    source: Literal["openclipart"] = "openclipart"
+    output: Uri
+    root: str = Field("/usr/share/openclipart", description="Where openclipart-png/-svg are installed.")
+    limit: int | None = Field(None, gt=0, description="A seeded sample of this many drawings (default: all).")
+    seed: int = 0
+    overwrite: bool = False
+
+
+class BridgeConfig(_Config):
+    """``zsl bridge``: (image, caption) pairs of a feature directory -> a bridge model into the text space."""
+
+    features: Uri = Field(description="`zsl extract` output with caption embeddings (`zsl embed-text`).")
+    output: Uri
+    method: Literal["ridge", "contrastive", "asif"] = "ridge"
+    params: dict[str, Any] = Field(default_factory=dict, description="Method hyper-parameters (ridge: λ is tuned).")
+    exclude: tuple[Uri, ...] = Field((), description=(
+        "Feature directories whose images must not be in the corpus (evaluation sets): corpus rows whose "
+        "features match one of theirs (cosine >= 0.999) are dropped and counted."))
+    templates: tuple[str, ...] = Field(("{name}",), description="Prompts for free-text queries of an index built with it.")
+    max_pairs: int | None = Field(None, gt=0, description="A seeded sample of at most this many pairs.")
+    seed: int = 0
+    overwrite: bool = False
+
+
 class DemoDataConfig(_Config):
     output: Uri
     per_class: int = Field(100, gt=0, description="Images per class in each of train/test.")
@@ -324,6 +351,8 @@ CONFIGS: dict[str, type[_Config]] = {
     "embed-text": EmbedTextConfig,
     "export": ExportConfig,
     "import": ImportConfig,
+    "corpus": CorpusConfig,
+    "bridge": BridgeConfig,
 }
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}

@@ -163,9 +163,10 @@ class Searcher:
         if mode == "image":
             return self.search_vectors(np.asarray(q_img).reshape(1, -1), k)[0]
         q_cap = np.asarray(q_cap, np.float32).reshape(1, -1)
-        if mode == "caption":
+        if mode == "caption":  # rows without a caption hold zero vectors: exactly 0, dropped
             scores, ids = index_search(self.captions, q_cap, k)
-            return self._hits(scores[0], ids[0])
+            keep = scores[0] != 0.0
+            return self._hits(scores[0][keep], ids[0][keep])
         q_img = np.asarray(q_img, np.float32).reshape(1, -1)
         fetch = max(4 * k, 50)
         si, ii = index_search(self.index, q_img, fetch)

@@ -23,6 +23,7 @@ __all__ = [
     "IndexManifest",
     "CaptionsManifest",
     "ExportManifest",
+    "CorpusManifest",
     "captions_schema",
     "RunRecord",
     "parse_manifest",
@@ -146,6 +147,7 @@ LABELS_FORMAT = "zsl-labels/1"
 INDEX_FORMAT = "zsl-index/1"
 CAPTIONS_FORMAT = "zsl-captions/1"
 EXPORT_FORMAT = "zsl-export/1"
+CORPUS_FORMAT = "zsl-corpus/1"
 
 
 class Manifest(BaseModel):
@@ -368,6 +370,21 @@ class ExportManifest(Manifest):
     text_dim: int | None = None
     shards: list[str] = Field(default_factory=list)
     n_rows: int = Field(ge=0)
+
+
+class CorpusManifest(Manifest):
+    """``zsl corpus`` output: ``shards/corpus-NNNNN.parquet`` (key, image bytes, caption, url, category)."""
+
+    FORMAT: ClassVar[str] = CORPUS_FORMAT
+    WRITER: ClassVar[str] = "zsl corpus"
+    source: str
+    root: str
+    n_images: int = Field(ge=0)
+    n_captions: int = Field(ge=0)
+    n_shards: int = Field(ge=0)
+    limit: int | None = None
+    seed: int = 0
+    license: str
 
 
 class RunRecord(BaseModel):

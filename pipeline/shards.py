@@ -49,7 +49,7 @@ _URI_COLUMNS = ("uri", "url", "path")
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 #: img2dataset's per-row fields that have their own place in a record (the rest go to ``meta``)
 _I2D_FIELDS = ("url", "key", "caption", "status", "error_message")
-_SHARD_DIR = re.compile(r"^\d{5,}$")
+_SHARD_DIR = re.compile(r"^\d+$")  # img2dataset's shard names (5 digits by default, oom_shard_count sets it)
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,7 @@ def list_shards(
                 dirs.setdefault(f[: -len(".parquet")], [])
         if not dirs:
             raise ValueError(f"{uri}: no NNNNN/ folders of images (img2dataset 'files' output)")
+        _check_unique_stems(sorted(dirs))  # two runs' 00000/ would give the same image ids
         return [Shard(shard_id=i, kind="files", source=d, members=tuple(sorted(dirs[d])), root=zio.filesystem(d)[1])
                 for i, d in enumerate(sorted(dirs))]
     if fmt == "webdataset":
@@ -305,8 +306,14 @@ def _sidecar_failures(sidecar: str, shard_stem: str, label_field: str | None) ->
     fs, path = zio.filesystem(sidecar)
     if not fs.exists(path):
         return
-    with fs.open(path, "rb") as fh:
-        t = pq.read_table(fh)
+    try:
+        with fs.open(path, "rb") as fh:
+            t = pq.read_table(fh)
+    except Exception as exc:  # noqa: BLE001 - a sidecar cut short (img2dataset killed or still writing)
+        yield Record(image_id=f"{shard_stem}/<sidecar>", uri=sidecar, stage="read",
+                     error=f"unreadable img2dataset sidecar {sidecar} ({type(exc).__name__}: {exc}); "
+                           "the rows it marked failed are unknown")
+        return
     if "status" not in t.column_names:
         return
     for row in t.to_pylist():

@@ -187,6 +187,7 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> FeaturesManifes
             out.begin()
             zio.remove(feat_dir)
             zio.remove(out.join("errors"))
+            zio.remove(out.join("text"))  # caption embeddings of the old features
             done = set()
         out.set_state({"shards": listing})
         pending = [s for s in shards if s.shard_id not in done]

@@ -286,12 +286,30 @@ def _image_encoder(fman) -> dict:
     return {"image_encoder": enc, "image_pretrained": pre, "image_size": fman.image_size}
 
 
+class _CaptionBatches:
+    """Re-iterable caption embeddings in index order, one shard at a time (checked row by row)."""
+
+    def __init__(self, files: list[str], caps: dict[str, str], dim: int) -> None:
+        self.files, self.caps, self.dim = files, caps, dim
+
+    def __iter__(self):
+        for f in self.files:
+            c = self.caps[f.rsplit("/", 1)[-1]]
+            t = zio.read_parquet(c)
+            ids = zio.read_parquet(f, columns=["image_id"]).column("image_id")
+            if t.num_rows != len(ids) or not t.column("image_id").equals(ids):
+                raise ValueError(f"{c}: caption embeddings do not match {f} row by row; "
+                                 "run `zsl embed-text --overwrite`")
+            yield t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, self.dim)
+
+
 def _caption_index(cfg: IndexConfig, out: OutputDir, mman, files: list[str], n_total: int, budget: int,
-                   progress: bool, *, dry: bool = False) -> bool:
+                   progress: bool) -> bool:
     """The caption index (``OUT/captions/``, an index directory of its own with the same faiss ids):
     built from ``FEATURES/text`` when the captions were embedded with the model's text model;
     kept when its inputs are unchanged, removed when the features have no (usable) captions.
-    Returns whether it was (or, with ``dry``, would be) built."""
+    Rows without a caption hold zero vectors (score 0; caption-only searches drop them).
+    Returns whether it was built."""
     dest = out.join(CAPTIONS_INDEX)
     cman = open_captions(cfg.features)
     caps = caption_shards(cfg.features) if cman else {}
@@ -304,28 +322,17 @@ def _caption_index(cfg: IndexConfig, out: OutputDir, mman, files: list[str], n_t
     if why:
         if cman is not None:
             LOG.warning("%s: no caption index: %s", cfg.output, why)
-        if not dry:
-            zio.remove(dest)
+        zio.remove(dest)
         return False
-    ident = {"text_model": cman.text_model, "shards": names,
+    ident = {"text_model": cman.text_model, "captions": zio.fingerprint(cman.to_json()), "shards": names,
              "sizes": [zio.filesystem(caps[n])[0].size(zio.filesystem(caps[n])[1]) for n in names],
              "max_memory": cfg.max_memory, "target_recall": cfg.target_recall}
     if zio.exists(zio.join(dest, "manifest.json")) and zio.read_json(zio.join(dest, "manifest.json")).get(
             "identity") == ident:
         return False
-    if dry:
-        return True
-    batches = []
-    for f, n in zip(files, names):
-        t = zio.read_parquet(caps[n])
-        ids = zio.read_parquet(f, columns=["image_id"]).column("image_id")
-        if t.num_rows != len(ids) or not t.column("image_id").equals(ids):
-            raise ValueError(f"{caps[n]}: caption embeddings do not match {f} row by row; "
-                             "run `zsl embed-text --overwrite`")
-        batches.append(t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, cman.dim))
+    batches = _CaptionBatches(files, caps, cman.dim)
     factory = choose_index(n_total, cman.dim, max_memory_bytes=budget)
-    LOG.info("caption index: %d captions (%d rows) in %s", sum(int(np.abs(b).sum(1).astype(bool).sum())
-                                                               for b in batches), n_total, factory)
+    LOG.info("caption index: %d captions (%d rows) in %s", cman.n_captions, n_total, factory)
     index = build_index(batches, dim=cman.dim, factory=factory, n_total=n_total, use_gpu=False, progress=progress)
     tuning = tune_index(index, batches, n_total=n_total, target_recall=cfg.target_recall, k=cfg.tune_k,
                         max_query_ms=cfg.max_query_ms, n_queries=min(cfg.tune_queries, n_total))
@@ -366,10 +373,9 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
             LOG.info("%s: index of these features with this model is complete; nothing to do", cfg.output)
             zio.remove(out.join("vectors"))  # a kill after the manifest, before the cache was removed
             zio.remove(out.join("parts"))
-            if _caption_index(cfg, out, mman, files, n_total, budget, progress, dry=True):
-                out.begin()  # captions embedded since: their index is added, then the manifest again
-                _caption_index(cfg, out, mman, files, n_total, budget, progress)
-                out.finish(done)
+            # captions embedded since (or gone): the caption index is its own directory, written
+            # manifest last, so the image index's manifest stays as it is
+            _caption_index(cfg, out, mman, files, n_total, budget, progress)
             return done
         if retune:
             LOG.info("%s: the tuning settings changed; re-tuning the search parameters (the index is kept)",

@@ -6,7 +6,8 @@ clip-retrieval's inference writes, and autofaiss and clip-retrieval's index/back
     OUT/text_emb/text_emb_{N}.npy        (n, d) caption embeddings, when captions were embedded
     OUT/metadata/metadata_{N}.parquet    one row per embedding, same order (image_path, caption, url, ...)
 
-``zsl export`` writes part ``N`` from the ``N``-th feature shard (the raw features, L2-normalised by
+``zsl export`` writes part ``N`` (zero-padded to 6 digits, so that readers that sort file names,
+as autofaiss does, number the rows in shard order) from the ``N``-th feature shard (the raw features, L2-normalised by
 default, or with ``--model`` the model's search vectors: the space ``zsl index`` holds, so an
 autofaiss index of them answers text queries like ours). ``zsl import`` turns such a layout, made
 anywhere, into a feature directory (and its caption embeddings) that ``zsl train/label/index``
@@ -65,17 +66,19 @@ def run_export(cfg: ExportConfig, *, progress: bool = True) -> ExportManifest:
             meta, X = _read_all(files[i], fman.dim)
             V = model.search_images(X) if model is not None else (l2n(X) if cfg.normalize else X)
             dim = V.shape[1]
-            zio.write_npy_atomic(out.join("img_emb", f"img_emb_{i}.npy"), V.astype(dtype))
+            zio.write_npy_atomic(out.join("img_emb", f"img_emb_{i:06d}.npy"), V.astype(dtype))
             name = files[i].rsplit("/", 1)[-1]
             if cman:
+                if name not in caps:
+                    raise ValueError(f"{cfg.features}: shard {name} has no caption embeddings; run `zsl embed-text`")
                 ct = zio.read_parquet(caps[name])
                 if ct.num_rows != len(X) or ct.column("image_id").to_pylist() != meta.column("image_id").to_pylist():
                     raise ValueError(f"{caps[name]}: caption embeddings do not match {files[i]} row by row; "
                                      "run `zsl embed-text --overwrite`")
                 T = ct.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, cman.dim)
-                zio.write_npy_atomic(out.join("text_emb", f"text_emb_{i}.npy"), T.astype(dtype))
+                zio.write_npy_atomic(out.join("text_emb", f"text_emb_{i:06d}.npy"), T.astype(dtype))
             # metadata last: it marks the part done
-            zio.write_parquet_atomic(out.join("metadata", f"metadata_{i}.parquet"), pa.table({
+            zio.write_parquet_atomic(out.join("metadata", f"metadata_{i:06d}.parquet"), pa.table({
                 "image_path": meta.column("uri"), "caption": meta.column("caption"), "url": meta.column("url"),
                 "key": meta.column("key"), "image_id": meta.column("image_id"), "label": meta.column("label"),
                 "shard": pa.array([name] * len(X), pa.string()),
@@ -128,7 +131,8 @@ def run_import(cfg: ImportConfig, *, progress: bool = True) -> FeaturesManifest:
         raise ValueError(f"{cfg.input}: img_emb_{missing[0]}.npy has no metadata/metadata_{missing[0]}.parquet")
     if texts and not cfg.text_model:
         raise ValueError(f"{cfg.input}: has text_emb/; say which text model made it with text_model")
-    parts = sorted(emb)
+    # in the order readers (autofaiss's embedding_reader, clip-retrieval) number the rows: by file name
+    parts = sorted(emb, key=lambda i: emb[i].rsplit("/", 1)[-1])
     first = zio.read_npy(emb[parts[0]])
     if first.ndim != 2:
         raise ValueError(f"{emb[parts[0]]}: expected a 2-d array, got shape {first.shape}")
@@ -190,6 +194,7 @@ def run_import(cfg: ImportConfig, *, progress: bool = True) -> FeaturesManifest:
                 text_model=cfg.text_model, text_model_name=cfg.text_model, dim=text_dim, column="caption",
                 n_shards=len(cap_files), n_rows=total, n_captions=n_caps))
         manifest = FeaturesManifest(model_id=cfg.model_id, dim=dim, n_shards=len(shards), n_images=total,
+                                    config={"input": cfg.input, "parts": identity["parts"]},
                                     notes={"imported_from": cfg.input, "layout": "clip-retrieval"})
         out.finish(manifest)
         LOG.info("imported %d embeddings (%d this run) from %s", total, n_images, cfg.input)

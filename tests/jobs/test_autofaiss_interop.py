@@ -42,7 +42,7 @@ def test_autofaiss_builds_from_our_export_and_answers_like_our_index(tmp_path):
     y = rng.integers(0, c, n)
     X = (centres[y] + rng.standard_normal((n, d))).astype(np.float32)
     write_features(str(tmp_path / "f"), image_ids=[f"img{i:05d}" for i in range(n)], uris=[f"/x/{i}.jpg" for i in range(n)],
-                   labels=[f"c{v}" for v in y], X=X, model_id="fake-feat", shard_size=1000)
+                   labels=[f"c{v}" for v in y], X=X, model_id="fake-feat", shard_size=500)  # 12 parts: 10, 11 sort
     save_model(str(tmp_path / "m"), ESZSL(gamma=1.0, lam=1.0).fit(X, y, S), {
         "feature_model": "fake-feat", "feature_dim": d, "semantics": "text", "semantic_dim": k,
         "text_model": "fake-text", "text_model_name": "fake", "text_pretrained": None, "templates": ["{name}"],
@@ -63,7 +63,9 @@ def test_autofaiss_builds_from_our_export_and_answers_like_our_index(tmp_path):
     assert infos["nb vectors"] == n
 
     ours = Searcher(str(tmp_path / "ours"), load_text=False)
-    V = np.concatenate([np.load(tmp_path / "e" / "img_emb" / f"img_emb_{i}.npy") for i in range(6)])
+    parts = sorted((tmp_path / "e" / "img_emb").glob("*.npy"))
+    assert len(parts) == 12
+    V = np.concatenate([np.load(f) for f in parts])
     Q = V[rng.choice(n, 100, replace=False)] + 0.05 * rng.standard_normal((100, k)).astype(np.float32)
     Q /= np.linalg.norm(Q, axis=1, keepdims=True)
     np.save(tmp_path / "q.npy", Q)
@@ -72,8 +74,9 @@ def test_autofaiss_builds_from_our_export_and_answers_like_our_index(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     af_ids = np.load(tmp_path / "ids.npy")
     # autofaiss numbers rows in the order it reads the parts: metadata_{i} gives their image ids
-    meta_ids = sum((pq.read_table(tmp_path / "e" / "metadata" / f"metadata_{i}.parquet").column("image_id").to_pylist()
-                    for i in range(6)), [])
+    meta_ids = sum((pq.read_table(f).column("image_id").to_pylist()
+                    for f in sorted((tmp_path / "e" / "metadata").glob("*.parquet"))), [])
+    assert meta_ids == [f"img{i:05d}" for i in range(n)]  # parts in shard order
     exact = np.argsort(-(Q @ V.T), axis=1)[:, :10]
     overlap_af = overlap_ours = agree = 0.0
     for q in range(len(Q)):

@@ -68,14 +68,14 @@ def test_export_is_the_features_row_for_row_and_import_gives_them_back(captioned
     out = tmp_path / "export"
     m = run_export(ExportConfig(features=str(feats), output=str(out)), progress=False)
     assert (m.n_rows, m.dim, m.dtype, m.space, m.text_dim) == (12, 16, "float16", "features", 384)
-    parts = [np.load(out / "img_emb" / f"img_emb_{i}.npy") for i in range(3)]
+    parts = [np.load(out / "img_emb" / f"img_emb_{i:06d}.npy") for i in range(3)]
     assert [p.shape for p in parts] == [(5, 16), (5, 16), (2, 16)] and parts[0].dtype == np.float16
     np.testing.assert_allclose(np.concatenate(parts), l2n(X), atol=2e-3)
-    meta = [pq.read_table(out / "metadata" / f"metadata_{i}.parquet") for i in range(3)]
+    meta = [pq.read_table(out / "metadata" / f"metadata_{i:06d}.parquet") for i in range(3)]
     assert sum((t.column("image_id").to_pylist() for t in meta), []) == [f"i{k:02d}" for k in range(12)]
     assert meta[0].column("image_path").to_pylist()[0] == "/img/0.jpg"
     assert meta[0].column("caption").to_pylist()[:2] == ["a striped horse", None]
-    assert np.load(out / "text_emb" / "text_emb_1.npy").shape == (5, 384)
+    assert np.load(out / "text_emb" / "text_emb_000001.npy").shape == (5, 384)
 
     back = tmp_path / "imported"
     fm = run_import(ImportConfig(input=str(out), output=str(back), model_id="fake-feat", text_model="minilm"),
@@ -95,7 +95,7 @@ def test_export_of_model_vectors_is_the_index_space(serve_world, tmp_path):
     m = run_export(ExportConfig(features=str(root / "features"), output=str(tmp_path / "e"), dtype="float32",
                                 model=s.index_dir + "/model"), progress=False)
     assert m.space == "model" and m.dim == s.dim == 8
-    V = np.concatenate([np.load(tmp_path / "e" / "img_emb" / f"img_emb_{i}.npy") for i in range(3)])
+    V = np.concatenate([np.load(tmp_path / "e" / "img_emb" / f"img_emb_{i:06d}.npy") for i in range(3)])
     X = load_features(str(root / "features")).X
     np.testing.assert_allclose(V, s.model.search_images(X), atol=1e-5)
     # the index holds these very vectors: each is its own nearest neighbour

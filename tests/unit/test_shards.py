@@ -219,3 +219,44 @@ def test_input_without_usable_files(tmp_path):
         list_shards(str(tmp_path), input_format="folder")
     with pytest.raises(ValueError, match="unknown input format"):
         list_shards(str(tmp_path), input_format="zip")
+
+
+# ---------------------------------------------------------------- img2dataset 'files' layout edge cases
+
+
+def _i2d_files(root, shard="000", n=2, sidecar=True):
+    d = root / shard
+    d.mkdir(parents=True)
+    for i in range(n):
+        key = f"{shard}{i:04d}"
+        (d / f"{key}.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes([i]))
+        (d / f"{key}.txt").write_text(f"caption {i}")
+        (d / f"{key}.json").write_text(json.dumps({"url": f"http://x/{key}", "key": key, "status": "success"}))
+    if sidecar:
+        pq.write_table(pa.table({"url": ["http://x/bad"], "key": [f"{shard}9999"], "status": ["failed_to_download"],
+                                 "error_message": ["HTTP Error 404"]}), root / f"{shard}.parquet")
+
+
+def test_files_layout_with_short_shard_names_is_not_a_labelled_folder(tmp_path):
+    _i2d_files(tmp_path, "000")  # img2dataset --oom_shard_count 3
+    assert detect_format(str(tmp_path)) == "files"
+    recs = [r for s in list_shards(str(tmp_path)) for r in read_shard(s)]
+    assert [(r.image_id, r.label, r.caption) for r in recs if not r.error] == [
+        ("000/0000000", None, "caption 0"), ("000/0000001", None, "caption 1")]
+    assert [r.error for r in recs if r.error] == ["img2dataset failed_to_download: HTTP Error 404"]
+
+
+def test_a_sidecar_cut_short_is_one_named_error_and_the_images_stay(tmp_path):
+    _i2d_files(tmp_path, "00000")
+    (tmp_path / "00000.parquet").write_bytes(b"PAR1 cut short")
+    recs = [r for s in list_shards(str(tmp_path), input_format="files") for r in read_shard(s)]
+    assert sum(r.data is not None for r in recs) == 2
+    (bad,) = [r for r in recs if r.error]
+    assert "00000.parquet" in bad.error and "unreadable img2dataset sidecar" in bad.error
+
+
+def test_two_img2dataset_runs_with_the_same_shard_names_are_refused(tmp_path):
+    _i2d_files(tmp_path / "run1", "00000")
+    _i2d_files(tmp_path / "run2", "00000")
+    with pytest.raises(ValueError, match="same name '00000'"):
+        list_shards(str(tmp_path), input_format="files")

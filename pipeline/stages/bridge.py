@@ -1,0 +1,130 @@
+"""Bridge stage (``zsl bridge``): captioned images -> a bridge model into the text model's space.
+
+The pairs are the feature rows that have a caption embedding (``zsl embed-text``). Rows whose
+image is also in an ``exclude`` feature directory (an evaluation set: same features, cosine >=
+0.999) are dropped first, and counted in the manifest. The output is a model directory like any
+``zsl train`` output (``weights.safetensors`` + ``manifest.json``, text semantics, no seen
+classes), so ``zsl label``, ``zsl index``/``search``/``serve`` and ``zsl evaluate`` use it as they
+use a class-trained model: images of any backbone become searchable by text, and classable by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from pipeline import io as zio
+from pipeline.config import BridgeConfig
+from pipeline.features import CAPTIONS_DIR, caption_shards, feature_shards, features_identity, iter_shard_batches, \
+    open_captions, open_features
+from pipeline.models import make_model, save_model
+from pipeline.models.base import l2n
+from pipeline.models.bridge import fit_ridge_bridge
+from pipeline.resume import OutputDir
+from pipeline.schema import ModelManifest
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["run_bridge", "load_pairs", "drop_overlap"]
+
+_METHOD = {"ridge": "bridge", "contrastive": "bridge-contrastive", "asif": "asif"}
+
+
+def load_pairs(features: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(X, T, image_ids)`` of the rows with a caption embedding, in shard order."""
+    fman = open_features(features)
+    cman = open_captions(features)
+    if cman is None:
+        raise ValueError(f"{features}: no caption embeddings; run `zsl embed-text --features {features}` first")
+    caps = caption_shards(features)
+    xs, ts, ids = [], [], []
+    for f in feature_shards(features):
+        name = f.rsplit("/", 1)[-1]
+        if name not in caps:
+            raise ValueError(f"{features}: shard {name} has no caption embeddings; run `zsl embed-text` again")
+        ct = zio.read_parquet(caps[name])
+        parts = list(iter_shard_batches(f, fman.dim, ("image_id",)))
+        X = np.concatenate([x for _, x in parts]) if parts else np.zeros((0, fman.dim), np.float32)
+        sid = sum((t.column("image_id").to_pylist() for t, _ in parts), [])
+        if sid != ct.column("image_id").to_pylist():
+            raise ValueError(f"{caps[name]}: caption embeddings do not match {f} row by row; "
+                             "run `zsl embed-text --overwrite`")
+        has = np.asarray(ct.column("has_caption").to_numpy(zero_copy_only=False), bool)
+        T = ct.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, cman.dim)
+        xs.append(X[has])
+        ts.append(T[has])
+        ids += [i for i, h in zip(sid, has) if h]
+    if not ids:
+        raise ValueError(f"{features}: no row has a caption")
+    return np.concatenate(xs), np.concatenate(ts).astype(np.float32), ids
+
+
+def drop_overlap(X: np.ndarray, exclude: list[np.ndarray], *, threshold: float = 0.999,
+                 block: int = 4096) -> np.ndarray:
+    """Boolean mask of the rows of ``X`` to keep: those with no near-duplicate (cosine >= threshold)
+    among the rows of any ``exclude`` matrix."""
+    keep = np.ones(len(X), bool)
+    Xn = l2n(X)
+    for E in exclude:
+        En = l2n(E)
+        for s in range(0, len(Xn), block):
+            sims = Xn[s:s + block] @ En.T
+            keep[s:s + block] &= ~(sims >= threshold).any(axis=1) if sims.size else True
+    return keep
+
+
+def run_bridge(cfg: BridgeConfig) -> ModelManifest:
+    """Fit the bridge; write the model directory (refitted only when its inputs or settings change)."""
+    t0 = time.perf_counter()
+    fman = open_features(cfg.features)
+    cman = open_captions(cfg.features)
+    identity = {"features": features_identity(cfg.features, fman),
+                "captions": zio.fingerprint(cman.to_json()) if cman else None,
+                "method": cfg.method, "params": cfg.params, "exclude": list(cfg.exclude),
+                "max_pairs": cfg.max_pairs, "seed": cfg.seed, "templates": list(cfg.templates)}
+    with OutputDir(cfg.output, job="bridge", identity=identity, overwrite=cfg.overwrite,
+                   owned=("weights.safetensors",)) as out:
+        done = out.finished(ModelManifest)
+        if done is not None:
+            LOG.info("%s: bridge of these pairs with these settings is complete; nothing to do", cfg.output)
+            return done
+        X, T, _ = load_pairs(cfg.features)
+        n_all = len(X)
+        overlap = 0
+        if cfg.exclude:
+            other = []
+            for d in cfg.exclude:
+                om = open_features(d)
+                if om.dim != fman.dim or om.model_id != fman.model_id:
+                    raise ValueError(f"{d}: {om.model_id} {om.dim}-d features; the corpus has {fman.model_id} "
+                                     f"{fman.dim}-d, so its images cannot be compared")
+                other.append(np.concatenate([x for f in feature_shards(d) for _, x in iter_shard_batches(f, om.dim)]))
+            keep = drop_overlap(X, other)
+            overlap = int((~keep).sum())
+            X, T = X[keep], T[keep]
+            LOG.info("dropped %d corpus images also in %s", overlap, ", ".join(cfg.exclude))
+        if cfg.max_pairs and len(X) > cfg.max_pairs:
+            pick = np.sort(np.random.default_rng(cfg.seed).choice(len(X), cfg.max_pairs, replace=False))
+            X, T = X[pick], T[pick]
+        out.begin()
+        tuning = None
+        if cfg.method == "ridge" and "lam" not in cfg.params:
+            model, tuning = fit_ridge_bridge(X, T, seed=cfg.seed)
+        else:
+            model = make_model(_METHOD[cfg.method], **cfg.params).fit_pairs(X, T)
+        model.fit_search_centers(X, T)
+        LOG.info("%s bridge fitted on %d (image, caption) pairs (%d-d -> %d-d)", cfg.method, len(X), X.shape[1],
+                 T.shape[1])
+        manifest = save_model(cfg.output, model, {
+            "feature_model": fman.model_id, "feature_dim": fman.dim, "semantics": "text",
+            "semantic_dim": int(T.shape[1]), "search_dim": getattr(model, "search_dim", None),
+            "text_model": cman.text_model, "text_model_name": cman.text_model_name,
+            "text_pretrained": cman.text_pretrained, "templates": list(cfg.templates), "seen": [],
+            "tuning": tuning, "train_features": cfg.features,
+            "train_features_fingerprint": identity["features"], "n_train": int(len(X)),
+            "config": {**cfg.model_dump(mode="json"), "pairs_with_captions": n_all, "overlap_dropped": overlap,
+                       "corpus": f"{cfg.features}/{CAPTIONS_DIR}"},
+            "seconds": round(time.perf_counter() - t0, 2)})
+        return manifest
