@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ZSL := $(BIN)/zsl
 DEMO := runs/demo
+OPENCLIPART ?= /usr/share/openclipart
+DEMO_CORPUS ?= 1500
 # faiss-gpu where a GPU is visible, faiss-cpu elsewhere (never both: they are the same module).
 FAISS_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export HF_HUB_OFFLINE := 1
@@ -64,11 +66,24 @@ demo: install
 	$(ZSL) search --index $(DEMO)/index "an animal with a very long neck" -k 8 --json > $(DEMO)/search_2.json
 	$(ZSL) search --index $(DEMO)/index "a small pet with whiskers" -k 8 --json > $(DEMO)/search_3.json
 	$(ZSL) search --index $(DEMO)/index "a striped animal with hooves" -k 5
-	$(ZSL) report --evaluation $(DEMO)/evaluation.json \
+	@# open-vocabulary part: a ridge bridge fitted on captioned Open Clip Art drawings (Debian packages)
+	@if [ -d $(OPENCLIPART) ]; then \
+	  $(ZSL) corpus openclipart --output $(DEMO)/corpus --limit $(DEMO_CORPUS) && \
+	  $(ZSL) extract --input $(DEMO)/corpus --output $(DEMO)/features/corpus && \
+	  $(ZSL) embed-text --features $(DEMO)/features/corpus && \
+	  $(ZSL) bridge --features $(DEMO)/features/corpus --exclude $(DEMO)/features/test --output $(DEMO)/models/bridge && \
+	  $(ZSL) evaluate --model $(DEMO)/models/bridge --features $(DEMO)/features/test --classes $(DEMO)/classes --unseen conf/demo/split.json --json $(DEMO)/evaluation_bridge.json && \
+	  $(ZSL) index --features $(DEMO)/features/corpus --model $(DEMO)/models/bridge --output $(DEMO)/index-corpus && \
+	  echo "Open-vocabulary search of $(DEMO_CORPUS) drawings (images through the bridge, and their captions):" && \
+	  $(ZSL) search --index $(DEMO)/index-corpus "a red car" -k 5 && \
+	  $(ZSL) search --index $(DEMO)/index-corpus "a red car" -k 5 --mode both; \
+	else echo "(no $(OPENCLIPART): apt-get install openclipart-png openclipart-svg for the open-vocabulary bridge part)"; fi
+	$(ZSL) report --evaluation $(DEMO)/evaluation.json $$(test -f $(DEMO)/evaluation_bridge.json && echo --evaluation $(DEMO)/evaluation_bridge.json) \
 		--search $(DEMO)/search_1.json --search $(DEMO)/search_2.json --search $(DEMO)/search_3.json \
 		--title "zsl-pipeline demo: animal-mnist, 7 seen / 3 unseen" --output $(DEMO)/report.html
 	@echo ""
 	@echo "Search the demo index in a browser:  $(ZSL) serve --index $(DEMO)/index --labels $(DEMO)/labels   then open http://127.0.0.1:8000/?q=a+striped+animal"
+	@if [ -d $(DEMO)/index-corpus ]; then echo "... and the drawings too:  $(ZSL) serve --index animals=$(DEMO)/index --labels animals=$(DEMO)/labels --index drawings=$(DEMO)/index-corpus"; fi
 
 test: install tools
 	$(BIN)/python -m pytest -q

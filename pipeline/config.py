@@ -123,6 +123,12 @@ class TrainConfig(_Config):
     seen: tuple[str, ...] = Field(description="Seen class names (training classes).")
     method: str = Field("devise", description="A method of the model registry (`zsl methods` lists them).")
     params: dict[str, Any] = Field(default_factory=dict, description="Method hyper-parameters (see `zsl methods`).")
+    bridge: Uri | None = Field(None, description=(
+        "A `zsl bridge` model: its scores are added to the method's, weighted by a w chosen on held-out "
+        "seen classes (text semantics only)."))
+    bridge_weights: tuple[float, ...] = Field((0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+                                              description="Candidate bridge weights w.")
+    bridge_splits: int = Field(5, gt=0, description="Seen-class splits the bridge weight is averaged over.")
     members: tuple[str, ...] = Field((), description="Ensemble members (method=ensemble).")
     member_weights: tuple[float, ...] = Field((), description="Ensemble weights (default: equal).")
     semantics: str = Field("text", description="Semantic source(s): text, attributes, glove, or a '+' combination.")

@@ -213,7 +213,7 @@ def _check_pairs(X: np.ndarray, T: np.ndarray) -> None:
         raise ValueError("image features or caption embeddings contain NaN or inf")
 
 
-def fit_ridge_bridge(X: np.ndarray, T: np.ndarray, *, lams=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
+def fit_ridge_bridge(X: np.ndarray, T: np.ndarray, *, lams=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
                      holdout: float = 0.1, seed: int = 0) -> tuple[RidgeBridge, dict]:
     """The ridge bridge with λ chosen by text -> image recall@10 on a held-out split of the pairs
     (refit on all pairs); returns the model and ``{"lam", "recall_at_10" per λ, "n_pairs", ...}``."""
@@ -233,3 +233,57 @@ def fit_ridge_bridge(X: np.ndarray, T: np.ndarray, *, lams=(0.001, 0.003, 0.01, 
     return RidgeBridge(lam=best).fit_pairs(X, T), {
         "lam": best, "recall_at_10": {str(k): round(v, 4) for k, v in scores.items()},
         "n_pairs": int(len(X)), "n_holdout": int(n_hold), "seed": seed}
+
+
+@register
+class Bridged(ZSLModel):
+    """A class-trained model combined with a caption bridge fitted beforehand (``zsl train --bridge``):
+    ``score = (1 - w) z(base) + w z(bridge)``, each z-scored per image across the classes (as in
+    :class:`pipeline.models.ensemble.Ensemble`); ``fit`` fits the base only, the bridge stays as it
+    was fitted on its corpus. ``w`` is chosen on held-out seen classes by ``zsl train``."""
+
+    method = "bridged"
+
+    def __init__(self, *, base: dict | None = None, bridge: dict | None = None, weight: float = 0.5,
+                 base_model: ZSLModel | None = None, bridge_model: ZSLModel | None = None) -> None:
+        from pipeline.models.base import METHODS
+
+        if base_model is None:
+            if not base or base.get("method") not in METHODS:
+                raise ValueError(f"bridged: base must name a method, got {base!r}")
+            base_model = METHODS[base["method"]](**base.get("params", {}))
+        if bridge_model is None:
+            if not bridge or bridge.get("method") not in METHODS:
+                raise ValueError(f"bridged: bridge must name a method, got {bridge!r}")
+            bridge_model = METHODS[bridge["method"]](**bridge.get("params", {}))
+        if not 0.0 <= float(weight) <= 1.0:
+            raise ValueError(f"bridged: weight must be in [0, 1], got {weight}")
+        self.base, self.bridge = base_model, bridge_model
+        super().__init__(base={"method": base_model.method, "params": dict(base_model.params)},
+                         bridge={"method": bridge_model.method, "params": dict(bridge_model.params)},
+                         weight=float(weight))
+
+    def fit(self, X, y, S):
+        self.base.fit(X, y, S)
+        self.params["base"]["params"] = dict(self.base.params)
+        return self
+
+    def scores(self, X, S):
+        from pipeline.models.ensemble import row_zscore
+
+        w = self.params["weight"]
+        out = (1 - w) * row_zscore(self.base.scores(X, S)) if w < 1 else 0.0
+        if w > 0:
+            out = out + w * row_zscore(self.bridge.scores(X, S))
+        return np.asarray(out, np.float32)
+
+    def embed_images(self, X):
+        return self.base.embed_images(X)
+
+    def state(self):
+        return {**{f"base.{k}": v for k, v in self.base.state().items()},
+                **{f"bridge.{k}": v for k, v in self.bridge.state().items()}}
+
+    def load_state(self, state):
+        self.base.load_state({k[5:]: v for k, v in state.items() if k.startswith("base.")})
+        self.bridge.load_state({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})

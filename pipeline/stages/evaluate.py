@@ -35,6 +35,9 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None) -> dict:
                          "features (or pass --allow-train-features to do it anyway)")
     classes = load_class_set(cfg.classes)
     seen, unseen = list(manifest.seen), list(cfg.unseen)
+    if not seen:  # a model fitted on no classes (a caption bridge): the split's other classes are "seen"
+        present = set(feats.labels)
+        seen = [n for n in classes.names if n not in set(unseen) and n in present]
     overlap = set(seen) & set(unseen)
     if overlap:
         raise ValueError(f"classes both seen (trained on) and unseen: {', '.join(sorted(overlap))}")

@@ -136,10 +136,21 @@ def _fit(cfg: TrainConfig, feats, classes) -> tuple:
             raise ValueError("--tune is not supported for ensembles; tune each member and pass --set params=...")
         chosen, tuning = _tune(cfg, X, cls, split, S)
     kwargs = _method_kwargs(cfg, chosen)
+    wrap, bridge_info = (lambda m: m), None
+    if cfg.bridge:
+        bridge = _load_bridge(cfg, feats, classes)
+        if split is None:
+            split = split_seen_classes(cls, seen_ids, val_class_fraction=cfg.val_class_fraction,
+                                       val_sample_fraction=cfg.val_sample_fraction, seed=cfg.seed)
+        w, bridge_info = _bridge_weight(cfg, kwargs, X, cls, split, S, bridge)
+        from pipeline.models.bridge import Bridged
+
+        def wrap(m, _w=w, _b=bridge):
+            return Bridged(base_model=m, bridge_model=_b, weight=_w)
     gamma, calib = 0.0, None
     if cfg.calibration:
-        gamma, calib = _calibrate(cfg, kwargs, X, cls, split, S, classes.names)
-    model = fit_model(cfg.method, kwargs, X, cls, seen_ids, S)
+        gamma, calib = _calibrate(cfg, kwargs, X, cls, split, S, classes.names, wrap)
+    model = wrap(fit_model(cfg.method, kwargs, X, cls, seen_ids, S))
     if "text" in cfg.semantics.split("+"):
         try:
             model.fit_search_centers(X, S[seen_ids])
@@ -160,7 +171,7 @@ def _fit(cfg: TrainConfig, feats, classes) -> tuple:
         "seen": list(cfg.seen),
         "gamma": float(gamma),
         "calibration": calib,
-        "tuning": tuning,
+        "tuning": tuning if bridge_info is None else {**(tuning or {}), "bridge": bridge_info},
         "train_features": cfg.features,
         "train_features_fingerprint": zio.fingerprint(feats.manifest.to_json()),
         "n_train": int(len(rows)),
@@ -169,10 +180,51 @@ def _fit(cfg: TrainConfig, feats, classes) -> tuple:
     return model, fields
 
 
-def _calibrate(cfg: TrainConfig, kwargs: dict, X, cls, split, S, names) -> tuple[float, dict]:
+def _load_bridge(cfg: TrainConfig, feats, classes):
+    from pipeline.models import load_model
+
+    bridge, bman = load_model(cfg.bridge, feature_dim=feats.manifest.dim, feature_model=feats.manifest.model_id)
+    if cfg.semantics != "text":
+        raise ValueError(f"--bridge needs --semantics text (the bridge maps into the text space), got {cfg.semantics}")
+    if bman.text_model != classes.manifest.text_model:
+        raise ValueError(f"{cfg.bridge}: bridge into {bman.text_model}'s space, classes embedded with "
+                         f"{classes.manifest.text_model}")
+    return bridge
+
+
+def _bridge_weight(cfg: TrainConfig, kwargs: dict, X, cls, split, S, bridge) -> tuple[float, dict]:
+    """The bridge weight w with the best ZSL accuracy on pseudo-unseen seen classes (never test classes),
+    averaged over ``cfg.bridge_splits`` class splits: with few seen classes one split holds out two or
+    three classes, where accuracy is too coarse to choose by."""
+    from pipeline.models.bridge import Bridged
+
+    seen_ids = sorted(set(cls.tolist()))
+    per_split = []
+    for i in range(cfg.bridge_splits):
+        train_m, val_m, p_seen, p_unseen = split if i == 0 else split_seen_classes(
+            cls, seen_ids, val_class_fraction=cfg.val_class_fraction, val_sample_fraction=cfg.val_sample_fraction,
+            seed=cfg.seed + 1000 + i)
+        sub = fit_model(cfg.method, kwargs, X[train_m], cls[train_m], list(p_seen), S)
+        u_rows = val_m & np.isin(cls, p_unseen)
+        pos = {c: j for j, c in enumerate(p_unseen)}
+        y_u = np.asarray([pos[c] for c in cls[u_rows]])
+        accs = {}
+        for w in cfg.bridge_weights:
+            m = Bridged(base_model=sub, bridge_model=bridge, weight=w)
+            accs[float(w)] = float(mean_per_class_accuracy(y_u, np.argmax(m.scores(X[u_rows], S[list(p_unseen)]), 1)))
+        per_split.append(accs)
+    results = {w: float(np.mean([a[w] for a in per_split])) for w in per_split[0]}
+    best = max(results, key=lambda w: (results[w], -w))  # ties: less bridge
+    LOG.info("bridge weight w=%.2f (pseudo-unseen ZSL accuracy %.3f; w=0: %.3f, w=1: %.3f)", best, results[best],
+             results.get(0.0, float("nan")), results.get(1.0, float("nan")))
+    return best, {"weight": best, "bridge": cfg.bridge, "splits": cfg.bridge_splits,
+                  "val_zsl": {str(k): round(v, 4) for k, v in results.items()}}
+
+
+def _calibrate(cfg: TrainConfig, kwargs: dict, X, cls, split, S, names, wrap=lambda m: m) -> tuple[float, dict]:
     """γ of calibrated stacking, tuned on the pseudo-unseen split of the seen classes (never test classes)."""
     train_m, val_m, p_seen, p_unseen = split
-    sub = fit_model(cfg.method, kwargs, X[train_m], cls[train_m], list(p_seen), S)
+    sub = wrap(fit_model(cfg.method, kwargs, X[train_m], cls[train_m], list(p_seen), S))
     val_ids = list(p_seen) + list(p_unseen)
     pos = {c: i for i, c in enumerate(val_ids)}
     scores = sub.scores(X[val_m], S[val_ids])

@@ -92,3 +92,53 @@ def test_bridges_save_load_and_fit_from_classes(tmp_path):
         np.testing.assert_allclose(back.scores(X[:4], S), m.scores(X[:4], S), atol=1e-6)
     with pytest.raises(ValueError, match="do not pair up"):
         RidgeBridge().fit_pairs(X, T[:5])
+
+
+def test_bridged_model_mixes_z_scores_and_never_refits_the_bridge(tmp_path):
+    from pipeline.models.bridge import Bridged
+    from pipeline.models.ensemble import row_zscore
+    from pipeline.models.eszsl import ESZSL
+
+    X, T = _pairs(n=200)
+    y = np.arange(200) % 5
+    S = np.random.default_rng(1).standard_normal((5, 12)).astype(np.float32)
+    bridge = RidgeBridge(lam=0.1).fit_pairs(X, T)
+    W0 = bridge.W.copy()
+    m = Bridged(base_model=ESZSL(), bridge_model=bridge, weight=0.3).fit(X, y, S)
+    np.testing.assert_array_equal(m.bridge.W, W0)  # the corpus bridge is kept as fitted
+    want = 0.7 * row_zscore(m.base.scores(X[:9], S)) + 0.3 * row_zscore(bridge.scores(X[:9], S))
+    np.testing.assert_allclose(m.scores(X[:9], S), want, atol=1e-5)
+    save_model(str(tmp_path / "bd"), m, {"feature_model": "f", "feature_dim": 24, "semantics": "text",
+                                         "semantic_dim": 12, "seen": ["a"], "text_model": "t"})
+    back, _ = load_model(str(tmp_path / "bd"))
+    np.testing.assert_allclose(back.scores(X[:9], S), m.scores(X[:9], S), atol=1e-6)
+
+
+def test_train_chooses_the_bridge_weight_without_reading_unseen_labels(tmp_path):
+    """`zsl train --bridge`: w comes from held-out *seen* classes; relabelling every test-unseen image
+    (or dropping them) changes nothing."""
+    from pipeline.classset import write_class_set
+    from pipeline.config import TrainConfig
+    from pipeline.features import write_features
+    from pipeline.stages.train import run_train
+
+    rng = np.random.default_rng(0)
+    names = [f"c{i}" for i in range(8)]
+    S = rng.standard_normal((8, 12)).astype(np.float32)
+    y = np.repeat(np.arange(8), 30)
+    X = (S[y] @ rng.standard_normal((12, 24)) + 0.5 * rng.standard_normal((240, 24))).astype(np.float32)
+    write_class_set(str(tmp_path / "cls"), names, [None] * 8, S, None, {"text_model": "t"})
+    bridge = RidgeBridge(lam=0.1).fit_pairs(X, S[y])
+    save_model(str(tmp_path / "br"), bridge, {"feature_model": "f", "feature_dim": 24, "semantics": "text",
+                                              "semantic_dim": 12, "seen": [], "text_model": "t"})
+    chosen = []
+    for variant, labels in (("real", [names[v] for v in y]),
+                            ("relabelled", [names[v] if v < 6 else names[13 - v] for v in y]),
+                            ("dropped", [names[v] if v < 6 else None for v in y])):
+        write_features(str(tmp_path / variant), image_ids=[f"i{k}" for k in range(240)], uris=["u"] * 240,
+                       labels=labels, X=X, model_id="f")
+        m = run_train(TrainConfig(features=str(tmp_path / variant), classes=str(tmp_path / "cls"), seen=names[:6],
+                                  method="eszsl", bridge=str(tmp_path / "br"), output=str(tmp_path / f"m-{variant}")))
+        assert m.method == "bridged" and m.tuning["bridge"]["splits"] == 5
+        chosen.append((m.tuning["bridge"]["weight"], m.tuning["bridge"]["val_zsl"], m.gamma))
+    assert chosen[0] == chosen[1] == chosen[2]
