@@ -6,6 +6,10 @@ Regenerates ``benchmarks/results/EVAL.md`` and ``benchmarks/results/eval_results
    (a) the AwA2 attribute rows of its animals, (b) class names/descriptions through MiniLM.
 2. **OpenMoji** emoji art (real drawings, augmented renders) with class names as text semantics
    (MiniLM prompt ensembles, GloVe word vectors).
+4. **Caption bridges** for the image sets: ridge / ASIF / contrastive bridges fitted on Open Clip Art
+   drawings and their captions (Debian packages), alone and combined with class-trained methods
+   (weight and γ chosen on held-out seen classes); corpus images that are also in an evaluated
+   set (near-identical features) are dropped and counted.
 3. **AwA1/AwA2/CUB/aPY/SUN class-level tables** (``../shared/data/class_semantics``; no images
    ship with them): simulated features over the real class geometry, with the real splits.
 
@@ -78,8 +82,8 @@ def _train_eval(name: str, work: Path, feats_train: str, feats_test: str, classe
     return out
 
 
-def animal_mnist(work: Path, shared: Path | None, per_class: int, tune: bool) -> list[dict]:
-    from benchmarks.datasets import awa2_class_table
+def _animal_features(work: Path, per_class: int) -> None:
+    """animal-mnist images -> train/test features and the demo class set under ``work`` (resumable)."""
     from pipeline.config import build_config
     from pipeline.demo_data import write_demo_data
     from pipeline.stages.classes import run_classes
@@ -89,10 +93,18 @@ def animal_mnist(work: Path, shared: Path | None, per_class: int, tune: bool) ->
     for split in ("train", "test"):
         run_extract(build_config("extract", dict(input=str(work / "data" / split), output=str(work / f"f_{split}"),
                                                  shard_size=200, overwrite=True)), progress=False)
-    split = json.loads((ROOT / "conf" / "demo" / "split.json").read_text())
-    sections = []
     run_classes(build_config("classes", dict(input=str(ROOT / "conf" / "demo" / "classes.yaml"),
                                              output=str(work / "classes_demo"), overwrite=True)))
+
+
+def animal_mnist(work: Path, shared: Path | None, per_class: int, tune: bool) -> list[dict]:
+    from benchmarks.datasets import awa2_class_table
+    from pipeline.config import build_config
+    from pipeline.stages.classes import run_classes
+
+    _animal_features(work, per_class)
+    split = json.loads((ROOT / "conf" / "demo" / "split.json").read_text())
+    sections = []
     res = _train_eval("animal-mnist/demo-table", work / "demo", str(work / "f_train"), str(work / "f_test"),
                       str(work / "classes_demo"), split["seen"], split["unseen"], TEXT_RUNS + ATTR_RUNS,
                       tune=tune, transductive=True)
@@ -115,11 +127,12 @@ def animal_mnist(work: Path, shared: Path | None, per_class: int, tune: bool) ->
     return sections
 
 
-def emoji_set(work: Path, per_class: int, tune: bool, n_unseen: int = 10) -> list[dict]:
+def _emoji_features(work: Path, per_class: int, n_unseen: int = 10) -> tuple[list[str], list[str]]:
+    """OpenMoji renders -> train/test features, class set and the seeded split under ``work``."""
     from benchmarks.datasets import EMOJI_CLASSES, write_emoji_images
+    from pipeline import io as zio
     from pipeline.config import build_config
     from pipeline.stages.classes import run_classes
-    from pipeline import io as zio
     from pipeline.stages.extract import run_extract
 
     write_emoji_images(str(work / "train"), per_class=per_class, seed=1)
@@ -133,7 +146,11 @@ def emoji_set(work: Path, per_class: int, tune: bool, n_unseen: int = 10) -> lis
                                              overwrite=True)))
     rng = np.random.default_rng(0)
     unseen = sorted(rng.choice(EMOJI_CLASSES, size=n_unseen, replace=False).tolist())
-    seen = [c for c in EMOJI_CLASSES if c not in unseen]
+    return [c for c in EMOJI_CLASSES if c not in unseen], unseen
+
+
+def emoji_set(work: Path, per_class: int, tune: bool, n_unseen: int = 10) -> list[dict]:
+    seen, unseen = _emoji_features(work, per_class, n_unseen)
     res = _train_eval("emoji", work, str(work / "f_train"), str(work / "f_test"), str(work / "classes"),
                       seen, unseen, TEXT_RUNS, tune=tune, transductive=True)
     return [{"dataset": "OpenMoji emoji (40 classes)", "semantics_source": "class names (emoji CLDR names): MiniLM "
@@ -191,6 +208,84 @@ def class_tables(work: Path, shared: Path, per_class: int, tune: bool) -> list[d
     return sections
 
 
+BRIDGES = ("ridge", "asif", "contrastive")
+
+
+def _corpus_features(work: Path, limit: int | None) -> str:
+    """Open Clip Art (Debian packages) -> captioned features with caption embeddings (cached in ``work``)."""
+    from pipeline.config import build_config
+    from pipeline.corpus import write_openclipart_corpus
+    from pipeline.stages.captions import run_embed_text
+    from pipeline.stages.extract import run_extract
+
+    write_openclipart_corpus(str(work / "corpus"), limit=limit, progress=False)
+    run_extract(build_config("extract", dict(input=str(work / "corpus"), output=str(work / "f_corpus"))),
+                progress=False)
+    run_embed_text(build_config("embed-text", dict(features=str(work / "f_corpus"))), progress=False)
+    return str(work / "f_corpus")
+
+
+def bridge_rows(name: str, work: Path, corpus: str, feats_train: str, feats_test: str, classes: str, seen, unseen,
+                exclude: list[str], tune: bool) -> dict:
+    """Bridges alone (no class labels), each class-trained text method with the ridge bridge (weight
+    and γ chosen on held-out seen classes), and their transductive variants."""
+    from pipeline.config import build_config
+    from pipeline.stages.bridge import run_bridge
+    from pipeline.stages.evaluate import run_evaluate_all
+    from pipeline.stages.train import run_train
+
+    models, overlap = [], {}
+    for method in BRIDGES:
+        out = str(work / "bridges" / method)
+        shutil.rmtree(out, ignore_errors=True)
+        m = run_bridge(build_config("bridge", dict(features=corpus, output=out, method=method, exclude=exclude)))
+        overlap[method] = {"pairs": m.config["pairs_with_captions"], "dropped_as_in_eval_sets": m.config["overlap_dropped"],
+                           "used": m.n_train}
+        models.append(out)
+    for method in ("devise", "eszsl", "ale"):
+        out = str(work / "models" / f"{method}+bridge")
+        shutil.rmtree(out, ignore_errors=True)
+        run_train(build_config("train", dict(features=feats_train, classes=classes, seen=list(seen), method=method,
+                                             bridge=str(work / "bridges" / "ridge"), tune=tune, output=out)))
+        models.append(out)
+    res = run_evaluate_all(build_config("evaluate", dict(models=models, features=feats_test, classes=classes,
+                                                         unseen=list(unseen), transductive=True)))
+    for row, r, path in zip(res["table"], res["results"], models):
+        row["method"] = (f"bridge-{Path(path).name}" if Path(path).parent.name == "bridges"
+                         else f"{Path(path).name} (w={r.get('params', {}).get('weight')})")
+    res["overlap"] = overlap
+    return res
+
+
+def bridge_sections(work: Path, corpus_limit: int | None, tune: bool, per_class: tuple[int, int]) -> list[dict]:
+    """Bridge rows for the image datasets (their features as the animal-mnist and emoji sections make them)."""
+    import pipeline.corpus as oc
+
+    if not os.path.isdir(oc.OPENCLIPART_ROOT):
+        raise FileNotFoundError(f"{oc.OPENCLIPART_ROOT}: apt-get install openclipart-png openclipart-svg")
+    corpus = _corpus_features(work / "openclipart", corpus_limit)
+    am, em = work / "animal_mnist", work / "emoji"
+    _animal_features(am, per_class[0])
+    e_seen, e_unseen = _emoji_features(em, per_class[1])
+    split = json.loads((ROOT / "conf" / "demo" / "split.json").read_text())
+    exclude = [str(am / "f_test"), str(em / "f_test")]
+    sections = []
+    res = bridge_rows("animal-mnist", am / "bridge", corpus, str(am / "f_train"), str(am / "f_test"),
+                      str(am / "classes_demo"), split["seen"], split["unseen"], exclude, tune)
+    sections.append({"dataset": "animal-mnist: caption bridges (Open Clip Art)", "semantics_source":
+                     "conf/demo/classes.yaml through MiniLM; bridges fitted on Open Clip Art drawings + captions",
+                     "images": "real (28x28 silhouettes), EfficientNet-Lite0", "seen": split["seen"],
+                     "unseen": split["unseen"], **res})
+    prev = {"seen": e_seen, "unseen": e_unseen}
+    res = bridge_rows("emoji", em / "bridge", corpus, str(em / "f_train"), str(em / "f_test"), str(em / "classes"),
+                      prev["seen"], prev["unseen"], exclude, tune)
+    sections.append({"dataset": "OpenMoji emoji: caption bridges (Open Clip Art)", "semantics_source":
+                     "emoji CLDR names through MiniLM; bridges fitted on Open Clip Art drawings + captions",
+                     "images": "real emoji art, augmented renders, EfficientNet-Lite0", "seen": prev["seen"],
+                     "unseen": prev["unseen"], **res})
+    return sections
+
+
 def _pct(v) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.1f}"
 
@@ -202,7 +297,8 @@ def to_markdown(sections: list[dict], meta: dict) -> str:
              "classes. GZSL: seen and unseen test images, prediction among all classes; H = harmonic mean. "
              "*cal*: calibrated stacking with γ tuned on held-out **seen** classes. "
              f"Hyper-parameters {'tuned (--tune) on held-out seen classes' if meta['tune'] else 'at defaults'}. "
-             "*trans*: transductive prototype refinement on the unlabelled test features, reported separately.", ""]
+             "*trans*: transductive, reported separately: prototype refinement on the unlabelled test features "
+             "(models that embed images), else each class's scores standardised over the test images.", ""]
     for s in sections:
         lines += [f"## {s['dataset']}", "",
                   f"- images: {s['images']}", f"- semantics: {s['semantics_source']}",
@@ -214,6 +310,9 @@ def to_markdown(sections: list[dict], meta: dict) -> str:
                          f"{_pct(r['H'])} | {_pct(r['S_cal'])} | {_pct(r['U_cal'])} | **{_pct(r['H_cal'])}** | "
                          f"{r['gamma']:.3f} | {_pct(r['ausuc'])} | {_pct(r.get('zsl_trans'))} | "
                          f"{_pct(r.get('H_cal_trans'))} |")
+        for method, o in (s.get("overlap") or {}).items():
+            lines.append(f"\n_bridge {method}: {o['pairs']} captioned drawings, {o['dropped_as_in_eval_sets']} dropped "
+                         f"as near-duplicates of evaluated images, {o['used']} used_")
         for sk in s.get("skipped", []):
             lines.append(f"\n_skipped {sk['run']}: {sk['reason']}_")
         lines.append("")
@@ -226,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(ROOT / "runs" / "eval"))
     parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data" / "class_semantics"))
     parser.add_argument("--quick", action="store_true", help="fewer images, no tuning (smoke run)")
-    parser.add_argument("--only", choices=["animal-mnist", "emoji", "tables"], action="append")
+    parser.add_argument("--only", choices=["animal-mnist", "emoji", "tables", "bridge"], action="append",
+                        help="run these sections only; the others are kept from the previous results")
+    parser.add_argument("--corpus-limit", type=int, default=None, help="Open Clip Art drawings for the bridges")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("ray", "ray.data", "sentence_transformers", "faiss.loader"):
@@ -240,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shared_ok:
         LOG.warning("%s not found: the class-table and AwA2 sections are skipped", shared)
     tune = not args.quick
-    only = set(args.only or ["animal-mnist", "emoji", "tables"])
+    only = set(args.only or ["animal-mnist", "emoji", "tables", "bridge"])
     t0 = time.perf_counter()
     sections = []
     if "animal-mnist" in only:
@@ -249,11 +350,20 @@ def main(argv: list[str] | None = None) -> int:
         sections += emoji_set(work / "emoji", 10 if args.quick else 30, tune)
     if "tables" in only and shared_ok:
         sections += class_tables(work / "tables", shared, 10 if args.quick else 20, tune)
+    if "bridge" in only:
+        sections += bridge_sections(work, 1500 if args.quick else args.corpus_limit, tune,
+                                    (20, 10) if args.quick else (60, 30))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tune": tune, "quick": args.quick,
             "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
     slim = [{k: v for k, v in s.items() if k != "results"} | {"per_class": [r["per_class"] for r in s["results"]]}
             for s in sections]
+    if args.only and (out / "eval_results.json").exists():  # keep the sections not run, in their order
+        old = json.loads((out / "eval_results.json").read_text())["sections"]
+        fresh = {s["dataset"]: s for s in slim}
+        slim = [fresh.pop(s["dataset"], s) for s in old] + list(fresh.values())
+        sections = slim
+        meta["partial"] = sorted(only)
     zio.write_json_atomic(str(out / "eval_results.json"), {"meta": meta, "sections": slim})
     zio.write_bytes_atomic(str(out / "EVAL.md"), to_markdown(sections, meta).encode())
     print(to_markdown(sections, meta))

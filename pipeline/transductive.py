@@ -12,6 +12,11 @@ from the class prototypes (Fu et al. 2015, Wan et al. 2019 in spirit):
 3. reassign with the refined prototypes (again minus γ on seen classes) and repeat.
 
 No labels are used. Results are reported separately from inductive ones.
+
+Models that cannot map images into the semantic space (DAP, relation network, ESZSL's bilinear
+form, ensembles of them) get a model-agnostic correction instead, :func:`column_standardized_scores`:
+each class's scores are standardised over the unlabelled target images, so a class that every
+image scores high on (a hub, or a seen class favoured by training) no longer wins by default.
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ from pipeline.models.base import l2n
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["transductive_scores"]
+__all__ = ["transductive_scores", "column_standardized_scores"]
+
+
+def column_standardized_scores(scores: np.ndarray) -> np.ndarray:
+    """``(s - mean over images) / std over images``, per class (column); zero-spread columns -> 0."""
+    s = np.asarray(scores, np.float64)
+    mu, sd = s.mean(0, keepdims=True), s.std(0, keepdims=True)
+    return np.divide(s - mu, sd, out=np.zeros_like(s), where=sd > 0).astype(np.float32)
 
 
 def transductive_scores(model, S: np.ndarray, X: np.ndarray, *, seen_mask: np.ndarray, gamma: float = 0.0,

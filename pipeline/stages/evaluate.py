@@ -72,21 +72,27 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None) -> dict:
 
 def _transductive(cfg, model, manifest, sub, X, y, seen_idx, unseen_idx, gamma) -> dict:
     """ZSL (unseen test images, unseen prototypes) and GZSL results after prototype refinement."""
-    from pipeline.transductive import transductive_scores
+    from pipeline.transductive import column_standardized_scores, transductive_scores
 
     names = sub.names
     u = np.isin(y, unseen_idx)
     S = class_semantics(manifest, sub)
     mask = seen_mask(manifest, names).astype(np.float32)
-    zsl_t = transductive_scores(model, S[unseen_idx], X[u], seen_mask=np.zeros(len(unseen_idx)),
-                                alpha=cfg.transductive_alpha)
-    gz_t = transductive_scores(model, S, X, seen_mask=mask, gamma=gamma, alpha=cfg.transductive_alpha)
+    try:
+        zsl_t = transductive_scores(model, S[unseen_idx], X[u], seen_mask=np.zeros(len(unseen_idx)),
+                                    alpha=cfg.transductive_alpha)
+        gz_t = transductive_scores(model, S, X, seen_mask=mask, gamma=gamma, alpha=cfg.transductive_alpha)
+        how, g = "prototype refinement", gamma
+    except ValueError:  # no image embedding: standardise each class's scores over the target images
+        zsl_t = column_standardized_scores(model.scores(X[u], S[unseen_idx]))
+        gz_t = column_standardized_scores(model.scores(X, S))
+        how, g = "score standardisation per class", 0.0  # γ was tuned on raw scores
     y_u_local = np.asarray([unseen_idx.index(c) for c in y[u]])
-    t_res = evaluate_scores(gz_t, y, class_names=names, seen_idx=seen_idx, unseen_idx=unseen_idx, gamma=gamma)
+    t_res = evaluate_scores(gz_t, y, class_names=names, seen_idx=seen_idx, unseen_idx=unseen_idx, gamma=g)
     return {
         "zsl_unseen_top1": float(mean_per_class_accuracy(y_u_local, np.argmax(zsl_t, axis=1))),
         "gzsl": t_res["gzsl"], "gzsl_calibrated": t_res["gzsl_calibrated"], "ausuc": t_res["ausuc"],
-        "alpha": cfg.transductive_alpha,
+        "alpha": cfg.transductive_alpha, "method": how,
     }
 
 

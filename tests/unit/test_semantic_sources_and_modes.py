@@ -161,6 +161,23 @@ def test_transductive_refuses_non_cosine_models():
         transductive_scores(model, S, X, seen_mask=np.zeros(4))
 
 
+def test_column_standardisation_removes_a_hub_class():
+    """Any model: a class every image scores high on stops winning once each class's scores are
+    standardised over the unlabelled images."""
+    from pipeline.transductive import column_standardized_scores
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    s = rng.normal(size=(120, 3)) * 0.1
+    s[np.arange(120), y] += 0.5
+    s[:, 2] += 1.0  # class 2 is a hub: it wins every image inductively
+    assert (np.argmax(s, 1) == 2).all()
+    z = column_standardized_scores(s)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-6)
+    np.testing.assert_allclose(z.std(0), 1, atol=1e-5)
+    assert (np.argmax(z, 1) == y).mean() > 0.9
+
+
 # ---------------------------------------------------------------- tuning through run_train
 
 def test_tune_records_grid_and_choice(tmp_path):
