@@ -242,17 +242,20 @@ def bridge_rows(name: str, work: Path, corpus: str, feats_train: str, feats_test
         overlap[method] = {"pairs": m.config["pairs_with_captions"], "dropped_as_in_eval_sets": m.config["overlap_dropped"],
                            "used": m.n_train}
         models.append(out)
-    for method in ("devise", "eszsl", "ale"):
-        out = str(work / "models" / f"{method}+bridge")
+    for method, mode in (("devise", "scores"), ("eszsl", "scores"), ("ale", "scores"), ("devise", "features"),
+                         ("eszsl", "features")):
+        out = str(work / "models" / (f"{method}+bridge" if mode == "scores" else f"{method}+bridged-features"))
         shutil.rmtree(out, ignore_errors=True)
         run_train(build_config("train", dict(features=feats_train, classes=classes, seen=list(seen), method=method,
-                                             bridge=str(work / "bridges" / "ridge"), tune=tune, output=out)))
+                                             bridge=str(work / "bridges" / "ridge"), bridge_mode=mode, tune=tune,
+                                             output=out)))
         models.append(out)
     res = run_evaluate_all(build_config("evaluate", dict(models=models, features=feats_test, classes=classes,
                                                          unseen=list(unseen), transductive=True)))
     for row, r, path in zip(res["table"], res["results"], models):
+        w = (r.get("params") or {}).get("weight")
         row["method"] = (f"bridge-{Path(path).name}" if Path(path).parent.name == "bridges"
-                         else f"{Path(path).name} (w={r.get('params', {}).get('weight')})")
+                         else f"{Path(path).name} (w={w})" if w is not None else Path(path).name)
     res["overlap"] = overlap
     return res
 

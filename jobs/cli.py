@@ -200,6 +200,7 @@ def train(
     param: Optional[list[str]] = typer.Option(None, "--param", help="Method hyper-parameter name=value (repeatable)."),
     members: Optional[str] = typer.Option(None, help="Ensemble members, e.g. devise,eszsl."),
     bridge: Optional[str] = typer.Option(None, help="A `zsl bridge` model to combine with (weight chosen on held-out seen classes)."),
+    bridge_mode: Optional[str] = typer.Option(None, help="scores (mix, w tuned) | features (learn from [x, bridge(x)])."),
     tune: Optional[bool] = typer.Option(None, "--tune/--no-tune", help="Choose hyper-parameters on held-out seen classes."),
     calibration: Optional[bool] = typer.Option(None, "--calibration/--no-calibration",
                                                help="Tune calibrated stacking on held-out seen classes."),
@@ -217,7 +218,8 @@ def train(
             params["epochs"] = epochs
         cfg = load_config("train", dict(features=features, classes=classes, seen=names_or_file(seen, "seen"),
                                         method=method, output=output, semantics=semantics, params=params or None,
-                                        members=names_or_file(members, "members"), bridge=bridge, tune=tune,
+                                        members=names_or_file(members, "members"), bridge=bridge,
+                                        bridge_mode=bridge_mode, tune=tune,
                                         calibration=calibration, seed=seed, overwrite=overwrite), config, set)
         m = run_train(cfg)
         typer.echo(f"trained {m.method} on {m.n_train} images of {len(m.seen)} seen classes "

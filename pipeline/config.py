@@ -129,6 +129,9 @@ class TrainConfig(_Config):
     bridge_weights: tuple[float, ...] = Field((0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
                                               description="Candidate bridge weights w.")
     bridge_splits: int = Field(5, gt=0, description="Seen-class splits the bridge weight is averaged over.")
+    bridge_mode: Literal["scores", "features"] = Field("scores", description=(
+        "scores: mix the method's and the bridge's scores (w tuned); features: the method learns from "
+        "[features, bridged features]."))
     members: tuple[str, ...] = Field((), description="Ensemble members (method=ensemble).")
     member_weights: tuple[float, ...] = Field((), description="Ensemble weights (default: equal).")
     semantics: str = Field("text", description="Semantic source(s): text, attributes, glove, or a '+' combination.")

@@ -287,3 +287,52 @@ class Bridged(ZSLModel):
     def load_state(self, state):
         self.base.load_state({k[5:]: v for k, v in state.items() if k.startswith("base.")})
         self.bridge.load_state({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})
+
+
+@register
+class BridgedFeatures(ZSLModel):
+    """A class-trained model that starts from bridged features (``zsl train --bridge --bridge-mode
+    features``): its input is ``[l2n(x), bridge(x)]``, the image features next to their bridged text
+    embedding, so the class-trained map can use directions the caption corpus taught the bridge.
+    The bridge stays as fitted on its corpus; only the base is fitted."""
+
+    method = "bridged-features"
+
+    def __init__(self, *, base: dict | None = None, bridge: dict | None = None,
+                 base_model: ZSLModel | None = None, bridge_model: ZSLModel | None = None) -> None:
+        from pipeline.models.base import METHODS
+
+        if base_model is None:
+            if not base or base.get("method") not in METHODS:
+                raise ValueError(f"bridged-features: base must name a method, got {base!r}")
+            base_model = METHODS[base["method"]](**base.get("params", {}))
+        if bridge_model is None:
+            if not bridge or bridge.get("method") not in METHODS:
+                raise ValueError(f"bridged-features: bridge must name a method, got {bridge!r}")
+            bridge_model = METHODS[bridge["method"]](**bridge.get("params", {}))
+        self.base, self.bridge = base_model, bridge_model
+        super().__init__(base={"method": base_model.method, "params": dict(base_model.params)},
+                         bridge={"method": bridge_model.method, "params": dict(bridge_model.params)})
+
+    def lift(self, X: np.ndarray) -> np.ndarray:
+        """``[l2n(x), bridge(x)]``: the base model's input."""
+        return np.concatenate([l2n(X), self.bridge.embed_images(X)], axis=1).astype(np.float32)
+
+    def fit(self, X, y, S):
+        self.base.fit(self.lift(X), y, S)
+        self.params["base"]["params"] = dict(self.base.params)
+        return self
+
+    def scores(self, X, S):
+        return self.base.scores(self.lift(X), S)
+
+    def embed_images(self, X):
+        return self.base.embed_images(self.lift(X))
+
+    def state(self):
+        return {**{f"base.{k}": v for k, v in self.base.state().items()},
+                **{f"bridge.{k}": v for k, v in self.bridge.state().items()}}
+
+    def load_state(self, state):
+        self.base.load_state({k[5:]: v for k, v in state.items() if k.startswith("base.")})
+        self.bridge.load_state({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})

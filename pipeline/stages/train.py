@@ -134,10 +134,26 @@ def _fit(cfg: TrainConfig, feats, classes) -> tuple:
     if cfg.tune:
         if cfg.method == "ensemble":
             raise ValueError("--tune is not supported for ensembles; tune each member and pass --set params=...")
-        chosen, tuning = _tune(cfg, X, cls, split, S)
+        X_tune = X
+        if cfg.bridge and cfg.bridge_mode == "features":  # tune on the input the method will learn from
+            from pipeline.models.bridge import BridgedFeatures
+
+            X_tune = BridgedFeatures(base_model=make_model(cfg.method, **_method_kwargs(cfg)),
+                                     bridge_model=_load_bridge(cfg, feats, classes)).lift(X)
+        chosen, tuning = _tune(cfg, X_tune, cls, split, S)
     kwargs = _method_kwargs(cfg, chosen)
-    wrap, bridge_info = (lambda m: m), None
-    if cfg.bridge:
+    wrap, bridge_info, wrap_fit = (lambda m: m), None, None
+    if cfg.bridge and cfg.bridge_mode == "features":
+        from pipeline.models.bridge import BridgedFeatures
+
+        bridge = _load_bridge(cfg, feats, classes)
+        bridge_info = {"bridge": cfg.bridge, "mode": "features"}
+
+        def wrap_fit(kw, Xs, cs, ids, _b=bridge):  # the base learns from [features, bridged features]
+            m = BridgedFeatures(base_model=make_model(cfg.method, **kw), bridge_model=_b)
+            local = {c: i for i, c in enumerate(ids)}
+            return m.fit(Xs, np.asarray([local[c] for c in cs], np.int64), S[ids])
+    elif cfg.bridge:
         bridge = _load_bridge(cfg, feats, classes)
         if split is None:
             split = split_seen_classes(cls, seen_ids, val_class_fraction=cfg.val_class_fraction,
@@ -148,9 +164,11 @@ def _fit(cfg: TrainConfig, feats, classes) -> tuple:
         def wrap(m, _w=w, _b=bridge):
             return Bridged(base_model=m, bridge_model=_b, weight=_w)
     gamma, calib = 0.0, None
+    fitter = wrap_fit if cfg.bridge and cfg.bridge_mode == "features" else (
+        lambda kw, Xs, cs, ids: wrap(fit_model(cfg.method, kw, Xs, cs, ids, S)))
     if cfg.calibration:
-        gamma, calib = _calibrate(cfg, kwargs, X, cls, split, S, classes.names, wrap)
-    model = wrap(fit_model(cfg.method, kwargs, X, cls, seen_ids, S))
+        gamma, calib = _calibrate(cfg, kwargs, X, cls, split, S, classes.names, fitter)
+    model = fitter(kwargs, X, cls, seen_ids)
     if "text" in cfg.semantics.split("+"):
         try:
             model.fit_search_centers(X, S[seen_ids])
@@ -221,10 +239,12 @@ def _bridge_weight(cfg: TrainConfig, kwargs: dict, X, cls, split, S, bridge) -> 
                   "val_zsl": {str(k): round(v, 4) for k, v in results.items()}}
 
 
-def _calibrate(cfg: TrainConfig, kwargs: dict, X, cls, split, S, names, wrap=lambda m: m) -> tuple[float, dict]:
-    """γ of calibrated stacking, tuned on the pseudo-unseen split of the seen classes (never test classes)."""
+def _calibrate(cfg: TrainConfig, kwargs: dict, X, cls, split, S, names, fitter=None) -> tuple[float, dict]:
+    """γ of calibrated stacking, tuned on the pseudo-unseen split of the seen classes (never test classes).
+    ``fitter(kwargs, X, cls, class_ids)`` fits the model (default: the method on ``X``)."""
     train_m, val_m, p_seen, p_unseen = split
-    sub = wrap(fit_model(cfg.method, kwargs, X[train_m], cls[train_m], list(p_seen), S))
+    fitter = fitter or (lambda kw, Xs, cs, ids: fit_model(cfg.method, kw, Xs, cs, ids, S))
+    sub = fitter(kwargs, X[train_m], cls[train_m], list(p_seen))
     val_ids = list(p_seen) + list(p_unseen)
     pos = {c: i for i, c in enumerate(val_ids)}
     scores = sub.scores(X[val_m], S[val_ids])

@@ -142,3 +142,34 @@ def test_train_chooses_the_bridge_weight_without_reading_unseen_labels(tmp_path)
         assert m.method == "bridged" and m.tuning["bridge"]["splits"] == 5
         chosen.append((m.tuning["bridge"]["weight"], m.tuning["bridge"]["val_zsl"], m.gamma))
     assert chosen[0] == chosen[1] == chosen[2]
+
+
+def test_bridged_features_mode_learns_from_features_and_their_bridge(tmp_path):
+    from pipeline.classset import write_class_set
+    from pipeline.config import TrainConfig
+    from pipeline.features import write_features
+    from pipeline.models.bridge import BridgedFeatures
+    from pipeline.stages.train import run_train
+
+    rng = np.random.default_rng(0)
+    names = [f"c{i}" for i in range(6)]
+    S = rng.standard_normal((6, 12)).astype(np.float32)
+    y = np.repeat(np.arange(6), 20)
+    X = (S[y] @ rng.standard_normal((12, 24)) + 0.5 * rng.standard_normal((120, 24))).astype(np.float32)
+    write_class_set(str(tmp_path / "cls"), names, [None] * 6, S, None, {"text_model": "t"})
+    write_features(str(tmp_path / "f"), image_ids=[f"i{k}" for k in range(120)], uris=["u"] * 120,
+                   labels=[names[v] for v in y], X=X, model_id="f")
+    bridge = RidgeBridge(lam=0.1).fit_pairs(X, S[y])
+    save_model(str(tmp_path / "br"), bridge, {"feature_model": "f", "feature_dim": 24, "semantics": "text",
+                                              "semantic_dim": 12, "seen": [], "text_model": "t"})
+    m = run_train(TrainConfig(features=str(tmp_path / "f"), classes=str(tmp_path / "cls"), seen=names[:4],
+                              method="eszsl", bridge=str(tmp_path / "br"), bridge_mode="features",
+                              output=str(tmp_path / "m")))
+    assert m.method == "bridged-features" and m.tuning["bridge"]["mode"] == "features"
+    model, _ = load_model(str(tmp_path / "m"))
+    lifted = model.lift(X[:5])
+    assert lifted.shape == (5, 24 + 12)
+    np.testing.assert_allclose(lifted[:, 24:], bridge.embed_images(X[:5]), atol=1e-6)
+    np.testing.assert_allclose(model.scores(X[:5], S), model.base.scores(lifted, S), atol=1e-6)
+    np.testing.assert_array_equal(model.bridge.W, bridge.W)
+    assert isinstance(model, BridgedFeatures)
