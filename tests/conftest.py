@@ -78,6 +78,17 @@ def ray_start_2_cpus():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_down_after():
+    """For modules that run `zsl extract` in-process (it starts a local Ray): shut Ray down after them,
+    so that later tests (Ray Serve, a cluster) start their own."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 class FakeText:
     """A text encoder that maps a class name to that class's text embedding (and anything else to noise)."""
 

@@ -10,6 +10,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.usefixtures("ray_down_after")  # `zsl extract` runs in-process here
+
 from pipeline.corpus import OPENCLIPART_ROOT, openclipart_caption
 
 

@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.usefixtures("ray_down_after")  # `zsl extract` runs in-process here
+
 from pipeline.shards import describe_input, list_shards, read_shard
 
 ROOT = Path(__file__).resolve().parents[2]
