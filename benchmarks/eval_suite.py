@@ -289,6 +289,15 @@ def bridge_sections(work: Path, corpus_limit: int | None, tune: bool, per_class:
     return sections
 
 
+def portable(section: dict) -> dict:
+    """The section with paths under the repository made relative to it (results are committed)."""
+    out = dict(section)
+    f = out.get("features")
+    if isinstance(f, str) and os.path.isabs(f) and Path(f).is_relative_to(ROOT):
+        out["features"] = os.path.relpath(f, ROOT)
+    return out
+
+
 def _pct(v) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.1f}"
 
@@ -369,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         meta["previous_date"] = prev["meta"].get("previous_date") if prev["meta"].get("partial") else prev["meta"]["date"]
         fresh = {s["dataset"]: s for s in slim}
         slim = [fresh.pop(s["dataset"], s) for s in old] + list(fresh.values())
-        sections = slim
         meta["partial"] = sorted(only)
+    slim = [portable(s) for s in slim]
+    sections = slim
     zio.write_json_atomic(str(out / "eval_results.json"), {"meta": meta, "sections": slim})
     zio.write_bytes_atomic(str(out / "EVAL.md"), to_markdown(sections, meta).encode())
     print(to_markdown(sections, meta))
