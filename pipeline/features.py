@@ -26,7 +26,8 @@ from pipeline.schema import CaptionsManifest, FeaturesManifest, features_schema,
 
 __all__ = ["shard_name", "shard_id_of", "open_features", "feature_shards", "features_identity", "check_feature_shards",
            "table_embeddings", "iter_shard_batches", "Features", "load_features", "write_features",
-           "labelled_rows", "IDENTITY_KEYS", "CAPTIONS_DIR", "open_captions", "caption_shards"]
+           "labelled_rows", "IDENTITY_KEYS", "CAPTIONS_DIR", "open_captions", "caption_shards",
+           "read_caption_shard"]
 
 #: Where a feature directory keeps its caption embeddings (``zsl embed-text``), one shard per feature shard.
 CAPTIONS_DIR = "text"
@@ -73,6 +74,23 @@ def caption_shards(features: str) -> dict[str, str]:
     """Feature-shard name -> its caption-embeddings file."""
     d = zio.join(features, CAPTIONS_DIR, "shards")
     return {f.rsplit("/", 1)[-1]: f for f in zio.iter_parquet_files(d)} if zio.exists(d) else {}
+
+
+def read_caption_shard(features: str, caps: dict[str, str], feature_file: str, image_ids, dim: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``(has_caption (n,), embeddings (n, dim))`` of one feature shard's caption embeddings
+    (``caps`` from :func:`caption_shards`), checked to hold the shard's ``image_ids`` row by row."""
+    name = feature_file.rsplit("/", 1)[-1]
+    if name not in caps:
+        raise ValueError(f"{features}: shard {name} has no caption embeddings; run `zsl embed-text`")
+    t = zio.read_parquet(caps[name])
+    ids = image_ids if isinstance(image_ids, pa.ChunkedArray) else pa.chunked_array(
+        [pa.array(list(image_ids), pa.string())], pa.string())
+    if t.num_rows != len(ids) or not t.column("image_id").equals(ids):
+        raise ValueError(f"{caps[name]}: caption embeddings do not match {feature_file} row by row; "
+                         "run `zsl embed-text --overwrite`")
+    has = np.asarray(t.column("has_caption").to_numpy(zero_copy_only=False), bool)
+    return has, table_embeddings(t, dim, caps[name])
 
 
 def features_identity(uri: str, manifest: FeaturesManifest) -> str:

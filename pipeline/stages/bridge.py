@@ -18,7 +18,7 @@ import numpy as np
 from pipeline import io as zio
 from pipeline.config import BridgeConfig
 from pipeline.features import CAPTIONS_DIR, caption_shards, feature_shards, features_identity, iter_shard_batches, \
-    open_captions, open_features
+    open_captions, open_features, read_caption_shard
 from pipeline.models import make_model, save_model
 from pipeline.models.base import l2n
 from pipeline.models.bridge import fit_ridge_bridge
@@ -41,18 +41,10 @@ def load_pairs(features: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     caps = caption_shards(features)
     xs, ts, ids = [], [], []
     for f in feature_shards(features):
-        name = f.rsplit("/", 1)[-1]
-        if name not in caps:
-            raise ValueError(f"{features}: shard {name} has no caption embeddings; run `zsl embed-text` again")
-        ct = zio.read_parquet(caps[name])
         parts = list(iter_shard_batches(f, fman.dim, ("image_id",)))
         X = np.concatenate([x for _, x in parts]) if parts else np.zeros((0, fman.dim), np.float32)
         sid = sum((t.column("image_id").to_pylist() for t, _ in parts), [])
-        if sid != ct.column("image_id").to_pylist():
-            raise ValueError(f"{caps[name]}: caption embeddings do not match {f} row by row; "
-                             "run `zsl embed-text --overwrite`")
-        has = np.asarray(ct.column("has_caption").to_numpy(zero_copy_only=False), bool)
-        T = ct.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, cman.dim)
+        has, T = read_caption_shard(features, caps, f, sid, cman.dim)
         xs.append(X[has])
         ts.append(T[has])
         ids += [i for i, h in zip(sid, has) if h]

@@ -36,7 +36,7 @@ from pipeline.faiss_index import add_vectors, build_index, choose_index, estimat
     merge_ivf_parts, read_ids, save_index, set_search_params, train_index, training_rows, training_sample, \
     write_index_files
 from pipeline.features import caption_shards, check_feature_shards, feature_shards, features_identity, \
-    iter_shard_batches, open_captions, open_features
+    iter_shard_batches, open_captions, open_features, read_caption_shard
 from pipeline.index_tuning import tune_index
 from pipeline.models import load_model
 from pipeline.models.scoring import model_fingerprint
@@ -289,18 +289,13 @@ def _image_encoder(fman) -> dict:
 class _CaptionBatches:
     """Re-iterable caption embeddings in index order, one shard at a time (checked row by row)."""
 
-    def __init__(self, files: list[str], caps: dict[str, str], dim: int) -> None:
-        self.files, self.caps, self.dim = files, caps, dim
+    def __init__(self, features: str, files: list[str], caps: dict[str, str], dim: int) -> None:
+        self.features, self.files, self.caps, self.dim = features, files, caps, dim
 
     def __iter__(self):
         for f in self.files:
-            c = self.caps[f.rsplit("/", 1)[-1]]
-            t = zio.read_parquet(c)
             ids = zio.read_parquet(f, columns=["image_id"]).column("image_id")
-            if t.num_rows != len(ids) or not t.column("image_id").equals(ids):
-                raise ValueError(f"{c}: caption embeddings do not match {f} row by row; "
-                                 "run `zsl embed-text --overwrite`")
-            yield t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, self.dim)
+            yield read_caption_shard(self.features, self.caps, f, ids, self.dim)[1]
 
 
 def _caption_index(cfg: IndexConfig, out: OutputDir, mman, files: list[str], n_total: int, budget: int,
@@ -330,7 +325,7 @@ def _caption_index(cfg: IndexConfig, out: OutputDir, mman, files: list[str], n_t
     if zio.exists(zio.join(dest, "manifest.json")) and zio.read_json(zio.join(dest, "manifest.json")).get(
             "identity") == ident:
         return False
-    batches = _CaptionBatches(files, caps, cman.dim)
+    batches = _CaptionBatches(cfg.features, files, caps, cman.dim)
     factory = choose_index(n_total, cman.dim, max_memory_bytes=budget)
     LOG.info("caption index: %d captions (%d rows) in %s", cman.n_captions, n_total, factory)
     index = build_index(batches, dim=cman.dim, factory=factory, n_total=n_total, use_gpu=False, progress=progress)

@@ -25,7 +25,7 @@ import pyarrow as pa
 from pipeline import io as zio
 from pipeline.config import ExportConfig, ImportConfig
 from pipeline.features import (CAPTIONS_DIR, caption_shards, feature_shards, features_identity, iter_shard_batches,
-                               open_captions, open_features, shard_name)
+                               open_captions, open_features, read_caption_shard, shard_name)
 from pipeline.models import load_model
 from pipeline.models.base import l2n
 from pipeline.models.scoring import model_fingerprint
@@ -69,13 +69,7 @@ def run_export(cfg: ExportConfig, *, progress: bool = True) -> ExportManifest:
             zio.write_npy_atomic(out.join("img_emb", f"img_emb_{i:06d}.npy"), V.astype(dtype))
             name = files[i].rsplit("/", 1)[-1]
             if cman:
-                if name not in caps:
-                    raise ValueError(f"{cfg.features}: shard {name} has no caption embeddings; run `zsl embed-text`")
-                ct = zio.read_parquet(caps[name])
-                if ct.num_rows != len(X) or ct.column("image_id").to_pylist() != meta.column("image_id").to_pylist():
-                    raise ValueError(f"{caps[name]}: caption embeddings do not match {files[i]} row by row; "
-                                     "run `zsl embed-text --overwrite`")
-                T = ct.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, cman.dim)
+                _, T = read_caption_shard(cfg.features, caps, files[i], meta.column("image_id"), cman.dim)
                 zio.write_npy_atomic(out.join("text_emb", f"text_emb_{i:06d}.npy"), T.astype(dtype))
             # metadata last: it marks the part done
             zio.write_parquet_atomic(out.join("metadata", f"metadata_{i:06d}.parquet"), pa.table({

@@ -117,3 +117,27 @@ def test_import_refuses_mismatched_parts(tmp_path):
     np.save(tmp_path / "img_emb" / "img_emb_1.npy", np.zeros((3, 4), np.float16))
     with pytest.raises(ValueError, match="img_emb_1.npy has no metadata"):
         run_import(ImportConfig(input=str(tmp_path), output=str(tmp_path / "o2"), model_id="x"), progress=False)
+
+
+def test_caption_embeddings_of_other_rows_are_refused_everywhere(captioned, tmp_path):
+    """Export, the bridge's pairs and the caption index read caption shards through one check."""
+    import pyarrow as pa
+
+    from pipeline.features import caption_shards, read_caption_shard
+    from pipeline.stages.bridge import load_pairs
+    from pipeline.stages.captions import run_embed_text
+    from pipeline.stages.interop import run_export
+
+    feats, _ = captioned
+    run_embed_text(EmbedTextConfig(features=str(feats)), progress=False)
+    caps = caption_shards(str(feats))
+    first = sorted(caps)[0]
+    t = pq.read_table(caps[first])
+    ids = t.column("image_id").to_pylist()
+    pq.write_table(t.set_column(0, "image_id", pa.array(ids[::-1], pa.string())), caps[first])  # same rows, reordered
+    with pytest.raises(ValueError, match="do not match .* row by row"):
+        run_export(ExportConfig(features=str(feats), output=str(tmp_path / "e")), progress=False)
+    with pytest.raises(ValueError, match="do not match .* row by row"):
+        load_pairs(str(feats))
+    with pytest.raises(ValueError, match="has no caption embeddings"):
+        read_caption_shard(str(feats), {}, caps[first], ids, 384)
