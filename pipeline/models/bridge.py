@@ -235,8 +235,42 @@ def fit_ridge_bridge(X: np.ndarray, T: np.ndarray, *, lams=(0.001, 0.003, 0.01, 
         "n_pairs": int(len(X)), "n_holdout": int(n_hold), "seed": seed}
 
 
+class _WithBridge(ZSLModel):
+    """A base model with a bridge fitted beforehand on its corpus: both rebuild themselves from
+    ``params`` (``{"method", "params"}`` specs), keep their tensors under ``base.`` / ``bridge.``,
+    and only the base is fitted."""
+
+    def __init__(self, *, base: dict | None, bridge: dict | None, base_model: ZSLModel | None,
+                 bridge_model: ZSLModel | None, **params) -> None:
+        self.base = base_model if base_model is not None else _from_spec(self.method, "base", base)
+        self.bridge = bridge_model if bridge_model is not None else _from_spec(self.method, "bridge", bridge)
+        super().__init__(base={"method": self.base.method, "params": dict(self.base.params)},
+                         bridge={"method": self.bridge.method, "params": dict(self.bridge.params)}, **params)
+
+    def _fit_base(self, X, y, S):
+        self.base.fit(X, y, S)
+        self.params["base"]["params"] = dict(self.base.params)
+        return self
+
+    def state(self):
+        return {**{f"base.{k}": v for k, v in self.base.state().items()},
+                **{f"bridge.{k}": v for k, v in self.bridge.state().items()}}
+
+    def load_state(self, state):
+        self.base.load_state({k[5:]: v for k, v in state.items() if k.startswith("base.")})
+        self.bridge.load_state({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})
+
+
+def _from_spec(method: str, role: str, spec: dict | None) -> ZSLModel:
+    from pipeline.models.base import METHODS
+
+    if not spec or spec.get("method") not in METHODS:
+        raise ValueError(f"{method}: {role} must name a method, got {spec!r}")
+    return METHODS[spec["method"]](**spec.get("params", {}))
+
+
 @register
-class Bridged(ZSLModel):
+class Bridged(_WithBridge):
     """A class-trained model combined with a caption bridge fitted beforehand (``zsl train --bridge``):
     ``score = (1 - w) z(base) + w z(bridge)``, each z-scored per image across the classes (as in
     :class:`pipeline.models.ensemble.Ensemble`); ``fit`` fits the base only, the bridge stays as it
@@ -246,27 +280,13 @@ class Bridged(ZSLModel):
 
     def __init__(self, *, base: dict | None = None, bridge: dict | None = None, weight: float = 0.5,
                  base_model: ZSLModel | None = None, bridge_model: ZSLModel | None = None) -> None:
-        from pipeline.models.base import METHODS
-
-        if base_model is None:
-            if not base or base.get("method") not in METHODS:
-                raise ValueError(f"bridged: base must name a method, got {base!r}")
-            base_model = METHODS[base["method"]](**base.get("params", {}))
-        if bridge_model is None:
-            if not bridge or bridge.get("method") not in METHODS:
-                raise ValueError(f"bridged: bridge must name a method, got {bridge!r}")
-            bridge_model = METHODS[bridge["method"]](**bridge.get("params", {}))
         if not 0.0 <= float(weight) <= 1.0:
             raise ValueError(f"bridged: weight must be in [0, 1], got {weight}")
-        self.base, self.bridge = base_model, bridge_model
-        super().__init__(base={"method": base_model.method, "params": dict(base_model.params)},
-                         bridge={"method": bridge_model.method, "params": dict(bridge_model.params)},
+        super().__init__(base=base, bridge=bridge, base_model=base_model, bridge_model=bridge_model,
                          weight=float(weight))
 
     def fit(self, X, y, S):
-        self.base.fit(X, y, S)
-        self.params["base"]["params"] = dict(self.base.params)
-        return self
+        return self._fit_base(X, y, S)
 
     def scores(self, X, S):
         from pipeline.models.ensemble import row_zscore
@@ -280,17 +300,9 @@ class Bridged(ZSLModel):
     def embed_images(self, X):
         return self.base.embed_images(X)
 
-    def state(self):
-        return {**{f"base.{k}": v for k, v in self.base.state().items()},
-                **{f"bridge.{k}": v for k, v in self.bridge.state().items()}}
-
-    def load_state(self, state):
-        self.base.load_state({k[5:]: v for k, v in state.items() if k.startswith("base.")})
-        self.bridge.load_state({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})
-
 
 @register
-class BridgedFeatures(ZSLModel):
+class BridgedFeatures(_WithBridge):
     """A class-trained model that starts from bridged features (``zsl train --bridge --bridge-mode
     features``): its input is ``[l2n(x), bridge(x)]``, the image features next to their bridged text
     embedding, so the class-trained map can use directions the caption corpus taught the bridge.
@@ -300,39 +312,17 @@ class BridgedFeatures(ZSLModel):
 
     def __init__(self, *, base: dict | None = None, bridge: dict | None = None,
                  base_model: ZSLModel | None = None, bridge_model: ZSLModel | None = None) -> None:
-        from pipeline.models.base import METHODS
-
-        if base_model is None:
-            if not base or base.get("method") not in METHODS:
-                raise ValueError(f"bridged-features: base must name a method, got {base!r}")
-            base_model = METHODS[base["method"]](**base.get("params", {}))
-        if bridge_model is None:
-            if not bridge or bridge.get("method") not in METHODS:
-                raise ValueError(f"bridged-features: bridge must name a method, got {bridge!r}")
-            bridge_model = METHODS[bridge["method"]](**bridge.get("params", {}))
-        self.base, self.bridge = base_model, bridge_model
-        super().__init__(base={"method": base_model.method, "params": dict(base_model.params)},
-                         bridge={"method": bridge_model.method, "params": dict(bridge_model.params)})
+        super().__init__(base=base, bridge=bridge, base_model=base_model, bridge_model=bridge_model)
 
     def lift(self, X: np.ndarray) -> np.ndarray:
         """``[l2n(x), bridge(x)]``: the base model's input."""
         return np.concatenate([l2n(X), self.bridge.embed_images(X)], axis=1).astype(np.float32)
 
     def fit(self, X, y, S):
-        self.base.fit(self.lift(X), y, S)
-        self.params["base"]["params"] = dict(self.base.params)
-        return self
+        return self._fit_base(self.lift(X), y, S)
 
     def scores(self, X, S):
         return self.base.scores(self.lift(X), S)
 
     def embed_images(self, X):
         return self.base.embed_images(self.lift(X))
-
-    def state(self):
-        return {**{f"base.{k}": v for k, v in self.base.state().items()},
-                **{f"bridge.{k}": v for k, v in self.bridge.state().items()}}
-
-    def load_state(self, state):
-        self.base.load_state({k[5:]: v for k, v in state.items() if k.startswith("base.")})
-        self.bridge.load_state({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})
