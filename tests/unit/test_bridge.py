@@ -114,23 +114,31 @@ def test_bridged_model_mixes_z_scores_and_never_refits_the_bridge(tmp_path):
     np.testing.assert_allclose(back.scores(X[:9], S), m.scores(X[:9], S), atol=1e-6)
 
 
+def _class_world(tmp_path, *, n_classes: int, per: int):
+    """Classes ``c0..`` with 12-d text semantics (``tmp_path/cls``), 24-d features around them, and a
+    ridge bridge fitted on them (``tmp_path/br``): ``(names, S, y, X, bridge)``."""
+    from pipeline.classset import write_class_set
+
+    rng = np.random.default_rng(0)
+    names = [f"c{i}" for i in range(n_classes)]
+    S = rng.standard_normal((n_classes, 12)).astype(np.float32)
+    y = np.repeat(np.arange(n_classes), per)
+    X = (S[y] @ rng.standard_normal((12, 24)) + 0.5 * rng.standard_normal((len(y), 24))).astype(np.float32)
+    write_class_set(str(tmp_path / "cls"), names, [None] * n_classes, S, None, {"text_model": "t"})
+    bridge = RidgeBridge(lam=0.1).fit_pairs(X, S[y])
+    save_model(str(tmp_path / "br"), bridge, {"feature_model": "f", "feature_dim": 24, "semantics": "text",
+                                              "semantic_dim": 12, "seen": [], "text_model": "t"})
+    return names, S, y, X, bridge
+
+
 def test_train_chooses_the_bridge_weight_without_reading_unseen_labels(tmp_path):
     """`zsl train --bridge`: w comes from held-out *seen* classes; relabelling every test-unseen image
     (or dropping them) changes nothing."""
-    from pipeline.classset import write_class_set
     from pipeline.config import TrainConfig
     from pipeline.features import write_features
     from pipeline.stages.train import run_train
 
-    rng = np.random.default_rng(0)
-    names = [f"c{i}" for i in range(8)]
-    S = rng.standard_normal((8, 12)).astype(np.float32)
-    y = np.repeat(np.arange(8), 30)
-    X = (S[y] @ rng.standard_normal((12, 24)) + 0.5 * rng.standard_normal((240, 24))).astype(np.float32)
-    write_class_set(str(tmp_path / "cls"), names, [None] * 8, S, None, {"text_model": "t"})
-    bridge = RidgeBridge(lam=0.1).fit_pairs(X, S[y])
-    save_model(str(tmp_path / "br"), bridge, {"feature_model": "f", "feature_dim": 24, "semantics": "text",
-                                              "semantic_dim": 12, "seen": [], "text_model": "t"})
+    names, S, y, X, _ = _class_world(tmp_path, n_classes=8, per=30)
     chosen = []
     for variant, labels in (("real", [names[v] for v in y]),
                             ("relabelled", [names[v] if v < 6 else names[13 - v] for v in y]),
@@ -145,23 +153,14 @@ def test_train_chooses_the_bridge_weight_without_reading_unseen_labels(tmp_path)
 
 
 def test_bridged_features_mode_learns_from_features_and_their_bridge(tmp_path):
-    from pipeline.classset import write_class_set
     from pipeline.config import TrainConfig
     from pipeline.features import write_features
     from pipeline.models.bridge import BridgedFeatures
     from pipeline.stages.train import run_train
 
-    rng = np.random.default_rng(0)
-    names = [f"c{i}" for i in range(6)]
-    S = rng.standard_normal((6, 12)).astype(np.float32)
-    y = np.repeat(np.arange(6), 20)
-    X = (S[y] @ rng.standard_normal((12, 24)) + 0.5 * rng.standard_normal((120, 24))).astype(np.float32)
-    write_class_set(str(tmp_path / "cls"), names, [None] * 6, S, None, {"text_model": "t"})
+    names, S, y, X, bridge = _class_world(tmp_path, n_classes=6, per=20)
     write_features(str(tmp_path / "f"), image_ids=[f"i{k}" for k in range(120)], uris=["u"] * 120,
                    labels=[names[v] for v in y], X=X, model_id="f")
-    bridge = RidgeBridge(lam=0.1).fit_pairs(X, S[y])
-    save_model(str(tmp_path / "br"), bridge, {"feature_model": "f", "feature_dim": 24, "semantics": "text",
-                                              "semantic_dim": 12, "seen": [], "text_model": "t"})
     m = run_train(TrainConfig(features=str(tmp_path / "f"), classes=str(tmp_path / "cls"), seen=names[:4],
                               method="eszsl", bridge=str(tmp_path / "br"), bridge_mode="features",
                               output=str(tmp_path / "m")))
