@@ -606,6 +606,18 @@ def bench_our_index(world: World, data: dict, work: Path, Q, gt_ids, *, max_memo
     return res, index
 
 
+def repo_relative(obj):
+    """``obj`` with paths inside the repository written relative to it (results are committed; the
+    machine's checkout path means nothing elsewhere)."""
+    if isinstance(obj, dict):
+        return {k: repo_relative(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [repo_relative(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith(f"{REPO}/"):
+        return obj[len(f"{REPO}/"):]
+    return obj
+
+
 def ensure_autofaiss(venv: Path, *, log: Path) -> dict:
     """autofaiss ``AUTOFAISS_VERSION`` in its own venv: reused when it imports, else (re)created."""
     py = venv / "bin" / "python"
@@ -1151,7 +1163,7 @@ def scale(
     except BaseException as exc:
         # an hour-long run that fails at its largest N keeps what it measured (never over the results)
         partial = Path(output).with_suffix(".partial.json")
-        zio.write_json_atomic(str(partial), {**result, "error": f"{type(exc).__name__}: {exc}"})
+        zio.write_json_atomic(str(partial), repo_relative({**result, "error": f"{type(exc).__name__}: {exc}"}))
         LOG.error("failed; the results measured so far are in %s", partial)
         raise
     finally:
@@ -1169,6 +1181,7 @@ def scale(
         r = s["label"]["ratio"]
         if not (math.isfinite(r) and r > 0):
             raise RuntimeError(f"N={s['n_rows']}: labeling ratio {r!r} is not a positive finite number")
+    result = repo_relative(result)
     zio.write_json_atomic(output, result)
     md = markdown(result)
     zio.write_bytes_atomic(md_path, md.encode())

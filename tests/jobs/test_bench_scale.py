@@ -94,3 +94,10 @@ def test_bad_seen_count_is_a_usage_error(tmp_path):
     rc = bench_scale.main(["--classes", "5", "--seen", "5", "--output", str(tmp_path / "r.json")])
     assert rc == 2
     assert not (tmp_path / "r.json").exists()
+
+
+def test_results_hold_repository_relative_paths():
+    inside = f"{bench_scale.REPO}/.venv-tools/autofaiss/bin/autofaiss"
+    got = bench_scale.repo_relative({"command": [inside, "--embeddings=/tmp/x"], "venv": inside, "n": 3})
+    assert got == {"command": [".venv-tools/autofaiss/bin/autofaiss", "--embeddings=/tmp/x"],
+                   "venv": ".venv-tools/autofaiss/bin/autofaiss", "n": 3}
