@@ -121,7 +121,8 @@ def test_tuning_reaches_the_target_and_claims_what_held_out_queries_measure(fact
     exact = zix.brute_force_search(x, held_out, 10)[1]
     got = zix.search(index, held_out, 10)[1]  # the tuned parameters are set on the index
     assert abs(zix.recall_at_k(got, exact) - t.recall_at_10) < 0.02
-    assert t.latency_ms_p99 >= t.latency_ms_mean > 0 and t.batch_ms_per_query > 0
+    # p99 is not bounded by the mean: one stall on a shared machine lifts the mean above p99
+    assert t.latency_ms_p99 > 0 and t.latency_ms_mean > 0 and t.batch_ms_per_query > 0
 
 
 def test_held_out_queries_sit_at_nearest_neighbour_distance():
