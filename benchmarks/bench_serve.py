@@ -10,6 +10,8 @@ as ``benchmarks.bench_scale`` makes them; the text encoder is the real offline M
   query logs are; the server's query cache answers the repeats (its hit rate is reported);
 - ``unique``: every query a phrase never sent before (the cache cannot help): the cold text path.
 
+Each ``--server`` setting (default: the text model on PyTorch, then on ONNX Runtime) gets a fresh
+server on the same index with the same query streams, so the settings are compared side by side.
 Reports QPS, p50/p99 latency, errors and the server's RSS before and after each phase, to
 ``benchmarks/results/serve.json``. Traffic never leaves 127.0.0.1.
 """
@@ -119,11 +121,17 @@ def _cache_counts(port: int) -> tuple[int, int]:
     return get("zsl_query_cache_hits_total"), get("zsl_query_cache_misses_total")
 
 
-def _start_server(work: Path, workers: int, env: dict) -> tuple[subprocess.Popen, int, float]:
+def _indices(port: int) -> list[dict]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/indices")
+    return json.loads(c.getresponse().read())
+
+
+def _start_server(work: Path, setting: str, env: dict) -> tuple[subprocess.Popen, int, float]:
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--index", str(work / "index"),
                                "--port", str(port), "--set", f"thumbnail_cache={work / 'thumbs'}",
-                               "--set", f"text_workers={workers}"], env=env)
+                               *(a for kv in setting.split(",") if kv for a in ("--set", kv))], env=env)
     t0 = time.perf_counter()
     while True:
         try:
@@ -171,7 +179,8 @@ def _phase(server: subprocess.Popen, port: int, source, clients: int, seconds: f
 def main(rows: int = typer.Option(100_000), clients: int = typer.Option(8), seconds: float = typer.Option(20.0),
          max_requests: int = typer.Option(20_000), output: Path = typer.Option(RESULTS / "serve.json"),
          pool: int = typer.Option(5_000, help="Distinct phrases of the zipf phase."),
-         text_workers: list[int] = typer.Option([1, 0], help="Server text_workers settings to compare (0: auto)."),
+         server: list[str] = typer.Option(["text_backend=torch", "text_backend=onnx"], help=(
+             "Server settings to compare, one fresh server each: `zsl serve --set` KEY=VALUE[,KEY=VALUE]")),
          keep: bool = typer.Option(False)) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from benchmarks.bench_scale import World, make_scale_data
@@ -193,23 +202,25 @@ def main(rows: int = typer.Option(100_000), clients: int = typer.Option(8), seco
                      "requests) + FAISS search, k=10, keep-alive connections from client threads in this "
                      "process, loopback only; 'zipf': a pool of distinct phrases with Zipf(1.0) frequencies "
                      "(the server's query cache answers repeats), 'unique': every query new (cold path); "
-                     "one fresh server per text_workers setting, same index, same query streams",
+                     "one fresh server per setting (text_workers=0: one text thread per core), same index, "
+                     "same query streams",
             "servers": {},
         }
-        for workers in text_workers:
-            server, port, ready_s = _start_server(work, workers, env)
+        for setting in server:
+            proc, port, ready_s = _start_server(work, setting, env)
             try:
                 # warm-up (phrases used by neither phase)
                 _client(port, time.perf_counter() + 2, [50], threading.Lock(), [], [], Queries(words[-100:], False, 0))
-                res = {"text_workers": workers, "server_ready_s": round(ready_s, 2), "phases": {}}
+                res = {"setting": setting, "server_ready_s": round(ready_s, 2), "phases": {}}
                 sources = {"zipf": Queries(words[:pool], True, 1), "unique": Queries(words[pool:-100], False, 2)}
                 for phase, source in sources.items():
-                    res["phases"][phase] = _phase(server, port, source, clients, seconds, max_requests)
-                    LOG.info("text_workers=%d %s: %s", workers, phase, res["phases"][phase])
-                result["servers"][f"text_workers={workers}"] = res
+                    res["phases"][phase] = _phase(proc, port, source, clients, seconds, max_requests)
+                    LOG.info("%s %s: %s", setting, phase, res["phases"][phase])
+                res["text_backend"] = _indices(port)[0].get("text_backend")
+                result["servers"][setting] = res
             finally:
-                server.terminate()
-                server.wait(timeout=30)
+                proc.terminate()
+                proc.wait(timeout=30)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -240,8 +240,11 @@ class ServeConfig(_Config):
     preload_text: bool = Field(True, description="Load the text encoder before reporting ready.")
     query_cache: int = Field(10_000, ge=0, description="Query vectors of this many distinct texts are cached (0: none).")
     text_workers: int = Field(0, ge=0, description=(
-        "Threads encoding text queries, one torch thread each (0: one per CPU core, at most 4; 1: one "
-        "thread using torch's default threads)."))
+        "Threads encoding text queries, one torch/ONNX Runtime thread each (0: one per CPU core, at "
+        "most 4; 1: one thread using every core)."))
+    text_backend: Literal["auto", "torch", "onnx"] = Field("auto", description=(
+        "How the text model runs: 'onnx' (the offline MiniLM on ONNX Runtime: same vectors, 1.5x the "
+        "queries/s on 2 cores), 'torch', or 'auto' (onnx where it applies, else torch)."))
     ray: bool = Field(False, description="Serve with Ray Serve (one replica per node) instead of uvicorn.")
     address: str | None = Field(None, description="Ray cluster address for --ray (default: a local one).")
     replicas: int | None = Field(None, gt=0, description="Ray Serve replicas (default: one per node).")

@@ -2,11 +2,11 @@
 
 Dataflow (one Ray Data pipeline, streaming):
 
-    shard specs --map_batches(decode_shard, CPU tasks)--> pixels
+    shard specs --map_batches(decode_chunks, CPU tasks)--> blocks of pixels (256 rows at most)
                 --map_batches(EncodeActor, actor pool, GPU if any)--> embeddings
                 --iter_batches--> driver, which groups rows by shard and writes each shard atomically.
 
-The mappers (:func:`decode_shard`, :class:`EncodeActor`) are plain Python, testable without Ray.
+The mappers (:func:`decode_chunks`, :class:`EncodeActor`) are plain Python, testable without Ray.
 
 :func:`run_shard_jobs` runs any per-item worker (label a feature shard, project one, build an IVF
 partition) as a Ray Data job on an actor pool: each worker reads its input straight from storage
@@ -33,7 +33,7 @@ from pipeline.shards import Shard, read_shard
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["init_ray", "decode_shard", "EncodeActor", "ResourcePlan", "plan_resources", "run_extraction",
+__all__ = ["init_ray", "decode_chunks", "decode_shard", "EncodeActor", "ResourcePlan", "plan_resources", "run_extraction",
            "run_shard_jobs", "serve_asgi"]
 
 
@@ -54,59 +54,94 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir, **kwargs)
 
 
-def decode_shard(batch: dict, *, image_size: int, max_pixels: int, read: dict) -> dict:
-    """Ray mapper (CPU task): shard specs -> decoded rows. Broken items become error rows.
+#: decoded rows per block handed on by :func:`decode_chunks` (a task's pixels are about
+#: ``DECODE_CHUNK_ROWS * image_size**2 * 3`` bytes, whatever the size of the shard)
+DECODE_CHUNK_ROWS = 256
+
+_COLUMNS = ("shard_id", "shard_n", "shard_row", "image_id", "uri", "label", "caption", "width", "height", "url",
+            "key", "meta", "error", "stage")
+
+
+def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
+                  chunk_rows: int = DECODE_CHUNK_ROWS) -> Iterator[dict]:
+    """Ray mapper (CPU task, a generator): shard specs -> blocks of at most ``chunk_rows`` decoded
+    rows, yielded as the shard is read, so a task never holds a whole shard's pixels (an
+    img2dataset tar holds 10,000 images: 1.5 GB of 224 px pixels). Broken items become error rows.
+
+    ``shard_n`` (rows in the shard) is known only once the shard is read: the rows of a shard's
+    last block carry it, earlier blocks carry -1. A shard that breaks part-way keeps the rows read
+    before the break and ends with one ``read`` error row.
     ``read``: keyword arguments of :func:`pipeline.shards.read_shard` (image column, label field)."""
-    cols: dict[str, list] = {k: [] for k in
-                             ("shard_id", "shard_n", "shard_row", "image_id", "uri", "label", "caption", "width",
-                              "height", "url", "key", "meta", "error", "stage")}
-    pixels: list[np.ndarray] = []
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows}; at least 1")
     blank = np.zeros((image_size, image_size, 3), np.uint8)
     for spec in batch["shard"]:
         shard = Shard.from_json(str(spec))
-        rows = []
-        try:
-            for rec in read_shard(shard, **read):
-                px, w, h, err, stage = blank, 0, 0, rec.error, rec.stage if rec.error else ""
-                if err is None:
-                    try:
-                        px, w, h = decode_image(rec.data, size=image_size, max_pixels=max_pixels)
-                    except DecodeError as exc:
-                        err, stage = str(exc), "decode"
-                rows.append((rec, px, w, h, err, stage))
-        except Exception as exc:  # noqa: BLE001 - the whole shard is unreadable (gone, permissions, corrupt)
-            # One error row stands for the shard: the job goes on, and a rerun does not retry it
-            # (the shard is recorded as done, with its reason in errors/).
-            LOG.warning("shard %d (%s) unreadable: %s: %s", shard.shard_id, shard.source, type(exc).__name__, exc)
-            from pipeline.shards import Record
+        rows: list[tuple] = []
+        n = 0
+        records = read_shard(shard, **read)
+        while True:
+            try:
+                rec = next(records, None)
+            except Exception as exc:  # noqa: BLE001 - the shard is unreadable (gone, permissions, corrupt)
+                # One error row stands for the (rest of the) shard: the job goes on, and a rerun does
+                # not retry it (the shard is recorded as done, with its reason in errors/).
+                LOG.warning("shard %d (%s) unreadable: %s: %s", shard.shard_id, shard.source, type(exc).__name__, exc)
+                from pipeline.shards import Record
 
-            stem = shard.source.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-            rows = [(Record(image_id=f"{stem}/<shard-{shard.shard_id:06d}>", uri=shard.source), blank, 0, 0,
-                     f"unreadable shard: {type(exc).__name__}: {exc}", "read")]
-        for row, (rec, px, w, h, err, stage) in enumerate(rows):
-            cols["shard_id"].append(shard.shard_id)
-            cols["shard_n"].append(len(rows))
-            cols["shard_row"].append(row)
-            cols["image_id"].append(rec.image_id)
-            cols["uri"].append(rec.uri)
-            cols["label"].append(rec.label or "")  # "" = none: Ray turns None in object columns into NaN
-            cols["caption"].append(rec.caption or "")
-            cols["url"].append(rec.url or "")
-            cols["key"].append(rec.key or "")
-            cols["meta"].append(json.dumps(rec.meta, sort_keys=True, default=str) if rec.meta else "")
-            cols["width"].append(w)
-            cols["height"].append(h)
-            cols["error"].append(err or "")
-            cols["stage"].append(stage)
-            pixels.append(px)
-    out = {k: np.array(v, dtype=object) for k, v in cols.items()}
-    out["shard_id"] = np.asarray(cols["shard_id"], np.int64)
-    out["shard_n"] = np.asarray(cols["shard_n"], np.int64)
+                stem = shard.source.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+                rec = Record(image_id=f"{stem}/<shard-{shard.shard_id:06d}>", uri=shard.source,
+                             error=f"unreadable shard: {type(exc).__name__}: {exc}", stage="read")
+                records = iter(())
+            if rec is None:
+                break
+            if len(rows) == chunk_rows:  # more rows follow: the total is not known yet
+                yield _block(shard.shard_id, -1, n - len(rows), rows, image_size)
+                rows = []
+            px, w, h, err, stage = blank, 0, 0, rec.error, (rec.stage or "read") if rec.error else ""
+            if err is None:
+                try:
+                    px, w, h = decode_image(rec.data, size=image_size, max_pixels=max_pixels)
+                except DecodeError as exc:
+                    err, stage = str(exc), "decode"
+            rows.append((rec, px, w, h, err, stage))
+            n += 1
+        if rows:
+            yield _block(shard.shard_id, n, n - len(rows), rows, image_size)
+
+
+def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image_size: int) -> dict:
+    cols: dict[str, list] = {k: [] for k in _COLUMNS}
+    for row, (rec, px, w, h, err, stage) in enumerate(rows, start=first_row):
+        cols["shard_row"].append(row)
+        cols["image_id"].append(rec.image_id)
+        cols["uri"].append(rec.uri)
+        cols["label"].append(rec.label or "")  # "" = none: Ray turns None in object columns into NaN
+        cols["caption"].append(rec.caption or "")
+        cols["url"].append(rec.url or "")
+        cols["key"].append(rec.key or "")
+        cols["meta"].append(json.dumps(rec.meta, sort_keys=True, default=str) if rec.meta else "")
+        cols["width"].append(w)
+        cols["height"].append(h)
+        cols["error"].append(err or "")
+        cols["stage"].append(stage)
+    out = {k: np.array(v, dtype=object) for k, v in cols.items() if v}
+    out["shard_id"] = np.full(len(rows), shard_id, np.int64)
+    out["shard_n"] = np.full(len(rows), shard_n, np.int64)
     out["shard_row"] = np.asarray(cols["shard_row"], np.int64)
     out["width"] = np.asarray(cols["width"], np.int32)
     out["height"] = np.asarray(cols["height"], np.int32)
-    out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return out
+    out["pixels"] = np.stack([r[1] for r in rows]) if rows else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return {k: out[k] for k in (*_COLUMNS, "pixels")}
+
+
+def decode_shard(batch: dict, *, image_size: int, max_pixels: int, read: dict) -> dict:
+    """Every decoded row of the shards in ``batch`` at once (:func:`decode_chunks` joined, each
+    row's ``shard_n`` filled in): for tests and small inputs; the Ray dataflow streams the blocks."""
+    blocks = list(decode_chunks(batch, image_size=image_size, max_pixels=max_pixels, read=read, chunk_rows=1 << 30))
+    if not blocks:
+        return _block(0, 0, 0, [], image_size)
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
 
 class EncodeActor:
@@ -206,7 +241,7 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
     # argument (removal planned for 2.64; ray is pinned <2.61), so its warning is silenced here.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ds.map_batches(decode_shard, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
+        ds = ds.map_batches(decode_chunks, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
                             fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels, read=read))
     ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=plan.num_actors),

@@ -37,8 +37,11 @@ MODES = ("image", "caption", "both")
 class Searcher:
     """Loaded index (memory-mapped) + model + text encoder; reuse it for many queries."""
 
-    def __init__(self, index_dir: str, *, load_text: bool = True) -> None:
+    def __init__(self, index_dir: str, *, load_text: bool = True, text_backend: str = "auto",
+                 text_threads: int | None = None) -> None:
+        """``text_backend``/``text_threads``: how the text model runs (:func:`pipeline.encoders.load_text_encoder`)."""
         self.index_dir = index_dir
+        self.text_backend, self.text_threads = text_backend, text_threads
         self.index, self.ids, self.manifest = load_index(index_dir, lazy_ids=True)
         m = self.manifest
         if not m.model_dir or not m.model_fingerprint:
@@ -75,7 +78,8 @@ class Searcher:
             m = self.manifest
             if not m.text_model:
                 raise ValueError(f"{self.index_dir}: manifest names no text model; cannot embed text queries")
-            enc = load_text_encoder(m.text_model_name or m.text_model.split("@", 1)[0], m.text_pretrained)
+            enc = load_text_encoder(m.text_model_name or m.text_model.split("@", 1)[0], m.text_pretrained,
+                                    backend=self.text_backend, threads=self.text_threads)
             want = self.model_manifest.semantic_dim if self.model_manifest.uses_text else m.dim
             if enc.dim != want:
                 raise ValueError(f"text model gives {enc.dim}-d vectors, the model takes {want}-d")

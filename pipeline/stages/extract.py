@@ -100,12 +100,13 @@ class _ShardWriter:
             if sid in self.written:  # a retried task delivered a shard twice: it is on disk already
                 LOG.warning("shard %d: row %d arrived again after the shard was written; ignored", sid, row)
                 continue
-            self.expected[sid] = int(batch["shard_n"][i])
+            if int(batch["shard_n"][i]) >= 0:  # -1: a block before the shard's last (total not known yet)
+                self.expected[sid] = int(batch["shard_n"][i])
             self.rows[sid][row] = {k: batch[k][i] for k in keys}  # keyed by row: a repeat replaces itself
             touched.add(sid)
         for sid in sorted(touched):
-            LOG.debug("shard %d: %d of %d rows received", sid, len(self.rows[sid]), self.expected[sid])
-            if len(self.rows[sid]) == self.expected[sid]:
+            LOG.debug("shard %d: %d of %s rows received", sid, len(self.rows[sid]), self.expected.get(sid, "?"))
+            if len(self.rows[sid]) == self.expected.get(sid):
                 self._write(sid, list(self.rows.pop(sid).values()))
                 self.written.add(sid)
 

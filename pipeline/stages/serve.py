@@ -206,7 +206,8 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     for name, d in cfg.indexes.items():
         if name not in loaded:
             LOG.info("loading index %s from %s", name, d)
-            loaded[name] = Searcher(d, load_text=cfg.preload_text)
+            loaded[name] = Searcher(d, load_text=cfg.preload_text, text_backend=cfg.text_backend,
+                                    text_threads=1 if _text_workers(cfg) > 1 else None)
     if not loaded:
         raise ValueError("zsl serve needs at least one --index")
     unknown = sorted(set(cfg.labels) - set(loaded))
@@ -325,6 +326,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     def indices() -> list[dict]:
         return [{"name": n, "ntotal": s.manifest.ntotal, "dim": s.dim, "factory": s.manifest.factory,
                  "search_params": s.manifest.search_params, "text_model": s.manifest.text_model,
+                 "text_backend": getattr(s._encoder, "backend", None),
                  "recall_at_10": s.manifest.tuning.recall_at_10 if s.manifest.tuning else None,
                  "image_encoder": s.manifest.image_encoder or s.manifest.feature_model,
                  "labels": s.labels.labels_dir if s.labels else None, "captions": s.captions is not None}

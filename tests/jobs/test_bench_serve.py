@@ -34,10 +34,11 @@ def test_bench_serve_tiny(tmp_path, monkeypatch):
     out = tmp_path / "serve.json"
     with pytest.raises(SystemExit) as done:
         bench_serve.app(["--rows", "3000", "--clients", "2", "--seconds", "2", "--pool", "200",
-                         "--text-workers", "1", "--output", str(out)])
+                         "--server", "text_backend=onnx,text_workers=1", "--output", str(out)])
     assert done.value.code == 0
     r = json.loads(out.read_text())
-    phases = r["servers"]["text_workers=1"]["phases"]
+    assert r["servers"]["text_backend=onnx,text_workers=1"]["text_backend"] == "onnx"
+    phases = r["servers"]["text_backend=onnx,text_workers=1"]["phases"]
     assert set(phases) == {"zipf", "unique"}
     assert phases["unique"]["cache_hit_rate"] == 0.0 and phases["zipf"]["cache_hit_rate"] > 0.3
     for p in phases.values():

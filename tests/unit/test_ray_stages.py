@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.ray_stages import ResourcePlan, decode_shard, plan_resources
+from pipeline.ray_stages import ResourcePlan, decode_chunks, decode_shard, plan_resources
 from pipeline.shards import Shard, list_shards
 
 SIZE = 28
@@ -54,6 +54,78 @@ def test_decode_shard_counts_rows_per_shard(tiny_images):
     assert out["shard_id"].tolist() == [0, 0, 0, 0, 1, 1]
     assert out["shard_n"].tolist() == [4, 4, 4, 4, 2, 2]
     assert (out["error"] == "").all()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3, 6, 100])
+def test_decode_chunks_streams_bounded_blocks_with_the_total_on_the_last(tiny_images, chunk_rows):
+    root, _ = tiny_images
+    shards = list_shards(root, shard_size=4)  # 4 + 2 images
+    whole = decode_shard(_batch(*shards), **KW)
+    blocks = list(decode_chunks(_batch(*shards), **KW, chunk_rows=chunk_rows))
+    assert all(0 < len(b["image_id"]) <= chunk_rows and b["pixels"].shape[0] == len(b["image_id"]) for b in blocks)
+    for sid, n in ((0, 4), (1, 2)):
+        mine = [b for b in blocks if b["shard_id"][0] == sid]
+        assert all((b["shard_id"] == sid).all() for b in mine)
+        assert [len(b["image_id"]) for b in mine] == [min(chunk_rows, n - i) for i in range(0, n, chunk_rows)]
+        assert all((b["shard_n"] == -1).all() for b in mine[:-1]) and (mine[-1]["shard_n"] == n).all()
+    joined = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    for k in whole:
+        if k != "shard_n":
+            np.testing.assert_array_equal(joined[k], whole[k])
+
+
+def test_decode_chunks_shard_breaking_part_way_keeps_the_rows_read(tiny_images, monkeypatch):
+    import pipeline.ray_stages as rs
+
+    root, _ = tiny_images
+    (shard,) = list_shards(root, shard_size=100)
+    real = rs.read_shard
+
+    def breaks(sh, **kw):
+        for i, rec in enumerate(real(sh, **kw)):
+            if i == 3:
+                raise OSError("connection reset")
+            yield rec
+
+    monkeypatch.setattr(rs, "read_shard", breaks)
+    blocks = list(decode_chunks(_batch(shard), **KW, chunk_rows=2))
+    out = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    assert out["shard_row"].tolist() == [0, 1, 2, 3] and out["shard_n"].tolist() == [-1, -1, 4, 4]
+    assert out["error"][:3].tolist() == ["", "", ""] and out["stage"][3] == "read"
+    assert out["error"][3] == "unreadable shard: OSError: connection reset"
+
+
+def test_shard_writer_waits_for_the_block_with_the_total(tmp_path):
+    """Blocks arrive in any order; a shard is written once, when its total is known and every row is in."""
+    import pyarrow.parquet as pq
+
+    from pipeline.stages.extract import _ShardWriter
+
+    def block(rows, n):
+        m = len(rows)
+        col = lambda v: np.array([v] * m, dtype=object)  # noqa: E731
+        return {"shard_id": np.zeros(m, np.int64), "shard_n": np.full(m, n, np.int64),
+                "shard_row": np.asarray(rows, np.int64), "image_id": np.array([f"i{r}" for r in rows], dtype=object),
+                "uri": col("u"), "label": col("a"), "caption": col(""), "url": col(""), "key": col(""),
+                "meta": col(""), "width": np.ones(m, np.int32), "height": np.ones(m, np.int32),
+                "error": col(""), "stage": col(""), "embedding": np.ones((m, 4), np.float32)}
+
+    class Progress:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, **kw):
+            pass
+
+    w = _ShardWriter(str(tmp_path), 4, progress=Progress())
+    w(block([4], 5))  # the last block first: 1 of 5 rows
+    w(block([0, 1], -1))
+    assert not (tmp_path / "features").exists()
+    w(block([2, 3], -1))
+    t = pq.read_table(tmp_path / "features" / "shard-000000.parquet")
+    assert t.column("image_id").to_pylist() == [f"i{r}" for r in range(5)] and w.n_ok == 5 and w.progress.n == 1
 
 
 def test_decode_shard_unreadable_shard_is_one_read_error(tmp_path):
@@ -143,11 +215,13 @@ def test_decode_on_ray_data(ray_start_2_cpus, tiny_images):
     shards = list_shards(root, shard_size=4)
     DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items([{"shard": s.to_json()} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(decode_shard, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
-                        fn_kwargs=KW)
+    ds = ds.map_batches(decode_chunks, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
+                        fn_kwargs={**KW, "chunk_rows": 3})
     rows = sorted(ds.iter_rows(), key=lambda r: r["image_id"])
     assert [r["image_id"] for r in rows] == sorted(written)
-    assert [(int(r["shard_id"]), int(r["shard_n"])) for r in rows] == [(0, 4)] * 4 + [(1, 2)] * 2
+    # shard 0 streamed as 3 rows (total unknown yet) + 1 row carrying the total; shard 1 in one block
+    assert [(int(r["shard_id"]), int(r["shard_row"]), int(r["shard_n"])) for r in rows] == \
+        [(0, 0, -1), (0, 1, -1), (0, 2, -1), (0, 3, 4), (1, 0, 2), (1, 1, 2)]
     for r in rows:
         assert r["error"] == "" and r["label"] == r["image_id"].split("/")[0]
         np.testing.assert_array_equal(r["pixels"][:, :, 1], written[r["image_id"]])
