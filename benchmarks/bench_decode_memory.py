@@ -4,7 +4,7 @@ img2dataset writes 10,000 images per tar by default, and ``zsl extract`` decodes
 task. A task that returns the whole shard's pixels at once holds them all (and a stacked copy);
 :func:`pipeline.ray_stages.decode_chunks` yields blocks of ``DECODE_CHUNK_ROWS`` rows instead.
 
-Writes a tar of ``--images`` JPEGs (sizes and contents vary, seeded), then decodes it at
+Writes a tar of ``--images`` JPEGs (10,000: img2dataset's default shard; sizes and contents vary, seeded), then decodes it at
 ``--image-size`` in a fresh subprocess per run, alternating the two modes, ``--repeats`` times each:
 
 - ``whole``: :func:`pipeline.ray_stages.decode_shard` (every row of the shard in one batch);
@@ -85,7 +85,7 @@ def _child(tar: str, mode: str, image_size: int) -> None:
 
 
 @app.command()
-def main(images: int = typer.Option(2_000), image_size: int = typer.Option(224), repeats: int = typer.Option(3),
+def main(images: int = typer.Option(10_000), image_size: int = typer.Option(224), repeats: int = typer.Option(3),
          output: Path = typer.Option(RESULTS / "decode_memory.json"),
          child: str = typer.Option("", hidden=True), tar: str = typer.Option("", hidden=True)) -> None:
     if child:

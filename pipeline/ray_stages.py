@@ -139,8 +139,8 @@ def decode_shard(batch: dict, *, image_size: int, max_pixels: int, read: dict) -
     """Every decoded row of the shards in ``batch`` at once (:func:`decode_chunks` joined, each
     row's ``shard_n`` filled in): for tests and small inputs; the Ray dataflow streams the blocks."""
     blocks = list(decode_chunks(batch, image_size=image_size, max_pixels=max_pixels, read=read, chunk_rows=1 << 30))
-    if not blocks:
-        return _block(0, 0, 0, [], image_size)
+    if len(blocks) <= 1:  # one shard: its one block as it is (no copy)
+        return blocks[0] if blocks else _block(0, 0, 0, [], image_size)
     return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
 
