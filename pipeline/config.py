@@ -77,6 +77,9 @@ class ExtractConfig(_Config):
     )
     shard_size: int = Field(256, gt=0, description="Images per shard for folder inputs.")
     batch_size: int = Field(64, gt=0, description="Images per encoder forward pass.")
+    decode_block_rows: int = Field(256, gt=0, description=(
+        "Decoded images a decode task hands on at a time (its memory: this many images' pixels, "
+        "whatever the shard size)."))
     num_actors: int | None = Field(None, gt=0, description="Encoder actors; default: GPUs, or CPUs - 1.")
     address: str | None = Field(None, description="Ray cluster address; default starts a local cluster.")
     max_image_pixels: int = Field(89_478_485, gt=0, description="Refuse images with more pixels (decompression bombs).")

@@ -224,7 +224,7 @@ def _decode_task_args() -> dict:
 
 def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None, image_size: int,
                    batch_size: int, num_actors: int | None, device: str, max_pixels: int,
-                   read: dict, on_rows: Callable[[dict], None]) -> ResourcePlan:
+                   read: dict, on_rows: Callable[[dict], None], decode_rows: int = DECODE_CHUNK_ROWS) -> ResourcePlan:
     """Run decode + encode on Ray Data; hand each output batch (numpy dict) to ``on_rows``."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -242,7 +242,8 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(decode_chunks, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
-                            fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels, read=read))
+                            fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels, read=read,
+                                           chunk_rows=decode_rows))
     ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=plan.num_actors),
                         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,

@@ -219,7 +219,7 @@ def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard],
     writer = _ShardWriter(cfg.output, info.dim, bar)
     plan = run_extraction(pending, encoder=cfg.encoder, pretrained=cfg.pretrained, image_size=info.image_size,
                           batch_size=cfg.batch_size, num_actors=cfg.num_actors, device=cfg.device,
-                          max_pixels=cfg.max_image_pixels, on_rows=writer,
+                          max_pixels=cfg.max_image_pixels, on_rows=writer, decode_rows=cfg.decode_block_rows,
                           read=dict(image_column=cfg.image_column, label_column=cfg.label_column,
                                     label_field=cfg.label_field))
     bar.close()

@@ -141,6 +141,13 @@ def test_webdataset_and_parquet_inputs(ray_cluster, data: Path, tmp_path: Path):
     t = pq.read_table(tmp_path / "f_wds" / "features")
     assert t.num_rows == 5 and set(t.column("label").to_pylist()) == {"bear"}
     assert t.column("caption").to_pylist()[0] == "a bear silhouette"
+    # the tar's decode task streams blocks of 2 rows: one shard, written once its 3 blocks are in, same rows
+    assert run("extract", "--input", tar_dir, "--output", tmp_path / "f_wds2", "--set", "decode_block_rows=2") == 0
+    t2 = pq.read_table(tmp_path / "f_wds2" / "features")
+    assert [p.name for p in (tmp_path / "f_wds2" / "features").iterdir()] == ["shard-000000.parquet"]
+    assert t2.column("image_id").to_pylist() == t.column("image_id").to_pylist()
+    np.testing.assert_allclose(np.stack(t2.column("embedding").to_numpy(zero_copy_only=False)),
+                               np.stack(t.column("embedding").to_numpy(zero_copy_only=False)), atol=1e-4)
 
     pq_dir = tmp_path / "pq"
     pq_dir.mkdir()
