@@ -125,7 +125,7 @@ def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image
         cols["height"].append(h)
         cols["error"].append(err or "")
         cols["stage"].append(stage)
-    out = {k: np.array(v, dtype=object) for k, v in cols.items() if v}
+    out = {k: np.array(v, dtype=object) for k, v in cols.items()}
     out["shard_id"] = np.full(len(rows), shard_id, np.int64)
     out["shard_n"] = np.full(len(rows), shard_n, np.int64)
     out["shard_row"] = np.asarray(cols["shard_row"], np.int64)

@@ -37,9 +37,10 @@ MODES = ("image", "caption", "both")
 class Searcher:
     """Loaded index (memory-mapped) + model + text encoder; reuse it for many queries."""
 
-    def __init__(self, index_dir: str, *, load_text: bool = True, text_backend: str = "auto",
+    def __init__(self, index_dir: str, *, load_text: bool = True, text_backend: str = "torch",
                  text_threads: int | None = None) -> None:
-        """``text_backend``/``text_threads``: how the text model runs (:func:`pipeline.encoders.load_text_encoder`)."""
+        """``text_backend``/``text_threads``: how the text model runs (:func:`pipeline.encoders.load_text_encoder`;
+        ``zsl serve`` uses ``auto``: ONNX Runtime on CPUs; one-shot searches keep PyTorch)."""
         self.index_dir = index_dir
         self.text_backend, self.text_threads = text_backend, text_threads
         self.index, self.ids, self.manifest = load_index(index_dir, lazy_ids=True)

@@ -105,9 +105,22 @@ class _ShardWriter:
             self.rows[sid][row] = {k: batch[k][i] for k in keys}  # keyed by row: a repeat replaces itself
             touched.add(sid)
         for sid in sorted(touched):
-            LOG.debug("shard %d: %d of %s rows received", sid, len(self.rows[sid]), self.expected.get(sid, "?"))
-            if len(self.rows[sid]) == self.expected.get(sid):
-                self._write(sid, list(self.rows.pop(sid).values()))
+            n, got = self.expected.get(sid), self.rows[sid]
+            LOG.debug("shard %d: %d of %s rows received", sid, len(got), "?" if n is None else n)
+            if n is not None and len(got) >= n and all(r in got for r in range(n)):
+                if len(got) > n:  # a retried task read less of a breaking shard than the first attempt
+                    LOG.warning("shard %d: %d rows beyond its %d (from an earlier attempt) dropped", sid, len(got) - n, n)
+                self.rows.pop(sid)
+                self._write(sid, [got[r] for r in range(n)])
+                self.written.add(sid)
+
+    def finish(self, shard_ids: list[int]) -> None:
+        """After the dataflow ended normally: shards that delivered no row at all hold no items (an
+        empty tar or Parquet file); they are written empty, so they count as done."""
+        for sid in shard_ids:
+            if sid not in self.written and sid not in self.rows:
+                LOG.warning("shard %d holds no items; written empty", sid)
+                self._write(sid, [])
                 self.written.add(sid)
 
     def _write(self, sid: int, rows: list[dict]) -> None:
@@ -222,6 +235,7 @@ def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard],
                           max_pixels=cfg.max_image_pixels, on_rows=writer, decode_rows=cfg.decode_block_rows,
                           read=dict(image_column=cfg.image_column, label_column=cfg.label_column,
                                     label_field=cfg.label_field))
+    writer.finish([s.shard_id for s in pending])
     bar.close()
     if writer.rows:
         raise RuntimeError(f"shards {sorted(writer.rows)} came back incomplete; rerun to retry them")

@@ -95,37 +95,73 @@ def test_decode_chunks_shard_breaking_part_way_keeps_the_rows_read(tiny_images, 
     assert out["error"][3] == "unreadable shard: OSError: connection reset"
 
 
+class _Progress:
+    n = 0
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix(self, **kw):
+        pass
+
+
+def _writer_block(rows, n, error_rows=()):
+    """Encoded rows of shard 0 as the writer receives them."""
+    m = len(rows)
+    col = lambda v: np.array([v] * m, dtype=object)  # noqa: E731
+    return {"shard_id": np.zeros(m, np.int64), "shard_n": np.full(m, n, np.int64),
+            "shard_row": np.asarray(rows, np.int64), "image_id": np.array([f"i{r}" for r in rows], dtype=object),
+            "uri": col("u"), "label": col("a"), "caption": col(""), "url": col(""), "key": col(""),
+            "meta": col(""), "width": np.ones(m, np.int32), "height": np.ones(m, np.int32),
+            "error": np.array(["broken" if r in error_rows else "" for r in rows], dtype=object),
+            "stage": np.array(["read" if r in error_rows else "" for r in rows], dtype=object),
+            "embedding": np.ones((m, 4), np.float32)}
+
+
 def test_shard_writer_waits_for_the_block_with_the_total(tmp_path):
     """Blocks arrive in any order; a shard is written once, when its total is known and every row is in."""
     import pyarrow.parquet as pq
 
     from pipeline.stages.extract import _ShardWriter
 
-    def block(rows, n):
-        m = len(rows)
-        col = lambda v: np.array([v] * m, dtype=object)  # noqa: E731
-        return {"shard_id": np.zeros(m, np.int64), "shard_n": np.full(m, n, np.int64),
-                "shard_row": np.asarray(rows, np.int64), "image_id": np.array([f"i{r}" for r in rows], dtype=object),
-                "uri": col("u"), "label": col("a"), "caption": col(""), "url": col(""), "key": col(""),
-                "meta": col(""), "width": np.ones(m, np.int32), "height": np.ones(m, np.int32),
-                "error": col(""), "stage": col(""), "embedding": np.ones((m, 4), np.float32)}
-
-    class Progress:
-        n = 0
-
-        def update(self, k):
-            self.n += k
-
-        def set_postfix(self, **kw):
-            pass
-
-    w = _ShardWriter(str(tmp_path), 4, progress=Progress())
-    w(block([4], 5))  # the last block first: 1 of 5 rows
-    w(block([0, 1], -1))
+    w = _ShardWriter(str(tmp_path), 4, progress=_Progress())
+    w(_writer_block([4], 5))  # the last block first: 1 of 5 rows
+    w(_writer_block([0, 1], -1))
     assert not (tmp_path / "features").exists()
-    w(block([2, 3], -1))
+    w(_writer_block([2, 3], -1))
     t = pq.read_table(tmp_path / "features" / "shard-000000.parquet")
     assert t.column("image_id").to_pylist() == [f"i{r}" for r in range(5)] and w.n_ok == 5 and w.progress.n == 1
+
+
+def test_shard_writer_retry_that_read_less_keeps_the_retry(tmp_path, caplog):
+    """Attempt 1 streamed 4 rows and died; attempt 2 broke earlier (3 rows in all): its 3 rows are written."""
+    import logging
+
+    import pyarrow.parquet as pq
+
+    from pipeline.stages.extract import _ShardWriter
+
+    w = _ShardWriter(str(tmp_path), 4, progress=_Progress())
+    w(_writer_block([0, 1, 2, 3], -1))
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.extract"):
+        w(_writer_block([0, 1, 2], 3, error_rows=(2,)))
+    t = pq.read_table(tmp_path / "features" / "shard-000000.parquet")
+    e = pq.read_table(tmp_path / "errors" / "shard-000000.parquet")
+    assert t.column("image_id").to_pylist() == ["i0", "i1"] and e.column("image_id").to_pylist() == ["i2"]
+    assert "1 rows beyond its 3" in caplog.text
+
+
+def test_shard_writer_writes_shards_that_delivered_nothing_empty(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.stages.extract import _ShardWriter
+
+    w = _ShardWriter(str(tmp_path), 4, progress=_Progress())
+    w(_writer_block([0], 1))
+    w.finish([0, 1])  # shard 1: an empty tar
+    assert pq.read_table(tmp_path / "features" / "shard-000001.parquet").num_rows == 0
+    assert pq.read_table(tmp_path / "errors" / "shard-000001.parquet").num_rows == 0
+    assert w.written == {0, 1} and w.progress.n == 2
 
 
 def test_decode_shard_unreadable_shard_is_one_read_error(tmp_path):

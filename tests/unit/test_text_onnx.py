@@ -110,3 +110,33 @@ def test_backend_choices_are_checked():
 def test_auto_without_onnxruntime_is_pytorch(monkeypatch):
     monkeypatch.setattr(text_onnx, "onnx_available", lambda: False)
     assert load_text_encoder("minilm", backend="auto").backend == "torch"
+
+
+def test_an_unwritable_cache_falls_back_to_the_temp_dir(cache, tmp_path, monkeypatch, caplog):
+    import shutil
+    import tempfile
+
+    (good,) = (cache / "onnx").glob("minilm-*.onnx")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ZSL_CACHE_DIR", str(blocker))  # <file>/onnx cannot be made
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(text_onnx, "_export", lambda model, path: shutil.copyfile(good, path))
+    with caplog.at_level(logging.WARNING, logger="pipeline.text_onnx"):
+        enc = load_text_encoder("minilm", backend="onnx")
+    assert enc.backend == "onnx" and "cannot be written" in caplog.text
+    assert len(list((tmp_path / "tmp").glob("zsl-onnx-*/minilm-*.onnx"))) == 1
+
+
+def test_temp_files_of_a_killed_export_are_removed(cache, monkeypatch):
+    monkeypatch.setenv("ZSL_CACHE_DIR", str(cache))
+    stale = cache / "onnx" / ".tmp-killed.onnx"
+    stale.write_bytes(b"half an export")
+    assert load_text_encoder("minilm", backend="onnx").backend == "onnx"
+    assert not stale.exists() and len(list((cache / "onnx").glob("minilm-*.onnx"))) == 1
+
+
+def test_onnx_on_cuda_is_refused():
+    with pytest.raises(ValueError, match="'onnx' runs on the CPU"):
+        load_text_encoder("minilm", device="cuda", backend="onnx")
