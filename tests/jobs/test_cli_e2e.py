@@ -125,7 +125,7 @@ def test_full_flow(ray_cluster, data: Path, tmp_path: Path, capsys):
 
 
 @pytest.mark.slow  # ~15-20 s: runs in CI's `make test-slow`
-def test_webdataset_and_parquet_inputs(ray_cluster, data: Path, tmp_path: Path):
+def test_webdataset_and_parquet_inputs(ray_cluster, data: Path, tmp_path: Path, monkeypatch):
     imgs = sorted((data / "train" / "bear").glob("*.png"))[:5]
     tar_dir = tmp_path / "wds"
     tar_dir.mkdir()
@@ -142,7 +142,13 @@ def test_webdataset_and_parquet_inputs(ray_cluster, data: Path, tmp_path: Path):
     assert t.num_rows == 5 and set(t.column("label").to_pylist()) == {"bear"}
     assert t.column("caption").to_pylist()[0] == "a bear silhouette"
     # the tar's decode task streams blocks of 2 rows: one shard, written once its 3 blocks are in, same rows
+    from pipeline.stages import extract as stage
+
+    seen, real = [], stage._ShardWriter.__call__
+    monkeypatch.setattr(stage._ShardWriter, "__call__",
+                        lambda self, batch: (seen.extend(batch["shard_n"].tolist()), real(self, batch))[1])
     assert run("extract", "--input", tar_dir, "--output", tmp_path / "f_wds2", "--set", "decode_block_rows=2") == 0
+    assert sorted(seen) == [-1] * 4 + [5]  # rows 0-3 came in blocks before the last (the setting reached Ray)
     t2 = pq.read_table(tmp_path / "f_wds2" / "features")
     assert [p.name for p in (tmp_path / "f_wds2" / "features").iterdir()] == ["shard-000000.parquet"]
     assert t2.column("image_id").to_pylist() == t.column("image_id").to_pylist()
