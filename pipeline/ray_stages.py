@@ -29,7 +29,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pipeline.images import DecodeError, decode_image
-from pipeline.shards import Shard, read_shard
+from pipeline.shard_readers import read_shard
+from pipeline.shards import Shard
 
 LOG = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
     ``shard_n`` (rows in the shard) is known only once the shard is read: the rows of a shard's
     last block carry it, earlier blocks carry -1. A shard that breaks part-way keeps the rows read
     before the break and ends with one ``read`` error row.
-    ``read``: keyword arguments of :func:`pipeline.shards.read_shard` (image column, label field)."""
+    ``read``: keyword arguments of :func:`pipeline.shard_readers.read_shard` (image column, label field)."""
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}; at least 1")
     blank = np.zeros((image_size, image_size, 3), np.uint8)

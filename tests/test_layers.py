@@ -1,7 +1,7 @@
 """The library is layers, not a stack: each module imports only modules of lower layers.
 
 base       io, config, schema, resume
-artifacts  features, shards, images, encoders, semantics, classset, wordvectors, models/*,
+artifacts  features, shards, shard_readers, images, encoders, text_onnx, semantics, classset, wordvectors, models/*,
            calibration, metrics, transductive, faiss_index, report, ray_stages, demo_data
 stages     stages/* : side by side, never importing one another
 jobs       the CLI: config + logging + one stage call

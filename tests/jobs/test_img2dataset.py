@@ -20,7 +20,8 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("ray_down_after")  # `zsl extract` runs in-process here
 
-from pipeline.shards import describe_input, list_shards, read_shard
+from pipeline.shard_readers import read_shard
+from pipeline.shards import describe_input, list_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 IMG2DATASET = Path(os.environ.get("ZSL_TOOLS_DIR", ROOT / ".venv-tools")) / "img2dataset" / "bin" / "img2dataset"

@@ -37,7 +37,8 @@ from pipeline.ray_stages import decode_shard
 from pipeline.schema import features_schema
 from pipeline.classset import load_class_set
 from pipeline.semantics import read_class_table
-from pipeline.shards import Shard, list_shards, read_shard
+from pipeline.shard_readers import read_shard
+from pipeline.shards import Shard, list_shards
 
 SIZE = 16
 KW = {"image_size": SIZE, "max_pixels": 89_478_485, "read": {"image_column": "image", "label_column": "label"}}

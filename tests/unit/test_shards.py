@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.shards import Shard, detect_format, list_shards, read_shard
+from pipeline.shard_readers import read_shard
+from pipeline.shards import Shard, detect_format, list_shards
 
 # ---------------------------------------------------------------- folder
 
