@@ -129,11 +129,33 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
+_TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
 def _read_tar(shard: Shard, label_field: str | None = None) -> Iterator[Record]:
+    """Samples of a webdataset tar, each yielded as soon as its members are read (a sample's
+    members are consecutive, as webdataset writes them), so memory holds one sample, not the tar.
+    A key that appears again after other keys is an error row (``key#2``), not merged."""
     tar_name = shard.source.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    groups: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
-    bad: dict[str, str] = {}
+    current: str | None = None  # the sample being read
+    parts: dict[str, bytes] = {}
+    bad: str | None = None
+    seen: dict[str, int] = {}  # key -> times it started a run of members
+    n_keys = 0
+
+    def finish() -> Iterator[Record]:
+        if current is None:
+            return
+        n = seen[current]
+        if n > 1:
+            yield Record(image_id=f"{tar_name}/{current}#{n}", uri=f"{shard.source}::{current}",
+                         error=f"key {current} appears again after other keys (webdataset samples are "
+                               "consecutive members); skipped")
+        else:
+            rec = _tar_sample(shard.source, tar_name, current, parts, bad, label_field)
+            if rec is not None:
+                yield rec
+
     try:
         fs, path = zio.filesystem(shard.source)
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
@@ -141,44 +163,49 @@ def _read_tar(shard: Shard, label_field: str | None = None) -> Iterator[Record]:
                 if not member.isfile():
                     continue
                 key, ext = _split_key(member.name)
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
+                if key != current:
+                    yield from finish()
+                    current, parts, bad = key, {}, None
+                    seen[key] = seen.get(key, 0) + 1
+                    n_keys += 1
                 try:
                     fh = tf.extractfile(member)
                     data = fh.read() if fh is not None else b""
                     if len(data) != member.size:
                         raise EOFError(f"{len(data)} of {member.size} bytes")
-                    groups[key][ext] = data
+                    parts[ext] = data
                 except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-                    bad[key] = f"corrupted tar member {member.name}: {exc}"
+                    bad = f"corrupted tar member {member.name}: {exc}"
             # tarfile stops silently at a header cut short; a complete archive ends with a zero block.
             tf.fileobj.seek(tf.offset)
             end = tf.fileobj.read(tarfile.BLOCKSIZE)
             if len(end) < tarfile.BLOCKSIZE or end.strip(b"\0"):
                 raise tarfile.ReadError(f"truncated at byte {tf.offset} (no end-of-archive block)")
     except Exception as exc:  # noqa: BLE001 - tarfile/gzip/zlib/fsspec raise many types on broken input
-        # A tar that breaks part-way still yields the members read before the break.
-        msg = f"unreadable tar after {len(order)} keys: {exc}"
+        # A tar that breaks part-way keeps the samples read before the break.
+        msg = f"unreadable tar after {n_keys} keys: {exc}"
         LOG.warning("%s: %s", shard.source, msg)
         yield Record(image_id=f"{tar_name}/<tar>", uri=shard.source, error=msg)
-    for key in order:
-        parts = groups[key]
-        uri = f"{shard.source}::{key}"
-        image_ext = next((e for e in ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff") if e in parts), None)
-        image_id = f"{tar_name}/{key}"
-        label, caption, m = _sidecar_label(parts, label_field)
-        if key in bad:
-            yield Record(image_id=image_id, uri=uri, label=label, caption=caption, error=bad[key], **m)
-        elif image_ext is None:
-            if any(e in parts for e in ("json", "txt", "cls")):
-                yield Record(image_id=image_id, uri=uri, label=label, caption=caption, error="no image member for key",
-                             **m)
-        else:
-            yield Record(image_id=image_id, uri=f"{shard.source}::{key}.{image_ext}", label=label,
-                         caption=caption, data=parts[image_ext], **m)
+    yield from finish()
     if shard.source.lower().endswith(".tar"):
         yield from _sidecar_failures(shard.source[: -len(".tar")] + ".parquet", tar_name, label_field)
+
+
+def _tar_sample(source: str, tar_name: str, key: str, parts: dict[str, bytes], bad: str | None,
+                label_field: str | None) -> Record | None:
+    """The record of one webdataset sample (None for a key with neither image nor sidecar)."""
+    uri = f"{source}::{key}"
+    image_ext = next((e for e in _TAR_IMAGE_EXTS if e in parts), None)
+    image_id = f"{tar_name}/{key}"
+    label, caption, m = _sidecar_label(parts, label_field)
+    if bad is not None:
+        return Record(image_id=image_id, uri=uri, label=label, caption=caption, error=bad, **m)
+    if image_ext is None:
+        if any(e in parts for e in ("json", "txt", "cls")):
+            return Record(image_id=image_id, uri=uri, label=label, caption=caption, error="no image member for key", **m)
+        return None
+    return Record(image_id=image_id, uri=f"{source}::{key}.{image_ext}", label=label, caption=caption,
+                  data=parts[image_ext], **m)
 
 
 def _sidecar_label(parts: dict[str, bytes], label_field: str | None = None) -> tuple[str | None, str | None, dict]:

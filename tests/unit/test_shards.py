@@ -139,6 +139,35 @@ def test_truncated_tar_in_member_header_is_reported(tmp_path):
     assert any(r.error and ("k4" in r.image_id or "<tar>" in r.image_id) for r in recs)
 
 
+def test_tar_samples_stream_before_the_rest_of_the_tar_is_read(tmp_path, monkeypatch):
+    """A sample is handed on once the next key starts: the reader holds one sample, not the tar."""
+    from pipeline import shard_readers
+
+    (tmp_path / "s.tar").write_bytes(_tar_bytes())
+    reads = []
+    real = shard_readers.tarfile.TarFile.extractfile
+    monkeypatch.setattr(shard_readers.tarfile.TarFile, "extractfile",
+                        lambda self, m: (reads.append(m.name), real(self, m))[1])
+    it = read_shard(Shard(0, "tar", str(tmp_path / "s.tar")))
+    first = next(it)
+    assert first.image_id == "s/k1" and reads == ["k1.jpg", "k1.json", "k1.txt"]  # k2 not read yet
+    assert [r.image_id for r in it] == ["s/k2", "s/k3", "s/k4"]
+
+
+def test_a_key_split_by_other_keys_is_an_error_row_not_merged(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        _add(tf, "a.jpg", b"A")
+        _add(tf, "b.jpg", b"B")
+        _add(tf, "a.txt", b"late caption of a")  # not consecutive with a.jpg
+        _add(tf, "c.jpg", b"C")
+    (tmp_path / "t.tar").write_bytes(buf.getvalue())
+    recs = list(read_shard(Shard(0, "tar", str(tmp_path / "t.tar"))))
+    assert [r.image_id for r in recs] == ["t/a", "t/b", "t/a#2", "t/c"]
+    assert recs[0].data == b"A" and recs[0].caption is None and recs[3].data == b"C"
+    assert recs[2].data is None and "appears again after other keys" in recs[2].error
+
+
 def test_gzipped_tar_reads_the_same(tmp_path):
     import gzip
 
