@@ -289,13 +289,10 @@ class Bridged(_WithBridge):
         return self._fit_base(X, y, S)
 
     def scores(self, X, S):
-        from pipeline.models.ensemble import row_zscore
+        from pipeline.models.ensemble import zscore_mix
 
         w = self.params["weight"]
-        out = (1 - w) * row_zscore(self.base.scores(X, S)) if w < 1 else 0.0
-        if w > 0:
-            out = out + w * row_zscore(self.bridge.scores(X, S))
-        return np.asarray(out, np.float32)
+        return zscore_mix([(1 - w, lambda: self.base.scores(X, S)), (w, lambda: self.bridge.scores(X, S))])
 
     def embed_images(self, X):
         return self.base.embed_images(X)

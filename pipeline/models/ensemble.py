@@ -24,7 +24,7 @@ from pipeline.models.base import METHODS, ZSLModel, register
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["Ensemble", "row_zscore"]
+__all__ = ["Ensemble", "row_zscore", "zscore_mix"]
 
 
 def row_zscore(s: np.ndarray) -> np.ndarray:
@@ -35,6 +35,19 @@ def row_zscore(s: np.ndarray) -> np.ndarray:
     mu = s.mean(1, keepdims=True)
     sd = s.std(1, keepdims=True)
     return np.divide(s - mu, sd, out=np.zeros_like(s), where=sd > 0)
+
+
+def zscore_mix(weighted: Sequence[tuple[float, Any]]) -> np.ndarray:
+    """``sum_i w_i * row_zscore(scores_i())`` over ``(w_i, scores_i)`` pairs, float32; a score
+    function whose weight is 0 is not called (the one score mix of ensembles and bridged models)."""
+    total = None
+    for w, scores in weighted:
+        if w:
+            z = w * row_zscore(scores())
+            total = z if total is None else total + z
+    if total is None:
+        raise ValueError("zscore_mix: every weight is 0")
+    return total.astype(np.float32)
 
 
 def _member(spec: Any, i: int) -> ZSLModel:
@@ -96,11 +109,7 @@ class Ensemble(ZSLModel):
         return [np.asarray(m.scores(X, S)) for m in self.members]
 
     def scores(self, X, S):
-        total = None
-        for w, s in zip(self.weights, self.member_scores(X, S)):
-            z = w * row_zscore(s)
-            total = z if total is None else total + z
-        return total.astype(np.float32)
+        return zscore_mix([(w, lambda m=m: m.scores(X, S)) for w, m in zip(self.weights, self.members)])
 
     def embed_images(self, X):
         """Delegates to the first member that can map images into the semantic space."""

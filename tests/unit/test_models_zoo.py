@@ -301,3 +301,18 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path, binary, method, p
     np.testing.assert_array_equal(loaded.scores(p["X_u"], p["S"]), model.scores(p["X_u"], p["S"]))
     with pytest.raises(ValueError, match="64-d"):
         load_model(out, feature_dim=64)
+
+
+def test_zscore_mix_skips_zero_weights_and_refuses_all_zero():
+    from pipeline.models.ensemble import row_zscore, zscore_mix
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
+
+    def never():
+        raise AssertionError("a score function with weight 0 was called")
+
+    np.testing.assert_allclose(zscore_mix([(0.3, lambda: a), (0.7, lambda: b), (0.0, never)]),
+                               0.3 * row_zscore(a) + 0.7 * row_zscore(b), rtol=1e-6)
+    with pytest.raises(ValueError, match="every weight is 0"):
+        zscore_mix([(0.0, never)])
