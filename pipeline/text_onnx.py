@@ -28,6 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline import io as zio
+
 LOG = logging.getLogger(__name__)
 
 __all__ = ["onnx_available", "minilm_onnx_encoder", "cache_dir", "TOLERANCE"]
@@ -113,20 +115,11 @@ def _export(model, path: Path) -> None:
 
     feats = _tokenize(model, list(PROBES))
     args = tuple(feats[k].cpu() for k in ("input_ids", "attention_mask", "token_type_ids"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
-    os.close(fd)
-    try:
-        axes = {k: {0: "batch", 1: "tokens"} for k in ("input_ids", "attention_mask", "token_type_ids", "hidden")}
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer notes on Python-level branches; the result is checked
-            torch.onnx.export(_Hidden(bert), args, tmp, input_names=["input_ids", "attention_mask", "token_type_ids"],
-                              output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    axes = {k: {0: "batch", 1: "tokens"} for k in ("input_ids", "attention_mask", "token_type_ids", "hidden")}
+    with zio.atomic_local_file(str(path)) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on Python-level branches; the result is checked
+        torch.onnx.export(_Hidden(bert), args, tmp, input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
 
 
 def _session(path: Path, threads: int | None):
@@ -189,8 +182,7 @@ def minilm_onnx_encoder(model, model_dir: str, *, threads: int | None = None) ->
     path = d / f"minilm-{_key(model, model_dir)}.onnx"
     with open(d / "export.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for stale in d.glob(".tmp-*.onnx"):  # left by a process killed while exporting (none runs now)
-            stale.unlink(missing_ok=True)
+        zio.remove_temp_files(str(d))  # left by a process killed while exporting (none runs now)
         return _load_checked(model, path, threads)
 
 

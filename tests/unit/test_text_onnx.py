@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 
+from pipeline import io as zio
 from pipeline import text_onnx
 from pipeline.encoders import load_text_encoder
 
@@ -46,7 +47,7 @@ def test_onnx_vectors_equal_the_pytorch_ones(cache, monkeypatch, torch_encoder):
 def test_the_export_is_cached_and_reused(cache, monkeypatch):
     monkeypatch.setenv("ZSL_CACHE_DIR", str(cache))
     (f,) = (cache / "onnx").glob("minilm-*.onnx")
-    assert f.stat().st_size > 10_000_000 and not list((cache / "onnx").glob(".tmp-*"))
+    assert f.stat().st_size > 10_000_000 and not list((cache / "onnx").glob(f"{zio.TMP_PREFIX}*"))
 
     def no_export(*a, **k):
         raise AssertionError("exported again although the cache holds the model")
@@ -131,7 +132,7 @@ def test_an_unwritable_cache_falls_back_to_the_temp_dir(cache, tmp_path, monkeyp
 
 def test_temp_files_of_a_killed_export_are_removed(cache, monkeypatch):
     monkeypatch.setenv("ZSL_CACHE_DIR", str(cache))
-    stale = cache / "onnx" / ".tmp-killed.onnx"
+    stale = cache / "onnx" / f"{zio.TMP_PREFIX}killed-minilm.onnx"
     stale.write_bytes(b"half an export")
     assert load_text_encoder("minilm", backend="onnx").backend == "onnx"
     assert not stale.exists() and len(list((cache / "onnx").glob("minilm-*.onnx"))) == 1
