@@ -247,11 +247,15 @@ def load_text_encoder(name: str = DEFAULT_TEXT, pretrained: str | None = None, *
                else model.get_sentence_embedding_dimension())
         from pipeline import text_onnx
 
-        if backend == "auto" and device != "cpu":
-            LOG.info("text model on PyTorch (%s): the ONNX Runtime path is for CPUs", device)
-        elif backend == "auto" and not text_onnx.onnx_available():
-            LOG.warning("text model stays on PyTorch: onnxruntime is not installed")
-        if backend == "onnx" or (backend == "auto" and device == "cpu" and text_onnx.onnx_available()):
+        use_onnx = backend == "onnx"
+        if backend == "auto":
+            if device != "cpu":
+                LOG.info("text model on PyTorch (%s): the ONNX Runtime path is for CPUs", device)
+            elif not text_onnx.onnx_available():
+                LOG.warning("text model stays on PyTorch: onnxruntime is not installed")
+            else:
+                use_onnx = True
+        if use_onnx:
             try:
                 fn = text_onnx.minilm_onnx_encoder(model, path, threads=threads)
             except Exception as exc:  # noqa: BLE001 - auto falls back to the PyTorch model

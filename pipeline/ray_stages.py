@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline.images import DecodeError, decode_image
 from pipeline.shard_readers import read_shard
-from pipeline.shards import Shard
+from pipeline.shards import Record, Shard, _stem
 
 LOG = logging.getLogger(__name__)
 
@@ -88,10 +88,7 @@ def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
                 # One error row stands for the (rest of the) shard: the job goes on, and a rerun does
                 # not retry it (the shard is recorded as done, with its reason in errors/).
                 LOG.warning("shard %d (%s) unreadable: %s: %s", shard.shard_id, shard.source, type(exc).__name__, exc)
-                from pipeline.shards import Record
-
-                stem = shard.source.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-                rec = Record(image_id=f"{stem}/<shard-{shard.shard_id:06d}>", uri=shard.source,
+                rec = Record(image_id=f"{_stem(shard.source)}/<shard-{shard.shard_id:06d}>", uri=shard.source,
                              error=f"unreadable shard: {type(exc).__name__}: {exc}", stage="read")
                 records = iter(())
             if rec is None:
@@ -112,9 +109,8 @@ def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
 
 
 def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image_size: int) -> dict:
-    cols: dict[str, list] = {k: [] for k in _COLUMNS}
-    for row, (rec, px, w, h, err, stage) in enumerate(rows, start=first_row):
-        cols["shard_row"].append(row)
+    cols: dict[str, list] = {k: [] for k in _COLUMNS if k not in ("shard_id", "shard_n", "shard_row")}
+    for rec, _px, w, h, err, stage in rows:
         cols["image_id"].append(rec.image_id)
         cols["uri"].append(rec.uri)
         cols["label"].append(rec.label or "")  # "" = none: Ray turns None in object columns into NaN
@@ -129,7 +125,7 @@ def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image
     out = {k: np.array(v, dtype=object) for k, v in cols.items()}
     out["shard_id"] = np.full(len(rows), shard_id, np.int64)
     out["shard_n"] = np.full(len(rows), shard_n, np.int64)
-    out["shard_row"] = np.asarray(cols["shard_row"], np.int64)
+    out["shard_row"] = np.arange(first_row, first_row + len(rows), dtype=np.int64)
     out["width"] = np.asarray(cols["width"], np.int32)
     out["height"] = np.asarray(cols["height"], np.int32)
     out["pixels"] = np.stack([r[1] for r in rows]) if rows else np.zeros((0, image_size, image_size, 3), np.uint8)

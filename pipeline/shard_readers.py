@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import io as zio
-from pipeline.shards import _I2D_FIELDS, _ID_COLUMNS, _LABEL_KEYS, _URI_COLUMNS, Record, Shard, _image_column
+from pipeline.shards import _I2D_FIELDS, _ID_COLUMNS, _LABEL_KEYS, _URI_COLUMNS, Record, Shard, _image_column, _stem
 
 LOG = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def _read_tar(shard: Shard, label_field: str | None = None) -> Iterator[Record]:
     """Samples of a webdataset tar, each yielded as soon as its members are read (a sample's
     members are consecutive, as webdataset writes them), so memory holds one sample, not the tar.
     A key that appears again after other keys is an error row (``key#2``), not merged."""
-    tar_name = shard.source.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    tar_name = _stem(shard.source)
     current: str | None = None  # the sample being read
     parts: dict[str, bytes] = {}
     bad: str | None = None

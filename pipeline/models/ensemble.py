@@ -104,10 +104,6 @@ class Ensemble(ZSLModel):
         self._refresh_params()  # a member may record fit-time values in its params
         return self
 
-    def member_scores(self, X: np.ndarray, S: np.ndarray) -> list[np.ndarray]:
-        """Raw ``(n, C)`` scores of every member, in member order."""
-        return [np.asarray(m.scores(X, S)) for m in self.members]
-
     def scores(self, X, S):
         return zscore_mix([(w, lambda m=m: m.scores(X, S)) for w, m in zip(self.weights, self.members)])
 
