@@ -9,10 +9,10 @@ Two measurements, each as a RATIO of medians over repeats taken in the same proc
    ``batch_size``, ``ImageEncoder.encode``. Ray is started once before timing (its start-up is
    reported separately, with one optional cold run); the actor start and model load inside each
    pipeline run are part of its cost. The bare loop uses the torch thread count of the pipeline's
-   encoder actor (:func:`pipeline.ray_stages.plan_resources`).
+   encoder actor (:func:`pipeline.cluster.extraction.plan_resources`).
 2. **Bulk labeling** — :func:`pipeline.stages.label.run_label` over Parquet feature shards of synthetic
    (but feature-like: non-negative, class-clustered) 1280-d rows (written by
-   :func:`pipeline.features.write_features`) with a real ESZSL model trained by
+   :func:`pipeline.core.features.write_features`) with a real ESZSL model trained by
    :func:`pipeline.stages.train.run_train`, against the same math in bare NumPy on the in-memory matrix:
    ``l2n(X) @ V @ S.T`` and ``np.argpartition`` top-k, no I/O.
 
@@ -105,8 +105,8 @@ def _bare_extract(files: list[str], encoder, *, image_size: int, batch_size: int
     """The pipeline's per-image work without Ray: read, decode, batch, encode."""
     import numpy as np
 
-    from pipeline import io as zio
-    from pipeline.images import decode_image
+    from pipeline.core import fs as zio
+    from pipeline.inputs.images import decode_image
 
     out, batch = [], []
     for uri in files:
@@ -126,13 +126,14 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
     import ray
     import torch
 
-    from pipeline.config import ExtractConfig
-    from pipeline.demo_data import write_demo_data
-    from pipeline.encoders import image_encoder_info, load_image_encoder
-    from pipeline.features import load_features
-    from pipeline.ray_stages import init_ray, plan_resources
-    from pipeline.schema import FeaturesManifest
-    from pipeline.shards import list_shards
+    from pipeline.core.config import ExtractConfig
+    from pipeline.inputs.demo_data import write_demo_data
+    from pipeline.encoders.models import image_encoder_info, load_image_encoder
+    from pipeline.core.features import load_features
+    from pipeline.cluster.session import init_ray
+    from pipeline.cluster.extraction import plan_resources
+    from pipeline.core.schema import FeaturesManifest
+    from pipeline.inputs.shards import list_shards
     from pipeline.stages.extract import run_extract
 
     data = work / "images"
@@ -240,7 +241,7 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
 
 def _write_feature_dir(out: str, X, labels: list[str], *, shard_rows: int, id_prefix: str):
     """A feature directory of synthetic rows, written by the library's writer (same layout as ``zsl extract``)."""
-    from pipeline.features import write_features
+    from pipeline.core.features import write_features
 
     ids = [f"{id_prefix}/{i:08d}.png" for i in range(len(labels))]
     return write_features(out, image_ids=ids, uris=[f"synthetic://{i}" for i in ids], labels=labels, X=X,
@@ -267,11 +268,11 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
                 repeats: int, seed: int) -> dict:
     import numpy as np
 
-    from pipeline.classset import load_class_set, write_class_set
-    from pipeline.config import LabelConfig, TrainConfig
-    from pipeline.models import load_model
-    from pipeline.models.base import l2n
-    from pipeline.models.scoring import class_semantics
+    from pipeline.semantics.classset import load_class_set, write_class_set
+    from pipeline.core.config import LabelConfig, TrainConfig
+    from pipeline.zsl.models import load_model
+    from pipeline.zsl.models.base import l2n
+    from pipeline.zsl.models.scoring import class_semantics
     from pipeline.stages.label import run_label
     from pipeline.stages.train import run_train
 
@@ -448,7 +449,7 @@ def bench(
     seed: int = typer.Option(0),
 ) -> None:
     """Measure pipeline vs bare-loop throughput for extraction and labeling; write ratios as JSON."""
-    from pipeline import io as zio
+    from pipeline.core import fs as zio
 
     seen = label_seen if label_seen is not None else max(2, round(0.8 * label_classes))
     if not 2 <= seen < label_classes:

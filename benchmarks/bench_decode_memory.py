@@ -2,13 +2,13 @@
 
 img2dataset writes 10,000 images per tar by default, and ``zsl extract`` decodes one shard per Ray
 task. A task that returns the whole shard's pixels at once holds them all (and a stacked copy);
-:func:`pipeline.ray_stages.decode_chunks` yields blocks of ``DECODE_CHUNK_ROWS`` rows instead.
+:func:`pipeline.cluster.extraction.decode_chunks` yields blocks of ``DECODE_CHUNK_ROWS`` rows instead.
 
 Writes a tar of ``--images`` JPEGs (10,000: img2dataset's default shard; sizes and contents vary, seeded), then decodes it at
 ``--image-size`` in a fresh subprocess per run, alternating the two modes, ``--repeats`` times each:
 
-- ``whole``: :func:`pipeline.ray_stages.decode_shard` (every row of the shard in one batch);
-- ``streamed``: :func:`pipeline.ray_stages.decode_chunks` (blocks consumed one at a time, as Ray
+- ``whole``: :func:`pipeline.cluster.extraction.decode_shard` (every row of the shard in one batch);
+- ``streamed``: :func:`pipeline.cluster.extraction.decode_chunks` (blocks consumed one at a time, as Ray
   Data hands them on).
 
 Reports the subprocess's peak RSS (``ru_maxrss``) and wall time, medians over the repeats, and
@@ -59,8 +59,8 @@ def write_tar(path: Path, n: int, seed: int = 0) -> int:
 
 def _child(tar: str, mode: str, image_size: int) -> None:
     """Runs in a fresh interpreter: decode the tar one way, print peak RSS and counts."""
-    from pipeline.ray_stages import DECODE_CHUNK_ROWS, decode_chunks, decode_shard
-    from pipeline.shards import Shard
+    from pipeline.cluster.extraction import DECODE_CHUNK_ROWS, decode_chunks, decode_shard
+    from pipeline.inputs.shards import Shard
 
     batch = {"shard": np.array([Shard(shard_id=0, kind="tar", source=tar).to_json()], dtype=object)}
     kw = dict(image_size=image_size, max_pixels=10**8, read={"image_column": "auto", "label_column": "label"})

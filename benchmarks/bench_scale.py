@@ -3,8 +3,8 @@
 For each row count N (``--rows``, repeatable) the harness
 
 1. **writes synthetic feature shards** in the real feature format (``features/shard-NNNNNN.parquet``
-   with :func:`pipeline.schema.features_schema`, one zstd Parquet file per shard written atomically
-   as ``zsl extract`` does, then the :class:`~pipeline.schema.FeaturesManifest`), shard by shard:
+   with :func:`pipeline.core.schema.features_schema`, one zstd Parquet file per shard written atomically
+   as ``zsl extract`` does, then the :class:`~pipeline.core.schema.FeaturesManifest`), shard by shard:
    non-negative, class-clustered 1280-d rows over many classes with a low-rank latent structure plus
    per-row noise (as :func:`benchmarks.bench._synthetic_features`); never all N rows in memory. One
    class set (synthetic 384-d text embeddings) and one ESZSL model (``semantics == "text"``) are
@@ -230,11 +230,11 @@ class World:
                  train_per_class: int, shard_rows: int, seed: int) -> None:
         import numpy as np
 
-        from pipeline.classset import load_class_set, write_class_set
-        from pipeline.config import TrainConfig
-        from pipeline.models import load_model
-        from pipeline.models.base import l2n
-        from pipeline.models.scoring import class_semantics
+        from pipeline.semantics.classset import load_class_set, write_class_set
+        from pipeline.core.config import TrainConfig
+        from pipeline.zsl.models import load_model
+        from pipeline.zsl.models.base import l2n
+        from pipeline.zsl.models.scoring import class_semantics
         from pipeline.stages.train import run_train
 
         t0 = time.perf_counter()
@@ -280,9 +280,9 @@ class World:
         import numpy as np
         import pyarrow as pa
 
-        from pipeline import io as zio
-        from pipeline.features import shard_name
-        from pipeline.schema import FeaturesManifest, features_schema, write_manifest
+        from pipeline.core import fs as zio
+        from pipeline.core.features import shard_name
+        from pipeline.core.schema import FeaturesManifest, features_schema, write_manifest
 
         n = len(y)
         names = np.asarray(self.names, dtype=object)
@@ -319,7 +319,7 @@ def make_scale_data(world: World, work: Path, n_rows: int) -> dict:
     """Feature shards of ``n_rows`` rows + their projected vectors as ``emb/part-NNN.npy``."""
     import numpy as np
 
-    from pipeline.features import check_feature_shards, feature_shards, open_features
+    from pipeline.core.features import check_feature_shards, feature_shards, open_features
 
     feats, emb = work / "features", work / "emb"
     emb.mkdir(parents=True, exist_ok=True)
@@ -408,7 +408,7 @@ print(json.dumps({"rows": n, "seconds": time.perf_counter() - t1, "seconds_incl_
 
 def bench_label_scale(world: World, data: dict, work: Path, *, n_rows: int, repeats: int, top_k: int,
                       env: dict, poll_s: float) -> dict:
-    from pipeline.config import LabelConfig
+    from pipeline.core.config import LabelConfig
 
     batch = LabelConfig(model=world.model_dir, features=data["features_dir"], classes=world.classes_dir,
                         output=str(work / "x")).batch_size
@@ -510,7 +510,7 @@ def _apply_params(index, params: str | None) -> str | None:
 
 def measure_recall(index, Q, gt_ids) -> dict:
     """Recall@1/10/100 of one batched search of all queries against the exact ids ``gt_ids``."""
-    from pipeline.faiss_index import recall_at_k
+    from pipeline.index.faiss_index import recall_at_k
 
     k = min(max(RECALL_KS), int(index.ntotal))
     _, ids = index.search(Q, k)
@@ -564,8 +564,8 @@ def measure_latencies(indexes: dict, Q, *, rounds: int, single_queries: int, lat
 def bench_our_index(world: World, data: dict, work: Path, Q, gt_ids, *, max_memory: str, env: dict,
                     poll_s: float) -> tuple[dict, object]:
     """``zsl index`` in a subprocess (wall time, peak RSS), its manifest, load time and recall."""
-    from pipeline.config import parse_memory
-    from pipeline.faiss_index import load_index
+    from pipeline.core.config import parse_memory
+    from pipeline.index.faiss_index import load_index
 
     out = work / "index-ours"
     shutil.rmtree(out, ignore_errors=True)
@@ -594,7 +594,7 @@ def bench_our_index(world: World, data: dict, work: Path, Q, gt_ids, *, max_memo
         "root_hwm_mb": _mb(m["root_hwm_bytes"]),
         "index_file_bytes": (out / "index.faiss").stat().st_size + sum((man.get("data_files") or {}).values()),
         "data_files": man.get("data_files"), "index_bytes": man.get("index_bytes"),
-        "load": "pipeline.faiss_index.load_index(dir) with its defaults (memory-mapped where the index type allows)",
+        "load": "pipeline.index.faiss_index.load_index(dir) with its defaults (memory-mapped where the index type allows)",
         "estimated_bytes": man.get("estimated_bytes"),
         "estimated_over_file": _ratio(man["estimated_bytes"], (out / "index.faiss").stat().st_size)
         if man.get("estimated_bytes") else None,
@@ -673,7 +673,7 @@ def bench_autofaiss(venv: Path, data: dict, work: Path, Q, gt_ids, *, max_memory
     """``autofaiss build_index`` of the projected vectors (wall time, peak RSS), load time and recall."""
     import faiss
 
-    from pipeline.config import parse_memory
+    from pipeline.core.config import parse_memory
 
     out = work / "index-autofaiss"
     shutil.rmtree(out, ignore_errors=True)
@@ -725,14 +725,15 @@ def bench_extract_steady(work: Path, *, n_images: int, shard_size: int, batch_si
     import ray
     import torch
 
-    from pipeline import io as zio
-    from pipeline.config import ExtractConfig
-    from pipeline.demo_data import ANIMAL_MNIST_CLASSES, write_demo_data
-    from pipeline.encoders import image_encoder_info, load_image_encoder
-    from pipeline.features import load_features
-    from pipeline.images import decode_image
-    from pipeline.ray_stages import init_ray, plan_resources
-    from pipeline.shards import list_shards
+    from pipeline.core import fs as zio
+    from pipeline.core.config import ExtractConfig
+    from pipeline.inputs.demo_data import ANIMAL_MNIST_CLASSES, write_demo_data
+    from pipeline.encoders.models import image_encoder_info, load_image_encoder
+    from pipeline.core.features import load_features
+    from pipeline.inputs.images import decode_image
+    from pipeline.cluster.session import init_ray
+    from pipeline.cluster.extraction import plan_resources
+    from pipeline.inputs.shards import list_shards
     from pipeline.stages.extract import run_extract
 
     per_class = -(-n_images // len(ANIMAL_MNIST_CLASSES))
@@ -787,7 +788,7 @@ def bench_extract_steady(work: Path, *, n_images: int, shard_size: int, batch_si
             return total
 
         def bare_rep(r: int) -> float:
-            from pipeline import io as zio_
+            from pipeline.core import fs as zio_
 
             torch.set_num_threads(plan.threads)
             stamps, counts, out, batch = [], [], [], []
@@ -1029,7 +1030,7 @@ NOTES = [
     "and a 'Compute fast metrics' step (its own latency/recall report), which 'minus fast metrics' removes.",
     "Recall: exact top-100 by brute force over the same projected vectors; both indexes are searched with the "
     "same 1,000 held-out queries (new rows of the same distribution, projected the same way) in this process; "
-    "recall@k = |approx top-k ∩ exact top-k| / k. Our index is loaded with pipeline.faiss_index.load_index and "
+    "recall@k = |approx top-k ∩ exact top-k| / k. Our index is loaded with pipeline.index.faiss_index.load_index and "
     "its manifest's search_params (if any) applied with faiss.ParameterSpace; autofaiss's with faiss.read_index "
     "and its infos.json index_param (load times differ in kind: load_index memory-maps where it can, "
     "read_index reads the whole file; 'index file MB' of ours includes its data_files). faiss threads at their default. Latency is measured after both indexes "
@@ -1076,7 +1077,7 @@ def scale(
     """Label and index N synthetic rows per --rows; compare with bare loops and autofaiss; write JSON + markdown."""
     import numpy as np
 
-    from pipeline import io as zio
+    from pipeline.core import fs as zio
 
     n_seen = seen if seen is not None else max(2, round(0.8 * classes))
     if not 2 <= n_seen < classes:

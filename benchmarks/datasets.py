@@ -5,7 +5,7 @@
   class; class names come from the ``emoji`` package (CLDR short names).
 * :func:`awa2_class_table` — class table of the animal-mnist animals with their AwA2 attribute
   rows (Lampert et al.), read from a class-semantics folder such as
-  ``../shared/data/class_semantics/awa2`` (never copied into the repo).
+  ``conf/class_semantics/awa2`` (carried by the repository, with its sources).
 * :func:`simulate_features` — features drawn from a class-level semantic table (for the AwA, CUB,
   SUN and aPY tables, which come without images): a random linear map of each class's attribute
   vector plus within-class noise. Methods are then compared on the *real* class geometry.

@@ -10,7 +10,7 @@ Regenerates ``benchmarks/results/EVAL.md`` and ``benchmarks/results/eval_results
    drawings and their captions (Debian packages), alone and combined with class-trained methods
    (weight and γ chosen on held-out seen classes); corpus images that are also in an evaluated
    set (near-identical features) are dropped and counted.
-3. **AwA1/AwA2/CUB/aPY/SUN class-level tables** (``../shared/data/class_semantics``; no images
+3. **AwA1/AwA2/CUB/aPY/SUN class-level tables** (``conf/class_semantics``; no images
    ship with them): simulated features over the real class geometry, with the real splits.
 
 Usage (from the repository root): ``python -m benchmarks.eval_suite [--quick] [--out benchmarks/results]
@@ -47,7 +47,7 @@ ATTR_RUNS = [("dap", "attributes", {}), ("eszsl", "attributes", {}), ("sae", "at
 
 def _train_eval(name: str, work: Path, feats_train: str, feats_test: str, classes: str, seen, unseen,
                 runs, *, tune: bool, transductive: bool) -> dict:
-    from pipeline.config import build_config
+    from pipeline.core.config import build_config
     from pipeline.stages.evaluate import run_evaluate_all
     from pipeline.stages.train import run_train
 
@@ -84,8 +84,8 @@ def _train_eval(name: str, work: Path, feats_train: str, feats_test: str, classe
 
 def _animal_features(work: Path, per_class: int) -> None:
     """animal-mnist images -> train/test features and the demo class set under ``work`` (resumable)."""
-    from pipeline.config import build_config
-    from pipeline.demo_data import write_demo_data
+    from pipeline.core.config import build_config
+    from pipeline.inputs.demo_data import write_demo_data
     from pipeline.stages.classes import run_classes
     from pipeline.stages.extract import run_extract
 
@@ -99,7 +99,7 @@ def _animal_features(work: Path, per_class: int) -> None:
 
 def animal_mnist(work: Path, shared: Path | None, per_class: int, tune: bool) -> list[dict]:
     from benchmarks.datasets import awa2_class_table
-    from pipeline.config import build_config
+    from pipeline.core.config import build_config
     from pipeline.stages.classes import run_classes
 
     _animal_features(work, per_class)
@@ -130,8 +130,8 @@ def animal_mnist(work: Path, shared: Path | None, per_class: int, tune: bool) ->
 def _emoji_features(work: Path, per_class: int, n_unseen: int = 10) -> tuple[list[str], list[str]]:
     """OpenMoji renders -> train/test features, class set and the seeded split under ``work``."""
     from benchmarks.datasets import EMOJI_CLASSES, write_emoji_images
-    from pipeline import io as zio
-    from pipeline.config import build_config
+    from pipeline.core import fs as zio
+    from pipeline.core.config import build_config
     from pipeline.stages.classes import run_classes
     from pipeline.stages.extract import run_extract
 
@@ -162,8 +162,8 @@ def class_tables(work: Path, shared: Path, per_class: int, tune: bool) -> list[d
     import pandas as pd
 
     from benchmarks.datasets import simulate_features
-    from pipeline.config import build_config
-    from pipeline.features import write_features
+    from pipeline.core.config import build_config
+    from pipeline.core.features import write_features
     from pipeline.stages.classes import run_classes
 
     sections = []
@@ -213,8 +213,8 @@ BRIDGES = ("ridge", "asif", "contrastive")
 
 def _corpus_features(work: Path, limit: int | None) -> str:
     """Open Clip Art (Debian packages) -> captioned features with caption embeddings (cached in ``work``)."""
-    from pipeline.config import build_config
-    from pipeline.corpus import write_openclipart_corpus
+    from pipeline.core.config import build_config
+    from pipeline.inputs.corpus import write_openclipart_corpus
     from pipeline.stages.captions import run_embed_text
     from pipeline.stages.extract import run_extract
 
@@ -229,7 +229,7 @@ def bridge_rows(name: str, work: Path, corpus: str, feats_train: str, feats_test
                 exclude: list[str], tune: bool) -> dict:
     """Bridges alone (no class labels), each class-trained text method with the ridge bridge (weight
     and γ chosen on held-out seen classes), and their transductive variants."""
-    from pipeline.config import build_config
+    from pipeline.core.config import build_config
     from pipeline.stages.bridge import run_bridge
     from pipeline.stages.evaluate import run_evaluate_all
     from pipeline.stages.train import run_train
@@ -262,7 +262,7 @@ def bridge_rows(name: str, work: Path, corpus: str, feats_train: str, feats_test
 
 def bridge_sections(work: Path, corpus_limit: int | None, tune: bool, per_class: tuple[int, int]) -> list[dict]:
     """Bridge rows for the image datasets (their features as the animal-mnist and emoji sections make them)."""
-    import pipeline.corpus as oc
+    import pipeline.inputs.corpus as oc
 
     if not os.path.isdir(oc.OPENCLIPART_ROOT):
         raise FileNotFoundError(f"{oc.OPENCLIPART_ROOT}: apt-get install openclipart-png openclipart-svg")
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.eval_suite", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--work", default=str(ROOT / "runs" / "eval"))
-    parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data" / "class_semantics"))
+    parser.add_argument("--shared", default=str(ROOT / "conf" / "class_semantics"))
     parser.add_argument("--quick", action="store_true", help="fewer images, no tuning (smoke run)")
     parser.add_argument("--only", choices=["animal-mnist", "emoji", "tables", "bridge"], action="append",
                         help="run these sections only; the others are kept from the previous results")
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from pipeline import io as zio
+    from pipeline.core import fs as zio
 
     work, shared = Path(args.work), Path(args.shared)
     shared_ok = shared.is_dir()

@@ -76,8 +76,8 @@ def check_extract(work: Path, images: int) -> dict:
 def check_faiss(n: int, dim: int = 384, seed: int = 0) -> dict:
     import faiss
 
-    from pipeline import faiss_index as zix
-    from pipeline.index_tuning import tune_index
+    from pipeline.index import faiss_index as zix
+    from pipeline.index.tune import tune_index
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((1000, dim)).astype(np.float32)

@@ -75,7 +75,7 @@ def snapshot(out: str | os.PathLike) -> dict[str, FileStamp]:
 
 def _shard_rows(out: str, name: str) -> int:
     """Items of one finished shard: feature rows plus error rows."""
-    from pipeline import io as zio
+    from pipeline.core import fs as zio
 
     errors = os.path.join(out, "errors", name)
     return zio.parquet_num_rows(os.path.join(out, "features", name)) + (
@@ -90,9 +90,9 @@ def rerun_counts(out: str | os.PathLike, before: dict[str, FileStamp], after: di
     presence means the rerun completed) and checks both against the files on disk. Raises
     ``RuntimeError`` if the output is unfinished or its records disagree with its files.
     """
-    from pipeline import io as zio
-    from pipeline.features import open_features, shard_id_of, shard_name
-    from pipeline.schema import RunRecord
+    from pipeline.core import fs as zio
+    from pipeline.core.features import open_features, shard_id_of, shard_name
+    from pipeline.core.schema import RunRecord
 
     out = str(out)
     record = RunRecord.model_validate(zio.read_json(os.path.join(out, "run.json")))
@@ -160,8 +160,8 @@ def write_input(root: Path, n_images: int) -> None:
 
     from PIL import Image
 
-    from pipeline import io as zio
-    from pipeline.demo_data import ANIMAL_MNIST_CLASSES, load_animal_mnist
+    from pipeline.core import fs as zio
+    from pipeline.inputs.demo_data import ANIMAL_MNIST_CLASSES, load_animal_mnist
 
     x, y = load_animal_mnist()
     if n_images > len(x):
@@ -219,15 +219,15 @@ def _encoded(trace: Path) -> dict[int, int]:
 
 
 def _count_rows(d: Path) -> int:
-    from pipeline import io as zio
+    from pipeline.core import fs as zio
 
     return sum(zio.parquet_num_rows(str(p)) for p in d.glob("shard-*.parquet")) if d.is_dir() else 0
 
 
 def one_repeat(r: int, args: argparse.Namespace, inp: Path, work: Path, ray_tmp: Path) -> dict:
     """One kill + rerun; ``ray_tmp`` holds the two runs' Ray session dirs."""
-    from pipeline import io as zio
-    from pipeline.features import shard_name
+    from pipeline.core import fs as zio
+    from pipeline.core.features import shard_name
 
     rng = np.random.default_rng(args.seed + r)
     out = work / f"out-{r}"
@@ -305,7 +305,7 @@ def one_repeat(r: int, args: argparse.Namespace, inp: Path, work: Path, ray_tmp:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline import io as zio
+    from pipeline.core import fs as zio
 
     args = _parse_args(argv)
     work = Path(args.work)

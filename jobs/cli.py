@@ -65,7 +65,7 @@ def _overrides(sets: list[str] | None) -> dict:
 def load_config(job: str, flags: dict[str, Any], config: Path | None = None, sets: list[str] | None = None):
     """The job's typed config from ``conf/<job>.yaml``, ``--config FILE``, ``--set k=v`` and the flags given,
     later layers winning; every error names the key and the layer it came from."""
-    from pipeline.config import build_config
+    from pipeline.core.config import build_config
 
     conf_file = CONF_DIR / f"{job}.yaml"
     layers = [(_shown(conf_file), _read_yaml(conf_file) if conf_file.exists() else {})]
@@ -105,7 +105,7 @@ def names_or_file(value: str | None, key: str) -> list[str] | None:
 
 def _run(fn) -> None:
     """Run a job body; turn bad input into exit code 2 with one line on stderr."""
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
 
     _setup_logging()
     try:
@@ -231,7 +231,7 @@ def train(
 def methods() -> None:
     """List the ZSL methods and their hyper-parameters (defaults, and the --tune grid)."""
     def body():
-        from pipeline.models import METHODS, method_params
+        from pipeline.zsl.models import METHODS, method_params
 
         for name in sorted(METHODS):
             params = ", ".join(f"{k}={v!r}" for k, v in method_params(name).items())
@@ -459,7 +459,7 @@ def demo_data(
 ) -> None:
     """Write the embedded demo data (animal-mnist silhouettes) as image folders."""
     def body():
-        from pipeline.demo_data import write_demo_data
+        from pipeline.inputs.demo_data import write_demo_data
 
         cfg = load_config("demo-data", dict(output=output, per_class=per_class), config, set)
         info = write_demo_data(cfg.output, per_class=cfg.per_class, seed=cfg.seed)

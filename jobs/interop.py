@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write a captioned image corpus from installed packages (for `zsl extract` + `zsl bridge`)."""
         def body(cfg):
-            from pipeline.corpus import write_openclipart_corpus
+            from pipeline.inputs.corpus import write_openclipart_corpus
 
             m = write_openclipart_corpus(cfg.output, root=cfg.root, limit=cfg.limit, seed=cfg.seed,
                                          overwrite=cfg.overwrite)

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-#: The shared data beside the repository (CI checks it out as ../shared); never an absolute path.
-SHARED_DATA = REPO.parent / "shared" / "data"
+#: The class-level tables (AwA1/AwA2/CUB/SUN/aPY) the repository carries, with their sources (README there).
+CLASS_SEMANTICS = REPO / "conf" / "class_semantics"
 
 
 @pytest.fixture(scope="session")
 def class_semantics_dir() -> Path:
-    """``../shared/data/class_semantics`` (AwA1/AwA2/CUB/SUN/aPY tables). Missing data fails the test:
-    a skip would let CI pass without ever reading the real tables."""
-    d = SHARED_DATA / "class_semantics"
+    """``conf/class_semantics`` (AwA1/AwA2/CUB/SUN/aPY tables, carried by the repository). Missing data
+    fails the test: a skip would let CI pass without ever reading the real tables."""
+    d = CLASS_SEMANTICS
     if not (d / "awa2" / "class_attributes.csv").is_file():
-        pytest.fail(f"{d} is missing: the shared data must be checked out beside the repository as ../shared")
+        pytest.fail(f"{d} is missing: the repository carries these tables (conf/class_semantics/README.md)")
     return d
 
 
@@ -32,7 +32,7 @@ def rng() -> np.random.Generator:
 @pytest.fixture(scope="session")
 def animal_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The real animal-mnist arrays, loaded once per session."""
-    from pipeline.demo_data import load_animal_mnist
+    from pipeline.inputs.demo_data import load_animal_mnist
 
     try:
         return load_animal_mnist()
@@ -52,7 +52,7 @@ def tiny_images(tmp_path, animal_mnist):
     """
     from PIL import Image
 
-    from pipeline.demo_data import ANIMAL_MNIST_CLASSES
+    from pipeline.inputs.demo_data import ANIMAL_MNIST_CLASSES
 
     x, y = animal_mnist
     root = tmp_path / "images"
@@ -109,12 +109,12 @@ def serve_world(tmp_path_factory):
     (a class name maps to its class embedding); ``(searcher, root, labels, names)``."""
     from PIL import Image
 
-    from pipeline.classset import write_class_set
-    from pipeline.features import write_features
-    from pipeline.models import save_model
-    from pipeline.models.eszsl import ESZSL
-    from pipeline.retrieval import Searcher
-    from pipeline.config import IndexConfig
+    from pipeline.semantics.classset import write_class_set
+    from pipeline.core.features import write_features
+    from pipeline.zsl.models import save_model
+    from pipeline.zsl.models.eszsl import ESZSL
+    from pipeline.index.searcher import Searcher
+    from pipeline.core.config import IndexConfig
     from pipeline.stages.index import run_index
 
     root = tmp_path_factory.mktemp("serve")
@@ -169,14 +169,14 @@ def png_bytes(arr: np.ndarray) -> bytes:
 def image_world(tmp_path_factory):
     """24 animal-mnist silhouettes (3 classes) encoded by EfficientNet-Lite0 exactly as `zsl extract`
     decodes and encodes them, an ESZSL text model on them, and the index."""
-    from pipeline.classset import write_class_set
-    from pipeline.config import IndexConfig
-    from pipeline.demo_data import load_animal_mnist
-    from pipeline.encoders import load_image_encoder
-    from pipeline.features import write_features
-    from pipeline.images import decode_image
-    from pipeline.models import save_model
-    from pipeline.models.eszsl import ESZSL
+    from pipeline.semantics.classset import write_class_set
+    from pipeline.core.config import IndexConfig
+    from pipeline.inputs.demo_data import load_animal_mnist
+    from pipeline.encoders.models import load_image_encoder
+    from pipeline.core.features import write_features
+    from pipeline.inputs.images import decode_image
+    from pipeline.zsl.models import save_model
+    from pipeline.zsl.models.eszsl import ESZSL
     from pipeline.stages.index import run_index
 
     root = tmp_path_factory.mktemp("imgq")

@@ -33,8 +33,8 @@ def faiss_gpu():
 
 def _decoded_batch(tiny_images, image_size: int) -> dict:
     """One decode_shard batch of the real tiny images plus one broken file (an error row)."""
-    from pipeline.ray_stages import decode_shard
-    from pipeline.shards import list_shards
+    from pipeline.cluster.extraction import decode_shard
+    from pipeline.inputs.shards import list_shards
 
     root, written = tiny_images
     with open(f"{root}/{sorted(written)[0]}", "rb") as f:
@@ -52,8 +52,8 @@ def _copy(batch: dict) -> dict:
 
 
 def test_cuda_encode_actor_matches_cpu_actor(cuda, tiny_images):
-    from pipeline.encoders import image_encoder_info
-    from pipeline.ray_stages import EncodeActor, plan_resources
+    from pipeline.encoders.models import image_encoder_info
+    from pipeline.cluster.extraction import EncodeActor, plan_resources
 
     # the plan such an actor runs under on a 16-CPU, 1-GPU node: one actor holding the whole GPU
     plan = plan_resources(cpus=16, gpus=1, num_actors=None, device="auto")
@@ -90,7 +90,7 @@ def test_cuda_encode_actor_matches_cpu_actor(cuda, tiny_images):
 
 def test_faiss_gpu_ivf_build_matches_brute_force(faiss_gpu, caplog):
     """build_index(use_gpu=True) trains and fills the IVF index on the GPU and hands back a CPU index."""
-    from pipeline import faiss_index as zix
+    from pipeline.index import faiss_index as zix
 
     rng = np.random.default_rng(0)
     dim = 32
@@ -99,7 +99,7 @@ def test_faiss_gpu_ivf_build_matches_brute_force(faiss_gpu, caplog):
     queries = rng.standard_normal((500, dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.faiss_index"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.index.faiss_index"):
         index = zix.build_index(base, dim=dim, factory="IVF64,Flat", use_gpu=True, seed=0)
     assert not [r for r in caplog.records if "on CPU" in r.getMessage()], "faiss fell back to a CPU build"
     assert index.ntotal == len(base) and index.d == dim

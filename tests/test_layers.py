@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "pipeline"
 
-BASE = {"pipeline.io", "pipeline.config", "pipeline.schema", "pipeline.resume"}
+BASE = {"pipeline.core.fs", "pipeline.core.config", "pipeline.core.schema", "pipeline.core.resume"}
 
 
 def _module_name(path: Path) -> str:
@@ -39,7 +39,7 @@ def _imports(path: Path) -> set[str]:
             out |= {a.name for a in node.names if a.name.startswith("pipeline")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
             out.add(node.module)
-            out |= {f"{node.module}.{a.name}" for a in node.names}  # `from pipeline import io`
+            out |= {f"{node.module}.{a.name}" for a in node.names}  # `from pipeline.core import fs as io`
     return out - {"pipeline"}
 
 

@@ -15,15 +15,15 @@ import time
 
 import numpy as np
 
-from pipeline import io as zio
-from pipeline.config import BridgeConfig
-from pipeline.features import CAPTIONS_DIR, caption_shards, feature_shards, features_identity, iter_shard_batches, \
+from pipeline.core import fs as zio
+from pipeline.core.config import BridgeConfig
+from pipeline.core.features import CAPTIONS_DIR, caption_shards, feature_shards, features_identity, iter_shard_batches, \
     open_captions, open_features, read_caption_shard
-from pipeline.models import make_model, save_model
-from pipeline.models.base import l2n
-from pipeline.models.bridge import fit_ridge_bridge
-from pipeline.resume import OutputDir
-from pipeline.schema import ModelManifest
+from pipeline.zsl.models import make_model, save_model
+from pipeline.zsl.models.base import l2n
+from pipeline.zsl.models.bridge import fit_ridge_bridge
+from pipeline.core.resume import OutputDir
+from pipeline.core.schema import ModelManifest
 
 LOG = logging.getLogger(__name__)
 

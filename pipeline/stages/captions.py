@@ -1,7 +1,7 @@
 """Caption stage (``zsl embed-text``): the captions a feature directory carries -> text embeddings.
 
 Each feature shard ``features/shard-N.parquet`` gives ``FEATURES/text/shards/shard-N.parquet``
-(:func:`pipeline.schema.captions_schema`): row ``i`` is the embedding of row ``i``'s caption with the
+(:func:`pipeline.core.schema.captions_schema`): row ``i`` is the embedding of row ``i``'s caption with the
 text model (zeros, ``has_caption`` false, where there is none), so captions share the image ids and
 order. ``FEATURES/text`` is an output directory under the resume protocol: a rerun embeds only the
 shards the features gained; another text model or column is refused unless ``overwrite``.
@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import io as zio
-from pipeline.config import EmbedTextConfig
-from pipeline.encoders import encoder_id, load_text_encoder
-from pipeline.features import CAPTIONS_DIR, feature_shards, features_identity, open_features
-from pipeline.resume import OutputDir
-from pipeline.schema import CaptionsManifest, captions_schema
+from pipeline.core import fs as zio
+from pipeline.core.config import EmbedTextConfig
+from pipeline.encoders.models import encoder_id, load_text_encoder
+from pipeline.core.features import CAPTIONS_DIR, feature_shards, features_identity, open_features
+from pipeline.core.resume import OutputDir
+from pipeline.core.schema import CaptionsManifest, captions_schema
 
 LOG = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Classes stage: a class table -> an embedded class set (:mod:`pipeline.classset`).
+"""Classes stage: a class table -> an embedded class set (:mod:`pipeline.semantics.classset`).
 
 Runs under the resume protocol: the identity is the table's content (sha256) and every setting;
 a rerun with both unchanged does nothing, one with others is refused unless ``overwrite``.
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import io as zio
-from pipeline.classset import class_word_vectors_or_nan, normalised_attributes, write_class_set
-from pipeline.config import ClassesConfig
-from pipeline.resume import OutputDir
-from pipeline.schema import ClassesManifest
-from pipeline.semantics import embed_class_texts, read_class_table
+from pipeline.core import fs as zio
+from pipeline.semantics.classset import class_word_vectors_or_nan, normalised_attributes, write_class_set
+from pipeline.core.config import ClassesConfig
+from pipeline.core.resume import OutputDir
+from pipeline.core.schema import ClassesManifest
+from pipeline.semantics.class_table import embed_class_texts, read_class_table
 
 LOG = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ __all__ = ["run_classes"]
 
 def run_classes(cfg: ClassesConfig, *, text_encoder=None) -> ClassesManifest:
     """Embed the classes of ``cfg.input`` into ``cfg.output``; return the class set's manifest."""
-    from pipeline.encoders import load_text_encoder
+    from pipeline.encoders.models import load_text_encoder
 
     if not zio.exists(cfg.input):
         raise FileNotFoundError(f"{cfg.input}: class table not found")

@@ -11,13 +11,13 @@ import logging
 
 import numpy as np
 
-from pipeline import io as zio
-from pipeline.classset import load_class_set
-from pipeline.config import EvaluateConfig
-from pipeline.features import labelled_rows, load_features
-from pipeline.metrics import confusion_matrix, evaluate_scores, mean_per_class_accuracy
-from pipeline.models import load_model
-from pipeline.models.scoring import class_scores, class_semantics, seen_mask
+from pipeline.core import fs as zio
+from pipeline.semantics.classset import load_class_set
+from pipeline.core.config import EvaluateConfig
+from pipeline.core.features import labelled_rows, load_features
+from pipeline.zsl.metrics import confusion_matrix, evaluate_scores, mean_per_class_accuracy
+from pipeline.zsl.models import load_model
+from pipeline.zsl.models.scoring import class_scores, class_semantics, seen_mask
 
 LOG = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None) -> dict:
 
 def _transductive(cfg, model, manifest, sub, X, y, seen_idx, unseen_idx, gamma) -> dict:
     """ZSL (unseen test images, unseen prototypes) and GZSL results after prototype refinement."""
-    from pipeline.transductive import column_standardized_scores, transductive_scores
+    from pipeline.zsl.transductive import column_standardized_scores, transductive_scores
 
     names = sub.names
     u = np.isin(y, unseen_idx)
@@ -122,7 +122,7 @@ def run_evaluate_all(cfg: EvaluateConfig) -> dict:
     if cfg.json_path:
         zio.write_json_atomic(cfg.json_path, out)
     if cfg.html:
-        from pipeline.report import default_thumbnail, metrics_by_name, render_report, write_report
+        from pipeline.zsl.html_report import default_thumbnail, metrics_by_name, render_report, write_report
 
         write_report(cfg.html, render_report(title="ZSL evaluation", metrics=metrics_by_name(results),
                                              searches=[], thumbnail=default_thumbnail))

@@ -1,6 +1,6 @@
-"""Extract stage: input shards -> a feature directory (:mod:`pipeline.features`), resumably.
+"""Extract stage: input shards -> a feature directory (:mod:`pipeline.core.features`), resumably.
 
-Runs under the resume protocol (:class:`pipeline.resume.OutputDir`): the identity is the encoder,
+Runs under the resume protocol (:class:`pipeline.core.resume.OutputDir`): the identity is the encoder,
 its weights and the settings that change the features (``features.IDENTITY_KEYS``). A shard is
 finished when its features file exists (its errors file is written first); a rerun processes only
 unfinished shards. ``run.json`` also records a fingerprint of every input shard's membership: a
@@ -18,13 +18,13 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from pipeline import io as zio
-from pipeline.config import ConfigError, ExtractConfig
-from pipeline.encoders import image_encoder_info
-from pipeline.features import IDENTITY_KEYS, shard_id_of, shard_name
-from pipeline.resume import OutputDir
-from pipeline.schema import ERRORS_SCHEMA, FeaturesManifest, features_schema
-from pipeline.shards import Shard, describe_input, list_shards
+from pipeline.core import fs as zio
+from pipeline.core.config import ConfigError, ExtractConfig
+from pipeline.encoders.models import image_encoder_info
+from pipeline.core.features import IDENTITY_KEYS, shard_id_of, shard_name
+from pipeline.core.resume import OutputDir
+from pipeline.core.schema import ERRORS_SCHEMA, FeaturesManifest, features_schema
+from pipeline.inputs.shards import Shard, describe_input, list_shards
 
 LOG = logging.getLogger(__name__)
 
@@ -224,7 +224,8 @@ def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard],
     """Decode and encode the pending shards on Ray, writing each shard as it completes."""
     from tqdm.auto import tqdm
 
-    from pipeline.ray_stages import init_ray, run_extraction
+    from pipeline.cluster.session import init_ray
+    from pipeline.cluster.extraction import run_extraction
 
     init_ray(cfg.address)
     bar = tqdm(total=len(shards), initial=len(shards) - len(pending), unit="shard", desc="extract",

@@ -4,9 +4,9 @@ Every feature shard is mapped through the model's image projection (so any backb
 searchable by text), streamed row group by row group into a per-shard cache ``OUT/vectors/``
 (atomic ``.npy``; a rerun after a kill projects only the shards that are missing). A FAISS index
 is chosen under the memory budget, trained on a seeded uniform sample across all shards sized
-from the index (:func:`~pipeline.faiss_index.training_rows`), filled shard by shard, and its
+from the index (:func:`~pipeline.index.faiss_index.training_rows`), filled shard by shard, and its
 search parameters are tuned to a recall target against exact neighbours
-(:mod:`pipeline.index_tuning`). ``ids.parquet`` is streamed shard by shard, ``index.faiss`` is
+(:mod:`pipeline.index.tune`). ``ids.parquet`` is streamed shard by shard, ``index.faiss`` is
 written by faiss straight to disk, ``manifest.json`` last; the cache is then removed.
 
 Runs under the resume protocol: the identity is the model (manifest and weights), the features
@@ -30,19 +30,19 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 
-from pipeline import io as zio
-from pipeline.config import IndexConfig, parse_memory
-from pipeline.faiss_index import add_vectors, build_index, choose_index, estimate_memory, load_index, \
+from pipeline.core import fs as zio
+from pipeline.core.config import IndexConfig, parse_memory
+from pipeline.index.faiss_index import add_vectors, build_index, choose_index, estimate_memory, load_index, \
     merge_ivf_parts, read_ids, save_index, set_search_params, train_index, training_rows, training_sample, \
     write_index_files
-from pipeline.features import caption_shards, check_feature_shards, feature_shards, features_identity, \
+from pipeline.core.features import caption_shards, check_feature_shards, feature_shards, features_identity, \
     iter_shard_batches, open_captions, open_features, read_caption_shard
-from pipeline.index_tuning import tune_index
-from pipeline.models import load_model
-from pipeline.models.scoring import model_fingerprint
-from pipeline.resume import OutputDir
-from pipeline.retrieval import CAPTIONS_INDEX, MODEL_COPY
-from pipeline.schema import INDEX_IDS_SCHEMA, IndexManifest, IndexTuning
+from pipeline.index.tune import tune_index
+from pipeline.zsl.models import load_model
+from pipeline.zsl.models.scoring import model_fingerprint
+from pipeline.core.resume import OutputDir
+from pipeline.index.searcher import CAPTIONS_INDEX, MODEL_COPY
+from pipeline.core.schema import INDEX_IDS_SCHEMA, IndexManifest, IndexTuning
 
 LOG = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _projector(model_dir: str, dim_in: int, dim: int, cache: str) -> _Projector:
 def _project(cfg: IndexConfig, model, files: list[str], dim_in: int, dim: int, cache: str, progress: bool) -> int:
     """Project every shard into the cache; return how many were computed (not cached) now."""
     if cfg.address:
-        from pipeline.ray_stages import run_shard_jobs
+        from pipeline.cluster.shard_jobs import run_shard_jobs
 
         done = run_shard_jobs(files, partial(_projector, cfg.model, dim_in, dim, cache), address=cfg.address,
                               num_workers=cfg.num_workers, what="projections")
@@ -198,7 +198,7 @@ def _build_partitions(cfg: IndexConfig, out: OutputDir, vec_files: list[str], ro
                                  "vec_files": files, "start_id": start}))
         start += sum(rows[bounds[p] : bounds[p + 1]])
     if cfg.address:
-        from pipeline.ray_stages import run_shard_jobs
+        from pipeline.cluster.shard_jobs import run_shard_jobs
 
         done = run_shard_jobs(specs, _part_worker, address=cfg.address, num_workers=cfg.num_workers,
                               what="IVF partitions")
@@ -223,7 +223,7 @@ def _copy_model(model_dir: str, dest: str) -> None:
 def _check_plan(cfg: IndexConfig, dim: int, factory: str, partitioned: bool) -> None:
     """Stop before any work what would fail at the end: fixed search parameters the index type
     lacks (``--nprobe`` on HNSW), a partitioned build into a directory faiss cannot merge into."""
-    from pipeline.faiss_index import new_index
+    from pipeline.index.faiss_index import new_index
 
     fixed = _fixed_params(cfg)
     if fixed:

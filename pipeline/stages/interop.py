@@ -22,15 +22,15 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from pipeline import io as zio
-from pipeline.config import ExportConfig, ImportConfig
-from pipeline.features import (CAPTIONS_DIR, caption_shards, feature_shards, features_identity, iter_shard_batches,
+from pipeline.core import fs as zio
+from pipeline.core.config import ExportConfig, ImportConfig
+from pipeline.core.features import (CAPTIONS_DIR, caption_shards, feature_shards, features_identity, iter_shard_batches,
                                open_captions, open_features, read_caption_shard, shard_name)
-from pipeline.models import load_model
-from pipeline.models.base import l2n
-from pipeline.models.scoring import model_fingerprint
-from pipeline.resume import OutputDir
-from pipeline.schema import CaptionsManifest, ExportManifest, FeaturesManifest, captions_schema, features_schema
+from pipeline.zsl.models import load_model
+from pipeline.zsl.models.base import l2n
+from pipeline.zsl.models.scoring import model_fingerprint
+from pipeline.core.resume import OutputDir
+from pipeline.core.schema import CaptionsManifest, ExportManifest, FeaturesManifest, captions_schema, features_schema
 
 LOG = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def run_import(cfg: ImportConfig, *, progress: bool = True) -> FeaturesManifest:
                 text_dim = int(zio.read_npy(texts[parts[0]]).shape[1])
             n_caps = sum(int(np.asarray(zio.read_parquet(f, columns=["has_caption"]).column("has_caption")).sum())
                          for f in cap_files)
-            from pipeline.schema import write_manifest
+            from pipeline.core.schema import write_manifest
 
             write_manifest(out.join(CAPTIONS_DIR), CaptionsManifest(
                 text_model=cfg.text_model, text_model_name=cfg.text_model, dim=text_dim, column="caption",

@@ -22,15 +22,15 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline import io as zio
-from pipeline.classset import ClassSet, add_classes, load_class_set
-from pipeline.config import AddClassesConfig, LabelConfig
-from pipeline.features import check_feature_shards, feature_shards, features_identity, iter_shard_batches, \
+from pipeline.core import fs as zio
+from pipeline.semantics.classset import ClassSet, add_classes, load_class_set
+from pipeline.core.config import AddClassesConfig, LabelConfig
+from pipeline.core.features import check_feature_shards, feature_shards, features_identity, iter_shard_batches, \
     open_features
-from pipeline.models import load_model
-from pipeline.models.scoring import check_model_classes, class_scores, model_fingerprint, seen_mask, topk
-from pipeline.resume import OutputDir
-from pipeline.schema import LABELS_SCHEMA, ClassesManifest, LabelsManifest, read_manifest
+from pipeline.zsl.models import load_model
+from pipeline.zsl.models.scoring import check_model_classes, class_scores, model_fingerprint, seen_mask, topk
+from pipeline.core.resume import OutputDir
+from pipeline.core.schema import LABELS_SCHEMA, ClassesManifest, LabelsManifest, read_manifest
 
 LOG = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _label_shards(cfg: LabelConfig, model, mman, classes: ClassSet, todo: list[s
     if cfg.address and todo:
         from functools import partial
 
-        from pipeline.ray_stages import run_shard_jobs
+        from pipeline.cluster.shard_jobs import run_shard_jobs
 
         done = run_shard_jobs(todo, partial(_labeler, cfg.model_dump(mode="json"), dim, labels_dir),
                               address=cfg.address, num_workers=cfg.num_workers, what="label shards")

@@ -1,12 +1,12 @@
-"""Report stage: evaluation and search JSON files -> one self-contained HTML page (:mod:`pipeline.report`)."""
+"""Report stage: evaluation and search JSON files -> one self-contained HTML page (:mod:`pipeline.zsl.html_report`)."""
 
 from __future__ import annotations
 
 import logging
 
-from pipeline import io as zio
-from pipeline.config import ReportConfig
-from pipeline.report import default_thumbnail, metrics_by_name, render_report, write_report
+from pipeline.core import fs as zio
+from pipeline.core.config import ReportConfig
+from pipeline.zsl.html_report import default_thumbnail, metrics_by_name, render_report, write_report
 
 LOG = logging.getLogger(__name__)
 

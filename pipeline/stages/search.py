@@ -1,9 +1,9 @@
-"""Search stage: free text -> the nearest images of a ``zsl index`` output (:class:`pipeline.retrieval.Searcher`)."""
+"""Search stage: free text -> the nearest images of a ``zsl index`` output (:class:`pipeline.index.searcher.Searcher`)."""
 
 from __future__ import annotations
 
-from pipeline.config import SearchConfig
-from pipeline.retrieval import Searcher
+from pipeline.core.config import SearchConfig
+from pipeline.index.searcher import Searcher
 
 __all__ = ["Searcher", "run_search"]
 

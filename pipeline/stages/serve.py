@@ -1,7 +1,7 @@
 """Serve stage: text-to-image retrieval over HTTP (FastAPI, run by uvicorn), with a web page.
 
 :func:`create_app` is a library object (tests and Ray Serve can mount it); ``zsl serve`` only
-starts it. Each index loads once (memory-mapped, :class:`pipeline.retrieval.Searcher`); faiss
+starts it. Each index loads once (memory-mapped, :class:`pipeline.index.searcher.Searcher`); faiss
 searches and the text encoder are thread-safe for reads. Endpoints:
 
 - ``POST /search`` ``{"text" | "image" (base64) | "embedding", "k", "index", "labels", "unseen_only",
@@ -31,10 +31,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import io as zio
-from pipeline.config import ServeConfig
-from pipeline.images import FORMATS, DecodeError
-from pipeline.retrieval import PredictedLabels, Searcher
+from pipeline.core import fs as zio
+from pipeline.core.config import ServeConfig
+from pipeline.inputs.images import FORMATS, DecodeError
+from pipeline.index.searcher import PredictedLabels, Searcher
 
 LOG = logging.getLogger(__name__)
 
@@ -449,7 +449,7 @@ def run_serve(cfg: ServeConfig, *, blocking: bool = True) -> None:
     if cfg.ray:
         import json
 
-        from pipeline.ray_stages import serve_asgi
+        from pipeline.cluster.serve import serve_asgi
 
         serve_asgi(_build_app, address=cfg.address, host=cfg.host, port=cfg.port, replicas=cfg.replicas,
                    blocking=blocking, env={_CONFIG_ENV: json.dumps(cfg.model_dump(mode="json"))})

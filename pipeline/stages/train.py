@@ -14,15 +14,15 @@ import time
 
 import numpy as np
 
-from pipeline import io as zio
-from pipeline.calibration import split_seen_classes, tune_gamma
-from pipeline.classset import load_class_set
-from pipeline.config import ConfigError, TrainConfig
-from pipeline.features import features_identity, labelled_rows, load_features
-from pipeline.metrics import mean_per_class_accuracy
-from pipeline.models import METHODS, check_method, make_model, method_params, model_manifest, save_weights
-from pipeline.resume import OutputDir
-from pipeline.schema import ModelManifest
+from pipeline.core import fs as zio
+from pipeline.zsl.calibration import split_seen_classes, tune_gamma
+from pipeline.semantics.classset import load_class_set
+from pipeline.core.config import ConfigError, TrainConfig
+from pipeline.core.features import features_identity, labelled_rows, load_features
+from pipeline.zsl.metrics import mean_per_class_accuracy
+from pipeline.zsl.models import METHODS, check_method, make_model, method_params, model_manifest, save_weights
+from pipeline.core.resume import OutputDir
+from pipeline.core.schema import ModelManifest
 
 LOG = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def _fit(cfg: TrainConfig, feats, classes) -> tuple:
             raise ValueError("--tune is not supported for ensembles; tune each member and pass --set params=...")
         X_tune = X
         if cfg.bridge and cfg.bridge_mode == "features":  # tune on the input the method will learn from
-            from pipeline.models.bridge import BridgedFeatures
+            from pipeline.zsl.models.bridge import BridgedFeatures
 
             X_tune = BridgedFeatures(base_model=make_model(cfg.method, **_method_kwargs(cfg)),
                                      bridge_model=_load_bridge(cfg, feats, classes)).lift(X)
@@ -144,7 +144,7 @@ def _fit(cfg: TrainConfig, feats, classes) -> tuple:
     kwargs = _method_kwargs(cfg, chosen)
     wrap, bridge_info, wrap_fit = (lambda m: m), None, None
     if cfg.bridge and cfg.bridge_mode == "features":
-        from pipeline.models.bridge import BridgedFeatures
+        from pipeline.zsl.models.bridge import BridgedFeatures
 
         bridge = _load_bridge(cfg, feats, classes)
         bridge_info = {"bridge": cfg.bridge, "mode": "features"}
@@ -159,7 +159,7 @@ def _fit(cfg: TrainConfig, feats, classes) -> tuple:
             split = split_seen_classes(cls, seen_ids, val_class_fraction=cfg.val_class_fraction,
                                        val_sample_fraction=cfg.val_sample_fraction, seed=cfg.seed)
         w, bridge_info = _bridge_weight(cfg, kwargs, X, cls, split, S, bridge)
-        from pipeline.models.bridge import Bridged
+        from pipeline.zsl.models.bridge import Bridged
 
         def wrap(m, _w=w, _b=bridge):
             return Bridged(base_model=m, bridge_model=_b, weight=_w)
@@ -199,7 +199,7 @@ def _fit(cfg: TrainConfig, feats, classes) -> tuple:
 
 
 def _load_bridge(cfg: TrainConfig, feats, classes):
-    from pipeline.models import load_model
+    from pipeline.zsl.models import load_model
 
     bridge, bman = load_model(cfg.bridge, feature_dim=feats.manifest.dim, feature_model=feats.manifest.model_id)
     if cfg.semantics != "text":
@@ -214,7 +214,7 @@ def _bridge_weight(cfg: TrainConfig, kwargs: dict, X, cls, split, S, bridge) -> 
     """The bridge weight w with the best ZSL accuracy on pseudo-unseen seen classes (never test classes),
     averaged over ``cfg.bridge_splits`` class splits: with few seen classes one split holds out two or
     three classes, where accuracy is too coarse to choose by."""
-    from pipeline.models.bridge import Bridged
+    from pipeline.zsl.models.bridge import Bridged
 
     seen_ids = sorted(set(cls.tolist()))
     per_split = []

@@ -27,11 +27,11 @@ np.save(sys.argv[3], ids)
 def test_autofaiss_builds_from_our_export_and_answers_like_our_index(tmp_path):
     if not (VENV / "bin" / "autofaiss").exists():
         pytest.fail(f"{VENV} is missing: run `make tools` (autofaiss in its own venv)")
-    from pipeline.config import ExportConfig, IndexConfig
-    from pipeline.features import write_features
-    from pipeline.models import save_model
-    from pipeline.models.eszsl import ESZSL
-    from pipeline.retrieval import Searcher
+    from pipeline.core.config import ExportConfig, IndexConfig
+    from pipeline.core.features import write_features
+    from pipeline.zsl.models import save_model
+    from pipeline.zsl.models.eszsl import ESZSL
+    from pipeline.index.searcher import Searcher
     from pipeline.stages.index import run_index
     from pipeline.stages.interop import run_export
 

@@ -34,7 +34,7 @@ CASES = {
     "report": ("pipeline.stages.report", "run_report", ["--evaluation", "/e.json", "--output", "/r.html"],
                "title", "from conf", "from set", ["--title", "from flag"]),
     "serve": ("pipeline.stages.serve", "run_serve", ["--index", "/i"], "port", 8001, 8002, ["--port", "8003"]),
-    "demo-data": ("pipeline.demo_data", "write_demo_data", [], "output", "/from-conf", "/from-set",
+    "demo-data": ("pipeline.inputs.demo_data", "write_demo_data", [], "output", "/from-conf", "/from-set",
                   ["--output", "/from-flag"]),
 }
 

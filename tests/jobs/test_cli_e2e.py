@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
-from pipeline.demo_data import ANIMAL_MNIST_CLASSES, load_animal_mnist
+from pipeline.inputs.demo_data import ANIMAL_MNIST_CLASSES, load_animal_mnist
 
 SEEN = ["bear", "bird", "cow", "elephant"]
 UNSEEN = ["giraffe", "zebra"]
@@ -38,7 +38,7 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from pipeline.ray_stages import init_ray
+    from pipeline.cluster.session import init_ray
 
     init_ray(None, num_cpus=2)
     yield

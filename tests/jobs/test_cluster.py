@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("faiss")
 pytest.importorskip("ray")
 
-from pipeline import io as zio  # noqa: E402
+from pipeline.core import fs as zio  # noqa: E402
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -49,10 +49,10 @@ def _zsl(*argv: str) -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from pipeline.classset import write_class_set
-    from pipeline.features import write_features
-    from pipeline.models import save_model
-    from pipeline.models.eszsl import ESZSL
+    from pipeline.semantics.classset import write_class_set
+    from pipeline.core.features import write_features
+    from pipeline.zsl.models import save_model
+    from pipeline.zsl.models.eszsl import ESZSL
 
     root = tmp_path_factory.mktemp("cluster")
     rng = np.random.default_rng(11)
@@ -93,7 +93,7 @@ def test_label_and_index_on_a_ray_cluster_match_the_local_run(cluster, world, tm
     m = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert m["build"] == "partitions" and m["ntotal"] == 3000 and m["data_files"]["index.ivfdata"] > 0
 
-    from pipeline.faiss_index import load_index, search
+    from pipeline.index.faiss_index import load_index, search
 
     (ia, ids_a, _), (ib, ids_b, _) = load_index(str(tmp_path / "local-index")), load_index(str(tmp_path / "index"))
     q = np.random.default_rng(0).standard_normal((50, 12)).astype(np.float32)

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("ray_down_after")  # `zsl extract` runs in-process here
 
-from pipeline.corpus import OPENCLIPART_ROOT, openclipart_caption
+from pipeline.inputs.corpus import OPENCLIPART_ROOT, openclipart_caption
 
 
 def test_captions_come_from_the_svg_title_and_keywords():
@@ -41,7 +41,7 @@ def test_corpus_extract_bridge_index_search(tmp_path):
     assert main(["embed-text", "--features", str(f)]) == 0
     # the first 100 corpus rows play an evaluation set: the bridge must not train on them
     held = tmp_path / "held"
-    from pipeline.features import load_features, write_features
+    from pipeline.core.features import load_features, write_features
 
     feats = load_features(str(f))
     write_features(str(held), image_ids=list(feats.image_ids[:100]), uris=list(feats.uris[:100]),
@@ -53,7 +53,7 @@ def test_corpus_extract_bridge_index_search(tmp_path):
     # the bridge makes the drawings searchable by text, like a class-trained model would
     assert main(["index", "--features", str(f), "--model", str(tmp_path / "b"), "--output", str(tmp_path / "i")]) == 0
     assert (tmp_path / "i" / "captions" / "manifest.json").exists()
-    from pipeline.retrieval import Searcher
+    from pipeline.index.searcher import Searcher
 
     s = Searcher(str(tmp_path / "i"))
     caption = t.column("caption").to_pylist()[150]

@@ -20,8 +20,8 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("ray_down_after")  # `zsl extract` runs in-process here
 
-from pipeline.shard_readers import read_shard
-from pipeline.shards import describe_input, list_shards
+from pipeline.inputs.readers import read_shard
+from pipeline.inputs.shards import describe_input, list_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 IMG2DATASET = Path(os.environ.get("ZSL_TOOLS_DIR", ROOT / ".venv-tools")) / "img2dataset" / "bin" / "img2dataset"
@@ -36,7 +36,7 @@ def img2dataset_outputs(tmp_path_factory, free_port):
         pytest.fail(f"{IMG2DATASET} is missing: run `make tools` (img2dataset in its own venv)")
     from PIL import Image
 
-    from pipeline.demo_data import ANIMAL_MNIST_CLASSES, load_animal_mnist
+    from pipeline.inputs.demo_data import ANIMAL_MNIST_CLASSES, load_animal_mnist
 
     root = tmp_path_factory.mktemp("i2d")
     www = root / "www"

@@ -19,9 +19,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/ is a folder of the repo, not installed
 
 from benchmarks import redo_share  # noqa: E402
-from pipeline import io as zio  # noqa: E402
-from pipeline.features import shard_name, write_features  # noqa: E402
-from pipeline.schema import ERRORS_SCHEMA, RunRecord  # noqa: E402
+from pipeline.core import fs as zio  # noqa: E402
+from pipeline.core.features import shard_name, write_features  # noqa: E402
+from pipeline.core.schema import ERRORS_SCHEMA, RunRecord  # noqa: E402
 
 N_SHARDS, SHARD = 5, 2
 
@@ -124,7 +124,7 @@ def test_snapshot_of_a_missing_output_is_empty(tmp_path):
 @pytest.mark.timeout(180)
 def test_counts_a_real_rerun_of_a_tiny_extraction(tmp_path, tiny_images, ray_start_2_cpus):
     """run_extract for real (6 images, 3 shards), shard 1 and the manifest removed, run_extract again."""
-    from pipeline.config import ExtractConfig
+    from pipeline.core.config import ExtractConfig
     from pipeline.stages.extract import run_extract
 
     root, written = tiny_images

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import io as zio
+from pipeline.core import fs as zio
 
 PY = sys.executable
 N_SHARDS, SHARD = 8, 16
@@ -42,7 +42,7 @@ HOSTILE = {  # image_id -> bytes: item-level problems that must become error row
 # the whole process group is SIGKILLed: a real kill at an exact, reproducible point.
 KILL_AT_COMMIT = """
 import os, signal, sys
-import pipeline.io as zio
+import pipeline.core.fs as zio
 real, seen = zio._commit, [0]
 def commit(fs, tmp, path):
     if os.environ["KILL_MATCH"] in path:
@@ -141,7 +141,7 @@ class Watch:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, animal_mnist) -> Path:
-    from pipeline.demo_data import ANIMAL_MNIST_CLASSES
+    from pipeline.inputs.demo_data import ANIMAL_MNIST_CLASSES
 
     root = tmp_path_factory.mktemp("resume") / "in"
     x, y = animal_mnist
@@ -167,8 +167,8 @@ def corpus(tmp_path_factory, animal_mnist) -> Path:
 @pytest.fixture(scope="module")
 def reference(corpus) -> dict:
     """What an uninterrupted run must produce: the job's own mappers, run in-process without Ray."""
-    from pipeline.ray_stages import EncodeActor, decode_shard
-    from pipeline.shards import list_shards
+    from pipeline.cluster.extraction import EncodeActor, decode_shard
+    from pipeline.inputs.shards import list_shards
 
     shards = list_shards(str(corpus), shard_size=SHARD)
     assert len(shards) == N_SHARDS
@@ -274,10 +274,10 @@ DIM, K, NAMES = 6, 4, ["cat", "dog", "okapi", "zebra"]
 
 @pytest.fixture
 def world(tmp_path) -> dict:
-    from pipeline.classset import write_class_set
-    from pipeline.features import write_features
-    from pipeline.models import save_model
-    from pipeline.models.eszsl import ESZSL
+    from pipeline.semantics.classset import write_class_set
+    from pipeline.core.features import write_features
+    from pipeline.zsl.models import save_model
+    from pipeline.zsl.models.eszsl import ESZSL
 
     rng = np.random.default_rng(3)
     text = rng.standard_normal((4, K)).astype(np.float32)
@@ -296,7 +296,7 @@ def world(tmp_path) -> dict:
 
 
 def test_label_killed_while_committing_a_shard_resumes_exactly(world, tmp_path):
-    from pipeline.config import LabelConfig
+    from pipeline.core.config import LabelConfig
     from pipeline.stages.label import run_label
 
     run_label(LabelConfig(model=world["model"], features=world["features"], classes=world["classes"],
@@ -322,8 +322,8 @@ def test_label_killed_while_committing_a_shard_resumes_exactly(world, tmp_path):
     ("/index.faiss", 1, 0),  # while saving: every shard cached, nothing to project again
 ])
 def test_index_killed_mid_build_resumes_from_its_cache(world, tmp_path, kill_match, kill_at, projected_on_rerun):
-    from pipeline.config import IndexConfig
-    from pipeline.faiss_index import load_index
+    from pipeline.core.config import IndexConfig
+    from pipeline.index.faiss_index import load_index
     from pipeline.stages.index import run_index
 
     run_index(IndexConfig(features=world["features"], model=world["model"], output=str(tmp_path / "ref"),
@@ -351,8 +351,8 @@ def test_index_killed_while_adding_new_shards_holds_each_image_once(world, tmp_p
     """Features gain shards; `zsl index` adds their vectors and is SIGKILLed while committing the new
     ids or index file. No reader accepts the half-written directory; the rerun rebuilds from the
     projection cache and every image is in the index exactly once."""
-    from pipeline.faiss_index import load_index
-    from pipeline.features import write_features
+    from pipeline.index.faiss_index import load_index
+    from pipeline.core.features import write_features
 
     feats = tmp_path / "features"
     rng = np.random.default_rng(5)

@@ -39,7 +39,7 @@ def _serve(cfg, searchers):
 
 @pytest.fixture(scope="module")
 def server(serve_world, free_port):
-    from pipeline.config import ServeConfig
+    from pipeline.core.config import ServeConfig
 
     s, root, _, _ = serve_world
     cfg = ServeConfig(indexes={}, port=free_port(), thumbnail_cache=str(root / "thumbs-live"))
@@ -48,7 +48,7 @@ def server(serve_world, free_port):
 
 @pytest.fixture(scope="module")
 def image_server(image_world, free_port):
-    from pipeline.config import ServeConfig
+    from pipeline.core.config import ServeConfig
 
     root = image_world[0]
     cfg = ServeConfig(indexes={"silhouettes": str(root / "index")}, port=free_port(), preload_text=False,

@@ -20,7 +20,7 @@ def test_ray_serve_deployment_answers(serve_world, tmp_path, free_port):
     import ray
     from ray import serve
 
-    from pipeline.config import ServeConfig
+    from pipeline.core.config import ServeConfig
     from pipeline.stages.serve import ray_app, run_serve
 
     assert type(ray_app()).__name__ == "Application"  # what infra/rayservice-serve.yaml imports

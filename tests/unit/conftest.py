@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.classset import write_class_set
-from pipeline.features import write_features
-from pipeline.models import save_model
-from pipeline.models.eszsl import ESZSL
+from pipeline.semantics.classset import write_class_set
+from pipeline.core.features import write_features
+from pipeline.zsl.models import save_model
+from pipeline.zsl.models.eszsl import ESZSL
 
 WORLD_DIM, WORLD_K = 6, 4
 WORLD_NAMES = ["cat", "dog", "okapi", "zebra"]

@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 
-from pipeline.classset import load_class_set
-from pipeline.config import AddClassesConfig, LabelConfig
-from pipeline.schema import LabelsManifest, read_manifest
+from pipeline.semantics.classset import load_class_set
+from pipeline.core.config import AddClassesConfig, LabelConfig
+from pipeline.core.schema import LabelsManifest, read_manifest
 from pipeline.stages.label import run_add_classes, run_label
 
 

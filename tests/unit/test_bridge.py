@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.models import load_model, save_model
-from pipeline.models.base import l2n
-from pipeline.models.bridge import ASIF, ContrastiveBridge, RidgeBridge, fit_ridge_bridge, pair_recall, \
+from pipeline.zsl.models import load_model, save_model
+from pipeline.zsl.models.base import l2n
+from pipeline.zsl.models.bridge import ASIF, ContrastiveBridge, RidgeBridge, fit_ridge_bridge, pair_recall, \
     relative_representation
 
 
@@ -95,9 +95,9 @@ def test_bridges_save_load_and_fit_from_classes(tmp_path):
 
 
 def test_bridged_model_mixes_z_scores_and_never_refits_the_bridge(tmp_path):
-    from pipeline.models.bridge import Bridged
-    from pipeline.models.ensemble import row_zscore
-    from pipeline.models.eszsl import ESZSL
+    from pipeline.zsl.models.bridge import Bridged
+    from pipeline.zsl.models.ensemble import row_zscore
+    from pipeline.zsl.models.eszsl import ESZSL
 
     X, T = _pairs(n=200)
     y = np.arange(200) % 5
@@ -117,7 +117,7 @@ def test_bridged_model_mixes_z_scores_and_never_refits_the_bridge(tmp_path):
 def _class_world(tmp_path, *, n_classes: int, per: int):
     """Classes ``c0..`` with 12-d text semantics (``tmp_path/cls``), 24-d features around them, and a
     ridge bridge fitted on them (``tmp_path/br``): ``(names, S, y, X, bridge)``."""
-    from pipeline.classset import write_class_set
+    from pipeline.semantics.classset import write_class_set
 
     rng = np.random.default_rng(0)
     names = [f"c{i}" for i in range(n_classes)]
@@ -134,8 +134,8 @@ def _class_world(tmp_path, *, n_classes: int, per: int):
 def test_train_chooses_the_bridge_weight_without_reading_unseen_labels(tmp_path):
     """`zsl train --bridge`: w comes from held-out *seen* classes; relabelling every test-unseen image
     (or dropping them) changes nothing."""
-    from pipeline.config import TrainConfig
-    from pipeline.features import write_features
+    from pipeline.core.config import TrainConfig
+    from pipeline.core.features import write_features
     from pipeline.stages.train import run_train
 
     names, S, y, X, _ = _class_world(tmp_path, n_classes=8, per=30)
@@ -153,9 +153,9 @@ def test_train_chooses_the_bridge_weight_without_reading_unseen_labels(tmp_path)
 
 
 def test_bridged_features_mode_learns_from_features_and_their_bridge(tmp_path):
-    from pipeline.config import TrainConfig
-    from pipeline.features import write_features
-    from pipeline.models.bridge import BridgedFeatures
+    from pipeline.core.config import TrainConfig
+    from pipeline.core.features import write_features
+    from pipeline.zsl.models.bridge import BridgedFeatures
     from pipeline.stages.train import run_train
 
     names, S, y, X, bridge = _class_world(tmp_path, n_classes=6, per=20)

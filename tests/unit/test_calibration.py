@@ -1,4 +1,4 @@
-"""Tests for pipeline.calibration: calibrated stacking, gamma tuning, class-wise split."""
+"""Tests for pipeline.zsl.calibration: calibrated stacking, gamma tuning, class-wise split."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import inspect
 import numpy as np
 import pytest
 
-from pipeline.calibration import apply_calibrated_stacking, split_seen_classes, tune_gamma
-from pipeline.metrics import gzsl_accuracy
+from pipeline.zsl.calibration import apply_calibrated_stacking, split_seen_classes, tune_gamma
+from pipeline.zsl.metrics import gzsl_accuracy
 
 SEEN, UNSEEN = [0, 1], [2, 3]
 # gaps (best seen - best unseen): a 0.4, b 0.1, c 0.2, d 0.25

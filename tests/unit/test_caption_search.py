@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from pipeline.config import EmbedTextConfig, IndexConfig  # noqa: E402
+from pipeline.core.config import EmbedTextConfig, IndexConfig  # noqa: E402
 
 ADJ = ["striped", "spotted", "small", "grey", "sleeping", "running"]
 NOUN = ["horse", "cat", "bird", "elephant", "dog", "fish", "owl", "goat", "bear", "fox"]
@@ -17,11 +17,11 @@ NOUN = ["horse", "cat", "bird", "elephant", "dog", "fish", "owl", "goat", "bear"
 
 @pytest.fixture(scope="module")
 def captioned_index(tmp_path_factory):
-    from pipeline.classset import write_class_set
-    from pipeline.encoders import load_text_encoder
-    from pipeline.features import write_features
-    from pipeline.models import save_model
-    from pipeline.models.eszsl import ESZSL
+    from pipeline.semantics.classset import write_class_set
+    from pipeline.encoders.models import load_text_encoder
+    from pipeline.core.features import write_features
+    from pipeline.zsl.models import save_model
+    from pipeline.zsl.models.eszsl import ESZSL
     from pipeline.stages.index import run_index
 
     root = tmp_path_factory.mktemp("capidx")
@@ -54,7 +54,7 @@ def captioned_index(tmp_path_factory):
 
 
 def test_caption_mode_finds_the_caption_and_rows_without_one_score_zero(captioned_index):
-    from pipeline.retrieval import Searcher
+    from pipeline.index.searcher import Searcher
 
     root, _, captions = captioned_index
     s = Searcher(str(root / "index"))
@@ -66,9 +66,9 @@ def test_caption_mode_finds_the_caption_and_rows_without_one_score_zero(captione
 
 
 def test_both_mode_is_the_weighted_sum_of_exact_scores(captioned_index):
-    from pipeline import io as zio
-    from pipeline.features import CAPTIONS_DIR
-    from pipeline.retrieval import Searcher
+    from pipeline.core import fs as zio
+    from pipeline.core.features import CAPTIONS_DIR
+    from pipeline.index.searcher import Searcher
 
     root, X, _ = captioned_index
     s = Searcher(str(root / "index"))
@@ -92,7 +92,7 @@ def test_both_mode_is_the_weighted_sum_of_exact_scores(captioned_index):
 def test_service_modes_and_clip_retrieval_text_modality(captioned_index, serve_world, tmp_path):
     from fastapi.testclient import TestClient
 
-    from pipeline.config import ServeConfig
+    from pipeline.core.config import ServeConfig
     from pipeline.stages.serve import create_app
 
     root, _, captions = captioned_index

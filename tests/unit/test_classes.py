@@ -8,12 +8,12 @@ import zlib
 import numpy as np
 import pytest
 
-from pipeline.classset import add_classes
-from pipeline.schema import CLASSES_FORMAT
+from pipeline.semantics.classset import add_classes
+from pipeline.core.schema import CLASSES_FORMAT
 from pipeline.stages.classes import run_classes
-from pipeline.config import build_config
-from pipeline.classset import load_class_set
-from pipeline.semantics import embed_class_texts
+from pipeline.core.config import build_config
+from pipeline.semantics.classset import load_class_set
+from pipeline.semantics.class_table import embed_class_texts
 
 TEMPLATES = ["a photo of a {name}.", "a drawing of a {name}."]
 

@@ -1,11 +1,11 @@
-"""pipeline.config: validation errors name the bad field; memory sizes parse or fail clearly."""
+"""pipeline.core.config: validation errors name the bad field; memory sizes parse or fail clearly."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from pipeline.config import DEFAULT_TEMPLATES, ConfigError, ExtractConfig, build_config, parse_memory
+from pipeline.core.config import DEFAULT_TEMPLATES, ConfigError, ExtractConfig, build_config, parse_memory
 
 BASE = {"input": "in/", "output": "out/"}
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from pipeline.zsl.metrics import (
     GZSLResult,
     ausuc,
     confusion_matrix,

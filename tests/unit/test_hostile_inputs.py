@@ -26,19 +26,19 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import io as zio
-from pipeline.classset import add_classes, write_class_set
+from pipeline.core import fs as zio
+from pipeline.semantics.classset import add_classes, write_class_set
 from pipeline.stages.classes import run_classes
-from pipeline.config import IndexConfig, LabelConfig, build_config
-from pipeline.features import write_features
+from pipeline.core.config import IndexConfig, LabelConfig, build_config
+from pipeline.core.features import write_features
 from pipeline.stages.extract import check_checkpoint
-from pipeline.models import load_model
-from pipeline.ray_stages import decode_shard
-from pipeline.schema import features_schema
-from pipeline.classset import load_class_set
-from pipeline.semantics import read_class_table
-from pipeline.shard_readers import read_shard
-from pipeline.shards import Shard, list_shards
+from pipeline.zsl.models import load_model
+from pipeline.cluster.extraction import decode_shard
+from pipeline.core.schema import features_schema
+from pipeline.semantics.classset import load_class_set
+from pipeline.semantics.class_table import read_class_table
+from pipeline.inputs.readers import read_shard
+from pipeline.inputs.shards import Shard, list_shards
 
 SIZE = 16
 KW = {"image_size": SIZE, "max_pixels": 89_478_485, "read": {"image_column": "image", "label_column": "label"}}

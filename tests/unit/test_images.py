@@ -1,4 +1,4 @@
-"""pipeline.images: untrusted bytes -> (size, size, 3) uint8, or a DecodeError that says why."""
+"""pipeline.inputs.images: untrusted bytes -> (size, size, 3) uint8, or a DecodeError that says why."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import DecodeError, decode_image, resize_center_crop
+from pipeline.inputs.images import DecodeError, decode_image, resize_center_crop
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:

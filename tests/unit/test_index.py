@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from pipeline import faiss_index as zix  # noqa: E402
-from pipeline.schema import INDEX_IDS_SCHEMA  # noqa: E402
+from pipeline.index import faiss_index as zix  # noqa: E402
+from pipeline.core.schema import INDEX_IDS_SCHEMA  # noqa: E402
 
 DIM = 64
 

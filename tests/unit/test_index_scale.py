@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from pipeline import io as zio  # noqa: E402
-from pipeline.config import IndexConfig, LabelConfig  # noqa: E402
+from pipeline.core import fs as zio  # noqa: E402
+from pipeline.core.config import IndexConfig, LabelConfig  # noqa: E402
 
 DIM, K, N_CLASSES = 32, 16, 40
 
@@ -28,10 +28,10 @@ def _clustered(rng, n, centres, spread):
 def world(tmp_path_factory):
     """Clustered 32-d features in 5 shards of 1,600 rows (+ 2 more shards held back), a text-semantics
     ESZSL model into 16-d, and a class set."""
-    from pipeline.classset import write_class_set
-    from pipeline.features import write_features
-    from pipeline.models import save_model
-    from pipeline.models.eszsl import ESZSL
+    from pipeline.semantics.classset import write_class_set
+    from pipeline.core.features import write_features
+    from pipeline.zsl.models import save_model
+    from pipeline.zsl.models.eszsl import ESZSL
 
     root = tmp_path_factory.mktemp("scale")
     rng = np.random.default_rng(0)
@@ -71,7 +71,7 @@ def _features_with(world, tmp_path, n_shards: int) -> str:
 
 
 def _projected(world, rows: int) -> np.ndarray:
-    from pipeline.models import load_model
+    from pipeline.zsl.models import load_model
 
     model, _ = load_model(world["model"])
     return np.asarray(model.search_images(world["X"][:rows]), np.float32)
@@ -84,8 +84,8 @@ def _cfg(world, features, out, **kw) -> IndexConfig:
 # ------------------------------------------------------------------------------------------- tuning
 
 def test_exact_neighbours_streams_like_brute_force_and_leaves_the_query_out():
-    from pipeline.faiss_index import brute_force_search
-    from pipeline.index_tuning import exact_neighbours
+    from pipeline.index.faiss_index import brute_force_search
+    from pipeline.index.tune import exact_neighbours
 
     rng = np.random.default_rng(1)
     v = rng.standard_normal((3000, 8)).astype(np.float32)
@@ -103,8 +103,8 @@ def test_exact_neighbours_streams_like_brute_force_and_leaves_the_query_out():
 @pytest.mark.parametrize("factory", ["HNSW16,Flat", "IVF64,Flat", "IVF64_HNSW32,Flat"])
 def test_tuning_reaches_the_target_and_claims_what_held_out_queries_measure(factory):
     """The recall the tuning records is what new queries (never indexed) get, by brute force."""
-    from pipeline import faiss_index as zix
-    from pipeline.index_tuning import candidate_params, tune_index
+    from pipeline.index import faiss_index as zix
+    from pipeline.index.tune import candidate_params, tune_index
 
     rng = np.random.default_rng(2)
     centres = rng.standard_normal((30, 24))
@@ -126,7 +126,7 @@ def test_tuning_reaches_the_target_and_claims_what_held_out_queries_measure(fact
 
 
 def test_held_out_queries_sit_at_nearest_neighbour_distance():
-    from pipeline.index_tuning import held_out_queries
+    from pipeline.index.tune import held_out_queries
 
     rng = np.random.default_rng(6)
     v = rng.standard_normal((2000, 8)).astype(np.float32)
@@ -141,8 +141,8 @@ def test_held_out_queries_sit_at_nearest_neighbour_distance():
 
 
 def test_tuning_with_a_latency_cap_and_an_unreachable_target():
-    from pipeline import faiss_index as zix
-    from pipeline.index_tuning import tune_index
+    from pipeline.index import faiss_index as zix
+    from pipeline.index.tune import tune_index
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((5000, 16)).astype(np.float32)
@@ -158,7 +158,7 @@ def test_tuning_with_a_latency_cap_and_an_unreachable_target():
 
 
 def test_bad_search_params_named():
-    from pipeline import faiss_index as zix
+    from pipeline.index import faiss_index as zix
 
     index = zix.build_index(np.eye(4, dtype=np.float32), dim=4, factory="Flat")
     with pytest.raises(ValueError, match="cannot set search parameters 'efSearch=8'"):
@@ -168,7 +168,7 @@ def test_bad_search_params_named():
 # ------------------------------------------------------------------------------------ index stage
 
 def test_index_is_tuned_and_the_manifest_claims_the_measured_recall(world, tmp_path):
-    from pipeline.faiss_index import brute_force_search, load_index, recall_at_k
+    from pipeline.index.faiss_index import brute_force_search, load_index, recall_at_k
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 5)
@@ -204,7 +204,7 @@ def test_fixed_search_params_are_measured_not_tuned(world, tmp_path):
 def test_growing_features_add_only_the_new_vectors(world, tmp_path, caplog):
     import faiss
 
-    from pipeline.faiss_index import load_index
+    from pipeline.index.faiss_index import load_index
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 3)
@@ -228,7 +228,7 @@ def test_growing_features_add_only_the_new_vectors(world, tmp_path, caplog):
 
 
 def test_growth_beyond_the_budget_rebuilds(world, tmp_path, caplog):
-    from pipeline.faiss_index import estimate_memory
+    from pipeline.index.faiss_index import estimate_memory
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 2)
@@ -242,7 +242,7 @@ def test_growth_beyond_the_budget_rebuilds(world, tmp_path, caplog):
 
 
 def test_ivf_partitions_merged_on_disk_equal_one_build(world, tmp_path):
-    from pipeline.faiss_index import load_index, search
+    from pipeline.index.faiss_index import load_index, search
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 5)
@@ -263,7 +263,7 @@ def test_ivf_partitions_merged_on_disk_equal_one_build(world, tmp_path):
 
 
 def test_mmap_load_gives_the_same_results(world, tmp_path):
-    from pipeline.faiss_index import load_index, search
+    from pipeline.index.faiss_index import load_index, search
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 2)
@@ -277,7 +277,7 @@ def test_mmap_load_gives_the_same_results(world, tmp_path):
 
 
 def test_load_checks_size_always_and_sha_when_asked(world, tmp_path, monkeypatch):
-    from pipeline import faiss_index as zix
+    from pipeline.index import faiss_index as zix
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 1)
@@ -344,8 +344,8 @@ def test_fixed_params_the_index_type_lacks_stop_before_any_work(world, tmp_path)
 def test_lazy_id_table_reads_only_the_hits(tmp_path):
     import pyarrow as pa
 
-    from pipeline.faiss_index import IdTable
-    from pipeline.schema import INDEX_IDS_SCHEMA
+    from pipeline.index.faiss_index import IdTable
+    from pipeline.core.schema import INDEX_IDS_SCHEMA
 
     n = 100_000
     t = pa.table({"faiss_id": np.arange(n), "image_id": [f"i{i}" for i in range(n)],
@@ -364,7 +364,7 @@ def test_index_on_a_remote_filesystem_builds_grows_and_loads(world, tmp_path):
     loaded through a local cache named by content, so a rebuilt index is never served stale."""
     import fsspec
 
-    from pipeline.faiss_index import load_index, search
+    from pipeline.index.faiss_index import load_index, search
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 2)

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import io as zio
-from pipeline.config import EmbedTextConfig, ExportConfig, ImportConfig
-from pipeline.features import CAPTIONS_DIR, load_features, write_features
-from pipeline.models.base import l2n
+from pipeline.core import fs as zio
+from pipeline.core.config import EmbedTextConfig, ExportConfig, ImportConfig
+from pipeline.core.features import CAPTIONS_DIR, load_features, write_features
+from pipeline.zsl.models.base import l2n
 
 CAPS = ["a striped horse", None, "a grey elephant", "", "a small bird", "a cat on a mat", "a dog", None, "a zebra",
         "a giraffe eating leaves", "an owl at night", "a fish"]
@@ -28,7 +28,7 @@ def captioned(tmp_path):
 
 
 def test_embed_text_lines_up_with_the_rows_and_resumes(captioned, monkeypatch):
-    from pipeline.encoders import load_text_encoder
+    from pipeline.encoders.models import load_text_encoder
     from pipeline.stages.captions import run_embed_text
 
     feats, _ = captioned
@@ -123,7 +123,7 @@ def test_caption_embeddings_of_other_rows_are_refused_everywhere(captioned, tmp_
     """Export, the bridge's pairs and the caption index read caption shards through one check."""
     import pyarrow as pa
 
-    from pipeline.features import caption_shards, read_caption_shard
+    from pipeline.core.features import caption_shards, read_caption_shard
     from pipeline.stages.bridge import load_pairs
     from pipeline.stages.captions import run_embed_text
     from pipeline.stages.interop import run_export

@@ -1,4 +1,4 @@
-"""pipeline.io: atomic writes leave no temp files and never a partial file; listing; memory:// URIs."""
+"""pipeline.core.fs: atomic writes leave no temp files and never a partial file; listing; memory:// URIs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileOpener
 
-from pipeline import io as zio
+from pipeline.core import fs as zio
 
 
 def _leftovers(root) -> list[str]:

@@ -9,14 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import io as zio
-from pipeline.classset import write_class_set
-from pipeline.config import LabelConfig
+from pipeline.core import fs as zio
+from pipeline.semantics.classset import write_class_set
+from pipeline.core.config import LabelConfig
 from pipeline.stages.label import run_label
-from pipeline.models.scoring import topk
-from pipeline.models import load_model, save_model
-from pipeline.models.eszsl import ESZSL
-from pipeline.schema import FEATURES_FORMAT, LABELS_SCHEMA, features_schema
+from pipeline.zsl.models.scoring import topk
+from pipeline.zsl.models import load_model, save_model
+from pipeline.zsl.models.eszsl import ESZSL
+from pipeline.core.schema import FEATURES_FORMAT, LABELS_SCHEMA, features_schema
 
 # ---------------------------------------------------------------- topk
 

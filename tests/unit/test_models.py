@@ -1,13 +1,13 @@
-"""pipeline.models: ESZSL against the published closed form, DeViSE on synthetic data, safe save/load."""
+"""pipeline.zsl.models: ESZSL against the published closed form, DeViSE on synthetic data, safe save/load."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.models import METHODS, load_model, make_model, save_model
-from pipeline.models.bilinear import DeViSE, ridge_projection
-from pipeline.models.eszsl import ESZSL
+from pipeline.zsl.models import METHODS, load_model, make_model, save_model
+from pipeline.zsl.models.bilinear import DeViSE, ridge_projection
+from pipeline.zsl.models.eszsl import ESZSL
 
 
 def _eszsl_reference(X_rows, y, S_rows, gamma, lam):
@@ -146,7 +146,7 @@ def test_load_model_checks_features(tmp_path, rng):
 
 
 def test_load_model_rejects_other_formats(tmp_path, rng):
-    from pipeline import io as zio
+    from pipeline.core import fs as zio
 
     model = ESZSL().fit(rng.standard_normal((10, 20)), np.arange(10) % 2, rng.standard_normal((2, 8)))
     save_model(str(tmp_path), model, MANIFEST)

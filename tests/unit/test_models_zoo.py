@@ -1,4 +1,4 @@
-"""Tests for the SAE, DAP, relation-network and ensemble ZSL methods (pipeline.models)."""
+"""Tests for the SAE, DAP, relation-network and ensemble ZSL methods (pipeline.zsl.models)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from scipy.linalg import solve_sylvester
 
-from pipeline.models import METHODS, make_model
-from pipeline.models.base import ZSLModel, l2n, load_model, save_model
-from pipeline.models.dap import EPS, dap_log_posterior
-from pipeline.models.ensemble import Ensemble, row_zscore
-from pipeline.models.sae import sae_closed_form
+from pipeline.zsl.models import METHODS, make_model
+from pipeline.zsl.models.base import ZSLModel, l2n, load_model, save_model
+from pipeline.zsl.models.dap import EPS, dap_log_posterior
+from pipeline.zsl.models.ensemble import Ensemble, row_zscore
+from pipeline.zsl.models.sae import sae_closed_form
 
 SEEN, UNSEEN = np.arange(7), np.arange(7, 10)  # of the default 10-class problem
 RELATION_FAST = {"hidden": 64, "epochs": 60, "batch_size": 32, "lr": 3e-3, "seed": 0}
@@ -304,7 +304,7 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path, binary, method, p
 
 
 def test_zscore_mix_skips_zero_weights_and_refuses_all_zero():
-    from pipeline.models.ensemble import row_zscore, zscore_mix
+    from pipeline.zsl.models.ensemble import row_zscore, zscore_mix
 
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.classset import write_class_set
-from pipeline.config import build_config
-from pipeline.features import write_features
+from pipeline.semantics.classset import write_class_set
+from pipeline.core.config import build_config
+from pipeline.core.features import write_features
 from pipeline.stages.train import run_train
 
 SEEN = ["ant", "bee", "cow", "doe", "eel", "fox", "gnu", "hen"]

@@ -1,4 +1,4 @@
-"""Tests for pipeline.report: HTML rendering, plots, atomic writes, thumbnails."""
+"""Tests for pipeline.zsl.html_report: HTML rendering, plots, atomic writes, thumbnails."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipeline.metrics import evaluate_scores
-from pipeline.report import (
+from pipeline.zsl.metrics import evaluate_scores
+from pipeline.zsl.html_report import (
     default_thumbnail,
     plot_confusion,
     plot_per_class_accuracy,

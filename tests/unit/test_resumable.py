@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline import io as zio
-from pipeline.config import ConfigError, ExtractConfig, IndexConfig, LabelConfig
-from pipeline.features import load_features, shard_name
+from pipeline.core import fs as zio
+from pipeline.core.config import ConfigError, ExtractConfig, IndexConfig, LabelConfig
+from pipeline.core.features import load_features, shard_name
 from pipeline.stages.extract import run_extract
 
 # ---------------------------------------------------------------- extract, without Ray
@@ -28,7 +28,7 @@ class Killed(Exception):
 
 
 def _die_after_writes(monkeypatch, name: str, n: int):
-    """Patch ``pipeline.io.<name>`` to complete ``n`` writes (or hand out ``n`` writers), then raise
+    """Patch ``pipeline.core.fs.<name>`` to complete ``n`` writes (or hand out ``n`` writers), then raise
     Killed; return the real writer."""
     real, calls = getattr(zio, name), []
 
@@ -45,7 +45,7 @@ def _die_after_writes(monkeypatch, name: str, n: int):
 @pytest.fixture
 def fake_ray(monkeypatch):
     """Replace the Ray dataflow by the same mappers run in-process; ``state`` steers crashes."""
-    import pipeline.ray_stages as rs
+    import pipeline.cluster.extraction as rs
 
     state = {"batches": 0, "crash_after_batches": None, "shards_run": []}
 
@@ -79,7 +79,9 @@ def fake_ray(monkeypatch):
         return rs.ResourcePlan(1, 1.0, 0.0, 1, "cpu")
 
     monkeypatch.setattr(rs, "run_extraction", run_extraction)
-    monkeypatch.setattr(rs, "init_ray", lambda *a, **k: None)
+    import pipeline.cluster.session as session
+
+    monkeypatch.setattr(session, "init_ray", lambda *a, **k: None)
     return state
 
 
@@ -333,8 +335,8 @@ def test_interrupted_class_set_update_is_never_mixed_into_labels(small_world, tm
     """add-classes killed between classes.parquet and manifest.json: the set is the new one (its
     manifest travels inside the Parquet file), so a label rerun sees another class set and refuses."""
     from pipeline.stages import label as labeling
-    from pipeline.classset import add_classes
-    from pipeline.classset import load_class_set
+    from pipeline.semantics.classset import add_classes
+    from pipeline.semantics.classset import load_class_set
 
     w = small_world()
     labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
@@ -378,7 +380,7 @@ def _icfg(w, out, **kw) -> IndexConfig:
 
 @pytest.fixture
 def spy_projection(monkeypatch):
-    from pipeline.models.eszsl import ESZSL
+    from pipeline.zsl.models.eszsl import ESZSL
 
     calls: list[int] = []
     real = ESZSL.search_images
@@ -394,7 +396,7 @@ def spy_projection(monkeypatch):
 def _index_state(out):
     import faiss
 
-    from pipeline.faiss_index import load_index
+    from pipeline.index.faiss_index import load_index
 
     index, ids, manifest = load_index(str(out))
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).copy(), ids, manifest

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models import make_model, method_params
-from pipeline.models.base import l2n
-from pipeline.models.bilinear import ranking_loss
-from pipeline.classset import ClassSet
-from pipeline.transductive import transductive_scores
-from pipeline.wordvectors import GloVe, class_word_vectors
+from pipeline.zsl.models import make_model, method_params
+from pipeline.zsl.models.base import l2n
+from pipeline.zsl.models.bilinear import ranking_loss
+from pipeline.semantics.classset import ClassSet
+from pipeline.zsl.transductive import transductive_scores
+from pipeline.semantics.wordvectors import GloVe, class_word_vectors
 
 
 # ---------------------------------------------------------------- ranking losses (hand-computed)
@@ -164,7 +164,7 @@ def test_transductive_refuses_non_cosine_models():
 def test_column_standardisation_removes_a_hub_class():
     """Any model: a class every image scores high on stops winning once each class's scores are
     standardised over the unlabelled images."""
-    from pipeline.transductive import column_standardized_scores
+    from pipeline.zsl.transductive import column_standardized_scores
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 40)
@@ -181,9 +181,9 @@ def test_column_standardisation_removes_a_hub_class():
 # ---------------------------------------------------------------- tuning through run_train
 
 def test_tune_records_grid_and_choice(tmp_path):
-    from pipeline.classset import write_class_set
-    from pipeline.config import build_config
-    from pipeline.features import write_features
+    from pipeline.semantics.classset import write_class_set
+    from pipeline.core.config import build_config
+    from pipeline.core.features import write_features
     from pipeline.stages.train import run_train
 
     X, y, S = _linear_problem(C=8, per=20)

@@ -1,4 +1,4 @@
-"""pipeline.semantics: class tables, attribute normalisation, prompt-ensemble text embeddings."""
+"""pipeline.semantics.class_table: class tables, attribute normalisation, prompt-ensemble text embeddings."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.classset import ClassSet
-from pipeline.semantics import (
+from pipeline.semantics.classset import ClassSet
+from pipeline.semantics.class_table import (
     class_prompts,
     display_name,
     embed_class_texts,
@@ -23,7 +23,7 @@ from pipeline.semantics import (
 class FakeTextEncoder:
     """Deterministic stand-in for a text model: a fixed random vector per string.
 
-    ``normalize=True`` honours :class:`pipeline.encoders.TextEncoder`'s contract (unit rows).
+    ``normalize=True`` honours :class:`pipeline.encoders.models.TextEncoder`'s contract (unit rows).
     """
 
     def __init__(self, dim: int = 6, model_id: str = "fake-text", normalize: bool = True) -> None:

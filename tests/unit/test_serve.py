@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from pipeline.config import ServeConfig  # noqa: E402
+from pipeline.core.config import ServeConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from pipeline.config import ServeConfig  # noqa: E402
+from pipeline.core.config import ServeConfig  # noqa: E402
 
 
 def test_image_query_finds_the_same_image_first(image_world):
-    from pipeline.retrieval import Searcher
+    from pipeline.index.searcher import Searcher
     from pipeline.stages.serve import create_app
 
     root, blobs, labels, _ = image_world
@@ -44,7 +44,7 @@ def test_image_query_finds_the_same_image_first(image_world):
     ("BOMB", "decompression bomb"),
 ])
 def test_bad_images_get_400(image_world, image, reason):
-    from pipeline.retrieval import Searcher
+    from pipeline.index.searcher import Searcher
     from pipeline.stages.serve import create_app
 
     root = image_world[0]
@@ -65,8 +65,8 @@ def test_bad_images_get_400(image_world, image, reason):
 @pytest.fixture(scope="module")
 def labelled(serve_world, tmp_path_factory):
     """serve_world's features labelled against its 4 classes + 'quagga' (unseen, close to zebra)."""
-    from pipeline.classset import load_class_set, write_class_set
-    from pipeline.config import LabelConfig
+    from pipeline.semantics.classset import load_class_set, write_class_set
+    from pipeline.core.config import LabelConfig
     from pipeline.stages.label import run_label
 
     s, root, y, names = serve_world
@@ -83,7 +83,7 @@ def labelled(serve_world, tmp_path_factory):
 
 
 def test_hits_carry_predicted_labels_and_unseen_only_filters(serve_world, labelled, tmp_path):
-    from pipeline import io as zio
+    from pipeline.core import fs as zio
     from pipeline.stages.serve import create_app
 
     s, root, _, _ = serve_world
@@ -115,7 +115,7 @@ def test_hits_carry_predicted_labels_and_unseen_only_filters(serve_world, labell
 def test_labels_of_other_features_or_missing_shards_are_refused(serve_world, labelled, tmp_path):
     import shutil
 
-    from pipeline.retrieval import PredictedLabels
+    from pipeline.index.searcher import PredictedLabels
 
     s = serve_world[0]
     bad = tmp_path / "labels"

@@ -1,4 +1,4 @@
-"""pipeline.shards: deterministic listing and raw record reading for folder, webdataset and Parquet inputs."""
+"""pipeline.inputs.shards: deterministic listing and raw record reading for folder, webdataset and Parquet inputs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.shard_readers import read_shard
-from pipeline.shards import Shard, detect_format, list_shards
+from pipeline.inputs.readers import read_shard
+from pipeline.inputs.shards import Shard, detect_format, list_shards
 
 # ---------------------------------------------------------------- folder
 
@@ -141,7 +141,7 @@ def test_truncated_tar_in_member_header_is_reported(tmp_path):
 
 def test_tar_samples_stream_before_the_rest_of_the_tar_is_read(tmp_path, monkeypatch):
     """A sample is handed on once the next key starts: the reader holds one sample, not the tar."""
-    from pipeline import shard_readers
+    from pipeline.inputs import readers as shard_readers
 
     (tmp_path / "s.tar").write_bytes(_tar_bytes())
     reads = []

@@ -1,0 +1,231 @@
+"""The extraction dataflow on Ray Data (one streaming pipeline):
+
+    shard specs --map_batches(decode_chunks, CPU tasks)--> blocks of pixels (256 rows at most)
+                --map_batches(EncodeActor, actor pool, GPU if any)--> embeddings
+                --iter_batches--> driver, which groups rows by shard and writes each shard atomically.
+
+The mappers (:func:`decode_chunks`, :class:`EncodeActor`) are plain Python, testable without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipeline.inputs.images import DecodeError, decode_image
+from pipeline.inputs.readers import read_shard
+from pipeline.inputs.shards import Record, Shard, _stem
+
+LOG = logging.getLogger(__name__)
+
+
+#: decoded rows per block handed on by :func:`decode_chunks` (a task's pixels are about
+#: ``DECODE_CHUNK_ROWS * image_size**2 * 3`` bytes, whatever the size of the shard)
+DECODE_CHUNK_ROWS = 256
+
+_COLUMNS = ("shard_id", "shard_n", "shard_row", "image_id", "uri", "label", "caption", "width", "height", "url",
+            "key", "meta", "error", "stage")
+
+
+def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
+                  chunk_rows: int = DECODE_CHUNK_ROWS) -> Iterator[dict]:
+    """Ray mapper (CPU task, a generator): shard specs -> blocks of at most ``chunk_rows`` decoded
+    rows, yielded as the shard is read, so a task never holds a whole shard's pixels (an
+    img2dataset tar holds 10,000 images: 1.5 GB of 224 px pixels). Broken items become error rows.
+
+    ``shard_n`` (rows in the shard) is known only once the shard is read: the rows of a shard's
+    last block carry it, earlier blocks carry -1. A shard that breaks part-way keeps the rows read
+    before the break and ends with one ``read`` error row.
+    ``read``: keyword arguments of :func:`pipeline.inputs.readers.read_shard` (image column, label field)."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows}; at least 1")
+    blank = np.zeros((image_size, image_size, 3), np.uint8)
+    for spec in batch["shard"]:
+        shard = Shard.from_json(str(spec))
+        rows: list[tuple] = []
+        n = 0
+        records = read_shard(shard, **read)
+        while True:
+            try:
+                rec = next(records, None)
+            except Exception as exc:  # noqa: BLE001 - the shard is unreadable (gone, permissions, corrupt)
+                # One error row stands for the (rest of the) shard: the job goes on, and a rerun does
+                # not retry it (the shard is recorded as done, with its reason in errors/).
+                LOG.warning("shard %d (%s) unreadable: %s: %s", shard.shard_id, shard.source, type(exc).__name__, exc)
+                rec = Record(image_id=f"{_stem(shard.source)}/<shard-{shard.shard_id:06d}>", uri=shard.source,
+                             error=f"unreadable shard: {type(exc).__name__}: {exc}", stage="read")
+                records = iter(())
+            if rec is None:
+                break
+            if len(rows) == chunk_rows:  # more rows follow: the total is not known yet
+                yield _block(shard.shard_id, -1, n - len(rows), rows, image_size)
+                rows = []
+            px, w, h, err, stage = blank, 0, 0, rec.error, (rec.stage or "read") if rec.error else ""
+            if err is None:
+                try:
+                    px, w, h = decode_image(rec.data, size=image_size, max_pixels=max_pixels)
+                except DecodeError as exc:
+                    err, stage = str(exc), "decode"
+            rows.append((rec, px, w, h, err, stage))
+            n += 1
+        if rows:
+            yield _block(shard.shard_id, n, n - len(rows), rows, image_size)
+
+
+def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image_size: int) -> dict:
+    cols: dict[str, list] = {k: [] for k in _COLUMNS if k not in ("shard_id", "shard_n", "shard_row")}
+    for rec, _px, w, h, err, stage in rows:
+        cols["image_id"].append(rec.image_id)
+        cols["uri"].append(rec.uri)
+        cols["label"].append(rec.label or "")  # "" = none: Ray turns None in object columns into NaN
+        cols["caption"].append(rec.caption or "")
+        cols["url"].append(rec.url or "")
+        cols["key"].append(rec.key or "")
+        cols["meta"].append(json.dumps(rec.meta, sort_keys=True, default=str) if rec.meta else "")
+        cols["width"].append(w)
+        cols["height"].append(h)
+        cols["error"].append(err or "")
+        cols["stage"].append(stage)
+    out = {k: np.array(v, dtype=object) for k, v in cols.items()}
+    out["shard_id"] = np.full(len(rows), shard_id, np.int64)
+    out["shard_n"] = np.full(len(rows), shard_n, np.int64)
+    out["shard_row"] = np.arange(first_row, first_row + len(rows), dtype=np.int64)
+    out["width"] = np.asarray(cols["width"], np.int32)
+    out["height"] = np.asarray(cols["height"], np.int32)
+    out["pixels"] = np.stack([r[1] for r in rows]) if rows else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return {k: out[k] for k in (*_COLUMNS, "pixels")}
+
+
+def decode_shard(batch: dict, *, image_size: int, max_pixels: int, read: dict) -> dict:
+    """Every decoded row of the shards in ``batch`` at once (:func:`decode_chunks` joined, each
+    row's ``shard_n`` filled in): for tests and small inputs; the Ray dataflow streams the blocks."""
+    blocks = list(decode_chunks(batch, image_size=image_size, max_pixels=max_pixels, read=read, chunk_rows=1 << 30))
+    if len(blocks) <= 1:  # one shard: its one block as it is (no copy)
+        return blocks[0] if blocks else _block(0, 0, 0, [], image_size)
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+
+class EncodeActor:
+    """Ray mapper (actor): holds the image encoder, turns pixels into embeddings."""
+
+    def __init__(self, *, encoder: str, pretrained: str | None, device: str, threads: int) -> None:
+        import torch
+
+        from pipeline.encoders.models import load_image_encoder
+
+        torch.set_num_threads(max(1, threads))  # Ray sets OMP_NUM_THREADS=1 in workers
+        self.encoder = load_image_encoder(encoder, pretrained, device=device)
+
+    def __call__(self, batch: dict) -> dict:
+        pixels = batch.pop("pixels")
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        emb = np.zeros((len(ok), self.encoder.dim), np.float32)
+        if ok.any():
+            emb[ok] = self.encoder.encode(pixels[ok])
+            bad = ok & ~np.isfinite(emb).all(axis=1)
+            for i in np.flatnonzero(bad):
+                batch["error"][i], batch["stage"][i] = "encoder produced non-finite values", "encode"
+        batch["embedding"] = emb
+        _trace_encoded(batch["shard_id"])
+        return batch
+
+
+def _trace_encoded(shard_ids: np.ndarray) -> None:
+    """Diagnostics: with ``ZSL_TRACE_ENCODED=<file>`` each encoded batch appends ``shard_id rows time`` lines
+    (one ``O_APPEND`` write, atomic across actors). ``benchmarks.redo_share`` uses it to count the work a
+    kill destroys inside the workers, which the driver cannot see."""
+    path = os.environ.get("ZSL_TRACE_ENCODED")
+    if not path or not len(shard_ids):
+        return
+    ids, counts = np.unique(np.asarray(shard_ids, np.int64), return_counts=True)
+    now = time.time()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, "".join(f"{i} {c} {now:.3f}\n" for i, c in zip(ids, counts)).encode())
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    num_actors: int
+    actor_cpus: float
+    actor_gpus: float
+    threads: int
+    device: str
+
+
+def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: str) -> ResourcePlan:
+    """Size the encoder pool so that decode tasks always keep at least one CPU.
+
+    >>> plan_resources(cpus=2, gpus=0, num_actors=None, device="auto")
+    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu')
+    >>> plan_resources(cpus=16, gpus=2, num_actors=None, device="auto")
+    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda')
+    """
+    use_gpu = gpus >= 1 and device in ("auto", "cuda")
+    if device == "cuda" and not use_gpu:
+        raise ValueError("device 'cuda' requested but the Ray cluster has no GPU")
+    spare = max(0.5, cpus - 1)  # one CPU stays free for listing/reading/decoding
+    if use_gpu:
+        n = num_actors or int(gpus)
+        per = min(1.0, math.floor(spare / n * 1000) / 1000)
+        if per <= 0:
+            raise ValueError(f"{n} GPU actors on {cpus} CPUs leave no CPU for decoding; use fewer actors")
+        return ResourcePlan(n, per, 1.0, max(1, min(4, int(cpus) // (2 * n))), "cuda")
+    n = num_actors or max(1, min(4, int(math.ceil(spare))))
+    per = math.floor(spare / n * 1000) / 1000  # round down: never eat into the decode CPU
+    # Logical CPUs keep a slot free for decode tasks; torch threads may use the whole core count.
+    return ResourcePlan(n, per, 0.0, max(1, int(cpus) // n), "cpu")
+
+
+def _decode_task_args() -> dict:
+    return {"num_cpus": 1}
+
+
+def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None, image_size: int,
+                   batch_size: int, num_actors: int | None, device: str, max_pixels: int,
+                   read: dict, on_rows: Callable[[dict], None], decode_rows: int = DECODE_CHUNK_ROWS) -> ResourcePlan:
+    """Run decode + encode on Ray Data; hand each output batch (numpy dict) to ``on_rows``."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    res = ray.cluster_resources()
+    plan = plan_resources(cpus=res.get("CPU", 1), gpus=res.get("GPU", 0), num_actors=num_actors, device=device)
+    LOG.info("encoder pool: %s", plan)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ds = ray.data.from_items([{"shard": s.to_json()} for s in shards], override_num_blocks=len(shards))
+    # ray_remote_args_fn keeps Ray Data from fusing decoding into the encoder actors (fusion rules skip
+    # ops that have one): decoding stays in CPU tasks, the actors only encode. Ray 2.60 deprecates the
+    # argument (removal planned for 2.64; ray is pinned <2.61), so its warning is silenced here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(decode_chunks, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
+                            fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels, read=read,
+                                           chunk_rows=decode_rows))
+    ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy",
+                        compute=ActorPoolStrategy(size=plan.num_actors),
+                        num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
+                        fn_constructor_kwargs=dict(encoder=encoder, pretrained=pretrained,
+                                                   device=plan.device, threads=plan.threads))
+    # No prefetch: a shard is handed to the writer as soon as it is encoded. With prefetch, about one
+    # finished shard waits in the driver's queue, and a kill throws it away (benchmarks/redo_share.py).
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+        on_rows(batch)
+    return plan
+
+
+def iter_rows(batch: dict) -> Iterator[dict]:
+    keys = list(batch)
+    for i in range(len(batch[keys[0]])):
+        yield {k: batch[k][i] for k in keys}
