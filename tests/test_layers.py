@@ -1,10 +1,16 @@
-"""The library is layers, not a stack: each module imports only modules of lower layers.
+"""The tree is the layer map: each package imports only packages ranked below it, and nothing cycles.
 
-base       io, config, schema, resume
-artifacts  features, shards, shard_readers, images, encoders, text_onnx, semantics, classset, wordvectors, models/*,
-           calibration, metrics, transductive, faiss_index, report, ray_stages, demo_data
-stages     stages/* : side by side, never importing one another
-jobs       the CLI: config + logging + one stage call
+    core                      fs, atomic writes, parquet, config, schema, resume, features, timing
+    inputs, encoders          input layouts and decoding | image and text encoders
+    semantics                 class tables, class sets, text/attribute/word-vector semantics
+    zsl                       models, bridges, calibration, metrics, transductive, report
+    index                     choose, build, store, search, tune; the searcher
+    cluster                   all Ray code
+    stages                    one module per command, side by side, never importing one another
+    jobs                      the ``zsl`` CLI
+    benchmarks                harnesses (never imported by the library or the CLI)
+
+Packages of one rank (inputs and encoders) do not import each other either.
 """
 
 from __future__ import annotations
@@ -17,34 +23,68 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PKG = ROOT / "pipeline"
+SOURCES = [ROOT / "pipeline", ROOT / "jobs", ROOT / "benchmarks"]
 
-BASE = {"pipeline.core.fs", "pipeline.core.config", "pipeline.core.schema", "pipeline.core.resume"}
+RANKS = {
+    "pipeline.core": 0,
+    "pipeline.inputs": 1,
+    "pipeline.encoders": 1,
+    "pipeline.semantics": 2,
+    "pipeline.zsl": 3,
+    "pipeline.index": 4,
+    "pipeline.cluster": 5,
+    "pipeline.stages": 6,
+    "jobs": 7,
+    "benchmarks": 8,
+}
+OURS = ("pipeline", "jobs", "benchmarks")
 
 
 def _module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = list(rel.parts)
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Every ``pipeline.*`` module a file imports, at top level or inside functions."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+def _imports(path: Path, known: set[str] | None = None) -> set[str]:
+    """Every project module a file imports, at top level or inside functions (``from a import b``
+    counts as ``a.b`` where ``a.b`` is a module, else as ``a``); relative imports resolved."""
+    me = _module_name(path) if path.is_relative_to(ROOT) else path.stem
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     out = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("pipeline")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
-            out.add(node.module)
-            out |= {f"{node.module}.{a.name}" for a in node.names}  # `from pipeline.core import fs as io`
+            out |= {a.name for a in node.names if a.name.split(".")[0] in OURS}
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([mod] if mod else []))
+            if mod.split(".")[0] not in OURS:
+                continue
+            subs = {f"{mod}.{a.name}" for a in node.names}
+            hits = subs & known if known is not None else subs
+            out |= hits or {mod}
+            if known is not None and subs - hits:
+                out.add(mod)
     return out - {"pipeline"}
 
 
-def _modules() -> dict[str, set[str]]:
-    return {_module_name(p): _imports(p) for p in PKG.rglob("*.py")}
+def _all_modules() -> dict[str, Path]:
+    return {_module_name(p): p for src in SOURCES for p in src.rglob("*.py")}
+
+
+PATHS = _all_modules()
+MODULES = {m: _imports(p, set(PATHS)) for m, p in PATHS.items()}
+
+
+def _package(name: str) -> str | None:
+    """The ranked package a module belongs to (``pipeline.stages.serve.app`` -> ``pipeline.stages``)."""
+    for pkg in sorted(RANKS, key=len, reverse=True):
+        if name == pkg or name.startswith(pkg + "."):
+            return pkg
+    return None
 
 
 def _stage(name: str) -> str | None:
@@ -52,20 +92,33 @@ def _stage(name: str) -> str | None:
     return parts[2] if len(parts) > 2 and parts[1] == "stages" else None
 
 
-def _layer(name: str) -> int:
-    if name in BASE:
-        return 0
-    if name.startswith("pipeline.stages"):
-        return 2
-    return 1
-
-
-MODULES = _modules()
+def test_every_module_lives_in_a_ranked_package():
+    loose = sorted(m for m in MODULES if _package(m) is None and m not in ("pipeline",))
+    assert not loose, f"modules outside the layer packages {sorted(RANKS)}: {loose}"
 
 
 def test_the_map_is_complete():
     stages = {_stage(m) for m in MODULES if _stage(m)}
-    assert {"extract", "classes", "train", "evaluate", "label", "index", "search", "report"} <= stages
+    assert {"extract", "classes", "train", "evaluate", "label", "index", "search", "report", "serve"} <= stages
+    assert {_package(m) for m in MODULES} >= set(RANKS)
+
+
+def _violations(modules: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, imports in sorted(modules.items()):
+        pkg = _package(mod)
+        for imp in sorted(imports):
+            ipkg = _package(imp)
+            if pkg is None or ipkg is None or ipkg == pkg:
+                continue
+            if RANKS[ipkg] >= RANKS[pkg]:
+                bad.append(f"{mod} ({pkg}, rank {RANKS[pkg]}) imports {imp} ({ipkg}, rank {RANKS[ipkg]})")
+    return bad
+
+
+def test_no_package_imports_a_package_of_its_rank_or_higher():
+    bad = _violations(MODULES)
+    assert not bad, "layer violations:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if _stage(m)))
@@ -74,19 +127,74 @@ def test_no_stage_imports_another_stage(module):
     assert not others, f"{module} imports the stage(s) {others}; move what they share to a lower layer"
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
-def test_no_module_imports_a_higher_layer(module):
-    known = [i for i in MODULES[module] if i in MODULES]
-    higher = sorted(i for i in known if _layer(i) > _layer(module))
-    assert not higher, f"{module} (layer {_layer(module)}) imports higher-layer modules {higher}"
+def _cycles(modules: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), plus self-imports."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in modules.get(v, ()):
+            if w not in modules:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in modules.get(v, ()):
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    for v in sorted(modules):
+        if v not in index:
+            visit(v)
+    return out
 
 
-def test_the_checker_sees_a_stage_importing_a_stage(tmp_path):
-    """The guard can fail: a stage importing a sibling is reported."""
+def _without_package_inits(modules: dict[str, set[str]]) -> dict[str, set[str]]:
+    """A package's ``__init__`` importing its own submodules is how registries load; a submodule
+    importing a name from its package ``__init__`` is then not a cycle of code."""
+    return {m: {i for i in imps if not (m.startswith(i + ".") or i.startswith(m + "."))} for m, imps in modules.items()}
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_without_package_inits(MODULES))
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+# ---- the guard can fail ------------------------------------------------------------------------------------
+
+def test_the_checker_sees_a_lower_layer_importing_a_higher_one(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from pipeline.stages.train import run_train\n")
-    assert "pipeline.stages.train.run_train" in _imports(bad)
-    assert _stage("pipeline.stages.train") == "train" and _stage("pipeline.stages.label") == "label"
+    imports = _imports(bad, set(PATHS))
+    assert "pipeline.stages.train" in imports
+    assert _violations({"pipeline.core.fs": imports}) and not _violations({"jobs.cli": imports})
+    assert _violations({"pipeline.inputs.images": {"pipeline.encoders.models"}})  # one rank, two packages
+
+
+def test_the_checker_sees_a_stage_importing_a_stage():
+    assert _stage("pipeline.stages.train") == "train" and _stage("pipeline.stages.serve.app") == "serve"
+
+
+def test_the_checker_sees_a_cycle():
+    assert _cycles({"jobs.a": {"jobs.b"}, "jobs.b": {"jobs.c"}, "jobs.c": {"jobs.a"}, "jobs.d": {"jobs.a"}}) == [
+        ["jobs.a", "jobs.b", "jobs.c"]]
+    assert _cycles({"jobs.a": {"jobs.b"}, "jobs.b": set()}) == []
 
 
 def test_importing_a_stage_loads_no_other_stage():
