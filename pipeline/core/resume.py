@@ -185,6 +185,14 @@ class OutputDir:
             return None
         return parse_manifest(zio.read_json(uri), cls, uri)
 
+    def already_done(self, cls: type[M], what: str) -> M | None:
+        """The manifest of a finished run of this identity (logged as ``<output>: <what> is complete;
+        nothing to do``), or None: the opening of every job that may find its work done."""
+        done = self.finished(cls)
+        if done is not None:
+            LOG.info("%s: %s is complete; nothing to do", self.uri, what)
+        return done
+
     def begin(self) -> None:
         """Mark the output unfinished (before the first file changes)."""
         zio.remove(self.join(MANIFEST_FILE))

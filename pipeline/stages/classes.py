@@ -34,9 +34,7 @@ def run_classes(cfg: ClassesConfig, *, text_encoder=None) -> ClassesManifest:
     attrs, stats = normalised_attributes(table, method=cfg.attribute_normalization, missing=cfg.missing_attributes)
     with OutputDir(cfg.output, job="classes", identity=identity, overwrite=cfg.overwrite,
                    owned=("classes.parquet",)) as out:
-        done = out.finished(ClassesManifest)
-        if done is not None:
-            LOG.info("%s: class set of this table with these settings is complete; nothing to do", cfg.output)
+        if (done := out.already_done(ClassesManifest, "class set of this table with these settings")) is not None:
             return done
         enc = text_encoder or load_text_encoder(cfg.text_model, cfg.pretrained)
         text = embed_class_texts(enc, table.names, table.descriptions, cfg.templates)
