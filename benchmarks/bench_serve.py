@@ -117,7 +117,7 @@ def _cache_counts(port: int) -> tuple[int, int]:
     c.request("GET", "/metrics")
     text = c.getresponse().read().decode()
     c.close()
-    get = lambda name: sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))  # noqa: E731
+    get = lambda name: sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines() if line.startswith(name))  # noqa: E731
     return get("zsl_query_cache_hits_total"), get("zsl_query_cache_misses_total")
 
 

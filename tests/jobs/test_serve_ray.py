@@ -15,6 +15,23 @@ pytest.importorskip("faiss")
 pytest.importorskip("ray.serve")
 
 
+def test_the_rayservice_import_path_builds_the_one_deployment():
+    """infra/rayservice-serve.yaml's import_path builds the deployment of pipeline.cluster.serve, under
+    the name its deployments section configures (no Ray started)."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "infra" / "rayservice-serve.yaml").read_text())
+    (app_cfg,) = yaml.safe_load(spec["spec"]["serveConfigV2"])["applications"]
+    module, attr = app_cfg["import_path"].split(":")
+    app = getattr(importlib.import_module(module), attr)()
+    assert type(app).__name__ == "Application"
+    assert app._bound_deployment.name in {d["name"] for d in app_cfg["deployments"]}
+    assert app._bound_deployment._replica_config.max_replicas_per_node == 1
+
+
 @pytest.mark.slow  # ~30 s: Ray + Serve start-up
 def test_ray_serve_deployment_answers(serve_world, tmp_path, free_port):
     import ray

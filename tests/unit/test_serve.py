@@ -130,6 +130,35 @@ def test_health_indices_metrics_page(served):
     assert client.get("/docs").status_code == 200
 
 
+def test_each_app_has_its_own_metrics_in_the_prometheus_text_format(served, tmp_path):
+    """Two apps in one process: each /metrics counts only its own requests (a registry per app),
+    served as the Prometheus text format a scraper parses."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipeline.stages.serve import create_app
+
+    _, s, _, _ = served
+    apps = [TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(tmp_path)), searchers={"animals": s}))
+            for _ in range(2)]
+    for _ in range(3):
+        apps[0].get("/health")
+    apps[1].get("/indices")
+    r = apps[0].get("/metrics")
+    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    counts = {(x.labels["path"], x.labels["status"]): x.value for f in text_string_to_metric_families(r.text)
+              if f.name == "zsl_requests" for x in f.samples if x.name == "zsl_requests_total"}
+    assert counts == {("/health", "200"): 3.0}
+    other = apps[1].get("/metrics").text
+    assert 'zsl_requests_total{path="/indices",status="200"} 1.0' in other and 'path="/health"' not in other
+
+
+def test_openapi_schema_is_served(served):
+    """/docs loads its schema from /openapi.json: every route's types resolve."""
+    schema = served[0].get("/openapi.json")
+    assert schema.status_code == 200, schema.text
+    assert {"/search", "/images/{faiss_id}", "/metrics", "/knn-service", "/indices-list"} <= set(schema.json()["paths"])
+
+
 def _counting_client(s, tmp_path, monkeypatch, **cfg):
     """A client of an app over ``s`` whose encoder calls are recorded (the list of each call's texts)."""
     from pipeline.stages.serve import create_app

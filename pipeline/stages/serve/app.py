@@ -1,0 +1,85 @@
+"""The app's wiring: load the indexes, build the state, add the limits middleware and the routers."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from pipeline.core.config import ServeConfig
+from pipeline.core.timing import timed
+from pipeline.index.searcher import PredictedLabels, Searcher
+from pipeline.stages.serve import clip_retrieval, routes
+from pipeline.stages.serve.batching import TextBatcher
+from pipeline.stages.serve.metrics import ServeMetrics
+from pipeline.stages.serve.state import ServeState
+
+LOG = logging.getLogger(__name__)
+
+
+def text_workers(cfg: ServeConfig) -> int:
+    """Threads encoding text queries: ``cfg.text_workers``, or one per core (at most 4)."""
+    return cfg.text_workers or min(4, os.cpu_count() or 1)
+
+
+def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None) -> FastAPI:
+    """The FastAPI app serving ``cfg.indexes`` (name -> index dir); ``searchers`` injects loaded ones."""
+    loaded = load_searchers(cfg, searchers=searchers)
+    batchers = {n: TextBatcher(s, cache_size=cfg.query_cache, workers=text_workers(cfg)) for n, s in loaded.items()}
+    app = FastAPI(title="zsl-pipeline retrieval", version="1",
+                  description="Text-to-image retrieval over zsl indexes (clip-retrieval compatible endpoints).")
+    app.state.serve = ServeState(config=cfg, searchers=loaded, batchers=batchers,
+                                 metrics=ServeMetrics(batchers=batchers))
+    app.middleware("http")(guard)
+    app.include_router(routes.router)
+    app.include_router(clip_retrieval.router)
+    return app
+
+
+def load_searchers(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None) -> dict[str, Searcher]:
+    """``searchers`` plus the indexes of ``cfg.indexes`` not among them, loaded, each with the
+    image-pixel limit and the predicted labels ``cfg.labels`` gives it."""
+    loaded = dict(searchers or {})
+    for name, d in cfg.indexes.items():
+        if name not in loaded:
+            LOG.info("loading index %s from %s", name, d)
+            loaded[name] = Searcher(d, load_text=cfg.preload_text, text_backend=cfg.text_backend,
+                                    text_threads=1 if text_workers(cfg) > 1 else None)
+    if not loaded:
+        raise ValueError("zsl serve needs at least one --index")
+    unknown = sorted(set(cfg.labels) - set(loaded))
+    if unknown:
+        raise ValueError(f"labels given for unserved index(es) {', '.join(unknown)} (served: {', '.join(loaded)})")
+    for name, s in loaded.items():
+        s.max_image_pixels = cfg.max_image_pixels
+        if name in cfg.labels:
+            LOG.info("predicted labels of index %s from %s", name, cfg.labels[name])
+            s.labels = PredictedLabels(cfg.labels[name], s.manifest)
+    return loaded
+
+
+async def guard(request: Request, call_next) -> Response:
+    """Every request: the body-size limits, a JSON 500 instead of a bare one, and its metrics."""
+    state: ServeState = request.app.state.serve
+    with timed() as t:
+        resp = await _within_limits(request, call_next, max_body=state.config.max_body_bytes)
+    route = request.scope.get("route")
+    state.metrics.observe(path=getattr(route, "path", "unmatched"), status=resp.status_code, seconds=t.seconds)
+    return resp
+
+
+async def _within_limits(request: Request, call_next, *, max_body: int) -> Response:
+    """A 413 for a declared body over ``max_body``, a 411 for a POST without Content-Length, else
+    the app's answer."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > max_body:
+        return JSONResponse({"detail": f"request body of {size} bytes; at most {max_body}"}, 413)
+    if request.method == "POST" and size is None:  # a chunked body could pass the size cap unseen
+        return JSONResponse({"detail": "POST requests need a Content-Length header"}, 411)
+    try:
+        return await call_next(request)
+    except Exception as exc:  # noqa: BLE001 - never a bare 500 page: a JSON reason, logged
+        LOG.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, 500)

@@ -1,0 +1,109 @@
+"""Text queries of concurrent requests encoded together, with an LRU cache of query vectors."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+
+import numpy as np
+
+from pipeline.core.timing import timed
+from pipeline.index.searcher import Searcher
+
+LOG = logging.getLogger(__name__)
+
+QueryPair = tuple[np.ndarray, np.ndarray | None]  # (image-space query, caption query or None)
+
+
+class TextBatcher:
+    """Encodes the text queries of concurrent requests together: a request waits at most
+    ``wait_ms`` for others, then one encoder call embeds up to ``max_batch`` texts. The query
+    vectors of the last ``cache_size`` distinct texts are kept (an LRU cache): on CPU, embedding a
+    query with its prompt templates costs far more than the index search, and query logs repeat.
+    ``hits`` and ``misses`` count the cache's answers (``/metrics`` reports them)."""
+
+    def __init__(self, searcher: Searcher, *, max_batch: int = 4, wait_ms: float = 2.0,
+                 cache_size: int = 0, workers: int = 1) -> None:
+        self.searcher, self.max_batch, self.wait = searcher, max_batch, wait_ms / 1000
+        self.q: "queue.Queue[tuple[str, Future]]" = queue.Queue()
+        self.cache: "OrderedDict[str, QueryPair]" = OrderedDict()
+        self.cache_size, self.hits, self.misses = cache_size, 0, 0
+        self.lock = threading.Lock()
+        self._warmed = False
+        for i in range(workers):
+            threading.Thread(target=self._loop, daemon=True, name=f"zsl-text-batcher-{i}").start()
+
+    def encode(self, text: str) -> QueryPair:
+        """``(image-space query (1, d), caption query or None)`` of a text."""
+        key = text.strip()
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        fut: Future = Future()
+        self.q.put((key, fut))
+        v = tuple(None if a is None else _frozen(a) for a in fut.result())  # not views into the batch's matrix
+        if self.cache_size:
+            with self.lock:
+                self.cache[key] = v
+                while len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+        return v
+
+    def _cached(self, key: str) -> QueryPair | None:
+        """The cached pair of ``key`` (counted as a hit), or None (counted as a miss)."""
+        if not self.cache_size:
+            return None
+        with self.lock:
+            v = self.cache.get(key)
+            if v is None:
+                self.misses += 1
+                return None
+            self.cache.move_to_end(key)
+            self.hits += 1
+            return v
+
+    def _warm(self) -> None:
+        """One encoder call before the workers run concurrently: the first call sets the fast
+        tokenizer's padding/truncation state, which concurrent first calls would race on."""
+        with self.lock:
+            if not self._warmed:
+                self.searcher.encoder.encode(["warm up"])
+                self._warmed = True
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._collect()
+            try:
+                pairs = self.searcher.text_query_pairs([t for t, _ in batch])
+                for (_, fut), (q_img, q_cap) in zip(batch, pairs):
+                    fut.set_result((q_img[None, :], q_cap))
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting request
+                for _, fut in batch:
+                    fut.set_exception(exc)
+
+    def _collect(self) -> list[tuple[str, Future]]:
+        """The next batch: the first waiting request, then whatever arrives within ``wait``."""
+        batch = [self.q.get()]
+        try:
+            self._warm()
+        except Exception:  # noqa: BLE001 - reported to the requests by the encoder call that follows
+            pass
+        with timed() as t:
+            while len(batch) < self.max_batch:
+                left = self.wait - t.elapsed()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(self.q.get(timeout=left))
+                except queue.Empty:
+                    break
+        return batch
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, copy=True)
+    a.setflags(write=False)
+    return a

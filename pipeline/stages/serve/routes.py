@@ -1,0 +1,89 @@
+"""The service's own endpoints: health, indices, search, thumbnails, metrics and the web page."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.stages.serve.metrics import CONTENT_TYPE
+from pipeline.stages.serve.queries import find, query_vectors
+from pipeline.stages.serve.state import State
+from pipeline.stages.serve.thumbnails import cached_thumbnail
+
+LOG = logging.getLogger(__name__)
+
+PAGE = Path(__file__).with_name("page.html")
+
+router = APIRouter()
+
+
+class SearchRequest(BaseModel):
+    """``POST /search`` body; unknown keys are refused (422 naming them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, description="Free-text query.")
+    image: str | None = Field(None, description="Query image (JPEG, PNG, ...), base64; a data: URL is accepted.")
+    embedding: list[float] | None = Field(None, description="A query vector in the index's space.")
+    k: int = Field(10, gt=0)
+    index: str | None = None
+    labels: list[str] | None = Field(None, description="Keep only hits whose label or predicted label is one of these.")
+    unseen_only: bool = Field(False, description="Keep only hits predicted as an unseen class (needs --labels).")
+    mode: Literal["image", "caption", "both"] = Field("image", description=(
+        "Search the images, their captions (zsl embed-text), or both (weighted sum of the two scores)."))
+    caption_weight: float = Field(0.5, ge=0, le=1, description="Weight of the caption score in mode 'both'.")
+    min_score: float | None = None
+    offset: int = Field(0, ge=0)
+
+
+@router.get("/health")
+def health(state: State) -> dict:
+    """Ready: the indexes are loaded."""
+    return {"status": "ok", "indices": list(state.searchers)}
+
+
+@router.get("/indices")
+def indices(state: State) -> list[dict]:
+    """The served indexes: size, factory, tuned recall, text model, labels, captions."""
+    return [{"name": n, "ntotal": s.manifest.ntotal, "dim": s.dim, "factory": s.manifest.factory,
+             "search_params": s.manifest.search_params, "text_model": s.manifest.text_model,
+             "text_backend": getattr(s._encoder, "backend", None),
+             "recall_at_10": s.manifest.tuning.recall_at_10 if s.manifest.tuning else None,
+             "image_encoder": s.manifest.image_encoder or s.manifest.feature_model,
+             "labels": s.labels.labels_dir if s.labels else None, "captions": s.captions is not None}
+            for n, s in state.searchers.items()]
+
+
+@router.post("/search")
+def search(req: SearchRequest, state: State) -> dict:
+    """Hits of a text, image or embedding query, filtered and paged."""
+    name, s = state.searcher(req.index)
+    q = query_vectors(state, name, text=req.text, image=req.image, embedding=req.embedding)
+    hits = find(state, s, q, k=req.k, offset=req.offset, labels=req.labels, min_score=req.min_score,
+                unseen_only=req.unseen_only, mode=req.mode, caption_weight=req.caption_weight)
+    return {"index": name, "query": req.text, "k": req.k, "hits": hits}
+
+
+@router.get("/images/{faiss_id}")
+def image(faiss_id: int, state: State, index: str | None = None, size: int = Query(256, ge=16, le=1024)):
+    """A JPEG thumbnail of image ``faiss_id`` of an index."""
+    name, s = state.searcher(index)
+    data = cached_thumbnail(s, name, faiss_id, size=size, cache_dir=state.config.thumbnail_cache,
+                            max_pixels=state.config.max_image_pixels)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+
+@router.get("/metrics")
+def prometheus(state: State) -> Response:
+    """Prometheus metrics (text format)."""
+    return Response(state.metrics.latest(), media_type=CONTENT_TYPE)
+
+
+@router.get("/", response_class=HTMLResponse)
+def page() -> str:
+    """The search page (no external CDN or font)."""
+    return PAGE.read_text()

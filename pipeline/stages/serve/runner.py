@@ -1,0 +1,59 @@
+"""Running the app: uvicorn in this process, or Ray Serve replicas (:mod:`pipeline.cluster.serve`)
+that each build it from the config in ``ZSL_SERVE_CONFIG``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from pipeline.core.config import ServeConfig
+from pipeline.stages.serve.app import create_app, text_workers
+
+LOG = logging.getLogger(__name__)
+
+CONFIG_ENV = "ZSL_SERVE_CONFIG"
+
+
+def run_serve(cfg: ServeConfig, *, blocking: bool = True) -> None:
+    """Load the indexes and serve them with uvicorn (or Ray Serve with ``cfg.ray``) until interrupted."""
+    if cfg.ray:
+        from pipeline.cluster.serve import serve_asgi
+
+        serve_asgi(build_app_from_env, address=cfg.address, host=cfg.host, port=cfg.port, replicas=cfg.replicas,
+                   blocking=blocking, env={CONFIG_ENV: json.dumps(cfg.model_dump(mode="json"))})
+        return
+    import uvicorn
+
+    serving_process(cfg)
+    app = create_app(cfg)
+    LOG.info("serving %s on http://%s:%d/", ", ".join(cfg.indexes), cfg.host, cfg.port)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+
+
+def ray_app(args: dict | None = None):
+    """Ray Serve application builder for ``serve run`` / a KubeRay RayService
+    (``import_path: pipeline.stages.serve:ray_app``; config in ``ZSL_SERVE_CONFIG``); replicas and
+    their resources come from the serve config (``infra/rayservice-serve.yaml``)."""
+    from pipeline.cluster.serve import deployment
+
+    return deployment(build_app_from_env, max_replicas_per_node=1)
+
+
+def build_app_from_env():
+    """App builder for Ray Serve replicas: the config comes as JSON in ``ZSL_SERVE_CONFIG``; each
+    replica loads the indexes itself."""
+    cfg = ServeConfig(**json.loads(os.environ[CONFIG_ENV]))
+    serving_process(cfg)
+    return create_app(cfg)
+
+
+def serving_process(cfg: ServeConfig) -> None:
+    """Process-wide settings of a server process (not of :func:`create_app`, which tests mount):
+    with several text-encoding threads, torch gets one thread each; a torch op split over every
+    core stalls whenever one core is busy answering another request (``make bench-serve``, 2 cores,
+    repeated queries: p99 144 -> 124 ms; within run-to-run noise for new queries)."""
+    if text_workers(cfg) > 1:
+        import torch
+
+        torch.set_num_threads(1)
