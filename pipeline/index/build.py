@@ -25,8 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["sample_rows", "training_sample", "new_index", "train_index", "add_vectors", "build_index", "merge_ivf_parts",
-           "check_search_params"]
+__all__ = ["sample_rows", "training_sample", "new_index", "train_index", "add_vectors", "build_index",
+           "merge_ivf_parts", "check_search_params"]
 
 _ADD_BATCH = 65_536
 
