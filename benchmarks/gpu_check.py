@@ -76,7 +76,8 @@ def check_extract(work: Path, images: int) -> dict:
 def check_faiss(n: int, dim: int = 384, seed: int = 0) -> dict:
     import faiss
 
-    from pipeline.index import faiss_index as zix
+    from pipeline.index.build import build_index
+    from pipeline.index.choose import _nlist
     from pipeline.index.tune import tune_index
 
     rng = np.random.default_rng(seed)
@@ -84,11 +85,11 @@ def check_faiss(n: int, dim: int = 384, seed: int = 0) -> dict:
     x = centres[rng.integers(0, 1000, n)] + 0.7 * rng.standard_normal((n, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     batches = [x[i : i + 100_000] for i in range(0, n, 100_000)]
-    factory = f"IVF{zix._nlist(n)},Flat"
+    factory = f"IVF{_nlist(n)},Flat"
     out = {"vectors": n, "dim": dim, "factory": factory, "gpus": faiss.get_num_gpus()}
     for where, use_gpu in (("gpu", True), ("cpu", False)):
         t = time.perf_counter()
-        index = zix.build_index(batches, dim=dim, factory=factory, n_total=n, use_gpu=use_gpu)
+        index = build_index(batches, dim=dim, factory=factory, n_total=n, use_gpu=use_gpu)
         build = time.perf_counter() - t
         tuning = tune_index(index, batches, n_total=n, n_queries=1000)
         out[where] = {"build_s": round(build, 2), "params": tuning.params, "recall_at_10": tuning.recall_at_10,

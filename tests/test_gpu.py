@@ -90,7 +90,8 @@ def test_cuda_encode_actor_matches_cpu_actor(cuda, tiny_images):
 
 def test_faiss_gpu_ivf_build_matches_brute_force(faiss_gpu, caplog):
     """build_index(use_gpu=True) trains and fills the IVF index on the GPU and hands back a CPU index."""
-    from pipeline.index import faiss_index as zix
+    from pipeline.index.build import build_index
+    from pipeline.index.search import exact_knn, recall_at_k, search
 
     rng = np.random.default_rng(0)
     dim = 32
@@ -99,13 +100,13 @@ def test_faiss_gpu_ivf_build_matches_brute_force(faiss_gpu, caplog):
     queries = rng.standard_normal((500, dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.index.faiss_index"):
-        index = zix.build_index(base, dim=dim, factory="IVF64,Flat", use_gpu=True, seed=0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.index.build"):
+        index = build_index(base, dim=dim, factory="IVF64,Flat", use_gpu=True, seed=0)
     assert not [r for r in caplog.records if "on CPU" in r.getMessage()], "faiss fell back to a CPU build"
     assert index.ntotal == len(base) and index.d == dim
     assert not type(index).__name__.startswith("Gpu")  # handed back as a CPU index, ready to save
 
-    exact = zix.brute_force_search(base, queries, 10)[1]
-    ids = zix.search(index, queries, 10, nprobe=32)[1]
+    exact = exact_knn(base, queries, 10)[1]
+    ids = search(index, queries, 10, nprobe=32)[1]
     # CPU-built IVF64 with nprobe=32 on these data recalls ~0.96 (5 seeds: 0.959-0.967)
-    assert zix.recall_at_k(ids, exact) >= 0.9
+    assert recall_at_k(ids, exact) >= 0.9

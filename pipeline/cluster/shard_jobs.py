@@ -1,7 +1,9 @@
-"""Per-item jobs on a Ray cluster: :func:`run_shard_jobs` runs any per-item worker (label a feature
-shard, project one, build an IVF partition) as a Ray Data job on an actor pool. Each worker reads its
-input straight from storage and writes its output atomically under its deterministic name, so the
-guarantees of the local path hold on a cluster (the output must be on storage every node sees).
+"""Per-item jobs, here or on a Ray cluster: :func:`map_shards` runs a per-item worker (label a feature
+shard, project one, build an IVF partition) over every item, in this process with a progress bar,
+or, given a cluster address, as a Ray Data job on an actor pool (:func:`run_shard_jobs`). Each
+worker reads its input straight from storage and writes its output atomically under its
+deterministic name, so the guarantees of the local path hold on a cluster (the output must be on
+storage every node sees).
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from pipeline.cluster.session import init_ray
 
 LOG = logging.getLogger(__name__)
 
+__all__ = ["map_shards", "run_shard_jobs"]
+
+Worker = Callable[[str], dict]
+
 
 class _ShardWorker:
     """Ray actor: builds its worker once (model loads etc.), then runs it on one item per call."""
 
-    def __init__(self, factory: Callable[[], Callable[[str], dict]], threads: int) -> None:
+    def __init__(self, factory: Callable[[], Worker], threads: int) -> None:
         try:
             import torch
 
@@ -41,7 +47,28 @@ class _ShardWorker:
         return {"result": np.array([json.dumps(self.fn(str(item))) for item in batch["item"]], dtype=object)}
 
 
-def run_shard_jobs(items: list[str], factory: Callable[[], Callable[[str], dict]], *, address: str | None,
+def map_shards(items: list[str], factory: Callable[[], Worker], *, address: str | None, what: str,
+               num_workers: int | None = None, local: Callable[[], Worker] | None = None,
+               progress: bool = False) -> list[dict]:
+    """``factory()(item)`` for every item: the results (JSON-able dicts), in item order here, in no
+    order on a cluster.
+
+    Without ``address``, in this process: one worker made by ``local`` (default ``factory``; e.g.
+    one that reuses a model already loaded here) runs the items one by one behind a tqdm bar
+    (``progress``) named ``what``. With ``address``, on that Ray cluster: :func:`run_shard_jobs`
+    (``factory`` must then be picklable; ``num_workers`` sizes the actor pool). No items: no worker.
+    """
+    if not items:
+        return []
+    if address:
+        return run_shard_jobs(items, factory, address=address, num_workers=num_workers, what=what)
+    from tqdm.auto import tqdm
+
+    worker = (local or factory)()
+    return [worker(item) for item in tqdm(items, desc=what, unit="shard", disable=not progress)]
+
+
+def run_shard_jobs(items: list[str], factory: Callable[[], Worker], *, address: str | None,
                    num_workers: int | None = None, what: str = "shards") -> list[dict]:
     """Run ``factory()(item)`` for every item on a Ray cluster (an actor pool, one item per call).
 

@@ -17,19 +17,15 @@ import threading
 import numpy as np
 
 from pipeline.core import fs as zio
-from pipeline.index.faiss_index import load_index
-from pipeline.index.faiss_index import search as index_search
+from pipeline.index.search import search as index_search
+from pipeline.index.store import CAPTIONS_INDEX, MODEL_COPY, load_index
 from pipeline.zsl.models import load_model
 from pipeline.zsl.models.scoring import model_fingerprint
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["Searcher", "PredictedLabels", "MODEL_COPY", "CAPTIONS_INDEX", "MODES"]
+__all__ = ["Searcher", "PredictedLabels", "MODES"]
 
-#: Where an index directory keeps a copy of the model it was built with.
-MODEL_COPY = "model"
-#: Where an index directory keeps the index of its images' caption embeddings (same faiss ids).
-CAPTIONS_INDEX = "captions"
 #: what a text query searches: the images (the model's space), their captions, or both
 MODES = ("image", "caption", "both")
 

@@ -1,53 +1,41 @@
 """Tune an index's search parameters to a recall target, measured against exact neighbours.
 
-After :mod:`pipeline.index.faiss_index` builds an index, :func:`tune_index` draws a seeded uniform sample
+After :mod:`pipeline.index.build` builds an index, :func:`tune_index` draws a seeded uniform sample
 of the indexed vectors and moves each by its nearest-neighbour distance in a random direction
 (:func:`held_out_queries`): a point of the index is an easy query for a graph or a list that holds
 it, so an unmoved sample overstates recall for new queries (measured: 0.98 claimed vs 0.95 on held-out
 queries at 50k rows). It finds their exact neighbours by brute force over every indexed vector
-(streamed batch by batch, never all in memory), and walks the index's search
-parameters from cheap to expensive — IVF ``nprobe`` (with ``quantizer_efSearch`` for an HNSW
-coarse quantiser), HNSW ``efSearch`` — until recall@k reaches the target (default 0.95 at k=10),
-or, with ``max_query_ms``, takes the best recall whose single-query latency fits. The result (:class:`~pipeline.core.schema.IndexTuning`) records recall@1/10/100,
-single-query mean/p99 latency, batched latency per query, the parameters and what was tried.
+(:func:`~pipeline.index.search.exact_knn`, streamed batch by batch, never all in memory), and
+walks the index's search parameters from cheap to expensive — IVF ``nprobe`` (with
+``quantizer_efSearch`` for an HNSW coarse quantiser), HNSW ``efSearch`` — until recall@k
+(:func:`~pipeline.index.search.recall_at_k`; ties count as hits where the index's scores are
+exact) reaches the target (default 0.95 at k=10), or, with ``max_query_ms``, takes the best recall
+whose single-query latency fits. The result (:class:`~pipeline.core.schema.IndexTuning`) records
+recall@1/10/100, single-query mean/p99 latency, batched latency per query, the parameters and what
+was tried.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Iterable
 
 import numpy as np
 
-from pipeline.index.faiss_index import set_search_params
 from pipeline.core.schema import IndexTuning
+from pipeline.core.timing import timed
+from pipeline.index.build import sample_rows
+from pipeline.index.common import import_faiss
+from pipeline.index.search import exact_knn, recall_at_k, set_search_params
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["sample_queries", "gather_rows", "held_out_queries", "exact_neighbours", "candidate_params", "measure",
-           "tune_index"]
+__all__ = ["gather_rows", "held_out_queries", "candidate_params", "measure", "tune_index"]
 
 _NPROBE = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048,
            3072, 4096)
 _EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072,
               3584, 4096)
-
-
-def sample_queries(batches: Iterable[np.ndarray], n_total: int, n_queries: int,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(row_ids, vectors)``: ``n_queries`` rows drawn uniformly (seeded) from all batches, in row order."""
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n_total, min(n_queries, n_total), replace=False))
-    parts, start = [], 0
-    for b in batches:
-        lo, hi = np.searchsorted(rows, [start, start + len(b)])
-        if hi > lo:
-            parts.append(np.asarray(b, np.float32)[rows[lo:hi] - start])
-        start += len(b)
-    if start != n_total:
-        raise ValueError(f"expected {n_total} vectors, the batches hold {start}")
-    return rows, np.ascontiguousarray(np.concatenate(parts))
 
 
 def gather_rows(batches: Iterable[np.ndarray], rows: np.ndarray) -> np.ndarray:
@@ -71,7 +59,7 @@ def held_out_queries(batches: Iterable[np.ndarray], rows: np.ndarray, vectors: n
                      seed: int = 0) -> np.ndarray:
     """Queries that behave like new data: each sampled vector moved, in a random direction, by
     its distance to its nearest other indexed vector (and rescaled to its own norm)."""
-    s1, nn = exact_neighbours(batches, vectors, 1, exclude=rows)
+    s1, nn = exact_knn(batches, vectors, 1, exclude=rows)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     if np.allclose(norms, 1.0, atol=1e-3):  # unit vectors (what zsl index holds): |a-b|^2 = 2 - 2 a.b
         d1 = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * s1[:, :1]))
@@ -86,42 +74,8 @@ def held_out_queries(batches: Iterable[np.ndarray], rows: np.ndarray, vectors: n
     return np.ascontiguousarray(q, np.float32)
 
 
-def exact_neighbours(batches: Iterable[np.ndarray], queries: np.ndarray, k: int, *,
-                     exclude: np.ndarray | None = None, block: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` inner-product neighbours over all batches: ``(scores, ids)``, best first.
-
-    Streams: holds ``len(queries) * (block + k)`` scores at a time. ``exclude[i]`` (a row id) is
-    never returned for query ``i`` (its own vector). Ties go to the smaller id.
-    """
-    q = np.ascontiguousarray(queries, np.float32)
-    nq = len(q)
-    best_s = np.full((nq, 0), -np.inf, np.float32)
-    best_i = np.zeros((nq, 0), np.int64)
-    start = 0
-    for b in batches:
-        b = np.asarray(b, np.float32)
-        for s in range(0, len(b), block):
-            part = b[s : s + block]
-            sim = q @ part.T
-            ids = np.arange(start + s, start + s + len(part), dtype=np.int64)
-            if exclude is not None:
-                hit = (exclude[:, None] >= start + s) & (exclude[:, None] < start + s + len(part))
-                rows = np.nonzero(hit[:, 0])[0]
-                sim[rows, exclude[rows] - start - s] = -np.inf
-            kk = min(k, sim.shape[1])
-            top = np.argpartition(-sim, kk - 1, axis=1)[:, :kk] if kk < sim.shape[1] else \
-                np.broadcast_to(np.arange(sim.shape[1]), sim.shape)
-            cat_s = np.concatenate([best_s, np.take_along_axis(sim, top, axis=1)], axis=1)
-            cat_i = np.concatenate([best_i, ids[top]], axis=1)
-            order = np.lexsort((cat_i, -cat_s), axis=1)[:, : min(k, cat_s.shape[1])]
-            best_s = np.take_along_axis(cat_s, order, axis=1)
-            best_i = np.take_along_axis(cat_i, order, axis=1)
-        start += len(b)
-    return best_s, best_i
-
-
 def _ivf_and_quantizer(index):
-    import faiss
+    faiss = import_faiss()
 
     try:
         ivf = faiss.extract_index_ivf(index)
@@ -131,7 +85,7 @@ def _ivf_and_quantizer(index):
 
 
 def _hnsw(index):
-    import faiss
+    faiss = import_faiss()
 
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexPreTransform):
@@ -145,7 +99,7 @@ def candidate_params(index) -> list[str]:
     IVF: ``nprobe`` up to ``nlist`` (with an HNSW coarse quantiser, ``quantizer_efSearch`` at
     least ``2 * nprobe``); HNSW: ``efSearch``.
     """
-    import faiss
+    faiss = import_faiss()
 
     ivf, quantizer = _ivf_and_quantizer(index)
     if ivf is not None:
@@ -160,7 +114,7 @@ def candidate_params(index) -> list[str]:
 
 def _exact_codes(index) -> bool:
     """True when the index scores with the stored vectors themselves (Flat storage), so its scores are exact."""
-    import faiss
+    faiss = import_faiss()
 
     ivf, _ = _ivf_and_quantizer(index)
     inner = faiss.downcast_index(ivf) if ivf is not None else _hnsw(index) or faiss.downcast_index(index)
@@ -169,37 +123,20 @@ def _exact_codes(index) -> bool:
     return isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat))
 
 
-def _recall(approx: np.ndarray, approx_scores: np.ndarray | None, exact: np.ndarray, exact_scores: np.ndarray,
-            k: int) -> float:
-    """Mean over queries of the share of the exact top-k found in the approximate top-k.
-
-    With exact scores from the index (``approx_scores``), a hit is any returned vector scoring at
-    least the k-th exact score (ann-benchmarks' rule), so ties (duplicate images) are not misses.
-    """
-    hits = total = 0
-    for i, (a, e) in enumerate(zip(approx, exact)):
-        keep = a >= 0
-        e = e[:k]
-        if approx_scores is not None and len(e):
-            kth = exact_scores[i, len(e) - 1]
-            hits += min(len(e), int((approx_scores[i][keep][:k] >= kth - 1e-5 * max(1.0, abs(kth))).sum()))
-        else:
-            hits += len(np.intersect1d(a[keep][:k], e))
-        total += len(e)
-    return hits / total if total else 1.0
-
-
 def _search_recall(index, queries, exact_ids, exact_scores, k: int) -> float:
+    """Recall@k of one batched search at k; ties count as hits where the index's scores are exact."""
     scores, got = index.search(queries, min(k, int(index.ntotal)))
-    return _recall(got, scores if _exact_codes(index) else None, exact_ids, exact_scores, k)
+    if not _exact_codes(index):
+        return recall_at_k(got, exact_ids[:, :k])
+    return recall_at_k(got, exact_ids[:, :k], approx_scores=scores, exact_scores=exact_scores[:, :k])
 
 
 def _single_latencies(index, queries: np.ndarray, k: int, n: int) -> np.ndarray:
     out = []
     for i in range(min(n, len(queries))):
-        t = time.perf_counter()
-        index.search(queries[i : i + 1], k)
-        out.append((time.perf_counter() - t) * 1000)
+        with timed() as t:
+            index.search(queries[i : i + 1], k)
+        out.append(t.seconds * 1000)
     return np.asarray(out)
 
 
@@ -212,38 +149,20 @@ def measure(index, queries: np.ndarray, exact_ids: np.ndarray, exact_scores: np.
             out[f"recall_at_{k}"] = round(_search_recall(index, queries, exact_ids, exact_scores, k), 4)
     k = min(10, int(index.ntotal))
     lat = _single_latencies(index, queries, k, n_single)
-    t = time.perf_counter()
-    index.search(queries, k)
-    batch = (time.perf_counter() - t) * 1000 / len(queries)
+    with timed() as t:
+        index.search(queries, k)
+    batch = t.seconds * 1000 / len(queries)
     out.update(latency_ms_mean=round(float(lat.mean()), 4), latency_ms_p99=round(float(np.percentile(lat, 99)), 4),
                batch_ms_per_query=round(batch, 4))
     return out
 
 
-def tune_index(index, batches: Iterable[np.ndarray], *, n_total: int, target_recall: float = 0.95, k: int = 10,
-               max_query_ms: float | None = None, n_queries: int = 500, seed: int = 0,
-               params: str | None = None) -> IndexTuning | None:
-    """Choose ``index``'s search parameters (applied to it) and measure them; see the module docstring.
-
-    ``batches`` must be re-iterable (read four times) and hold the indexed vectors in id order.
-    ``params`` fixes the parameters instead (they are only measured; ``tried`` stays empty).
-    Returns None when the index holds fewer than 2 vectors (nothing to measure).
-    """
-    if not 0 < target_recall <= 1:
-        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
-    if n_total < 2:
-        return None
-    t0 = time.perf_counter()
-    rows, sample = sample_queries(batches, n_total, n_queries, seed)
-    queries = held_out_queries(batches, rows, sample, seed)
-    k_max = min(100, n_total)
-    exact_s, exact = exact_neighbours(batches, queries, k_max)
-    k = min(k, k_max)
+def _walk(index, queries: np.ndarray, exact: np.ndarray, exact_s: np.ndarray, *, k: int, target_recall: float,
+          max_query_ms: float | None) -> tuple[list[dict], dict]:
+    """``(tried, chosen)``: the candidate parameters from cheap to expensive until the target (or,
+    with ``max_query_ms``, the latency cap) is reached or recall stops improving; else the best."""
     tried, chosen = [], None
-    if params is not None:
-        set_search_params(index, params)
-        chosen = {"params": params, f"recall_at_{k}": _search_recall(index, queries, exact, exact_s, k)}
-    for params in (candidate_params(index) if chosen is None else []):
+    for params in candidate_params(index):
         set_search_params(index, params)
         rec = _search_recall(index, queries, exact, exact_s, k)
         entry = {"params": params, f"recall_at_{k}": round(rec, 4)}
@@ -264,16 +183,44 @@ def tune_index(index, batches: Iterable[np.ndarray], *, n_total: int, target_rec
     if chosen is None:  # best recall (within the latency cap), cheapest on ties
         fits = [t for t in tried if max_query_ms is None or t.get("latency_ms_mean", 0) <= max_query_ms] or tried[:1]
         chosen = max(fits, key=lambda t: t[f"recall_at_{k}"])
-    set_search_params(index, chosen["params"])
-    met = chosen[f"recall_at_{k}"] >= target_recall
-    if not met:
-        LOG.warning("tuning: recall@%d %.4f < target %.2f with the best parameters (%s)%s", k,
-                    chosen[f"recall_at_{k}"], target_recall, chosen["params"] or "none",
-                    f" within {max_query_ms} ms" if max_query_ms is not None else "")
-    figures = measure(index, queries, exact, exact_s)
+    return tried, chosen
+
+
+def tune_index(index, batches: Iterable[np.ndarray], *, n_total: int, target_recall: float = 0.95, k: int = 10,
+               max_query_ms: float | None = None, n_queries: int = 500, seed: int = 0,
+               params: str | None = None) -> IndexTuning | None:
+    """Choose ``index``'s search parameters (applied to it) and measure them; see the module docstring.
+
+    ``batches`` must be re-iterable (read four times) and hold the indexed vectors in id order.
+    ``params`` fixes the parameters instead (they are only measured; ``tried`` stays empty).
+    Returns None when the index holds fewer than 2 vectors (nothing to measure).
+    """
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    if n_total < 2:
+        return None
+    with timed() as took:
+        rows, sample = sample_rows(batches, n_total, n_queries, seed=seed)
+        queries = held_out_queries(batches, rows, sample, seed)
+        k_max = min(100, n_total)
+        exact_s, exact = exact_knn(batches, queries, k_max)
+        k = min(k, k_max)
+        if params is not None:
+            set_search_params(index, params)
+            tried, chosen = [], {"params": params, f"recall_at_{k}": _search_recall(index, queries, exact, exact_s, k)}
+        else:
+            tried, chosen = _walk(index, queries, exact, exact_s, k=k, target_recall=target_recall,
+                                  max_query_ms=max_query_ms)
+        set_search_params(index, chosen["params"])
+        met = chosen[f"recall_at_{k}"] >= target_recall
+        if not met:
+            LOG.warning("tuning: recall@%d %.4f < target %.2f with the best parameters (%s)%s", k,
+                        chosen[f"recall_at_{k}"], target_recall, chosen["params"] or "none",
+                        f" within {max_query_ms} ms" if max_query_ms is not None else "")
+        figures = measure(index, queries, exact, exact_s)
     return IndexTuning(params=chosen["params"], target_recall=target_recall, k=k, max_query_ms=max_query_ms,
                        met_target=met, n_queries=len(queries), recall_at_1=figures["recall_at_1"],
                        recall_at_10=figures.get("recall_at_10", figures["recall_at_1"]),
                        recall_at_100=figures.get("recall_at_100"), latency_ms_mean=figures["latency_ms_mean"],
                        latency_ms_p99=figures["latency_ms_p99"], batch_ms_per_query=figures["batch_ms_per_query"],
-                       tried=tried, seconds=round(time.perf_counter() - t0, 2))
+                       tried=tried, seconds=round(took.seconds, 2))

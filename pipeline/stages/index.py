@@ -1,281 +1,200 @@
 """Index stage: feature shards -> a FAISS index of the images in the model's text space, tuned.
 
-Every feature shard is mapped through the model's image projection (so any backbone is
-searchable by text), streamed row group by row group into a per-shard cache ``OUT/vectors/``
-(atomic ``.npy``; a rerun after a kill projects only the shards that are missing). A FAISS index
-is chosen under the memory budget, trained on a seeded uniform sample across all shards sized
-from the index (:func:`~pipeline.index.faiss_index.training_rows`), filled shard by shard, and its
-search parameters are tuned to a recall target against exact neighbours
-(:mod:`pipeline.index.tune`). ``ids.parquet`` is streamed shard by shard, ``index.faiss`` is
-written by faiss straight to disk, ``manifest.json`` last; the cache is then removed.
+A run reads as plan -> project -> build/add -> tune -> write. :func:`~pipeline.index.plan.plan_index`
+decides, before any work, whether the finished index there is kept, re-tuned, added to or
+(re)built, and which index type fits the memory budget. Every feature shard is then mapped through
+the model's image projection (so any backbone is searchable by text) into a per-shard cache
+``OUT/vectors/`` (:mod:`pipeline.index.projection`; a rerun after a kill projects only the shards
+that are missing). The index is trained on a seeded uniform sample across all shards, filled shard
+by shard (:mod:`pipeline.index.build`), and its search parameters are tuned to a recall target
+against exact neighbours (:mod:`pipeline.index.tune`). ``ids.parquet`` is streamed shard by shard,
+``index.faiss`` is written by faiss straight to disk, ``manifest.json`` last
+(:mod:`pipeline.index.store`); the cache is then removed. The caption index beside it is brought
+up to date too (:mod:`pipeline.index.captions`).
 
 Runs under the resume protocol: the identity is the model (manifest and weights), the features
-and the index settings. A finished index rerun does nothing, unless the feature directory gained
-shards: then only their vectors are added (ids continue, the manifest lists the shards included,
-the search parameters are tuned again), or, when the index type could no longer hold them within
-the budget, the index is rebuilt (said so in the log).
+and the index settings; the tuning settings only re-tune a finished index.
 
-With ``address`` (a Ray cluster) the projection runs as a Ray Data job (workers read the feature
+With ``address`` (a Ray cluster) the projection runs on the cluster (workers read the feature
 shards and write the cache files themselves); an IVF index is then built as partitions on the
 workers, all from one quantiser trained here, and their inverted lists are merged on disk
-(``index.ivfdata``), so the lists need not fit in one process's memory.
+(``index.ivfdata``; :mod:`pipeline.index.partitions`), so the lists need not fit in one process's memory.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
+from typing import Any, Iterator
 
-import numpy as np
-import pyarrow as pa
-
+from pipeline.cluster.shard_jobs import map_shards
 from pipeline.core import fs as zio
 from pipeline.core.config import IndexConfig, parse_memory
-from pipeline.index.faiss_index import add_vectors, build_index, choose_index, estimate_memory, load_index, \
-    merge_ivf_parts, read_ids, save_index, set_search_params, train_index, training_rows, training_sample, \
-    write_index_files
-from pipeline.core.features import caption_shards, check_feature_shards, feature_shards, features_identity, \
-    iter_shard_batches, open_captions, open_features, read_caption_shard
+from pipeline.core.features import check_feature_shards, feature_shards, features_identity, open_features
+from pipeline.core.resume import OutputDir
+from pipeline.core.schema import IndexManifest, IndexTuning
+from pipeline.core.timing import timed
+from pipeline.index.build import add_vectors, build_index, check_search_params, merge_ivf_parts
+from pipeline.index.captions import update_caption_index
+from pipeline.index.partitions import part_worker, partition_specs, train_quantiser
+from pipeline.index.plan import IndexPlan, plan_index
+from pipeline.index.projection import CachedVectors, Projector, cache_file, projector
+from pipeline.index.store import CAPTIONS_INDEX, IDS_FILE, INDEX_FILE, IVFDATA_FILE, MODEL_COPY, copy_model, \
+    load_index, write_ids, write_index_files
 from pipeline.index.tune import tune_index
 from pipeline.zsl.models import load_model
 from pipeline.zsl.models.scoring import model_fingerprint
-from pipeline.core.resume import OutputDir
-from pipeline.index.searcher import CAPTIONS_INDEX, MODEL_COPY
-from pipeline.core.schema import INDEX_IDS_SCHEMA, IndexManifest, IndexTuning
 
 LOG = logging.getLogger(__name__)
 
 __all__ = ["run_index"]
 
-
-class _CachedVectors:
-    """Re-iterable over cached per-shard vectors, in id order (lets FAISS draw a uniform sample)."""
-
-    def __init__(self, files: list[str]) -> None:
-        self.files = files
-
-    def __iter__(self):
-        for f in self.files:
-            yield zio.read_npy(f)
+_OWNED = (INDEX_FILE, IVFDATA_FILE, IDS_FILE, "vectors", "parts", MODEL_COPY, CAPTIONS_INDEX)
+_USE_GPU = {"auto": None, "yes": True, "no": False}
 
 
-def _cache_name(cache: str, shard_uri: str) -> str:
-    return zio.join(cache, shard_uri.rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".npy")
+@dataclass(frozen=True)
+class _Inputs:
+    """What the index is made from: the features, the model, the search space, the run's identity."""
+
+    fman: Any
+    model: Any
+    mman: Any
+    files: dict[str, str]  # feature shard name -> file, in the feature directory's order
+    rows: dict[str, int]
+    dim: int
+    identity: dict
 
 
-def _release_memory() -> None:
-    """Hand freed buffers back to the OS (Arrow's pool, glibc's heap), so that memory used to read
-    and project a shard does not stay resident under the index built next."""
-    pa.default_memory_pool().release_unused()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-class _Projector:
-    """Projects one feature shard into the search space: ``cache/shard-N.npy`` (atomic), unless a
-    valid cached file is there (right rows, columns, float32, finite; anything else is recomputed)."""
-
-    def __init__(self, model_dir: str, dim_in: int, dim: int, cache: str, model=None) -> None:
-        self.model = model if model is not None else load_model(model_dir, feature_dim=dim_in)[0]
-        self.dim_in, self.dim, self.cache = dim_in, dim, cache
-
-    def __call__(self, shard_uri: str) -> dict:
-        n = zio.parquet_num_rows(shard_uri)
-        target = _cache_name(self.cache, shard_uri)
-        if zio.exists(target):
-            try:
-                Z = zio.read_npy(target)
-                if Z.shape == (n, self.dim) and Z.dtype == np.float32 and np.isfinite(Z).all():
-                    return {"shard": shard_uri, "projected": False}
-                LOG.warning("%s: cached vectors have shape %s %s, expected (%d, %d) float32; recomputing",
-                            target, Z.shape, Z.dtype, n, self.dim)
-            except ValueError as exc:
-                LOG.warning("%s; recomputing", exc)
-        Z = np.empty((n, self.dim), np.float32)
-        at = 0
-        for _, X in iter_shard_batches(shard_uri, self.dim_in, batch_rows=16_384):
-            z = np.asarray(self.model.search_images(X), dtype=np.float32)
-            if z.shape != (len(X), self.dim):
-                raise ValueError(f"{shard_uri}: the model projects {len(X)} images to shape {z.shape}, "
-                                 f"expected ({len(X)}, {self.dim})")
-            Z[at : at + len(X)] = z
-            at += len(X)
-        zio.write_npy_atomic(target, Z)
-        del Z
-        _release_memory()
-        return {"shard": shard_uri, "projected": True}
+def _open_inputs(cfg: IndexConfig) -> _Inputs:
+    fman = open_features(cfg.features)
+    model, mman = load_model(cfg.model, feature_dim=fman.dim, feature_model=fman.model_id)
+    if mman.semantics != "text":
+        raise ValueError(f"{cfg.model}: model scores against '{mman.semantics}' semantics; text search needs "
+                         "a model trained with --semantics text")
+    shards = feature_shards(cfg.features)
+    check_feature_shards(shards, fman.dim)
+    files = {f.rsplit("/", 1)[-1]: f for f in shards}
+    rows = {n: zio.parquet_num_rows(f) for n, f in files.items()}
+    if sum(rows.values()) == 0:
+        raise ValueError(f"{cfg.features}: no features to index")
+    dim = mman.search_dim or mman.semantic_dim
+    # what the vectors and the index type are; the tuning settings only re-tune a finished index
+    identity = {"model": model_fingerprint(cfg.model, mman), "features": features_identity(cfg.features, fman),
+                "dim": dim, "index_factory": cfg.index_factory, "max_memory": cfg.max_memory, "nprobe": cfg.nprobe}
+    return _Inputs(fman, model, mman, files, rows, dim, identity)
 
 
-def _projector(model_dir: str, dim_in: int, dim: int, cache: str) -> _Projector:
-    """Picklable factory (a Ray worker loads the model itself)."""
-    return _Projector(model_dir, dim_in, dim, cache)
+@contextmanager
+def _step(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Time a step into ``timings[key]`` (seconds)."""
+    with timed() as t:
+        yield
+    timings[key] = round(t.seconds, 2)
 
 
-def _project(cfg: IndexConfig, model, files: list[str], dim_in: int, dim: int, cache: str, progress: bool) -> int:
-    """Project every shard into the cache; return how many were computed (not cached) now."""
-    if cfg.address:
-        from pipeline.cluster.shard_jobs import run_shard_jobs
-
-        done = run_shard_jobs(files, partial(_projector, cfg.model, dim_in, dim, cache), address=cfg.address,
-                              num_workers=cfg.num_workers, what="projections")
-        return sum(r["projected"] for r in done)
-    from tqdm.auto import tqdm
-
-    proj = _Projector(cfg.model, dim_in, dim, cache, model=model)
-    return sum(proj(f)["projected"] for f in tqdm(files, desc="project", unit="shard", disable=not progress))
-
-
-def _write_ids(out_dir: str, files: list[str], *, keep_existing: bool) -> None:
-    """Stream ``ids.parquet``: the existing rows first (when adding), then each shard's rows, ids continuing."""
-    uri = zio.join(out_dir, "ids.parquet")
-    offset = 0
-    with zio.atomic_parquet_writer(uri, INDEX_IDS_SCHEMA) as w:
-        if keep_existing:  # the old rows, row group by row group (the old file stays until the rename)
-            import pyarrow.parquet as pq
-
-            fs, path = zio.filesystem(uri)
-            with fs.open(path, "rb") as fh:
-                for rb in pq.ParquetFile(fh).iter_batches(batch_size=65_536):
-                    w.write_batch(rb)
-                    offset += rb.num_rows
-        for f in files:
-            t = zio.read_parquet(f, columns=["image_id", "uri", "label"])
-            w.write_table(pa.table({
-                "faiss_id": pa.array(np.arange(offset, offset + t.num_rows), pa.int64()),
-                "image_id": t.column("image_id"), "uri": t.column("uri"), "label": t.column("label"),
-            }, schema=INDEX_IDS_SCHEMA))
-            offset += t.num_rows
-
-
-def _ivf_partitioned(factory: str) -> bool:
-    return factory.split(",")[0].startswith("IVF") or (
-        factory.startswith("OPQ") and len(factory.split(",")) > 1 and factory.split(",")[1].startswith("IVF"))
+def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
+    """Build (or resume, or bring up to date) the text-searchable index of a feature directory."""
+    with timed() as took:
+        src = _open_inputs(cfg)
+        with OutputDir(cfg.output, job="index", identity=src.identity, overwrite=cfg.overwrite, owned=_OWNED) as out:
+            done = out.finished(IndexManifest)
+            plan = plan_index(cfg, done=done, rows=src.rows, dim=src.dim)
+            (LOG.warning if plan.rebuild else LOG.info)("%s: %s", cfg.output, plan.reason)
+            files = [src.files[n] for n in plan.shards]
+            if plan.action == "nothing":
+                _drop_cache(out)  # a kill after the manifest, before the cache was removed
+                # captions embedded since (or gone): the caption index is a directory of its own,
+                # written manifest last, so the image index's manifest stays as it is
+                _captions(cfg, out, src, files, plan, progress)
+                return done
+            # writable to add to, before the manifest goes; mapped when only re-tuning
+            index = load_index(cfg.output, mmap=plan.action == "retune")[0] if plan.action != "build" else None
+            check_search_params(src.dim, plan.factory, plan.search_params)  # before any work
+            out.begin()
+            LOG.info("indexing %d images (%d-d) with %s", plan.n_total, src.dim, plan.factory)
+            timings: dict[str, float] = {}
+            with _step(timings, "project_s"):
+                vec_files, n_new = _project(cfg, src, files, out.join("vectors"), progress)
+            index, added = _fill(cfg, plan, src, out, index, vec_files, timings, progress)
+            with _step(timings, "tune_s"):
+                tuning = _tune(cfg, plan, index, CachedVectors(vec_files))
+            with _step(timings, "write_s"):
+                fields = _write(cfg, plan, done, index, files)
+            manifest = _manifest(cfg, plan, src, fields, tuning, added=added, timings=timings, n_new=n_new,
+                                 seconds=took.elapsed())
+            copy_model(cfg.model, out.uri)
+            _captions(cfg, out, src, files, plan, progress)
+            out.finish(manifest)
+            _drop_cache(out)
+            return manifest
 
 
-def _build_part(trained_file: str, part_file: str, vec_files: list[str], start_id: int) -> dict:
-    """One IVF partition: the trained (empty) index + these vectors with ids from ``start_id``."""
-    import faiss
-
-    index = faiss.read_index(zio.local_path(trained_file))
-    n = add_vectors(index, _CachedVectors(vec_files), start_id=start_id)
-    with zio.atomic_local_file(part_file) as tmp:
-        faiss.write_index(index, tmp)
-    return {"part": part_file, "rows": n}
-
-
-def _part_worker():
-    return lambda spec: _build_part(**__import__("json").loads(spec))
+def _project(cfg: IndexConfig, src: _Inputs, files: list[str], cache: str, progress: bool) -> tuple[list[str], int]:
+    """Project every shard into the cache (here, or on the Ray cluster at ``cfg.address``): the
+    cached vector files in id order, and how many were computed (not found cached) now."""
+    done = map_shards(files, partial(projector, cfg.model, src.fman.dim, src.dim, cache), address=cfg.address,
+                      what="projections", num_workers=cfg.num_workers, progress=progress,
+                      local=partial(Projector, cfg.model, src.fman.dim, src.dim, cache, model=src.model))
+    n_new = sum(r["projected"] for r in done)
+    LOG.info("projected %d of %d shards (%d cached by an earlier run)", n_new, len(files), len(files) - n_new)
+    return [cache_file(cache, f) for f in files], n_new
 
 
-def _build_partitions(cfg: IndexConfig, out: OutputDir, vec_files: list[str], rows: list[int], factory: str,
-                      dim: int, n_total: int, use_gpu, timings: dict) -> tuple[object, int]:
-    """Train one quantiser here, build IVF partitions (on Ray workers with ``address``), merge on disk."""
-    import json
+def _fill(cfg: IndexConfig, plan: IndexPlan, src: _Inputs, out: OutputDir, index, vec_files: list[str],
+          timings: dict[str, float], progress: bool) -> tuple[Any, int]:
+    """``(index, added)``: the finished index with the new shards' vectors added (re-tuning: none),
+    or a new one built here, or built as IVF partitions and merged on disk."""
+    if plan.action in ("add", "retune"):
+        with _step(timings, "add_s"):
+            new = CachedVectors(vec_files[len(vec_files) - len(plan.new_shards):])
+            added = add_vectors(index, new, progress=progress, desc=f"add to {plan.factory}")
+        return index, added
+    if plan.partitions:
+        return _build_partitions(cfg, plan, src, out, vec_files, timings, progress), plan.n_total
+    with _step(timings, "build_s"):
+        index = build_index(CachedVectors(vec_files), dim=src.dim, factory=plan.factory, n_total=plan.n_total,
+                            use_gpu=_USE_GPU[cfg.use_gpu], progress=progress)
+    return index, plan.n_total
 
-    import faiss
 
-    t = time.perf_counter()
-    n_train = training_rows(factory, n_total)
-    sample, _ = training_sample(_CachedVectors(vec_files), dim, n_total, n_train, 0)
-    trained = train_index(sample, dim=dim, factory=factory, use_gpu=use_gpu)
-    del sample
+def _build_partitions(cfg: IndexConfig, plan: IndexPlan, src: _Inputs, out: OutputDir, vec_files: list[str],
+                      timings: dict[str, float], progress: bool):
+    """Train one quantiser here, build the IVF partitions (on Ray workers with ``address``), merge on disk."""
     trained_file = out.join("parts", "trained.faiss")
-    with zio.atomic_local_file(trained_file) as tmp:
-        faiss.write_index(trained, tmp)
-    timings["train_s"] = round(time.perf_counter() - t, 2)
-    t = time.perf_counter()
-    n_parts = min(len(vec_files), cfg.partitions or cfg.num_workers or max(1, len(vec_files) // 2))
-    bounds = np.linspace(0, len(vec_files), n_parts + 1).astype(int)
-    specs, start = [], 0
-    for p in range(n_parts):
-        files = vec_files[bounds[p] : bounds[p + 1]]
-        specs.append(json.dumps({"trained_file": trained_file, "part_file": out.join("parts", f"part-{p:05d}.faiss"),
-                                 "vec_files": files, "start_id": start}))
-        start += sum(rows[bounds[p] : bounds[p + 1]])
-    if cfg.address:
-        from pipeline.cluster.shard_jobs import run_shard_jobs
-
-        done = run_shard_jobs(specs, _part_worker, address=cfg.address, num_workers=cfg.num_workers,
-                              what="IVF partitions")
-    else:
-        done = [_build_part(**json.loads(s)) for s in specs]
-    parts = sorted(d["part"] for d in done)
-    timings["add_s"] = round(time.perf_counter() - t, 2)
-    t = time.perf_counter()
-    index = merge_ivf_parts(trained, parts, cfg.output)
-    timings["merge_s"] = round(time.perf_counter() - t, 2)
+    with _step(timings, "train_s"):
+        trained = train_quantiser(vec_files, trained_file, dim=src.dim, factory=plan.factory, n_total=plan.n_total,
+                                  use_gpu=_USE_GPU[cfg.use_gpu])
+    with _step(timings, "add_s"):
+        specs = partition_specs(vec_files, [src.rows[n] for n in plan.shards], n_parts=plan.partitions,
+                                trained_file=trained_file, parts_dir=out.join("parts"))
+        parts = sorted(r["part"] for r in map_shards(specs, part_worker, address=cfg.address, what="IVF partitions",
+                                                      num_workers=cfg.num_workers, progress=progress))
+    with _step(timings, "merge_s"):
+        index = merge_ivf_parts(trained, parts, cfg.output)
     LOG.info("merged %d IVF partitions (%d vectors) on disk", len(parts), index.ntotal)
-    return index, n_train
+    return index
 
 
-def _copy_model(model_dir: str, dest: str) -> None:
-    """The index carries the model it was built with (weights + manifest, a few MB), so the
-    directory can be moved or copied to another machine and still answer text queries."""
-    for name in ("weights.safetensors", "manifest.json"):
-        zio.write_bytes_atomic(zio.join(dest, name), zio.read_bytes(zio.join(model_dir, name)))
+def _tune(cfg: IndexConfig, plan: IndexPlan, index, vectors: CachedVectors) -> IndexTuning | None:
+    tuning = tune_index(index, vectors, n_total=plan.n_total, target_recall=cfg.target_recall, k=cfg.tune_k,
+                        max_query_ms=cfg.max_query_ms, n_queries=cfg.tune_queries, params=plan.search_params)
+    if tuning is not None:
+        LOG.info("search parameters %s: recall@1 %.3f, @10 %.3f, single query %.2f ms mean / %.2f ms p99",
+                 tuning.params or "(none)", tuning.recall_at_1, tuning.recall_at_10, tuning.latency_ms_mean,
+                 tuning.latency_ms_p99)
+    return tuning
 
 
-def _check_plan(cfg: IndexConfig, dim: int, factory: str, partitioned: bool) -> None:
-    """Stop before any work what would fail at the end: fixed search parameters the index type
-    lacks (``--nprobe`` on HNSW), a partitioned build into a directory faiss cannot merge into."""
-    from pipeline.index.faiss_index import new_index
-
-    fixed = _fixed_params(cfg)
-    if fixed:
-        set_search_params(new_index(dim, factory), fixed)
-    if partitioned and not zio.is_local(cfg.output):
-        raise ValueError(f"{cfg.output}: IVF partitions are merged into index.ivfdata on a local (or mounted) "
-                         "disk; give a local --output or drop --address/--partitions")
-
-
-def _plan_add(done: IndexManifest | None, names: list[str], rows: dict[str, int], dim: int,
-              budget: int, output: str) -> list[str] | None:
-    """The new shards to add to a finished index, or None when it must be (re)built from scratch."""
-    if done is None:
-        return None
-    old, new = set(done.shards), [n for n in names if n not in set(done.shards)]
-    why = None
-    if not old <= set(names):
-        why = f"{len(old - set(names))} indexed shard(s) are gone from the features"
-    elif sum(rows[n] for n in done.shards) != done.ntotal:
-        why = "indexed shards changed size"
-    elif done.data_files:
-        why = "an on-disk merged IVF index is rebuilt, not appended to"
-    elif estimate_memory(done.factory, sum(rows.values()), dim) > budget:
-        why = f"{done.factory} can no longer hold {sum(rows.values())} vectors within {budget} bytes"
-    if why:
-        LOG.warning("%s: the features changed since the index was built (%s); rebuilding it", output, why)
-        return None
-    LOG.info("%s: the features gained %d shard(s) since the index was built; adding their vectors", output, len(new))
-    return new
-
-
-def _fixed_params(cfg: IndexConfig) -> str | None:
-    return cfg.search_params or (f"nprobe={cfg.nprobe}" if cfg.nprobe else None)
-
-
-def _tuning_settings(cfg: IndexConfig, n_total: int) -> dict:
-    """What the search parameters were chosen by: changing it re-tunes, never rebuilds."""
-    return {"target_recall": cfg.target_recall, "k": min(cfg.tune_k, 100, n_total), "max_query_ms": cfg.max_query_ms,
-            "fixed": _fixed_params(cfg), "n_queries": min(cfg.tune_queries, n_total)}
-
-
-def _tuned_by(t: IndexTuning | None) -> dict | None:
-    if t is None:
-        return None
-    return {"target_recall": t.target_recall, "k": t.k, "max_query_ms": t.max_query_ms,
-            "fixed": t.params if not t.tried else None, "n_queries": t.n_queries}
-
-
-def _tune(cfg: IndexConfig, index, vectors: _CachedVectors, n_total: int) -> IndexTuning | None:
-    fixed = _fixed_params(cfg)
-    return tune_index(index, vectors, n_total=n_total, target_recall=cfg.target_recall, k=cfg.tune_k,
-                      max_query_ms=cfg.max_query_ms, n_queries=cfg.tune_queries, params=fixed)
+def _write(cfg: IndexConfig, plan: IndexPlan, done: IndexManifest | None, index, files: list[str]) -> dict:
+    """Stream ``ids.parquet`` (adding: the new rows after the old) and write ``index.faiss``; return
+    the manifest fields they determine (re-tuning: the files stay, the finished index's fields)."""
+    if plan.action == "retune":
+        return {k: getattr(done, k) for k in ("ntotal", "dim", "index_bytes", "sha256", "data_files")}
+    write_ids(cfg.output, files[len(files) - len(plan.new_shards):], keep_existing=plan.action == "add")
+    return write_index_files(index, cfg.output)
 
 
 def _image_encoder(fman) -> dict:
@@ -286,168 +205,28 @@ def _image_encoder(fman) -> dict:
     return {"image_encoder": enc, "image_pretrained": pre, "image_size": fman.image_size}
 
 
-class _CaptionBatches:
-    """Re-iterable caption embeddings in index order, one shard at a time (checked row by row)."""
-
-    def __init__(self, features: str, files: list[str], caps: dict[str, str], dim: int) -> None:
-        self.features, self.files, self.caps, self.dim = features, files, caps, dim
-
-    def __iter__(self):
-        for f in self.files:
-            ids = zio.read_parquet(f, columns=["image_id"]).column("image_id")
-            yield read_caption_shard(self.features, self.caps, f, ids, self.dim)[1]
-
-
-def _caption_index(cfg: IndexConfig, out: OutputDir, mman, files: list[str], n_total: int, budget: int,
-                   progress: bool) -> bool:
-    """The caption index (``OUT/captions/``, an index directory of its own with the same faiss ids):
-    built from ``FEATURES/text`` when the captions were embedded with the model's text model;
-    kept when its inputs are unchanged, removed when the features have no (usable) captions.
-    Rows without a caption hold zero vectors (score 0; caption-only searches drop them).
-    Returns whether it was built."""
-    dest = out.join(CAPTIONS_INDEX)
-    cman = open_captions(cfg.features)
-    caps = caption_shards(cfg.features) if cman else {}
-    names = [f.rsplit("/", 1)[-1] for f in files]
-    why = ("no caption embeddings (`zsl embed-text`)" if cman is None
-           else f"captions embedded with {cman.text_model}, the model's text space is {mman.text_model}"
-           if cman.text_model != mman.text_model
-           else f"no caption embeddings for {sum(n not in caps for n in names)} shard(s); run `zsl embed-text`"
-           if any(n not in caps for n in names) else None)
-    if why:
-        if cman is not None:
-            LOG.warning("%s: no caption index: %s", cfg.output, why)
-        zio.remove(dest)
-        return False
-    ident = {"text_model": cman.text_model, "captions": zio.fingerprint(cman.to_json()), "shards": names,
-             "sizes": [zio.filesystem(caps[n])[0].size(zio.filesystem(caps[n])[1]) for n in names],
-             "max_memory": cfg.max_memory, "target_recall": cfg.target_recall}
-    if zio.exists(zio.join(dest, "manifest.json")) and zio.read_json(zio.join(dest, "manifest.json")).get(
-            "identity") == ident:
-        return False
-    batches = _CaptionBatches(cfg.features, files, caps, cman.dim)
-    factory = choose_index(n_total, cman.dim, max_memory_bytes=budget)
-    LOG.info("caption index: %d captions (%d rows) in %s", cman.n_captions, n_total, factory)
-    index = build_index(batches, dim=cman.dim, factory=factory, n_total=n_total, use_gpu=False, progress=progress)
-    tuning = tune_index(index, batches, n_total=n_total, target_recall=cfg.target_recall, k=cfg.tune_k,
-                        max_query_ms=cfg.max_query_ms, n_queries=min(cfg.tune_queries, n_total))
-    save_index(index, dest, ids=read_ids(out.uri), manifest={
-        "factory": factory, "search_params": tuning.params if tuning else None, "tuning": tuning,
-        "build": "build", "identity": ident, "text_model": cman.text_model,
-        "text_model_name": cman.text_model_name, "text_pretrained": cman.text_pretrained,
-        "features_dir": cfg.features, "shards": names, "max_memory": cfg.max_memory})
-    return True
+def _manifest(cfg: IndexConfig, plan: IndexPlan, src: _Inputs, fields: dict, tuning: IndexTuning | None, *,
+              added: int, timings: dict[str, float], n_new: int, seconds: float) -> IndexManifest:
+    if fields["index_bytes"] + sum(fields["data_files"].values()) > parse_memory(cfg.max_memory):
+        LOG.warning("%s: the index takes %d bytes, above the %s budget (estimated %d)", cfg.output,
+                    fields["index_bytes"], cfg.max_memory, plan.estimated_bytes)
+    mman = src.mman
+    return IndexManifest(
+        **{**fields, "factory": plan.factory}, nprobe=cfg.nprobe, search_params=tuning.params if tuning else None,
+        tuning=tuning, build=plan.build, added_last_run=added, train_rows=plan.train_rows, timings=timings,
+        identity=src.identity, model_dir=cfg.model, model_fingerprint=src.identity["model"],
+        feature_model=src.fman.model_id, **_image_encoder(src.fman), text_model=mman.text_model,
+        text_model_name=mman.text_model_name, text_pretrained=mman.text_pretrained, templates=mman.templates,
+        features_dir=cfg.features, shards=list(plan.shards), max_memory=cfg.max_memory,
+        estimated_bytes=plan.estimated_bytes, shards_projected_last_run=n_new, seconds=round(seconds, 2))
 
 
-def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
-    """Build (or resume, or bring up to date) the text-searchable index of a feature directory."""
-    t0 = time.perf_counter()
-    fman = open_features(cfg.features)
-    model, mman = load_model(cfg.model, feature_dim=fman.dim, feature_model=fman.model_id)
-    if mman.semantics != "text":
-        raise ValueError(f"{cfg.model}: model scores against '{mman.semantics}' semantics; text search needs "
-                         "a model trained with --semantics text")
-    files = feature_shards(cfg.features)
-    check_feature_shards(files, fman.dim)
-    names = [f.rsplit("/", 1)[-1] for f in files]
-    rows = {n: zio.parquet_num_rows(f) for n, f in zip(names, files)}
-    n_total = sum(rows.values())
-    if n_total == 0:
-        raise ValueError(f"{cfg.features}: no features to index")
-    dim, budget = mman.search_dim or mman.semantic_dim, parse_memory(cfg.max_memory)
-    model_fp = model_fingerprint(cfg.model, mman)
-    # what the vectors and the index type are; the tuning settings only re-tune a finished index
-    identity = {"model": model_fp, "features": features_identity(cfg.features, fman), "dim": dim,
-                "index_factory": cfg.index_factory, "max_memory": cfg.max_memory, "nprobe": cfg.nprobe}
-    with OutputDir(cfg.output, job="index", identity=identity, overwrite=cfg.overwrite,
-                   owned=("index.faiss", "index.ivfdata", "ids.parquet", "vectors", "parts", MODEL_COPY,
-                          CAPTIONS_INDEX)) as out:
-        done = out.finished(IndexManifest)
-        retune = done is not None and done.shards == names
-        if retune and (_tuned_by(done.tuning) == _tuning_settings(cfg, n_total) or n_total < 2):
-            LOG.info("%s: index of these features with this model is complete; nothing to do", cfg.output)
-            zio.remove(out.join("vectors"))  # a kill after the manifest, before the cache was removed
-            zio.remove(out.join("parts"))
-            # captions embedded since (or gone): the caption index is its own directory, written
-            # manifest last, so the image index's manifest stays as it is
-            _caption_index(cfg, out, mman, files, n_total, budget, progress)
-            return done
-        if retune:
-            LOG.info("%s: the tuning settings changed; re-tuning the search parameters (the index is kept)",
-                     cfg.output)
-        new = [] if retune else _plan_add(done, names, rows, dim, budget, cfg.output)
-        order = names if new is None else [*done.shards, *new]
-        by_name = dict(zip(names, files))
-        ordered_files = [by_name[n] for n in order]
-        use_gpu = {"auto": None, "yes": True, "no": False}[cfg.use_gpu]
-        timings: dict[str, float] = {}
-        index = None
-        if new is not None:
-            factory = done.factory
-            # writable to add to, before the manifest goes; mapped when only re-tuning
-            index, _, _ = load_index(cfg.output, mmap=not new)
-        else:
-            factory = cfg.index_factory or choose_index(n_total, dim, max_memory_bytes=budget)
-        partitioned = new is None and _ivf_partitioned(factory) and bool(cfg.address or cfg.partitions) \
-            and len(files) > 1
-        _check_plan(cfg, dim, factory, partitioned)
-        out.begin()
-        LOG.info("indexing %d images (%d-d) with %s", n_total, dim, factory)
-        t = time.perf_counter()
-        n_new = _project(cfg, model, ordered_files, fman.dim, dim, out.join("vectors"), progress)
-        timings["project_s"] = round(time.perf_counter() - t, 2)
-        LOG.info("projected %d of %d shards (%d cached by an earlier run)", n_new, len(files), len(files) - n_new)
-        vec_files = [_cache_name(out.join("vectors"), f) for f in ordered_files]
-        vectors = _CachedVectors(vec_files)
-        n_train, build = None, "build"
-        if new is not None:
-            t = time.perf_counter()
-            added = add_vectors(index, _CachedVectors(vec_files[len(done.shards):]), progress=progress,
-                                desc=f"add to {factory}")
-            timings["add_s"] = round(time.perf_counter() - t, 2)
-            build, n_train = ("add" if new else "retune"), done.train_rows
-        elif partitioned:
-            index, n_train = _build_partitions(cfg, out, vec_files, [rows[n] for n in order], factory, dim, n_total,
-                                               use_gpu, timings)
-            build, added = "partitions", n_total
-        else:
-            t = time.perf_counter()
-            n_train = training_rows(factory, n_total) or None
-            index = build_index(vectors, dim=dim, factory=factory, n_total=n_total, use_gpu=use_gpu,
-                                progress=progress)
-            timings["build_s"] = round(time.perf_counter() - t, 2)
-            added = n_total
-        t = time.perf_counter()
-        tuning = _tune(cfg, index, vectors, n_total)
-        timings["tune_s"] = round(time.perf_counter() - t, 2)
-        if tuning is not None:
-            LOG.info("search parameters %s: recall@1 %.3f, @10 %.3f, single query %.2f ms mean / %.2f ms p99",
-                     tuning.params or "(none)", tuning.recall_at_1, tuning.recall_at_10, tuning.latency_ms_mean,
-                     tuning.latency_ms_p99)
-        t = time.perf_counter()
-        if build == "retune":  # the files stay; only the manifest changes
-            fields = {k: getattr(done, k) for k in ("ntotal", "dim", "index_bytes", "sha256", "data_files")}
-        else:
-            _write_ids(cfg.output, ordered_files[len(done.shards):] if new is not None else ordered_files,
-                       keep_existing=new is not None)
-            fields = write_index_files(index, cfg.output)
-        timings["write_s"] = round(time.perf_counter() - t, 2)
-        est = estimate_memory(factory, n_total, dim)
-        if fields["index_bytes"] + sum(fields["data_files"].values()) > budget:
-            LOG.warning("%s: the index takes %d bytes, above the %s budget (estimated %d)", cfg.output,
-                        fields["index_bytes"], cfg.max_memory, est)
-        manifest = IndexManifest(
-            **{**fields, "factory": factory}, nprobe=cfg.nprobe, search_params=tuning.params if tuning else None,
-            tuning=tuning, build=build, added_last_run=added, train_rows=n_train, timings=timings,
-            identity=identity, model_dir=cfg.model,
-            model_fingerprint=model_fp, feature_model=fman.model_id, **_image_encoder(fman),
-            text_model=mman.text_model,
-            text_model_name=mman.text_model_name, text_pretrained=mman.text_pretrained, templates=mman.templates,
-            features_dir=cfg.features, shards=order, max_memory=cfg.max_memory,
-            estimated_bytes=est, shards_projected_last_run=n_new, seconds=round(time.perf_counter() - t0, 2))
-        _copy_model(cfg.model, out.join(MODEL_COPY))
-        _caption_index(cfg, out, mman, ordered_files, n_total, budget, progress)
-        out.finish(manifest)
-        zio.remove(out.join("vectors"))
-        zio.remove(out.join("parts"))
-        return manifest
+def _captions(cfg: IndexConfig, out: OutputDir, src: _Inputs, files: list[str], plan: IndexPlan,
+              progress: bool) -> None:
+    update_caption_index(cfg, index_dir=out.uri, text_model=src.mman.text_model, shard_files=files,
+                         n_total=plan.n_total, progress=progress)
+
+
+def _drop_cache(out: OutputDir) -> None:
+    zio.remove(out.join("vectors"))
+    zio.remove(out.join("parts"))

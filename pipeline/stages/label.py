@@ -17,11 +17,12 @@ checking that the model can score the enlarged set, and optionally relabels one 
 from __future__ import annotations
 
 import logging
-import time
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.cluster.shard_jobs import map_shards
 from pipeline.core import fs as zio
 from pipeline.semantics.classset import ClassSet, add_classes, load_class_set
 from pipeline.core.config import AddClassesConfig, LabelConfig
@@ -31,6 +32,7 @@ from pipeline.zsl.models import load_model
 from pipeline.zsl.models.scoring import check_model_classes, class_scores, model_fingerprint, seen_mask, topk
 from pipeline.core.resume import OutputDir
 from pipeline.core.schema import LABELS_SCHEMA, ClassesManifest, LabelsManifest, read_manifest
+from pipeline.core.timing import timed
 
 LOG = logging.getLogger(__name__)
 
@@ -69,32 +71,34 @@ def label_table(meta: pa.Table, idx: np.ndarray, vals: np.ndarray, names: np.nda
 
 def run_label(cfg: LabelConfig, *, progress: bool = True) -> LabelsManifest:
     """Label every feature shard of ``cfg.features`` that ``cfg.output`` lacks; return the manifest."""
-    t0 = time.perf_counter()
-    fman = open_features(cfg.features)
-    model, mman = load_model(cfg.model, feature_dim=fman.dim, feature_model=fman.model_id)
-    classes = load_class_set(cfg.classes)
-    check_model_classes(model, mman, classes, f"{cfg.model} with {cfg.classes}")
-    shards = feature_shards(cfg.features)
-    check_feature_shards(shards, fman.dim)
-    identity = {"model": model_fingerprint(cfg.model, mman), "classes": classes.manifest.fingerprint,
-                "features": features_identity(cfg.features, fman), "top_k": cfg.top_k, "calibrated": cfg.calibrated}
-    with OutputDir(cfg.output, job="label", identity=identity, overwrite=cfg.overwrite, owned=("labels",)) as out:
-        labels_dir = out.join("labels")
-        done = {f.rsplit("/", 1)[-1] for f in zio.iter_parquet_files(labels_dir)} if zio.exists(labels_dir) else set()
-        todo = [s for s in shards if s.rsplit("/", 1)[-1] not in done]
-        LOG.info("labeling %d feature shards (%d already done) against %d classes", len(todo),
-                 len(shards) - len(todo), len(classes.names))
-        if todo:
-            out.begin()
-        n_images = _label_shards(cfg, model, mman, classes, todo, fman.dim, labels_dir, progress)
-        manifest = LabelsManifest(
-            identity=identity, model_dir=cfg.model, features_dir=cfg.features, classes_dir=cfg.classes,
-            classes=list(classes.names), gamma=mman.gamma if cfg.calibrated else 0.0, n_shards=len(shards),
-            n_images=sum(zio.parquet_num_rows(f) for f in zio.iter_parquet_files(labels_dir)) if shards else 0,
-            n_labeled_this_run=n_images, config=cfg.model_dump(mode="json"),
-            seconds_last_run=round(time.perf_counter() - t0, 2))
-        out.finish(manifest)
-        return manifest
+    with timed() as took:
+        fman = open_features(cfg.features)
+        model, mman = load_model(cfg.model, feature_dim=fman.dim, feature_model=fman.model_id)
+        classes = load_class_set(cfg.classes)
+        check_model_classes(model, mman, classes, f"{cfg.model} with {cfg.classes}")
+        shards = feature_shards(cfg.features)
+        check_feature_shards(shards, fman.dim)
+        identity = {"model": model_fingerprint(cfg.model, mman), "classes": classes.manifest.fingerprint,
+                    "features": features_identity(cfg.features, fman), "top_k": cfg.top_k,
+                    "calibrated": cfg.calibrated}
+        with OutputDir(cfg.output, job="label", identity=identity, overwrite=cfg.overwrite, owned=("labels",)) as out:
+            labels_dir = out.join("labels")
+            done = {f.rsplit("/", 1)[-1] for f in zio.iter_parquet_files(labels_dir)} if zio.exists(labels_dir) \
+                else set()
+            todo = [s for s in shards if s.rsplit("/", 1)[-1] not in done]
+            LOG.info("labeling %d feature shards (%d already done) against %d classes", len(todo),
+                     len(shards) - len(todo), len(classes.names))
+            if todo:
+                out.begin()
+            n_images = _label_shards(cfg, model, mman, classes, todo, fman.dim, labels_dir, progress)
+            manifest = LabelsManifest(
+                identity=identity, model_dir=cfg.model, features_dir=cfg.features, classes_dir=cfg.classes,
+                classes=list(classes.names), gamma=mman.gamma if cfg.calibrated else 0.0, n_shards=len(shards),
+                n_images=sum(zio.parquet_num_rows(f) for f in zio.iter_parquet_files(labels_dir)) if shards else 0,
+                n_labeled_this_run=n_images, config=cfg.model_dump(mode="json"),
+                seconds_last_run=round(took.elapsed(), 2))
+            out.finish(manifest)
+            return manifest
 
 
 class _ShardLabeler:
@@ -127,18 +131,12 @@ def _labeler(cfg_json: dict, dim: int, labels_dir: str) -> _ShardLabeler:
 
 def _label_shards(cfg: LabelConfig, model, mman, classes: ClassSet, todo: list[str], dim: int, labels_dir: str,
                   progress: bool) -> int:
-    if cfg.address and todo:
-        from functools import partial
-
-        from pipeline.cluster.shard_jobs import run_shard_jobs
-
-        done = run_shard_jobs(todo, partial(_labeler, cfg.model_dump(mode="json"), dim, labels_dir),
-                              address=cfg.address, num_workers=cfg.num_workers, what="label shards")
-        return sum(r["rows"] for r in done)
-    from tqdm.auto import tqdm
-
-    labeler = _ShardLabeler(cfg, dim, labels_dir, loaded=(model, mman, classes))
-    return sum(labeler(uri)["rows"] for uri in tqdm(todo, desc="label", unit="shard", disable=not progress))
+    """Label the ``todo`` shards (here with the model already loaded, or on the Ray cluster at
+    ``cfg.address``); return how many images were labelled."""
+    done = map_shards(todo, partial(_labeler, cfg.model_dump(mode="json"), dim, labels_dir), address=cfg.address,
+                      what="label shards", num_workers=cfg.num_workers, progress=progress,
+                      local=partial(_ShardLabeler, cfg, dim, labels_dir, loaded=(model, mman, classes)))
+    return sum(r["rows"] for r in done)
 
 
 def run_add_classes(cfg: AddClassesConfig, *, text_encoder=None,

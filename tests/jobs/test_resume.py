@@ -323,7 +323,7 @@ def test_label_killed_while_committing_a_shard_resumes_exactly(world, tmp_path):
 ])
 def test_index_killed_mid_build_resumes_from_its_cache(world, tmp_path, kill_match, kill_at, projected_on_rerun):
     from pipeline.core.config import IndexConfig
-    from pipeline.index.faiss_index import load_index
+    from pipeline.index.store import load_index
     from pipeline.stages.index import run_index
 
     run_index(IndexConfig(features=world["features"], model=world["model"], output=str(tmp_path / "ref"),
@@ -351,7 +351,7 @@ def test_index_killed_while_adding_new_shards_holds_each_image_once(world, tmp_p
     """Features gain shards; `zsl index` adds their vectors and is SIGKILLed while committing the new
     ids or index file. No reader accepts the half-written directory; the rerun rebuilds from the
     projection cache and every image is in the index exactly once."""
-    from pipeline.index.faiss_index import load_index
+    from pipeline.index.store import load_index
     from pipeline.core.features import write_features
 
     feats = tmp_path / "features"

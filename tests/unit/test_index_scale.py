@@ -84,15 +84,14 @@ def _cfg(world, features, out, **kw) -> IndexConfig:
 # ------------------------------------------------------------------------------------------- tuning
 
 def test_exact_neighbours_streams_like_brute_force_and_leaves_the_query_out():
-    from pipeline.index.faiss_index import brute_force_search
-    from pipeline.index.tune import exact_neighbours
+    from pipeline.index.search import exact_knn
 
     rng = np.random.default_rng(1)
     v = rng.standard_normal((3000, 8)).astype(np.float32)
     rows = np.array([0, 5, 2999, 1234])
     batches = [v[i : i + 700] for i in range(0, 3000, 700)]
-    s, i = exact_neighbours(batches, v[rows], 10, exclude=rows, block=300)
-    want_s, want_i = brute_force_search(v, v[rows], 11)
+    s, i = exact_knn(batches, v[rows], 10, exclude=rows, block=300)
+    want_s, want_i = exact_knn(v, v[rows], 11)
     for r in range(len(rows)):  # brute force with the query's own row removed
         keep = want_i[r] != rows[r]
         np.testing.assert_array_equal(i[r], want_i[r][keep][:10])
@@ -103,7 +102,8 @@ def test_exact_neighbours_streams_like_brute_force_and_leaves_the_query_out():
 @pytest.mark.parametrize("factory", ["HNSW16,Flat", "IVF64,Flat", "IVF64_HNSW32,Flat"])
 def test_tuning_reaches_the_target_and_claims_what_held_out_queries_measure(factory):
     """The recall the tuning records is what new queries (never indexed) get, by brute force."""
-    from pipeline.index import faiss_index as zix
+    from pipeline.index.build import build_index
+    from pipeline.index.search import exact_knn, recall_at_k, search
     from pipeline.index.tune import candidate_params, tune_index
 
     rng = np.random.default_rng(2)
@@ -112,15 +112,15 @@ def test_tuning_reaches_the_target_and_claims_what_held_out_queries_measure(fact
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     x, held_out = x[:12_000], x[12_000:]
     batches = [x[i : i + 2500] for i in range(0, len(x), 2500)]
-    index = zix.build_index(batches, dim=24, factory=factory, n_total=len(x))
+    index = build_index(batches, dim=24, factory=factory, n_total=len(x))
     t = tune_index(index, batches, n_total=len(x), target_recall=0.97, k=10, n_queries=500, seed=4)
     assert t.met_target and t.recall_at_10 >= 0.97 and t.params in candidate_params(index)
     # every cheaper setting tried fell short of the target: the cheapest sufficient one was taken
     assert all(e["recall_at_10"] < 0.97 for e in t.tried[:-1]) and t.tried[-1]["params"] == t.params
     # independent check: 500 vectors that were never indexed, exact neighbours by numpy
-    exact = zix.brute_force_search(x, held_out, 10)[1]
-    got = zix.search(index, held_out, 10)[1]  # the tuned parameters are set on the index
-    assert abs(zix.recall_at_k(got, exact) - t.recall_at_10) < 0.02
+    exact = exact_knn(x, held_out, 10)[1]
+    got = search(index, held_out, 10)[1]  # the tuned parameters are set on the index
+    assert abs(recall_at_k(got, exact) - t.recall_at_10) < 0.02
     # p99 is not bounded by the mean: one stall on a shared machine lifts the mean above p99
     assert t.latency_ms_p99 > 0 and t.latency_ms_mean > 0 and t.batch_ms_per_query > 0
 
@@ -141,34 +141,36 @@ def test_held_out_queries_sit_at_nearest_neighbour_distance():
 
 
 def test_tuning_with_a_latency_cap_and_an_unreachable_target():
-    from pipeline.index import faiss_index as zix
+    from pipeline.index.build import build_index
     from pipeline.index.tune import tune_index
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((5000, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    index = zix.build_index(x, dim=16, factory="IVF32,PQ4x4")
+    index = build_index(x, dim=16, factory="IVF32,PQ4x4")
     t = tune_index(index, [x], n_total=len(x), target_recall=1.0, n_queries=200)
     assert not t.met_target and t.recall_at_10 < 1.0  # PQ codes cap recall; the best found is kept
     assert t.recall_at_10 == max(e["recall_at_10"] for e in t.tried) or abs(
         t.recall_at_10 - max(e["recall_at_10"] for e in t.tried)) < 0.02
-    capped = tune_index(zix.build_index(x, dim=16, factory="IVF32,Flat"), [x], n_total=len(x),
+    capped = tune_index(build_index(x, dim=16, factory="IVF32,Flat"), [x], n_total=len(x),
                         max_query_ms=1e-6, n_queries=100)
     assert capped.params == "nprobe=1" and capped.max_query_ms == 1e-6  # nothing fits: the cheapest
 
 
 def test_bad_search_params_named():
-    from pipeline.index import faiss_index as zix
+    from pipeline.index.build import build_index
+    from pipeline.index.search import set_search_params
 
-    index = zix.build_index(np.eye(4, dtype=np.float32), dim=4, factory="Flat")
+    index = build_index(np.eye(4, dtype=np.float32), dim=4, factory="Flat")
     with pytest.raises(ValueError, match="cannot set search parameters 'efSearch=8'"):
-        zix.set_search_params(index, "efSearch=8")
+        set_search_params(index, "efSearch=8")
 
 
 # ------------------------------------------------------------------------------------ index stage
 
 def test_index_is_tuned_and_the_manifest_claims_the_measured_recall(world, tmp_path):
-    from pipeline.index.faiss_index import brute_force_search, load_index, recall_at_k
+    from pipeline.index.search import exact_knn, recall_at_k
+    from pipeline.index.store import load_index
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 5)
@@ -187,7 +189,7 @@ def test_index_is_tuned_and_the_manifest_claims_the_measured_recall(world, tmp_p
     rng = np.random.default_rng(5)
     q = Z[rng.choice(len(Z), 300, replace=False)] + 0.05 * rng.standard_normal((300, K)).astype(np.float32)
     got = index.search(q, 10)[1]
-    assert recall_at_k(got, brute_force_search(Z, q, 10)[1]) >= 0.95
+    assert recall_at_k(got, exact_knn(Z, q, 10)[1]) >= 0.95
     assert ids.column("image_id").to_pylist() == world["ids"][:8000]
     assert not (tmp_path / "idx" / "vectors").exists()
 
@@ -204,7 +206,7 @@ def test_fixed_search_params_are_measured_not_tuned(world, tmp_path):
 def test_growing_features_add_only_the_new_vectors(world, tmp_path, caplog):
     import faiss
 
-    from pipeline.index.faiss_index import load_index
+    from pipeline.index.store import load_index
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 3)
@@ -228,7 +230,7 @@ def test_growing_features_add_only_the_new_vectors(world, tmp_path, caplog):
 
 
 def test_growth_beyond_the_budget_rebuilds(world, tmp_path, caplog):
-    from pipeline.index.faiss_index import estimate_memory
+    from pipeline.index.choose import estimate_memory
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 2)
@@ -242,7 +244,8 @@ def test_growth_beyond_the_budget_rebuilds(world, tmp_path, caplog):
 
 
 def test_ivf_partitions_merged_on_disk_equal_one_build(world, tmp_path):
-    from pipeline.index.faiss_index import load_index, search
+    from pipeline.index.search import search
+    from pipeline.index.store import load_index
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 5)
@@ -263,7 +266,8 @@ def test_ivf_partitions_merged_on_disk_equal_one_build(world, tmp_path):
 
 
 def test_mmap_load_gives_the_same_results(world, tmp_path):
-    from pipeline.index.faiss_index import load_index, search
+    from pipeline.index.search import search
+    from pipeline.index.store import load_index
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 2)
@@ -277,7 +281,8 @@ def test_mmap_load_gives_the_same_results(world, tmp_path):
 
 
 def test_load_checks_size_always_and_sha_when_asked(world, tmp_path, monkeypatch):
-    from pipeline.index import faiss_index as zix
+    from pipeline.index import store
+    from pipeline.index.store import load_index
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 1)
@@ -286,13 +291,13 @@ def test_load_checks_size_always_and_sha_when_asked(world, tmp_path, monkeypatch
     blob = bytearray(path.read_bytes())
     blob[-5] ^= 0xFF
     path.write_bytes(bytes(blob))
-    monkeypatch.setattr(zix, "_VERIFY_MAX_BYTES", 10)  # as if the file were large: size only
-    zix.load_index(str(tmp_path / "idx"))
+    monkeypatch.setattr(store, "_VERIFY_MAX_BYTES", 10)  # as if the file were large: size only
+    load_index(str(tmp_path / "idx"))
     with pytest.raises(ValueError, match="sha256"):
-        zix.load_index(str(tmp_path / "idx"), verify=True)
+        load_index(str(tmp_path / "idx"), verify=True)
     path.write_bytes(bytes(blob[:-1]))
     with pytest.raises(ValueError, match="truncated or was replaced"):
-        zix.load_index(str(tmp_path / "idx"))
+        load_index(str(tmp_path / "idx"))
 
 
 # ------------------------------------------------------------------------------------------ label
@@ -344,7 +349,7 @@ def test_fixed_params_the_index_type_lacks_stop_before_any_work(world, tmp_path)
 def test_lazy_id_table_reads_only_the_hits(tmp_path):
     import pyarrow as pa
 
-    from pipeline.index.faiss_index import IdTable
+    from pipeline.index.store import IdTable
     from pipeline.core.schema import INDEX_IDS_SCHEMA
 
     n = 100_000
@@ -364,7 +369,8 @@ def test_index_on_a_remote_filesystem_builds_grows_and_loads(world, tmp_path):
     loaded through a local cache named by content, so a rebuilt index is never served stale."""
     import fsspec
 
-    from pipeline.index.faiss_index import load_index, search
+    from pipeline.index.search import search
+    from pipeline.index.store import load_index
     from pipeline.stages.index import run_index
 
     feats = _features_with(world, tmp_path, 2)

@@ -396,7 +396,7 @@ def spy_projection(monkeypatch):
 def _index_state(out):
     import faiss
 
-    from pipeline.index.faiss_index import load_index
+    from pipeline.index.store import load_index
 
     index, ids, manifest = load_index(str(out))
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).copy(), ids, manifest
