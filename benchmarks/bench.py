@@ -501,9 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"),
                        ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
-    from jobs.cli import _setup_logging
+    from jobs.common import setup_logging
 
-    _setup_logging()
+    setup_logging()
     cmd = typer.main.get_command(app)
     # Standalone mode lets click/typer report usage errors themselves, whichever click they bundle
     # (typer >= 0.2x vendors its own, whose exceptions are not ``click.ClickException``).

@@ -1194,9 +1194,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark in-process; return the exit status (2 for usage errors)."""
     for key, value in SUBPROCESS_ENV.items():
         os.environ.setdefault(key, value)
-    from jobs.cli import _setup_logging
+    from jobs.common import setup_logging
 
-    _setup_logging()
+    setup_logging()
     cmd = typer.main.get_command(app)
     try:
         cmd.main(args=list(argv if argv is not None else sys.argv[1:]), prog_name="zsl-bench-scale",
