@@ -40,7 +40,6 @@ exact ground truth and recall), :mod:`benchmarks.scale_memory` (subprocesses: wa
 :mod:`benchmarks.scale_extract` and :mod:`benchmarks.scale_report` (SCALE.md, the JSON's interpretation).
 """
 
-
 from __future__ import annotations
 
 import datetime as _dt
