@@ -31,11 +31,12 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
+
+from pipeline.core.timing import timed
 
 LOG = logging.getLogger("zsl.bench")
 #: Where the harnesses write their results by default (kept in git).
@@ -57,12 +58,6 @@ def _median(xs: list[float]) -> float:
 
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if b > 0 else float("nan")
-
-
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
 
 
 def _interleaved(repeats: int, pipeline: Callable[[int], float], bare: Callable[[int], float]
@@ -124,59 +119,47 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
                   cold: bool) -> dict:
     import numpy as np
     import ray
-    import torch
 
     from pipeline.core.config import ExtractConfig
-    from pipeline.inputs.demo_data import write_demo_data
-    from pipeline.encoders.models import image_encoder_info, load_image_encoder
     from pipeline.core.features import load_features
     from pipeline.cluster.session import init_ray
     from pipeline.cluster.extraction import plan_resources
     from pipeline.core.schema import FeaturesManifest
-    from pipeline.inputs.shards import list_shards
     from pipeline.stages.extract import run_extract
 
-    data = work / "images"
-    info = write_demo_data(str(data), per_class=images_per_class)
-    src = str(data / "train")
-    files = [f for s in list_shards(src, input_format="folder", shard_size=shard_size) for f in s.members]
+    data, files = _demo_files(work, images_per_class=images_per_class, shard_size=shard_size,
+                              batch_size=batch_size, repeats=repeats)
     n = len(files)
-    LOG.info("extraction bench: %d images (%d classes), shard_size %d, batch %d, %d repeats",
-             n, len(info["classes"]), shard_size, batch_size, repeats)
 
     def cfg(tag: str) -> ExtractConfig:
-        return ExtractConfig(input=src, output=str(work / f"extract-{tag}"), input_format="folder",
+        return ExtractConfig(input=str(data / "train"), output=str(work / f"extract-{tag}"), input_format="folder",
                              encoder=FEATURE_MODEL, shard_size=shard_size, batch_size=batch_size)
 
     def pipeline_run(tag: str) -> tuple[float, FeaturesManifest]:
         c = cfg(tag)
         shutil.rmtree(c.output, ignore_errors=True)
-        secs, manifest = _timed(lambda: run_extract(c, progress=False))
+        with timed() as t:
+            manifest = run_extract(c, progress=False)
         if manifest.n_images != n or manifest.n_errors:
             raise RuntimeError(f"pipeline run {tag}: {manifest.n_images} images, {manifest.n_errors} errors "
                                f"(expected {n}, 0)")
-        return secs, manifest
+        return t.seconds, manifest
 
     ray_was_running = ray.is_initialized()
+    with timed() as ray_init:
+        init_ray()
     cold_result = None
     if cold and not ray_was_running:
         # One CLI-like run: Ray start-up + actor start + model load + work (single sample).
-        t0 = time.perf_counter()
-        init_ray()
-        ray_init_s = time.perf_counter() - t0
         secs, _ = pipeline_run("cold")
         shutil.rmtree(cfg("cold").output, ignore_errors=True)
-        cold_result = {"seconds_incl_ray_init": ray_init_s + secs, "seconds_excl_ray_init": secs}
-    else:
-        ray_init_s, _ = _timed(init_ray)
+        cold_result = {"seconds_incl_ray_init": ray_init.seconds + secs, "seconds_excl_ray_init": secs}
 
     res = ray.cluster_resources()
     plan = plan_resources(cpus=res.get("CPU", 1), gpus=res.get("GPU", 0), num_actors=None, device="auto")
-    info_enc = image_encoder_info(FEATURE_MODEL)
-    max_pixels = cfg("bare").max_image_pixels
-    load_s, encoder = _timed(lambda: load_image_encoder(FEATURE_MODEL, device=plan.device))
-    prev_threads = torch.get_num_threads()
     bare_out: dict = {}
+    bare_rep, load_s, prev_threads = _bare_side(files, plan=plan, batch_size=batch_size,
+                                                max_pixels=cfg("bare").max_image_pixels, out=bare_out)
     manifests: dict[str, FeaturesManifest] = {}
 
     def pipeline_rep(r: int) -> float:
@@ -185,23 +168,62 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
             shutil.rmtree(cfg(f"r{r}").output, ignore_errors=True)
         return secs
 
-    def bare_rep(r: int) -> float:
-        torch.set_num_threads(plan.threads)
-        try:
-            secs, bare_out["X"] = _timed(lambda: _bare_extract(files, encoder, image_size=info_enc.image_size,
-                                                               batch_size=batch_size, max_pixels=max_pixels))
-        finally:
-            torch.set_num_threads(prev_threads)
-        return secs
-
     p_s, b_s = _interleaved(repeats, pipeline_rep, bare_rep)
 
     # Same numbers out of both? (per image, matched by uri)
     feats = load_features(cfg(f"r{repeats - 1}").output)
     pos = {u: i for i, u in enumerate(feats.uris)}
-    Xp = feats.X[[pos[u] for u in files]]
-    max_abs_diff = float(np.abs(Xp - bare_out["X"]).max())
+    max_abs_diff = float(np.abs(feats.X[[pos[u] for u in files]] - bare_out["X"]).max())
+    out = _extract_result(n, p_s, b_s, cold_result, ray_init_s=ray_init.seconds, ray_was_running=ray_was_running,
+                          load_s=load_s, threads={"pipeline_actor": plan.threads, "bare_loop": plan.threads,
+                                                  "driver_default": prev_threads},
+                          resources=dict(manifests["last"].resources or {}), max_abs_diff=max_abs_diff)
+    shutil.rmtree(data, ignore_errors=True)
+    return out
 
+
+def _bare_side(files: list[str], *, plan, batch_size: int, max_pixels: int, out: dict):
+    """The bare loop's repeat function (torch threads as the pipeline's encoder actor; it leaves its
+    embeddings in ``out["X"]``), its encoder's load seconds (loaded once, here) and the driver's torch threads."""
+    import torch
+
+    from pipeline.encoders.models import image_encoder_info, load_image_encoder
+
+    info_enc = image_encoder_info(FEATURE_MODEL)
+    with timed() as load:
+        encoder = load_image_encoder(FEATURE_MODEL, device=plan.device)
+    prev_threads = torch.get_num_threads()
+
+    def bare_rep(r: int) -> float:
+        torch.set_num_threads(plan.threads)
+        try:
+            with timed() as t:
+                out["X"] = _bare_extract(files, encoder, image_size=info_enc.image_size, batch_size=batch_size,
+                                         max_pixels=max_pixels)
+        finally:
+            torch.set_num_threads(prev_threads)
+        return t.seconds
+    return bare_rep, load.seconds, prev_threads
+
+
+def _demo_files(work: Path, *, images_per_class: int, shard_size: int, batch_size: int,
+                repeats: int) -> tuple[Path, list[str]]:
+    """The animal-mnist demo images under ``work/images``, and its train images in shard order."""
+    from pipeline.inputs.demo_data import write_demo_data
+    from pipeline.inputs.shards import list_shards
+
+    data = work / "images"
+    info = write_demo_data(str(data), per_class=images_per_class)
+    src = str(data / "train")
+    files = [f for s in list_shards(src, input_format="folder", shard_size=shard_size) for f in s.members]
+    LOG.info("extraction bench: %d images (%d classes), shard_size %d, batch %d, %d repeats",
+             len(files), len(info["classes"]), shard_size, batch_size, repeats)
+    return data, files
+
+
+def _extract_result(n: int, p_s: list[float], b_s: list[float], cold_result: dict | None, *, ray_init_s: float,
+                    ray_was_running: bool, load_s: float, threads: dict, resources: dict,
+                    max_abs_diff: float) -> dict:
     p_ips, b_ips = [n / s for s in p_s], [n / s for s in b_s]
     p_med, b_med = _median(p_ips), _median(b_ips)
     out = {
@@ -218,8 +240,8 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
         "ray_was_already_running": ray_was_running,
         "bare_encoder_load_s": load_s,
         "cold": None,
-        "torch_threads": {"pipeline_actor": plan.threads, "bare_loop": plan.threads, "driver_default": prev_threads},
-        "resource_plan": dict(manifests["last"].resources or {}),
+        "torch_threads": threads,
+        "resource_plan": resources,
         "embeddings_max_abs_diff_pipeline_vs_bare": max_abs_diff,
         "notes": ("Both sides run on the same machine in the same process, interleaved. With Ray up the "
                   "pipeline still starts its encoder actor and loads the model on every run; the bare "
@@ -233,7 +255,6 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
                        "ratio_vs_bare_incl_encoder_load": _ratio(cold_ips, n / (load_s + _median(b_s))),
                        "samples": 1,
                        "includes": "init_ray + the first run_extract of this process (a CLI invocation)"}
-    shutil.rmtree(data, ignore_errors=True)
     return out
 
 
@@ -264,19 +285,17 @@ def _synthetic_features(rng, centers, y, *, noise: float, chunk: int = 20_000):
     return X
 
 
-def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_seen: int, top_k: int,
-                repeats: int, seed: int) -> dict:
+def _label_data(work: Path, *, dim: int, rows: int, shard_rows: int, n_classes: int, n_seen: int,
+                seed: int) -> dict:
+    """A seeded synthetic class set, an ESZSL model trained on it and ``rows`` feature rows to label; with
+    the seconds it took to write them and train (``prep_s``)."""
     import numpy as np
 
-    from pipeline.semantics.classset import load_class_set, write_class_set
-    from pipeline.core.config import LabelConfig, TrainConfig
-    from pipeline.zsl.models import load_model
+    from pipeline.semantics.classset import write_class_set
+    from pipeline.core.config import TrainConfig
     from pipeline.zsl.models.base import l2n
-    from pipeline.zsl.models.scoring import class_semantics
-    from pipeline.stages.label import run_label
     from pipeline.stages.train import run_train
 
-    dim = 1280
     rng = np.random.default_rng(seed)
     names = [f"class_{i:03d}" for i in range(n_classes)]
     # Classes share a low-rank latent description; feature-space centres (non-negative) and text
@@ -288,27 +307,42 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
     A = rng.standard_normal((LATENT_RANK, TEXT_DIM)).astype(np.float32)
     text = l2n(Z @ A + 0.3 * rng.standard_normal((n_classes, TEXT_DIM)).astype(np.float32))
 
-    t_prep = time.perf_counter()
-    classes_dir, model_dir = str(work / "classes"), str(work / "model")
-    write_class_set(classes_dir, names, [None] * n_classes, text, None, {
-        "source": "synthetic (benchmarks.bench)", "text_model": "minilm", "text_model_name": "minilm",
-        "pretrained": None, "templates": ["a photo of a {name}."], "text_dim": TEXT_DIM, "attribute_names": [],
-        "attribute_normalization": "l2", "attribute_stats": None, "missing_attributes": "error",
-        "missing_value": -1.0})
-    seen = names[:n_seen]
-    y_train = np.repeat(np.arange(n_seen), 60)
-    train_dir = str(work / "features-train")
-    _write_feature_dir(train_dir, _synthetic_features(rng, centers, y_train, noise=0.5),
-                       [names[i] for i in y_train], shard_rows=shard_rows, id_prefix="train")
-    train_manifest = run_train(TrainConfig(features=train_dir, classes=classes_dir, seen=tuple(seen),
-                                           method="eszsl", output=model_dir))
+    with timed() as prep:
+        classes_dir, model_dir = str(work / "classes"), str(work / "model")
+        write_class_set(classes_dir, names, [None] * n_classes, text, None, {
+            "source": "synthetic (benchmarks.bench)", "text_model": "minilm", "text_model_name": "minilm",
+            "pretrained": None, "templates": ["a photo of a {name}."], "text_dim": TEXT_DIM, "attribute_names": [],
+            "attribute_normalization": "l2", "attribute_stats": None, "missing_attributes": "error",
+            "missing_value": -1.0})
+        y_train = np.repeat(np.arange(n_seen), 60)
+        train_dir = str(work / "features-train")
+        _write_feature_dir(train_dir, _synthetic_features(rng, centers, y_train, noise=0.5),
+                           [names[i] for i in y_train], shard_rows=shard_rows, id_prefix="train")
+        train_manifest = run_train(TrainConfig(features=train_dir, classes=classes_dir, seen=tuple(names[:n_seen]),
+                                               method="eszsl", output=model_dir))
+        y = rng.integers(0, n_classes, rows)
+        X = _synthetic_features(rng, centers, y, noise=0.5)
+        feats_dir = str(work / "features-label")
+        _write_feature_dir(feats_dir, X, [names[i] for i in y], shard_rows=shard_rows, id_prefix="label")
+    return {"classes_dir": classes_dir, "model_dir": model_dir, "feats_dir": feats_dir, "X": X,
+            "train_manifest": train_manifest, "prep_s": prep.seconds}
 
-    y = rng.integers(0, n_classes, rows)
-    X = _synthetic_features(rng, centers, y, noise=0.5)
-    feats_dir = str(work / "features-label")
-    _write_feature_dir(feats_dir, X, [names[i] for i in y], shard_rows=shard_rows, id_prefix="label")
-    prep_s = time.perf_counter() - t_prep
 
+def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_seen: int, top_k: int,
+                repeats: int, seed: int) -> dict:
+    import numpy as np
+
+    from pipeline.semantics.classset import load_class_set
+    from pipeline.core.config import LabelConfig
+    from pipeline.zsl.models import load_model
+    from pipeline.zsl.models.base import l2n
+    from pipeline.zsl.models.scoring import class_semantics
+    from pipeline.stages.label import run_label
+
+    dim = 1280
+    d = _label_data(work, dim=dim, rows=rows, shard_rows=shard_rows, n_classes=n_classes, n_seen=n_seen, seed=seed)
+    classes_dir, model_dir, feats_dir, X = d["classes_dir"], d["model_dir"], d["feats_dir"], d["X"]
+    train_manifest, prep_s = d["train_manifest"], d["prep_s"]
     model, mman = load_model(model_dir, feature_dim=dim, feature_model=FEATURE_MODEL)
     S = class_semantics(mman, load_class_set(classes_dir))
     V = np.asarray(model.V, np.float32)
@@ -323,28 +357,34 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
         shutil.rmtree(out_dir(r), ignore_errors=True)
         cfg = LabelConfig(model=model_dir, features=feats_dir, classes=classes_dir, output=out_dir(r),
                           top_k=top_k, calibrated=True)
-        secs, m = _timed(lambda: run_label(cfg, progress=False))
+        with timed() as t:
+            m = run_label(cfg, progress=False)
         if m.n_labeled_this_run != rows or m.n_images != rows:
             raise RuntimeError(f"run_label labeled {m.n_labeled_this_run} rows ({m.n_images} in all), "
                                f"expected {rows}")
         shutil.rmtree(out_dir(r), ignore_errors=True)
-        return secs
+        return t.seconds
 
     def bare_rep(r: int) -> float:
-        def work_():
+        with timed() as t:
             scores = (l2n(X) @ V) @ S.T
-            return np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
-        secs, idx = _timed(work_)
+            idx = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
         assert idx.shape == (rows, top_k)
-        return secs
+        return t.seconds
 
     p_s, b_s = _interleaved(repeats, pipeline_rep, bare_rep)
+    batch_size = LabelConfig(model=model_dir, features=feats_dir, classes=classes_dir, output=out_dir(0)).batch_size
+    return _label_result(rows, p_s, b_s, train_manifest, dim=dim, shard_rows=shard_rows, n_classes=n_classes,
+                         n_seen=n_seen, prep_s=prep_s, batch_size=batch_size)
+
+
+def _label_result(rows: int, p_s: list[float], b_s: list[float], train_manifest, *, dim: int, shard_rows: int,
+                  n_classes: int, n_seen: int, prep_s: float, batch_size: int) -> dict:
     p_rps, b_rps = [rows / s for s in p_s], [rows / s for s in b_s]
     p_med, b_med = _median(p_rps), _median(b_rps)
     gamma = float(train_manifest.gamma)
     calib = (f"calibrated stacking: gamma={gamma:.4g} subtracted from the {n_seen} seen-class columns" if gamma
              else "calibration skipped: the tuned gamma is 0")
-    batch_size = LabelConfig(model=model_dir, features=feats_dir, classes=classes_dir, output=out_dir(0)).batch_size
     return {
         "n_rows": rows,
         "dim": dim,
@@ -458,37 +498,24 @@ def bench(
                   cold=cold, label_rows=label_rows, label_shard_rows=label_shard_rows, label_classes=label_classes,
                   label_seen=seen, top_k=top_k, skip_extract=skip_extract, skip_label=skip_label, seed=seed,
                   encoder=FEATURE_MODEL)
-    t_start = time.perf_counter()
-    result: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": _machine(), "parameters": params, "extraction": None, "labeling": None}
-    own_work = workdir is None
-    work = Path(workdir or tempfile.mkdtemp(prefix="zsl-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    started_ray = False
-    try:
-        if not skip_extract:
-            import ray
-
-            started_ray = not ray.is_initialized()
-            result["extraction"] = bench_extract(work, images_per_class=images_per_class, repeats=repeats,
-                                                 shard_size=shard_size, batch_size=batch_size, cold=cold)
-            if started_ray:  # idle Ray processes should not share the CPUs with the labeling bench
-                ray.shutdown()
-                started_ray = False
-        if not skip_label:
-            result["labeling"] = bench_label(work, rows=label_rows, shard_rows=label_shard_rows,
-                                             n_classes=label_classes, n_seen=seen, top_k=top_k,
-                                             repeats=repeats, seed=seed)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-        if own_work:
-            shutil.rmtree(work, ignore_errors=True)
-    result["ratios"] = {k: result[k]["ratio"] for k in ("extraction", "labeling") if result[k] is not None}
-    result["interpretation"] = interpretation(result)
-    result["total_seconds"] = time.perf_counter() - t_start
+    with timed() as clock:
+        result: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        "machine": _machine(), "parameters": params, "extraction": None, "labeling": None}
+        own_work = workdir is None
+        work = Path(workdir or tempfile.mkdtemp(prefix="zsl-bench-"))
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            _run_benches(result, work, extract=None if skip_extract else dict(
+                images_per_class=images_per_class, repeats=repeats, shard_size=shard_size, batch_size=batch_size,
+                cold=cold), label=None if skip_label else dict(
+                rows=label_rows, shard_rows=label_shard_rows, n_classes=label_classes, n_seen=seen, top_k=top_k,
+                repeats=repeats, seed=seed))
+        finally:
+            if own_work:
+                shutil.rmtree(work, ignore_errors=True)
+        result["ratios"] = {k: result[k]["ratio"] for k in ("extraction", "labeling") if result[k] is not None}
+        result["interpretation"] = interpretation(result)
+        result["total_seconds"] = clock.elapsed()
     _check_finite(result)
     zio.write_json_atomic(output, result)
     print_table(result)
@@ -496,14 +523,36 @@ def bench(
     typer.echo(f"total {result['total_seconds']:.0f}s -> {output}")
 
 
+def _run_benches(result: dict, work: Path, *, extract: dict | None, label: dict | None) -> None:
+    """``bench_extract(**extract)`` and ``bench_label(**label)`` (None: skipped) into ``result``; a Ray
+    started here is shut down before labeling."""
+    started_ray = False
+    try:
+        if extract is not None:
+            import ray
+
+            started_ray = not ray.is_initialized()
+            result["extraction"] = bench_extract(work, **extract)
+            if started_ray:  # idle Ray processes should not share the CPUs with the labeling bench
+                ray.shutdown()
+                started_ray = False
+        if label is not None:
+            result["labeling"] = bench_label(work, **label)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark in-process; return the exit status (2 for usage errors)."""
     for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"),
                        ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
-    from jobs.cli import _setup_logging
+    from jobs.common import setup_logging
 
-    _setup_logging()
+    setup_logging()
     cmd = typer.main.get_command(app)
     # Standalone mode lets click/typer report usage errors themselves, whichever click they bundle
     # (typer >= 0.2x vendors its own, whose exceptions are not ``click.ClickException``).

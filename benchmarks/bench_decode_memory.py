@@ -60,26 +60,27 @@ def write_tar(path: Path, n: int, seed: int = 0) -> int:
 def _child(tar: str, mode: str, image_size: int) -> None:
     """Runs in a fresh interpreter: decode the tar one way, print peak RSS and counts."""
     from pipeline.cluster.extraction import DECODE_CHUNK_ROWS, decode_chunks, decode_shard
+    from pipeline.core.timing import timed
     from pipeline.inputs.shards import Shard
 
     batch = {"shard": np.array([Shard(shard_id=0, kind="tar", source=tar).to_json()], dtype=object)}
     kw = dict(image_size=image_size, max_pixels=10**8, read={"image_column": "auto", "label_column": "label"})
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
     rows = errors = blocks = 0
     checksum = 0
-    if mode == "whole":
-        out = decode_shard(batch, **kw)
-        rows, errors, blocks = len(out["image_id"]), int((out["error"] != "").sum()), 1
-        checksum = int(out["pixels"][:, 0, 0, 0].astype(np.int64).sum())
-    else:
-        for b in decode_chunks(batch, **kw):  # each block dropped before the next: as Ray hands them on
-            rows += len(b["image_id"])
-            errors += int((b["error"] != "").sum())
-            blocks += 1
-            checksum += int(b["pixels"][:, 0, 0, 0].astype(np.int64).sum())
+    with timed() as t:
+        if mode == "whole":
+            out = decode_shard(batch, **kw)
+            rows, errors, blocks = len(out["image_id"]), int((out["error"] != "").sum()), 1
+            checksum = int(out["pixels"][:, 0, 0, 0].astype(np.int64).sum())
+        else:
+            for b in decode_chunks(batch, **kw):  # each block dropped before the next: as Ray hands them on
+                rows += len(b["image_id"])
+                errors += int((b["error"] != "").sum())
+                blocks += 1
+                checksum += int(b["pixels"][:, 0, 0, 0].astype(np.int64).sum())
     print(json.dumps({"mode": mode, "rows": rows, "errors": errors, "blocks": blocks, "checksum": checksum,
-                      "chunk_rows": DECODE_CHUNK_ROWS, "seconds": round(time.perf_counter() - t, 3),
+                      "chunk_rows": DECODE_CHUNK_ROWS, "seconds": round(t.seconds, 3),
                       "rss_before_mb": round(base / 1024, 1),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 

@@ -183,7 +183,7 @@ def main(rows: int = typer.Option(100_000), clients: int = typer.Option(8), seco
              "Server settings to compare, one fresh server each: `zsl serve --set` KEY=VALUE[,KEY=VALUE]")),
          keep: bool = typer.Option(False)) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from benchmarks.bench_scale import World, make_scale_data
+    from benchmarks.scale_data import World, make_scale_data
 
     work = Path(tempfile.mkdtemp(prefix="zsl-bench-serve-"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}

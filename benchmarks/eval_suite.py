@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.timing import timed
+
 LOG = logging.getLogger("zsl.eval")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,14 +64,14 @@ def _train_eval(name: str, work: Path, feats_train: str, feats_test: str, classe
         # Train afresh every time: a model dir left by an earlier run would count as finished (its
         # identity names the feature directory, not how many images it held then).
         shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
         try:
-            run_train(cfg)
+            with timed() as t:
+                run_train(cfg)
         except ValueError as exc:  # e.g. a method that cannot use these semantics
             LOG.warning("%s: %s skipped: %s", name, tag, exc)
             skipped.append({"run": tag, "reason": str(exc)})
             continue
-        LOG.info("%s: trained %s in %.1fs", name, tag, time.perf_counter() - t0)
+        LOG.info("%s: trained %s in %.1fs", name, tag, t.seconds)
         models.append(out)
     ecfg = build_config("evaluate", dict(models=models, features=feats_test, classes=classes, unseen=list(unseen),
                                          transductive=transductive))
@@ -356,19 +358,20 @@ def main(argv: list[str] | None = None) -> int:
         LOG.warning("%s not found: the class-table and AwA2 sections are skipped", shared)
     tune = not args.quick
     only = set(args.only or ["animal-mnist", "emoji", "tables", "bridge"])
-    t0 = time.perf_counter()
     sections = []
-    if "animal-mnist" in only:
-        sections += animal_mnist(work / "animal_mnist", shared if shared_ok else None, 20 if args.quick else 60, tune)
-    if "emoji" in only:
-        sections += emoji_set(work / "emoji", 10 if args.quick else 30, tune)
-    if "tables" in only and shared_ok:
-        sections += class_tables(work / "tables", shared, 10 if args.quick else 20, tune)
-    if "bridge" in only:
-        sections += bridge_sections(work, 1500 if args.quick else args.corpus_limit, tune,
-                                    (20, 10) if args.quick else (60, 30))
+    with timed() as clock:
+        if "animal-mnist" in only:
+            sections += animal_mnist(work / "animal_mnist", shared if shared_ok else None, 20 if args.quick else 60,
+                                     tune)
+        if "emoji" in only:
+            sections += emoji_set(work / "emoji", 10 if args.quick else 30, tune)
+        if "tables" in only and shared_ok:
+            sections += class_tables(work / "tables", shared, 10 if args.quick else 20, tune)
+        if "bridge" in only:
+            sections += bridge_sections(work, 1500 if args.quick else args.corpus_limit, tune,
+                                        (20, 10) if args.quick else (60, 30))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tune": tune, "quick": args.quick,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(clock.seconds, 1)}
     out = Path(args.out)
     slim = [{k: v for k, v in s.items() if k != "results"} | {"per_class": [r["per_class"] for r in s["results"]]}
             for s in sections]

@@ -21,11 +21,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import typer
+
+from pipeline.core.timing import timed
 
 LOG = logging.getLogger("zsl.gpu_check")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,10 +34,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def _zsl(*argv: str) -> float:
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jobs.cli", *argv], check=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TQDM_DISABLE": "1"})
-    return time.perf_counter() - t
+    with timed() as t:
+        subprocess.run([sys.executable, "-m", "jobs.cli", *argv], check=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TQDM_DISABLE": "1"})
+    return t.seconds
 
 
 def _steady_rate(features_dir: Path) -> float | None:
@@ -88,18 +89,17 @@ def check_faiss(n: int, dim: int = 384, seed: int = 0) -> dict:
     factory = f"IVF{_nlist(n)},Flat"
     out = {"vectors": n, "dim": dim, "factory": factory, "gpus": faiss.get_num_gpus()}
     for where, use_gpu in (("gpu", True), ("cpu", False)):
-        t = time.perf_counter()
-        index = build_index(batches, dim=dim, factory=factory, n_total=n, use_gpu=use_gpu)
-        build = time.perf_counter() - t
+        with timed() as build:
+            index = build_index(batches, dim=dim, factory=factory, n_total=n, use_gpu=use_gpu)
         tuning = tune_index(index, batches, n_total=n, n_queries=1000)
-        out[where] = {"build_s": round(build, 2), "params": tuning.params, "recall_at_10": tuning.recall_at_10,
+        out[where] = {"build_s": round(build.seconds, 2), "params": tuning.params, "recall_at_10": tuning.recall_at_10,
                       "latency_ms_mean": tuning.latency_ms_mean, "latency_ms_p99": tuning.latency_ms_p99,
                       "batch_ms_per_query": tuning.batch_ms_per_query}
         if where == "gpu":  # batched search on the GPU itself
             gpu_index = faiss.index_cpu_to_all_gpus(index)
-            t = time.perf_counter()
-            gpu_index.search(x[:10_000], 10)
-            out["gpu"]["gpu_search_ms_per_query"] = round((time.perf_counter() - t) * 1000 / 10_000, 4)
+            with timed() as t:
+                gpu_index.search(x[:10_000], 10)
+            out["gpu"]["gpu_search_ms_per_query"] = round(t.seconds * 1000 / 10_000, 4)
     out["build_speedup"] = round(out["cpu"]["build_s"] / out["gpu"]["build_s"], 2)
     return out
 

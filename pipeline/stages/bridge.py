@@ -11,7 +11,6 @@ use a class-trained model: images of any backbone become searchable by text, and
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 
@@ -24,6 +23,7 @@ from pipeline.zsl.models.base import l2n
 from pipeline.zsl.models.bridge import fit_ridge_bridge
 from pipeline.core.resume import OutputDir
 from pipeline.core.schema import ModelManifest
+from pipeline.core.timing import timed
 
 LOG = logging.getLogger(__name__)
 
@@ -69,54 +69,64 @@ def drop_overlap(X: np.ndarray, exclude: list[np.ndarray], *, threshold: float =
 
 def run_bridge(cfg: BridgeConfig) -> ModelManifest:
     """Fit the bridge; write the model directory (refitted only when its inputs or settings change)."""
-    t0 = time.perf_counter()
-    fman = open_features(cfg.features)
-    cman = open_captions(cfg.features)
-    identity = {"features": features_identity(cfg.features, fman),
-                "captions": zio.fingerprint(cman.to_json()) if cman else None,
-                "method": cfg.method, "params": cfg.params, "exclude": list(cfg.exclude),
-                "max_pairs": cfg.max_pairs, "seed": cfg.seed, "templates": list(cfg.templates)}
-    with OutputDir(cfg.output, job="bridge", identity=identity, overwrite=cfg.overwrite,
-                   owned=("weights.safetensors",)) as out:
-        done = out.finished(ModelManifest)
-        if done is not None:
-            LOG.info("%s: bridge of these pairs with these settings is complete; nothing to do", cfg.output)
-            return done
-        X, T, _ = load_pairs(cfg.features)
-        n_all = len(X)
-        overlap = 0
-        if cfg.exclude:
-            other = []
-            for d in cfg.exclude:
-                om = open_features(d)
-                if om.dim != fman.dim or om.model_id != fman.model_id:
-                    raise ValueError(f"{d}: {om.model_id} {om.dim}-d features; the corpus has {fman.model_id} "
-                                     f"{fman.dim}-d, so its images cannot be compared")
-                other.append(np.concatenate([x for f in feature_shards(d) for _, x in iter_shard_batches(f, om.dim)]))
-            keep = drop_overlap(X, other)
-            overlap = int((~keep).sum())
-            X, T = X[keep], T[keep]
-            LOG.info("dropped %d corpus images also in %s", overlap, ", ".join(cfg.exclude))
-        if cfg.max_pairs and len(X) > cfg.max_pairs:
-            pick = np.sort(np.random.default_rng(cfg.seed).choice(len(X), cfg.max_pairs, replace=False))
-            X, T = X[pick], T[pick]
-        out.begin()
-        tuning = None
-        if cfg.method == "ridge" and "lam" not in cfg.params:
-            model, tuning = fit_ridge_bridge(X, T, seed=cfg.seed)
-        else:
-            model = make_model(_METHOD[cfg.method], **cfg.params).fit_pairs(X, T)
-        model.fit_search_centers(X, T)
-        LOG.info("%s bridge fitted on %d (image, caption) pairs (%d-d -> %d-d)", cfg.method, len(X), X.shape[1],
-                 T.shape[1])
-        manifest = save_model(cfg.output, model, {
-            "feature_model": fman.model_id, "feature_dim": fman.dim, "semantics": "text",
-            "semantic_dim": int(T.shape[1]), "search_dim": getattr(model, "search_dim", None),
-            "text_model": cman.text_model, "text_model_name": cman.text_model_name,
-            "text_pretrained": cman.text_pretrained, "templates": list(cfg.templates), "seen": [],
-            "tuning": tuning, "train_features": cfg.features,
-            "train_features_fingerprint": identity["features"], "n_train": int(len(X)),
-            "config": {**cfg.model_dump(mode="json"), "pairs_with_captions": n_all, "overlap_dropped": overlap,
-                       "corpus": f"{cfg.features}/{CAPTIONS_DIR}"},
-            "seconds": round(time.perf_counter() - t0, 2)})
-        return manifest
+    with timed() as clock:
+        fman = open_features(cfg.features)
+        cman = open_captions(cfg.features)
+        identity = {"features": features_identity(cfg.features, fman),
+                    "captions": zio.fingerprint(cman.to_json()) if cman else None,
+                    "method": cfg.method, "params": cfg.params, "exclude": list(cfg.exclude),
+                    "max_pairs": cfg.max_pairs, "seed": cfg.seed, "templates": list(cfg.templates)}
+        with OutputDir(cfg.output, job="bridge", identity=identity, overwrite=cfg.overwrite,
+                       owned=("weights.safetensors",)) as out:
+            done = out.finished(ModelManifest)
+            if done is not None:
+                LOG.info("%s: bridge of these pairs with these settings is complete; nothing to do", cfg.output)
+                return done
+            X, T, _ = load_pairs(cfg.features)
+            n_all = len(X)
+            X, T, overlap = _drop_excluded(cfg, fman, X, T)
+            if cfg.max_pairs and len(X) > cfg.max_pairs:
+                pick = np.sort(np.random.default_rng(cfg.seed).choice(len(X), cfg.max_pairs, replace=False))
+                X, T = X[pick], T[pick]
+            out.begin()
+            model, tuning = _fit_bridge(cfg, X, T)
+            return save_model(cfg.output, model, {
+                "feature_model": fman.model_id, "feature_dim": fman.dim, "semantics": "text",
+                "semantic_dim": int(T.shape[1]), "search_dim": getattr(model, "search_dim", None),
+                "text_model": cman.text_model, "text_model_name": cman.text_model_name,
+                "text_pretrained": cman.text_pretrained, "templates": list(cfg.templates), "seen": [],
+                "tuning": tuning, "train_features": cfg.features,
+                "train_features_fingerprint": identity["features"], "n_train": int(len(X)),
+                "config": {**cfg.model_dump(mode="json"), "pairs_with_captions": n_all, "overlap_dropped": overlap,
+                           "corpus": f"{cfg.features}/{CAPTIONS_DIR}"},
+                "seconds": round(clock.elapsed(), 2)})
+
+
+def _drop_excluded(cfg: BridgeConfig, fman, X: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The pairs whose image is in none of ``cfg.exclude``'s feature directories, and how many were dropped."""
+    if not cfg.exclude:
+        return X, T, 0
+    other = []
+    for d in cfg.exclude:
+        om = open_features(d)
+        if om.dim != fman.dim or om.model_id != fman.model_id:
+            raise ValueError(f"{d}: {om.model_id} {om.dim}-d features; the corpus has {fman.model_id} "
+                             f"{fman.dim}-d, so its images cannot be compared")
+        other.append(np.concatenate([x for f in feature_shards(d) for _, x in iter_shard_batches(f, om.dim)]))
+    keep = drop_overlap(X, other)
+    overlap = int((~keep).sum())
+    LOG.info("dropped %d corpus images also in %s", overlap, ", ".join(cfg.exclude))
+    return X[keep], T[keep], overlap
+
+
+def _fit_bridge(cfg: BridgeConfig, X: np.ndarray, T: np.ndarray) -> tuple:
+    """The bridge fitted on the pairs (ridge's λ tuned on held-out pairs unless given), and its tuning record."""
+    tuning = None
+    if cfg.method == "ridge" and "lam" not in cfg.params:
+        model, tuning = fit_ridge_bridge(X, T, seed=cfg.seed)
+    else:
+        model = make_model(_METHOD[cfg.method], **cfg.params).fit_pairs(X, T)
+    model.fit_search_centers(X, T)
+    LOG.info("%s bridge fitted on %d (image, caption) pairs (%d-d -> %d-d)", cfg.method, len(X), X.shape[1],
+             T.shape[1])
+    return model, tuning

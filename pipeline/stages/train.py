@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from pipeline.zsl.metrics import mean_per_class_accuracy
 from pipeline.zsl.models import METHODS, check_method, make_model, method_params, model_manifest, save_weights
 from pipeline.core.resume import OutputDir
 from pipeline.core.schema import ModelManifest
+from pipeline.core.timing import timed
 
 LOG = logging.getLogger(__name__)
 
@@ -94,93 +95,122 @@ def _check_methods(cfg: TrainConfig) -> None:
 
 def run_train(cfg: TrainConfig) -> ModelManifest:
     """Fit ``cfg.method`` on the seen classes, tune γ (and hyper-parameters) on held-out seen classes."""
-    t0 = time.perf_counter()
-    _check_methods(cfg)
-    feats = load_features(cfg.features)
-    classes = load_class_set(cfg.classes)
-    identity = {**cfg.model_dump(exclude={"output", "overwrite"}),
-                "features": features_identity(cfg.features, feats.manifest),
-                # a feature directory that gained images trains another model
-                "features_content": zio.fingerprint([feats.image_ids, feats.labels]),
-                "classes": classes.manifest.fingerprint}
-    with OutputDir(cfg.output, job="train", identity=identity, overwrite=cfg.overwrite,
-                   owned=("weights.safetensors",)) as out:
-        done = out.finished(ModelManifest)
-        if done is not None:
-            LOG.info("%s: model of these features, classes and settings is complete; nothing to do", cfg.output)
-            return done
-        model, fields = _fit(cfg, feats, classes)
-        fields["seconds"] = round(time.perf_counter() - t0, 2)
-        manifest = model_manifest(model, fields)
-        out.begin()
-        save_weights(cfg.output, model)
-        out.finish(manifest)
-        return manifest
+    with timed() as clock:
+        _check_methods(cfg)
+        feats = load_features(cfg.features)
+        classes = load_class_set(cfg.classes)
+        identity = {**cfg.model_dump(exclude={"output", "overwrite"}),
+                    "features": features_identity(cfg.features, feats.manifest),
+                    # a feature directory that gained images trains another model
+                    "features_content": zio.fingerprint([feats.image_ids, feats.labels]),
+                    "classes": classes.manifest.fingerprint}
+        with OutputDir(cfg.output, job="train", identity=identity, overwrite=cfg.overwrite,
+                       owned=("weights.safetensors",)) as out:
+            done = out.finished(ModelManifest)
+            if done is not None:
+                LOG.info("%s: model of these features, classes and settings is complete; nothing to do", cfg.output)
+                return done
+            model, fields = _fit(cfg, feats, classes)
+            fields["seconds"] = round(clock.elapsed(), 2)
+            manifest = model_manifest(model, fields)
+            out.begin()
+            save_weights(cfg.output, model)
+            out.finish(manifest)
+            return manifest
+
+
+@dataclass
+class _Seen:
+    """The seen-class training rows: features ``X``, their classes ``cls`` (indices into ``S``), the
+    semantics ``S`` of every class, and the seen classes' indices."""
+
+    X: np.ndarray
+    cls: np.ndarray
+    S: np.ndarray
+    seen_ids: list[int]
 
 
 def _fit(cfg: TrainConfig, feats, classes) -> tuple:
     """The model fitted on all seen classes, and its manifest fields."""
+    data = _seen_data(cfg, feats, classes)
+    split = _seen_split(cfg, data) if cfg.calibration or cfg.tune else None
+    chosen, tuning = _tune_params(cfg, data, split, feats, classes) if cfg.tune else ({}, None)
+    kwargs = _method_kwargs(cfg, chosen)
+    fitter, bridge_info, split = _fitter(cfg, kwargs, data, split, feats, classes)
+    gamma, calib = 0.0, None
+    if cfg.calibration:
+        gamma, calib = _calibrate(cfg, kwargs, data.X, data.cls, split, data.S, classes.names, fitter)
+    model = fitter(kwargs, data.X, data.cls, data.seen_ids)
+    if "text" in cfg.semantics.split("+"):
+        try:
+            model.fit_search_centers(data.X, data.S[data.seen_ids])
+        except NotImplementedError:
+            LOG.info("%s does not map images into the text space; its models cannot back `zsl index`", cfg.method)
+    tuning = tuning if bridge_info is None else {**(tuning or {}), "bridge": bridge_info}
+    return model, _manifest_fields(cfg, feats, classes, data, gamma=gamma, calib=calib, tuning=tuning)
+
+
+def _seen_data(cfg: TrainConfig, feats, classes) -> _Seen:
     seen_ids = classes.index_of(list(cfg.seen), "seen class")
     S = classes.semantics(cfg.semantics, cfg.semantic_weights)
     rows, cls = labelled_rows(feats.labels, classes.names, list(cfg.seen), cfg.features)
-    X = feats.X[rows]
     LOG.info("training %s on %d images of %d seen classes (%s semantics, %d-d)",
              cfg.method, len(rows), len(seen_ids), cfg.semantics, S.shape[1])
-    needs_split = cfg.calibration or cfg.tune
-    split = (split_seen_classes(cls, seen_ids, val_class_fraction=cfg.val_class_fraction,
-                                val_sample_fraction=cfg.val_sample_fraction, seed=cfg.seed)
-             if needs_split else None)
-    chosen, tuning = {}, None
-    if cfg.tune:
-        if cfg.method == "ensemble":
-            raise ValueError("--tune is not supported for ensembles; tune each member and pass --set params=...")
-        X_tune = X
-        if cfg.bridge and cfg.bridge_mode == "features":  # tune on the input the method will learn from
-            from pipeline.zsl.models.bridge import BridgedFeatures
+    return _Seen(X=feats.X[rows], cls=cls, S=S, seen_ids=seen_ids)
 
-            X_tune = BridgedFeatures(base_model=make_model(cfg.method, **_method_kwargs(cfg)),
-                                     bridge_model=_load_bridge(cfg, feats, classes)).lift(X)
-        chosen, tuning = _tune(cfg, X_tune, cls, split, S)
-    kwargs = _method_kwargs(cfg, chosen)
-    wrap, bridge_info, wrap_fit = (lambda m: m), None, None
+
+def _seen_split(cfg: TrainConfig, data: _Seen):
+    """The class-wise split of the seen classes into training and pseudo-unseen validation classes."""
+    return split_seen_classes(data.cls, data.seen_ids, val_class_fraction=cfg.val_class_fraction,
+                              val_sample_fraction=cfg.val_sample_fraction, seed=cfg.seed)
+
+
+def _tune_params(cfg: TrainConfig, data: _Seen, split, feats, classes) -> tuple[dict, dict]:
+    """``--tune``: hyper-parameters chosen on the input the method will learn from."""
+    if cfg.method == "ensemble":
+        raise ValueError("--tune is not supported for ensembles; tune each member and pass --set params=...")
+    X_tune = data.X
     if cfg.bridge and cfg.bridge_mode == "features":
         from pipeline.zsl.models.bridge import BridgedFeatures
 
-        bridge = _load_bridge(cfg, feats, classes)
-        bridge_info = {"bridge": cfg.bridge, "mode": "features"}
+        X_tune = BridgedFeatures(base_model=make_model(cfg.method, **_method_kwargs(cfg)),
+                                 bridge_model=_load_bridge(cfg, feats, classes)).lift(data.X)
+    return _tune(cfg, X_tune, data.cls, split, data.S)
 
-        def wrap_fit(kw, Xs, cs, ids, _b=bridge):  # the base learns from [features, bridged features]
-            m = BridgedFeatures(base_model=make_model(cfg.method, **kw), bridge_model=_b)
+
+def _fitter(cfg: TrainConfig, kwargs: dict, data: _Seen, split, feats, classes) -> tuple:
+    """``fitter(kwargs, X, cls, class_ids)``, which fits the method alone or combined with ``--bridge``;
+    the bridge's tuning record (None without one); and the split (made here when the bridge weight needs it)."""
+    S = data.S
+    if not cfg.bridge:
+        return (lambda kw, Xs, cs, ids: fit_model(cfg.method, kw, Xs, cs, ids, S)), None, split
+    bridge = _load_bridge(cfg, feats, classes)
+    if cfg.bridge_mode == "features":
+        from pipeline.zsl.models.bridge import BridgedFeatures
+
+        def fit_lifted(kw, Xs, cs, ids):  # the base learns from [features, bridged features]
+            m = BridgedFeatures(base_model=make_model(cfg.method, **kw), bridge_model=bridge)
             local = {c: i for i, c in enumerate(ids)}
             return m.fit(Xs, np.asarray([local[c] for c in cs], np.int64), S[ids])
-    elif cfg.bridge:
-        bridge = _load_bridge(cfg, feats, classes)
-        if split is None:
-            split = split_seen_classes(cls, seen_ids, val_class_fraction=cfg.val_class_fraction,
-                                       val_sample_fraction=cfg.val_sample_fraction, seed=cfg.seed)
-        w, bridge_info = _bridge_weight(cfg, kwargs, X, cls, split, S, bridge)
-        from pipeline.zsl.models.bridge import Bridged
+        return fit_lifted, {"bridge": cfg.bridge, "mode": "features"}, split
+    from pipeline.zsl.models.bridge import Bridged
 
-        def wrap(m, _w=w, _b=bridge):
-            return Bridged(base_model=m, bridge_model=_b, weight=_w)
-    gamma, calib = 0.0, None
-    fitter = wrap_fit if cfg.bridge and cfg.bridge_mode == "features" else (
-        lambda kw, Xs, cs, ids: wrap(fit_model(cfg.method, kw, Xs, cs, ids, S)))
-    if cfg.calibration:
-        gamma, calib = _calibrate(cfg, kwargs, X, cls, split, S, classes.names, fitter)
-    model = fitter(kwargs, X, cls, seen_ids)
-    if "text" in cfg.semantics.split("+"):
-        try:
-            model.fit_search_centers(X, S[seen_ids])
-        except NotImplementedError:
-            LOG.info("%s does not map images into the text space; its models cannot back `zsl index`", cfg.method)
+    split = _seen_split(cfg, data) if split is None else split
+    w, bridge_info = _bridge_weight(cfg, kwargs, data.X, data.cls, split, S, bridge)
+
+    def fit_mixed(kw, Xs, cs, ids):
+        return Bridged(base_model=fit_model(cfg.method, kw, Xs, cs, ids, S), bridge_model=bridge, weight=w)
+    return fit_mixed, bridge_info, split
+
+
+def _manifest_fields(cfg: TrainConfig, feats, classes, data: _Seen, *, gamma: float, calib, tuning) -> dict:
     cm = classes.manifest
-    fields = {
+    return {
         "feature_model": feats.manifest.model_id,
         "feature_dim": feats.manifest.dim,
         "semantics": cfg.semantics,
         "semantic_weights": dict(cfg.semantic_weights),
-        "semantic_dim": int(S.shape[1]),
+        "semantic_dim": int(data.S.shape[1]),
         "text_model": cm.text_model,
         "text_model_name": cm.text_model_name,
         "text_pretrained": cm.pretrained,
@@ -189,13 +219,12 @@ def _fit(cfg: TrainConfig, feats, classes) -> tuple:
         "seen": list(cfg.seen),
         "gamma": float(gamma),
         "calibration": calib,
-        "tuning": tuning if bridge_info is None else {**(tuning or {}), "bridge": bridge_info},
+        "tuning": tuning,
         "train_features": cfg.features,
         "train_features_fingerprint": zio.fingerprint(feats.manifest.to_json()),
-        "n_train": int(len(rows)),
+        "n_train": int(len(data.cls)),
         "config": cfg.model_dump(mode="json"),
     }
-    return model, fields
 
 
 def _load_bridge(cfg: TrainConfig, feats, classes):

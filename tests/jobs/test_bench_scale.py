@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/ is a folder of the repo, not installed
 
-from benchmarks import bench_scale  # noqa: E402
+from benchmarks import bench_scale, scale_autofaiss, scale_memory, scale_report  # noqa: E402
 
 TINY = ["--rows", "3000", "--rows", "6000", "--shard-rows", "1000", "--classes", "20", "--train-per-class", "20",
         "--repeats", "1", "--queries", "200", "--single-queries", "50", "--extract-images", "0", "--no-autofaiss"]
@@ -69,25 +69,25 @@ def test_bench_scale_tiny(tmp_path, monkeypatch):
 
 def test_run_measured_sees_a_child_allocation(tmp_path):
     code = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.3)"
-    m = bench_scale.run_measured([sys.executable, "-c", code], log=tmp_path / "log", poll_s=0.02)
+    m = scale_memory.run_measured([sys.executable, "-c", code], log=tmp_path / "log", poll_s=0.02)
     assert m["peak_rss_bytes"] >= 300 * 2**20 and m["rss_samples"] >= 1
     assert m["seconds"] >= 0.3
 
 
 def test_run_measured_reports_failures(tmp_path):
     with pytest.raises(RuntimeError, match="status 3"):
-        bench_scale.run_measured([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], log=tmp_path / "log")
+        scale_memory.run_measured([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], log=tmp_path / "log")
 
 
 def test_autofaiss_command_and_timings(tmp_path):
-    cmd = bench_scale.autofaiss_command(Path("/v"), "/e", tmp_path, max_memory="2G", memory_available="8G")
+    cmd = scale_autofaiss.autofaiss_command(Path("/v"), "/e", tmp_path, max_memory="2G", memory_available="8G")
     assert cmd[1:] == ["build_index", "--embeddings=/e", f"--index_path={tmp_path / 'knn.index'}",
                        f"--index_infos_path={tmp_path / 'infos.json'}", "--metric_type=ip",
                        "--max_index_memory_usage=2G", "--current_memory_available=8G"]
     log = ('2026 [INFO]: \t>>> Finished "Computing best hyperparameters for index /tmp/x/knn.index" in 7.9 secs\n'
            '2026 [INFO]: \t>>> Finished "Compute fast metrics" in 10.25 secs\n')
-    assert bench_scale.autofaiss_timings(log) == {"Computing best hyperparameters for index": 7.9,
-                                                  "Compute fast metrics": 10.25}
+    assert scale_autofaiss.autofaiss_timings(log) == {"Computing best hyperparameters for index": 7.9,
+                                                      "Compute fast metrics": 10.25}
 
 
 def test_bad_seen_count_is_a_usage_error(tmp_path):
@@ -97,7 +97,7 @@ def test_bad_seen_count_is_a_usage_error(tmp_path):
 
 
 def test_results_hold_repository_relative_paths():
-    inside = f"{bench_scale.REPO}/.venv-tools/autofaiss/bin/autofaiss"
-    got = bench_scale.repo_relative({"command": [inside, "--embeddings=/tmp/x"], "venv": inside, "n": 3})
+    inside = f"{scale_report.REPO}/.venv-tools/autofaiss/bin/autofaiss"
+    got = scale_report.repo_relative({"command": [inside, "--embeddings=/tmp/x"], "venv": inside, "n": 3})
     assert got == {"command": [".venv-tools/autofaiss/bin/autofaiss", "--embeddings=/tmp/x"],
                    "venv": ".venv-tools/autofaiss/bin/autofaiss", "n": 3}

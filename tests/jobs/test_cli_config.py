@@ -10,7 +10,7 @@ import importlib
 
 import pytest
 
-from jobs import cli
+from jobs import common
 from jobs.cli import main
 
 # command -> (stage module, function, required flags, conf key, conf value, --set value, flag or None)
@@ -48,7 +48,7 @@ def spy(monkeypatch, tmp_path):
     """Point the CLI at an empty conf dir and replace each stage entry point by a recorder."""
     conf = tmp_path / "conf"
     conf.mkdir()
-    monkeypatch.setattr(cli, "CONF_DIR", conf)
+    monkeypatch.setattr(common, "CONF_DIR", conf)
     seen = {}
 
     def install(command: str):
