@@ -2,8 +2,9 @@
 embeddings, an ESZSL model trained on it), N-row feature directories drawn from it with their projected
 vectors, and the exact k-NN ground truth and recall@k every index is measured against.
 
-Exact search and recall live here only (:func:`exact_topk`, :func:`measure_recall`), so that switching
-them to the library's is one edit.
+Exact search and recall are the library's own (:func:`pipeline.index.search.exact_knn` and
+:func:`~pipeline.index.search.recall_at_k`, the ones the index tuner uses), called from
+:func:`ground_truth` and :func:`measure_recall` only.
 """
 
 from __future__ import annotations
@@ -156,35 +157,22 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def exact_topk(Q, emb_files: list[str], k: int, *, block: int = 50_000):
-    """Exact top-``k`` ids (by inner product, best first) of ``Q`` over the concatenated ``emb_files``."""
-    nq = len(Q)
-    best_s = np.empty((nq, 0), np.float32)
-    best_i = np.empty((nq, 0), np.int64)
-    offset = 0
-    for f in emb_files:
-        Z = np.load(f)
-        for s in range(0, len(Z), block):
-            sims = Q @ Z[s : s + block].T
-            kk = min(k, sims.shape[1])
-            part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-            cand_s = np.concatenate([best_s, np.take_along_axis(sims, part, 1)], axis=1)
-            cand_i = np.concatenate([best_i, part + offset + s], axis=1)
-            if cand_s.shape[1] > k:
-                keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
-                cand_s, cand_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
-            best_s, best_i = cand_s, cand_i
-        offset += len(Z)
-        del Z
-    order = np.lexsort((best_i, -best_s), axis=1) if best_s.size else np.zeros_like(best_i)
-    return np.take_along_axis(best_i, order, 1), np.take_along_axis(best_s, order, 1), offset
-
-
 def ground_truth(Q, data: dict) -> tuple[np.ndarray, float]:
     """Exact top-``max(RECALL_KS)`` ids of the queries ``Q`` over ``data``'s projected vectors, and the seconds
     the exact search took."""
+    from pipeline.index.search import exact_knn
+
+    n_db = 0
+
+    def batches():
+        nonlocal n_db
+        for f in data["emb_files"]:
+            Z = np.load(f)
+            n_db += len(Z)
+            yield Z
+
     with timed() as t:
-        gt_ids, _, n_db = exact_topk(Q, data["emb_files"], max(RECALL_KS))
+        _, gt_ids = exact_knn(batches(), np.asarray(Q, np.float32), max(RECALL_KS), block=50_000)
     if n_db != data["n_rows"]:
         raise RuntimeError(f"{n_db} projected vectors for {data['n_rows']} rows")
     return gt_ids, t.seconds
@@ -192,7 +180,7 @@ def ground_truth(Q, data: dict) -> tuple[np.ndarray, float]:
 
 def measure_recall(index, Q, gt_ids) -> dict:
     """Recall@1/10/100 of one batched search of all queries against the exact ids ``gt_ids``."""
-    from pipeline.index.faiss_index import recall_at_k
+    from pipeline.index.search import recall_at_k
 
     k = min(max(RECALL_KS), int(index.ntotal))
     _, ids = index.search(Q, k)

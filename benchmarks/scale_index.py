@@ -103,7 +103,7 @@ def bench_our_index(world: World, data: dict, work: Path, Q, gt_ids, *, max_memo
                     poll_s: float) -> tuple[dict, object]:
     """``zsl index`` in a subprocess (wall time, peak RSS), its manifest, load time and recall."""
     from pipeline.core.config import parse_memory
-    from pipeline.index.faiss_index import load_index
+    from pipeline.index.store import load_index
 
     out = work / "index-ours"
     shutil.rmtree(out, ignore_errors=True)
@@ -131,7 +131,7 @@ def bench_our_index(world: World, data: dict, work: Path, Q, gt_ids, *, max_memo
         "root_hwm_mb": mb(m["root_hwm_bytes"]),
         "index_file_bytes": (out / "index.faiss").stat().st_size + sum((man.get("data_files") or {}).values()),
         "data_files": man.get("data_files"), "index_bytes": man.get("index_bytes"),
-        "load": "pipeline.index.faiss_index.load_index(dir) with its defaults (memory-mapped where the index type allows)",
+        "load": "pipeline.index.store.load_index(dir) with its defaults (memory-mapped where the index type allows)",
         "estimated_bytes": man.get("estimated_bytes"),
         "estimated_over_file": _ratio(man["estimated_bytes"], (out / "index.faiss").stat().st_size)
         if man.get("estimated_bytes") else None,

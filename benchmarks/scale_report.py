@@ -31,7 +31,7 @@ NOTES = [
     "and a 'Compute fast metrics' step (its own latency/recall report), which 'minus fast metrics' removes.",
     "Recall: exact top-100 by brute force over the same projected vectors; both indexes are searched with the "
     "same 1,000 held-out queries (new rows of the same distribution, projected the same way) in this process; "
-    "recall@k = |approx top-k ∩ exact top-k| / k. Our index is loaded with pipeline.index.faiss_index.load_index and "
+    "recall@k = |approx top-k ∩ exact top-k| / k. Our index is loaded with pipeline.index.store.load_index and "
     "its manifest's search_params (if any) applied with faiss.ParameterSpace; autofaiss's with faiss.read_index "
     "and its infos.json index_param (load times differ in kind: load_index memory-maps where it can, "
     "read_index reads the whole file; 'index file MB' of ours includes its data_files). faiss threads at their default. Latency is measured after both indexes "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import yaml
 
 from pipeline.core import fs as zio

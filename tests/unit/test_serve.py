@@ -4,7 +4,6 @@ compatibility, thumbnails, metrics, the page, bad input as 4xx JSON; a moved ind
 from __future__ import annotations
 
 import base64
-import numpy as np
 import pytest
 
 pytest.importorskip("faiss")
