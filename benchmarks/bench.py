@@ -133,7 +133,7 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
     from pipeline.cluster.session import init_ray
     from pipeline.cluster.extraction import plan_resources
     from pipeline.core.schema import FeaturesManifest
-    from pipeline.inputs.shards import list_shards
+    from pipeline.inputs.registry import list_shards
     from pipeline.stages.extract import run_extract
 
     data = work / "images"

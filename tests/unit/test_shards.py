@@ -1,4 +1,4 @@
-"""pipeline.inputs.shards: deterministic listing and raw record reading for folder, webdataset and Parquet inputs."""
+"""pipeline.inputs: deterministic listing and raw record reading for folder, webdataset and Parquet inputs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inputs.readers import read_shard
-from pipeline.inputs.shards import Shard, detect_format, list_shards
+from pipeline.inputs.base import Shard
+from pipeline.inputs.registry import detect_format, list_shards, read_shard
 
 # ---------------------------------------------------------------- folder
 
@@ -141,12 +141,12 @@ def test_truncated_tar_in_member_header_is_reported(tmp_path):
 
 def test_tar_samples_stream_before_the_rest_of_the_tar_is_read(tmp_path, monkeypatch):
     """A sample is handed on once the next key starts: the reader holds one sample, not the tar."""
-    from pipeline.inputs import readers as shard_readers
+    from pipeline.inputs import webdataset
 
     (tmp_path / "s.tar").write_bytes(_tar_bytes())
     reads = []
-    real = shard_readers.tarfile.TarFile.extractfile
-    monkeypatch.setattr(shard_readers.tarfile.TarFile, "extractfile",
+    real = webdataset.tarfile.TarFile.extractfile
+    monkeypatch.setattr(webdataset.tarfile.TarFile, "extractfile",
                         lambda self, m: (reads.append(m.name), real(self, m))[1])
     it = read_shard(Shard(0, "tar", str(tmp_path / "s.tar")))
     first = next(it)
