@@ -100,6 +100,7 @@ class _ShardWriter:
         self.n_ok = self.n_err = 0
 
     def __call__(self, batch: dict) -> None:
+        """Take one batch of the dataflow (any shards, any rows); write the shards it completes."""
         cols = from_ray_block(batch)
         cols.pop("pixels", None)
         shard_ids = np.asarray(cols["shard_id"], np.int64)

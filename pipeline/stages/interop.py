@@ -190,8 +190,9 @@ def run_import(cfg: ImportConfig, *, progress: bool = True) -> FeaturesManifest:
     from tqdm.auto import tqdm
 
     parts = _find_parts(cfg)
-    identity = {"input": zio.absolute_uri(cfg.input).rstrip("/"), "model_id": cfg.model_id, "text_model": cfg.text_model,
-                "parts": {str(i): zio.parquet_num_rows(parts.metas[i]) for i in parts.order}}
+    rows = {str(i): zio.parquet_num_rows(parts.metas[i]) for i in parts.order}
+    identity = {"input": zio.absolute_uri(cfg.input).rstrip("/"), "model_id": cfg.model_id,
+                "text_model": cfg.text_model, "parts": rows}
     with OutputDir(cfg.output, job="import", identity=identity, overwrite=cfg.overwrite,
                    owned=("features", CAPTIONS_DIR)) as out:
         feat_dir = out.join("features")
