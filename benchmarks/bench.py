@@ -210,7 +210,7 @@ def _demo_files(work: Path, *, images_per_class: int, shard_size: int, batch_siz
                 repeats: int) -> tuple[Path, list[str]]:
     """The animal-mnist demo images under ``work/images``, and its train images in shard order."""
     from pipeline.inputs.demo_data import write_demo_data
-    from pipeline.inputs.shards import list_shards
+    from pipeline.inputs.registry import list_shards
 
     data = work / "images"
     info = write_demo_data(str(data), per_class=images_per_class)

@@ -61,7 +61,7 @@ def _child(tar: str, mode: str, image_size: int) -> None:
     """Runs in a fresh interpreter: decode the tar one way, print peak RSS and counts."""
     from pipeline.cluster.extraction import DECODE_CHUNK_ROWS, decode_chunks, decode_shard
     from pipeline.core.timing import timed
-    from pipeline.inputs.shards import Shard
+    from pipeline.inputs.base import Shard
 
     batch = {"shard": np.array([Shard(shard_id=0, kind="tar", source=tar).to_json()], dtype=object)}
     kw = dict(image_size=image_size, max_pixels=10**8, read={"image_column": "auto", "label_column": "label"})

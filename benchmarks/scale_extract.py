@@ -27,7 +27,7 @@ from pipeline.core.timing import timed
 from pipeline.encoders.models import image_encoder_info, load_image_encoder
 from pipeline.inputs.demo_data import ANIMAL_MNIST_CLASSES, write_demo_data
 from pipeline.inputs.images import decode_image
-from pipeline.inputs.shards import list_shards
+from pipeline.inputs.registry import list_shards
 from pipeline.stages.extract import run_extract
 
 LOG = logging.getLogger("zsl.bench_scale")

@@ -34,7 +34,7 @@ def faiss_gpu():
 def _decoded_batch(tiny_images, image_size: int) -> dict:
     """One decode_shard batch of the real tiny images plus one broken file (an error row)."""
     from pipeline.cluster.extraction import decode_shard
-    from pipeline.inputs.shards import list_shards
+    from pipeline.inputs.registry import list_shards
 
     root, written = tiny_images
     with open(f"{root}/{sorted(written)[0]}", "rb") as f:

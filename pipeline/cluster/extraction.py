@@ -20,9 +20,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from pipeline.inputs.base import Record, Shard, stem
 from pipeline.inputs.images import DecodeError, decode_image
-from pipeline.inputs.readers import read_shard
-from pipeline.inputs.shards import Record, Shard, _stem
+from pipeline.inputs.registry import read_shard
 
 LOG = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ DECODE_CHUNK_ROWS = 256
 
 _COLUMNS = ("shard_id", "shard_n", "shard_row", "image_id", "uri", "label", "caption", "width", "height", "url",
             "key", "meta", "error", "stage")
+#: text columns that may hold None. Ray Data turns None in an object column into NaN, so a block
+#: carries "" for None: :func:`_block` writes the sentinel, :func:`from_ray_block` reads it back.
+_OPTIONAL = ("label", "caption", "url", "key", "meta", "error", "stage")
 
 
 def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
@@ -44,7 +47,8 @@ def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
     ``shard_n`` (rows in the shard) is known only once the shard is read: the rows of a shard's
     last block carry it, earlier blocks carry -1. A shard that breaks part-way keeps the rows read
     before the break and ends with one ``read`` error row.
-    ``read``: keyword arguments of :func:`pipeline.inputs.readers.read_shard` (image column, label field)."""
+    ``read``: keyword arguments of :func:`pipeline.inputs.registry.read_shard` (image column, label field).
+    Text columns carry "" for None (:func:`from_ray_block` restores it)."""
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}; at least 1")
     blank = np.zeros((image_size, image_size, 3), np.uint8)
@@ -60,7 +64,7 @@ def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
                 # One error row stands for the (rest of the) shard: the job goes on, and a rerun does
                 # not retry it (the shard is recorded as done, with its reason in errors/).
                 LOG.warning("shard %d (%s) unreadable: %s: %s", shard.shard_id, shard.source, type(exc).__name__, exc)
-                rec = Record(image_id=f"{_stem(shard.source)}/<shard-{shard.shard_id:06d}>", uri=shard.source,
+                rec = Record(image_id=f"{stem(shard.source)}/<shard-{shard.shard_id:06d}>", uri=shard.source,
                              error=f"unreadable shard: {type(exc).__name__}: {exc}", stage="read")
                 records = iter(())
             if rec is None:
@@ -85,16 +89,16 @@ def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image
     for rec, _px, w, h, err, stage in rows:
         cols["image_id"].append(rec.image_id)
         cols["uri"].append(rec.uri)
-        cols["label"].append(rec.label or "")  # "" = none: Ray turns None in object columns into NaN
-        cols["caption"].append(rec.caption or "")
-        cols["url"].append(rec.url or "")
-        cols["key"].append(rec.key or "")
-        cols["meta"].append(json.dumps(rec.meta, sort_keys=True, default=str) if rec.meta else "")
+        cols["label"].append(rec.label)
+        cols["caption"].append(rec.caption)
+        cols["url"].append(rec.url)
+        cols["key"].append(rec.key)
+        cols["meta"].append(json.dumps(rec.meta, sort_keys=True, default=str) if rec.meta else None)
         cols["width"].append(w)
         cols["height"].append(h)
-        cols["error"].append(err or "")
+        cols["error"].append(err)
         cols["stage"].append(stage)
-    out = {k: np.array(v, dtype=object) for k, v in cols.items()}
+    out = {k: np.array([v or "" for v in vs] if k in _OPTIONAL else vs, dtype=object) for k, vs in cols.items()}
     out["shard_id"] = np.full(len(rows), shard_id, np.int64)
     out["shard_n"] = np.full(len(rows), shard_n, np.int64)
     out["shard_row"] = np.arange(first_row, first_row + len(rows), dtype=np.int64)
@@ -102,6 +106,24 @@ def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image
     out["height"] = np.asarray(cols["height"], np.int32)
     out["pixels"] = np.stack([r[1] for r in rows]) if rows else np.zeros((0, image_size, image_size, 3), np.uint8)
     return {k: out[k] for k in (*_COLUMNS, "pixels")}
+
+
+def from_ray_block(batch: dict) -> dict:
+    """A block as the dataflow delivers it, with its text as ``str`` and None restored where the
+    block carries "" (the other columns as they are). The one reader of :func:`_block`'s sentinel.
+
+    >>> b = from_ray_block({"image_id": np.array(["a/1"], object), "label": np.array([""], object)})
+    >>> b["image_id"].tolist(), b["label"].tolist()
+    (['a/1'], [None])
+    """
+    out = dict(batch)
+    for k in ("image_id", "uri"):
+        if k in batch:
+            out[k] = np.array([str(v) for v in batch[k]], dtype=object)
+    for k in _OPTIONAL:
+        if k in batch:
+            out[k] = np.array([str(v) or None for v in batch[k]], dtype=object)
+    return out
 
 
 def decode_shard(batch: dict, *, image_size: int, max_pixels: int, read: dict) -> dict:
@@ -223,9 +245,3 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         on_rows(batch)
     return plan
-
-
-def iter_rows(batch: dict) -> Iterator[dict]:
-    keys = list(batch)
-    for i in range(len(batch[keys[0]])):
-        yield {k: batch[k][i] for k in keys}

@@ -9,7 +9,9 @@ Layout (every file written atomically, named by zero-padded shard id)::
 
 This module opens and checks such a directory (:func:`open_features`, :func:`check_feature_shards`),
 reads it batch by batch or whole (:func:`iter_shard_batches`, :func:`load_features`), says what
-it is (:func:`features_identity`) and writes features computed elsewhere (:func:`write_features`).
+it is (:func:`features_identity`) and writes it: one shard at a time, the one writer every producer
+uses (:func:`write_feature_shard`, :func:`write_error_shard`, :func:`write_caption_shard`), or a whole
+matrix computed elsewhere (:func:`write_features`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core import fs as zio
-from pipeline.core.schema import CaptionsManifest, FeaturesManifest, features_schema, read_manifest, write_manifest
+from pipeline.core.schema import (ERRORS_SCHEMA, CaptionsManifest, FeaturesManifest, captions_schema, features_schema,
+                                  read_manifest, write_manifest)
 
 __all__ = ["shard_name", "shard_id_of", "open_features", "feature_shards", "features_identity", "check_feature_shards",
            "table_embeddings", "iter_shard_batches", "Features", "load_features", "write_features",
+           "write_feature_shard", "write_error_shard", "write_caption_shard",
            "labelled_rows", "IDENTITY_KEYS", "CAPTIONS_DIR", "open_captions", "caption_shards",
            "read_caption_shard"]
 
@@ -184,6 +188,69 @@ def labelled_rows(labels: Sequence[str | None], class_names: Sequence[str], want
     return np.asarray(rows, np.int64), np.asarray(cls, np.int64)
 
 
+def _text(values, n: int, *, optional: bool = True) -> pa.Array:
+    """A string column: ``str`` of each value (None stays None where ``optional``), or nulls for ``values=None``."""
+    if values is None:
+        return pa.nulls(n, pa.string())
+    if optional:
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+    return pa.array([str(v) for v in values], pa.string())
+
+
+def _embeddings(X: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1), pa.float32()), X.shape[1])
+
+
+def write_feature_shard(out: str, shard_id: int, *, image_ids, uris, X: np.ndarray, labels=None, captions=None,
+                        urls=None, keys=None, metas=None, widths=None, heights=None) -> int:
+    """Write ``out/features/shard-<id>.parquet`` atomically (:func:`features_schema`); return its rows.
+
+    The one writer of a feature shard (``zsl extract``, ``zsl import``, :func:`write_features`).
+    ``X`` is the ``(n, dim)`` embedding matrix; a column given as None is all nulls. Ids and uris
+    are written as ``str``; labels, urls, keys and metas as ``str`` or null; captions as given.
+    In a feature directory the features file is the "shard done" marker: write anything else the
+    shard has (its errors, its caption embeddings) first.
+    """
+    X = np.asarray(X, np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"shard {shard_id}: embeddings of shape {X.shape}, expected (n, dim)")
+    n, dim = X.shape
+    table = pa.table({
+        "image_id": _text(image_ids, n, optional=False), "uri": _text(uris, n, optional=False),
+        "label": _text(labels, n),
+        "caption": pa.nulls(n, pa.string()) if captions is None else pa.array(list(captions), pa.string()),
+        "width": pa.nulls(n, pa.int32()) if widths is None else pa.array(widths, pa.int32()),
+        "height": pa.nulls(n, pa.int32()) if heights is None else pa.array(heights, pa.int32()),
+        "url": _text(urls, n), "key": _text(keys, n), "meta": _text(metas, n),
+        "embedding": _embeddings(X),
+    }, schema=features_schema(dim))
+    zio.write_parquet_atomic(zio.join(out, "features", shard_name(shard_id)), table)
+    return n
+
+
+def write_error_shard(out: str, shard_id: int, *, image_ids, uris, stages, reasons) -> int:
+    """Write ``out/errors/shard-<id>.parquet`` atomically (:data:`ERRORS_SCHEMA`): the items of a
+    shard that have no features, and why; return its rows."""
+    n = len(image_ids)
+    table = pa.table({"image_id": _text(image_ids, n, optional=False), "uri": _text(uris, n, optional=False),
+                      "stage": _text(stages, n, optional=False), "reason": _text(reasons, n, optional=False)},
+                     schema=ERRORS_SCHEMA)
+    zio.write_parquet_atomic(zio.join(out, "errors", shard_name(shard_id)), table)
+    return n
+
+
+def write_caption_shard(uri: str, *, image_ids, has_caption, X: np.ndarray) -> int:
+    """Write one shard of caption embeddings (:func:`captions_schema`) to ``uri`` atomically; return its rows.
+
+    Row ``i`` belongs to row ``i`` of the feature shard of the same name; rows without a caption
+    hold zeros and ``has_caption`` false."""
+    X = np.asarray(X, np.float32)
+    table = pa.table({"image_id": image_ids, "has_caption": pa.array(has_caption), "embedding": _embeddings(X)},
+                     schema=captions_schema(X.shape[1]))
+    zio.write_parquet_atomic(uri, table)
+    return len(X)
+
+
 def write_features(out: str, *, image_ids, uris, labels, X: np.ndarray, model_id: str,
                    shard_size: int = 50_000, notes: dict | None = None, config: dict | None = None,
                    image_size: int | None = None, captions=None) -> FeaturesManifest:
@@ -198,16 +265,8 @@ def write_features(out: str, *, image_ids, uris, labels, X: np.ndarray, model_id
         raise ValueError(f"{n} feature rows but {len(image_ids)} ids, {len(uris)} uris, {len(labels)} labels")
     for sid, s in enumerate(range(0, max(n, 1), shard_size)):
         e = min(n, s + shard_size)
-        table = pa.table({
-            "image_id": [str(v) for v in image_ids[s:e]], "uri": [str(v) for v in uris[s:e]],
-            "label": [None if v is None else str(v) for v in labels[s:e]],
-            "caption": pa.nulls(e - s, pa.string()) if captions is None else pa.array(list(captions[s:e]), pa.string()),
-            "width": pa.nulls(e - s, pa.int32()),
-            "height": pa.nulls(e - s, pa.int32()), "url": pa.nulls(e - s, pa.string()),
-            "key": pa.nulls(e - s, pa.string()), "meta": pa.nulls(e - s, pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X[s:e].reshape(-1), pa.float32()), dim),
-        }, schema=features_schema(dim))
-        zio.write_parquet_atomic(zio.join(out, "features", shard_name(sid)), table)
+        write_feature_shard(out, sid, image_ids=image_ids[s:e], uris=uris[s:e], labels=labels[s:e], X=X[s:e],
+                            captions=None if captions is None else captions[s:e])
     manifest = FeaturesManifest(model_id=model_id, dim=int(dim), n_images=int(n), n_errors=0,
                                 n_shards=max(1, -(-n // shard_size)), notes=dict(notes or {}),
                                 config=dict(config or {}), image_size=image_size)

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import defaultdict
 
 import numpy as np
-import pyarrow as pa
 
+from pipeline.cluster.extraction import from_ray_block
 from pipeline.core import fs as zio
 from pipeline.core.config import ConfigError, ExtractConfig
-from pipeline.encoders.models import image_encoder_info
-from pipeline.core.features import IDENTITY_KEYS, shard_id_of, shard_name
+from pipeline.core.features import IDENTITY_KEYS, shard_id_of, write_error_shard, write_feature_shard
 from pipeline.core.resume import OutputDir
-from pipeline.core.schema import ERRORS_SCHEMA, FeaturesManifest, features_schema
-from pipeline.inputs.shards import Shard, describe_input, list_shards
+from pipeline.core.schema import FeaturesManifest
+from pipeline.core.timing import timed
+from pipeline.encoders.models import image_encoder_info
+from pipeline.inputs.base import Shard
+from pipeline.inputs.registry import describe_input, list_shards
 
 LOG = logging.getLogger(__name__)
 
@@ -83,36 +84,57 @@ def check_checkpoint(pretrained: str | None) -> None:
 
 
 class _ShardWriter:
-    """Collects rows by shard (batches may split or mix shards) and writes each shard when complete."""
+    """Collects rows by shard and writes each shard when complete, as one Arrow table.
+
+    Batches may split or mix shards and arrive in any order; a retried task may deliver rows again
+    (a repeat replaces itself; rows of a shard already written are dropped). A shard is complete
+    when the block carrying its total (``shard_n`` >= 0) is in and so is every row up to it.
+    """
 
     def __init__(self, out: str, dim: int, progress) -> None:
         self.out, self.dim, self.progress = out, dim, progress
-        self.rows: dict[int, dict[int, dict]] = defaultdict(dict)  # shard id -> row in shard -> row
+        self.blocks: dict[int, list[dict]] = defaultdict(list)  # shard id -> its column blocks, as received
+        self.rows: dict[int, dict[int, tuple[int, int]]] = defaultdict(dict)  # shard id -> row -> (block, position)
         self.expected: dict[int, int] = {}
         self.written: set[int] = set()
         self.n_ok = self.n_err = 0
 
     def __call__(self, batch: dict) -> None:
-        keys = [k for k in batch if k not in ("pixels", "shard_row")]
-        touched: set[int] = set()
-        for i in range(len(batch["shard_id"])):
-            sid, row = int(batch["shard_id"][i]), int(batch["shard_row"][i])
-            if sid in self.written:  # a retried task delivered a shard twice: it is on disk already
-                LOG.warning("shard %d: row %d arrived again after the shard was written; ignored", sid, row)
-                continue
-            if int(batch["shard_n"][i]) >= 0:  # -1: a block before the shard's last (total not known yet)
-                self.expected[sid] = int(batch["shard_n"][i])
-            self.rows[sid][row] = {k: batch[k][i] for k in keys}  # keyed by row: a repeat replaces itself
-            touched.add(sid)
+        """Take one batch of the dataflow (any shards, any rows); write the shards it completes."""
+        cols = from_ray_block(batch)
+        cols.pop("pixels", None)
+        shard_ids = np.asarray(cols["shard_id"], np.int64)
+        touched = [sid for sid in dict.fromkeys(shard_ids.tolist())
+                   if self._add(sid, {k: v[shard_ids == sid] for k, v in cols.items()})]
         for sid in sorted(touched):
             n, got = self.expected.get(sid), self.rows[sid]
             LOG.debug("shard %d: %d of %s rows received", sid, len(got), "?" if n is None else n)
             if n is not None and len(got) >= n and all(r in got for r in range(n)):
                 if len(got) > n:  # a retried task read less of a breaking shard than the first attempt
                     LOG.warning("shard %d: %d rows beyond its %d (from an earlier attempt) dropped", sid, len(got) - n, n)
-                self.rows.pop(sid)
-                self._write(sid, [got[r] for r in range(n)])
-                self.written.add(sid)
+                self._write(sid, self._take(sid, n))
+
+    def _add(self, sid: int, block: dict) -> bool:
+        """Keep one shard's rows of a batch; False when the shard is written already."""
+        if sid in self.written:  # a retried task delivered a shard twice: it is on disk already
+            for row in block["shard_row"].tolist():
+                LOG.warning("shard %d: row %d arrived again after the shard was written; ignored", sid, row)
+            return False
+        totals = block["shard_n"][block["shard_n"] >= 0]  # -1: a block before the shard's last (total not known yet)
+        if len(totals):
+            self.expected[sid] = int(totals[-1])
+        b = len(self.blocks[sid])
+        self.blocks[sid].append(block)
+        for pos, row in enumerate(block["shard_row"].tolist()):
+            self.rows[sid][row] = (b, pos)  # keyed by row: a repeat replaces itself
+        return True
+
+    def _take(self, sid: int, n: int) -> dict:
+        """Rows ``0..n-1`` of a complete shard as one column block (and the shard forgotten)."""
+        blocks, where = self.blocks.pop(sid), self.rows.pop(sid)
+        start = np.cumsum([0] + [len(b["shard_row"]) for b in blocks])
+        index = np.array([start[where[r][0]] + where[r][1] for r in range(n)], np.int64)
+        return {k: np.concatenate([b[k] for b in blocks])[index] for k in blocks[0]}
 
     def finish(self, shard_ids: list[int]) -> None:
         """After the dataflow ended normally: shards that delivered no row at all hold no items (an
@@ -120,43 +142,37 @@ class _ShardWriter:
         for sid in shard_ids:
             if sid not in self.written and sid not in self.rows:
                 LOG.warning("shard %d holds no items; written empty", sid)
-                self._write(sid, [])
-                self.written.add(sid)
+                self._write(sid, None)
 
-    def _write(self, sid: int, rows: list[dict]) -> None:
-        rows.sort(key=lambda r: r["image_id"])
-        good = [r for r in rows if not r["error"]]
-        bad = [r for r in rows if r["error"]]
-        errors = pa.table({
-            "image_id": [str(r["image_id"]) for r in bad],
-            "uri": [str(r["uri"]) for r in bad],
-            "stage": [str(r["stage"]) for r in bad],
-            "reason": [str(r["error"]) for r in bad],
-        }, schema=ERRORS_SCHEMA)
-        emb = np.stack([r["embedding"] for r in good]).astype(np.float32) if good else np.zeros((0, self.dim), np.float32)
-        feats = pa.table({
-            "image_id": [str(r["image_id"]) for r in good],
-            "uri": [str(r["uri"]) for r in good],
-            "label": [str(r["label"]) or None for r in good],
-            "caption": [str(r["caption"]) or None for r in good],
-            "url": [str(r["url"]) or None for r in good],
-            "key": [str(r["key"]) or None for r in good],
-            "meta": [str(r["meta"]) or None for r in good],
-            "width": [int(r["width"]) for r in good],
-            "height": [int(r["height"]) for r in good],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.dim),
-        }, schema=features_schema(self.dim))
-        # errors first: the features file is the "shard done" marker
-        zio.write_parquet_atomic(zio.join(self.out, "errors", shard_name(sid)), errors)
-        zio.write_parquet_atomic(zio.join(self.out, "features", shard_name(sid)), feats)
+    def _write(self, sid: int, cols: dict | None) -> None:
+        """A shard's errors, then its features (the "shard done" marker), rows in image-id order."""
+        cols = _empty_block(self.dim) if cols is None else cols
+        ids = cols["image_id"]
+        failed = np.array([e is not None for e in cols["error"]], bool)
+        order = np.array(sorted(range(len(ids)), key=ids.__getitem__), np.int64)
+        bad, good = order[failed[order]], order[~failed[order]]
+        write_error_shard(self.out, sid, image_ids=ids[bad], uris=cols["uri"][bad], stages=cols["stage"][bad],
+                          reasons=cols["error"][bad])
+        write_feature_shard(self.out, sid, image_ids=ids[good], uris=cols["uri"][good],
+                            X=cols["embedding"][good].reshape(-1, self.dim), labels=cols["label"][good],
+                            captions=cols["caption"][good], urls=cols["url"][good], keys=cols["key"][good],
+                            metas=cols["meta"][good], widths=cols["width"][good], heights=cols["height"][good])
+        self.written.add(sid)
         self.n_ok += len(good)
         self.n_err += len(bad)
         LOG.debug("shard %d written: %d images, %d errors", sid, len(good), len(bad))
-        if bad:
-            LOG.warning("shard %d: %d of %d items failed (first: %s: %s)", sid, len(bad), len(rows),
-                        bad[0]["image_id"], bad[0]["error"])
+        if len(bad):
+            LOG.warning("shard %d: %d of %d items failed (first: %s: %s)", sid, len(bad), len(ids),
+                        ids[bad[0]], cols["error"][bad[0]])
         self.progress.update(1)
         self.progress.set_postfix(images=self.n_ok, errors=self.n_err)
+
+
+def _empty_block(dim: int) -> dict:
+    """The columns of a shard without items."""
+    text = ("image_id", "uri", "label", "caption", "url", "key", "meta", "error", "stage")
+    return {**{k: np.array([], object) for k in text}, "width": np.zeros(0, np.int32),
+            "height": np.zeros(0, np.int32), "embedding": np.zeros((0, dim), np.float32)}
 
 
 def _count_rows(uri: str) -> int:
@@ -174,50 +190,62 @@ def _done_shards(feat_dir: str) -> set[int]:
 
 def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> FeaturesManifest:
     """Extract features for every unfinished shard of ``cfg.input``; return the manifest."""
-    t0 = time.perf_counter()
-    info = image_encoder_info(cfg.encoder, cfg.pretrained)
-    check_checkpoint(cfg.pretrained)
+    with timed() as took:
+        info = image_encoder_info(cfg.encoder, cfg.pretrained)
+        check_checkpoint(cfg.pretrained)
+        shards = _list_input(cfg)
+        listing = shard_plan(shards)
+        if cfg.limit:
+            shards = shards[: cfg.limit]
+        settings = cfg.model_dump()
+        identity = {**{k: settings[k] for k in IDENTITY_KEYS}, "model_id": info.model_id}
+        with OutputDir(cfg.output, job="extract", identity=identity, overwrite=cfg.overwrite,
+                       owned=("features", "errors", "text")) as out:
+            done = _resume(cfg, out, listing)
+            pending = [s for s in shards if s.shard_id not in done]
+            LOG.info("%d shards in input, %d already done, %d to do", len(shards), len(shards) - len(pending),
+                     len(pending))
+            plan = None
+            if pending:
+                out.begin()
+                plan = _encode(cfg, info, shards, pending, progress)
+            feat_dir = out.join("features")
+            manifest = FeaturesManifest(
+                model_id=info.model_id, dim=info.dim, image_size=info.image_size, n_shards=len(shards),
+                n_shards_in_input=len(listing), n_images=_count_rows(feat_dir),
+                n_errors=_count_rows(out.join("errors")), config=settings,
+                resources=None if plan is None else plan.__dict__, seconds_last_run=round(took.elapsed(), 2))
+            out.finish(manifest)
+            return manifest
+
+
+def _list_input(cfg: ExtractConfig) -> list[Shard]:
+    """The input's shards (with ``auto``, the layout chosen is logged with its reason)."""
     if cfg.input_format == "auto":
         fmt, why = describe_input(cfg.input, cfg.image_column)
         LOG.info("%s: input format %s (%s)", cfg.input, fmt, why)
     else:
         fmt = cfg.input_format
-    shards = list_shards(cfg.input, input_format=fmt, shard_size=cfg.shard_size, image_column=cfg.image_column)
-    listing = shard_plan(shards)
-    if cfg.limit:
-        shards = shards[: cfg.limit]
-    settings = cfg.model_dump()
-    identity = {**{k: settings[k] for k in IDENTITY_KEYS}, "model_id": info.model_id}
-    with OutputDir(cfg.output, job="extract", identity=identity, overwrite=cfg.overwrite,
-                   owned=("features", "errors", "text")) as out:
-        feat_dir = out.join("features")
-        done = _done_shards(feat_dir)
-        try:
-            _check_plan(cfg, out, listing, done)
-        except ConfigError:
-            if not cfg.overwrite:
-                raise
-            LOG.warning("%s: input changed under finished shards; extracting every shard afresh", cfg.output)
-            out.begin()
-            zio.remove(feat_dir)
-            zio.remove(out.join("errors"))
-            zio.remove(out.join("text"))  # caption embeddings of the old features
-            done = set()
-        out.set_state({"shards": listing})
-        pending = [s for s in shards if s.shard_id not in done]
-        LOG.info("%d shards in input, %d already done, %d to do", len(shards), len(shards) - len(pending),
-                 len(pending))
-        plan = None
-        if pending:
-            out.begin()
-            plan = _encode(cfg, info, shards, pending, progress)
-        manifest = FeaturesManifest(
-            model_id=info.model_id, dim=info.dim, image_size=info.image_size, n_shards=len(shards),
-            n_shards_in_input=len(listing), n_images=_count_rows(feat_dir), n_errors=_count_rows(out.join("errors")),
-            config=settings, resources=None if plan is None else plan.__dict__,
-            seconds_last_run=round(time.perf_counter() - t0, 2))
-        out.finish(manifest)
-        return manifest
+    return list_shards(cfg.input, input_format=fmt, shard_size=cfg.shard_size, image_column=cfg.image_column)
+
+
+def _resume(cfg: ExtractConfig, out: OutputDir, listing: dict[str, str]) -> set[int]:
+    """The shards already done; with ``overwrite``, an input changed under them starts afresh."""
+    feat_dir = out.join("features")
+    done = _done_shards(feat_dir)
+    try:
+        _check_plan(cfg, out, listing, done)
+    except ConfigError:
+        if not cfg.overwrite:
+            raise
+        LOG.warning("%s: input changed under finished shards; extracting every shard afresh", cfg.output)
+        out.begin()
+        zio.remove(feat_dir)
+        zio.remove(out.join("errors"))
+        zio.remove(out.join("text"))  # caption embeddings of the old features
+        done = set()
+    out.set_state({"shards": listing})
+    return done
 
 
 def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard], progress: bool):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -25,12 +26,13 @@ import pyarrow as pa
 from pipeline.core import fs as zio
 from pipeline.core.config import ExportConfig, ImportConfig
 from pipeline.core.features import (CAPTIONS_DIR, caption_shards, feature_shards, features_identity, iter_shard_batches,
-                               open_captions, open_features, read_caption_shard, shard_name)
+                                    open_captions, open_features, read_caption_shard, shard_name, write_caption_shard,
+                                    write_feature_shard)
 from pipeline.zsl.models import load_model
 from pipeline.zsl.models.base import l2n
 from pipeline.zsl.models.scoring import model_fingerprint
 from pipeline.core.resume import OutputDir
-from pipeline.core.schema import CaptionsManifest, ExportManifest, FeaturesManifest, captions_schema, features_schema
+from pipeline.core.schema import CaptionsManifest, ExportManifest, FeaturesManifest, write_manifest
 
 LOG = logging.getLogger(__name__)
 
@@ -111,10 +113,19 @@ def _col(meta: pa.Table, names: tuple[str, ...], n: int) -> list:
     return meta.column(name).to_pylist() if name else [None] * n
 
 
-def run_import(cfg: ImportConfig, *, progress: bool = True) -> FeaturesManifest:
-    """Make a feature directory from clip-retrieval's layout (missing shards only)."""
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class _Parts:
+    """clip-retrieval's files by part number, ``order`` as its readers number the rows, ``dim`` of img_emb."""
 
+    emb: dict[int, str]
+    metas: dict[int, str]
+    texts: dict[int, str]
+    order: list[int]
+    dim: int
+
+
+def _find_parts(cfg: ImportConfig) -> _Parts:
+    """The parts of ``cfg.input``, checked to pair up (each img_emb with its metadata) before any work."""
     emb = _parts(cfg.input, "img_emb", "img_emb", ".npy")
     metas = _parts(cfg.input, "metadata", "metadata", ".parquet")
     texts = _parts(cfg.input, "text_emb", "text_emb", ".npy")
@@ -126,68 +137,80 @@ def run_import(cfg: ImportConfig, *, progress: bool = True) -> FeaturesManifest:
     if texts and not cfg.text_model:
         raise ValueError(f"{cfg.input}: has text_emb/; say which text model made it with text_model")
     # in the order readers (autofaiss's embedding_reader, clip-retrieval) number the rows: by file name
-    parts = sorted(emb, key=lambda i: emb[i].rsplit("/", 1)[-1])
-    first = zio.read_npy(emb[parts[0]])
+    order = sorted(emb, key=lambda i: emb[i].rsplit("/", 1)[-1])
+    first = zio.read_npy(emb[order[0]])
     if first.ndim != 2:
-        raise ValueError(f"{emb[parts[0]]}: expected a 2-d array, got shape {first.shape}")
-    dim = int(first.shape[1])
+        raise ValueError(f"{emb[order[0]]}: expected a 2-d array, got shape {first.shape}")
+    return _Parts(emb, metas, texts, order, int(first.shape[1]))
+
+
+def _import_part(out: OutputDir, sid: int, i: int, parts: _Parts) -> tuple[int, int | None]:
+    """Part ``i`` as feature shard ``sid`` (its caption embeddings first: the features file marks
+    the shard done); ``(rows, caption dim or None)``."""
+    emb, meta_file = parts.emb[i], parts.metas[i]
+    X = zio.read_npy(emb).astype(np.float32)
+    meta = zio.read_parquet(meta_file)
+    n = meta.num_rows
+    if X.ndim != 2 or X.shape != (n, parts.dim):
+        raise ValueError(f"{emb}: shape {X.shape}, expected ({n}, {parts.dim}) to match {meta_file}")
+    if not np.isfinite(X).all():
+        raise ValueError(f"{emb}: row {int(np.flatnonzero(~np.isfinite(X).all(1))[0])} is not finite")
+    ids = [str(v) if v is not None else f"{i}/{r}" for r, v in enumerate(_col(meta, ("image_id", "key"), n))]
+    paths = _col(meta, ("image_path", "url", "uri"), n)
+    uris = [str(p) if p is not None else f"{emb}::row={r}" for r, p in enumerate(paths)]
+    text_dim = None
+    if i in parts.texts:
+        T = zio.read_npy(parts.texts[i]).astype(np.float32)
+        if T.ndim != 2 or len(T) != n:
+            raise ValueError(f"{parts.texts[i]}: shape {T.shape}, expected {n} rows like {meta_file}")
+        text_dim = T.shape[1]
+        write_caption_shard(out.join(CAPTIONS_DIR, "shards", shard_name(sid)), image_ids=ids,
+                            has_caption=np.abs(T).sum(1) > 0, X=T)
+    write_feature_shard(out.uri, sid, image_ids=ids, uris=uris, X=X, labels=_col(meta, ("label",), n),
+                        captions=_col(meta, ("caption",), n), urls=_col(meta, ("url",), n),
+                        keys=_col(meta, ("key",), n))
+    return n, text_dim
+
+
+def _write_captions_manifest(out: OutputDir, cfg: ImportConfig, parts: _Parts, text_dim: int | None,
+                             n_rows: int) -> None:
+    """The manifest of the imported caption embeddings (every shard's, this run's or an earlier one's)."""
+    cap_files = list(zio.iter_parquet_files(out.join(CAPTIONS_DIR, "shards")))
+    if text_dim is None:
+        text_dim = int(zio.read_npy(parts.texts[parts.order[0]]).shape[1])
+    n_caps = sum(int(np.asarray(zio.read_parquet(f, columns=["has_caption"]).column("has_caption")).sum())
+                 for f in cap_files)
+    write_manifest(out.join(CAPTIONS_DIR), CaptionsManifest(
+        text_model=cfg.text_model, text_model_name=cfg.text_model, dim=text_dim, column="caption",
+        n_shards=len(cap_files), n_rows=n_rows, n_captions=n_caps))
+
+
+def run_import(cfg: ImportConfig, *, progress: bool = True) -> FeaturesManifest:
+    """Make a feature directory from clip-retrieval's layout (missing shards only)."""
+    from tqdm.auto import tqdm
+
+    parts = _find_parts(cfg)
+    rows = {str(i): zio.parquet_num_rows(parts.metas[i]) for i in parts.order}
     identity = {"input": zio.absolute_uri(cfg.input).rstrip("/"), "model_id": cfg.model_id,
-                "text_model": cfg.text_model, "parts": {str(i): zio.parquet_num_rows(metas[i]) for i in parts}}
+                "text_model": cfg.text_model, "parts": rows}
     with OutputDir(cfg.output, job="import", identity=identity, overwrite=cfg.overwrite,
                    owned=("features", CAPTIONS_DIR)) as out:
         feat_dir = out.join("features")
         done = {f.rsplit("/", 1)[-1] for f in zio.iter_parquet_files(feat_dir)} if zio.exists(feat_dir) else set()
-        todo = [(sid, i) for sid, i in enumerate(parts) if shard_name(sid) not in done]
+        todo = [(sid, i) for sid, i in enumerate(parts.order) if shard_name(sid) not in done]
         if todo:
             out.begin()
         text_dim = None
         n_images = 0
         for sid, i in tqdm(todo, desc="import", unit="part", disable=not progress):
-            X = zio.read_npy(emb[i]).astype(np.float32)
-            meta = zio.read_parquet(metas[i])
-            n = meta.num_rows
-            if X.ndim != 2 or X.shape != (n, dim):
-                raise ValueError(f"{emb[i]}: shape {X.shape}, expected ({n}, {dim}) to match {metas[i]}")
-            if not np.isfinite(X).all():
-                raise ValueError(f"{emb[i]}: row {int(np.flatnonzero(~np.isfinite(X).all(1))[0])} is not finite")
-            paths = _col(meta, ("image_path", "url", "uri"), n)
-            ids = _col(meta, ("image_id", "key"), n)
-            ids = [str(v) if v is not None else f"{i}/{r}" for r, v in enumerate(ids)]
-            uris = [str(p) if p is not None else f"{emb[i]}::row={r}" for r, p in enumerate(paths)]
-            none = [None] * n
-            name = shard_name(sid)
-            if i in texts:  # caption embeddings first: the features file marks the shard done
-                T = zio.read_npy(texts[i]).astype(np.float32)
-                if T.ndim != 2 or len(T) != n:
-                    raise ValueError(f"{texts[i]}: shape {T.shape}, expected {n} rows like {metas[i]}")
-                text_dim = T.shape[1]
-                has = np.abs(T).sum(1) > 0
-                zio.write_parquet_atomic(out.join(CAPTIONS_DIR, "shards", name), pa.table({
-                    "image_id": ids, "has_caption": pa.array(has),
-                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(T.reshape(-1), pa.float32()), text_dim),
-                }, schema=captions_schema(text_dim)))
-            zio.write_parquet_atomic(zio.join(feat_dir, name), pa.table({
-                "image_id": ids, "uri": uris, "label": [None if v is None else str(v) for v in _col(meta, ("label",), n)],
-                "caption": _col(meta, ("caption",), n), "width": pa.nulls(n, pa.int32()), "height": pa.nulls(n, pa.int32()),
-                "url": [None if v is None else str(v) for v in _col(meta, ("url",), n)],
-                "key": [None if v is None else str(v) for v in _col(meta, ("key",), n)], "meta": none,
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1), pa.float32()), dim),
-            }, schema=features_schema(dim)))
+            n, dim = _import_part(out, sid, i, parts)
             n_images += n
+            text_dim = dim if dim is not None else text_dim
         shards = list(zio.iter_parquet_files(feat_dir))
         total = sum(zio.parquet_num_rows(f) for f in shards)
-        if texts:
-            cap_files = list(zio.iter_parquet_files(out.join(CAPTIONS_DIR, "shards")))
-            if text_dim is None:
-                text_dim = int(zio.read_npy(texts[parts[0]]).shape[1])
-            n_caps = sum(int(np.asarray(zio.read_parquet(f, columns=["has_caption"]).column("has_caption")).sum())
-                         for f in cap_files)
-            from pipeline.core.schema import write_manifest
-
-            write_manifest(out.join(CAPTIONS_DIR), CaptionsManifest(
-                text_model=cfg.text_model, text_model_name=cfg.text_model, dim=text_dim, column="caption",
-                n_shards=len(cap_files), n_rows=total, n_captions=n_caps))
-        manifest = FeaturesManifest(model_id=cfg.model_id, dim=dim, n_shards=len(shards), n_images=total,
+        if parts.texts:
+            _write_captions_manifest(out, cfg, parts, text_dim, total)
+        manifest = FeaturesManifest(model_id=cfg.model_id, dim=parts.dim, n_shards=len(shards), n_images=total,
                                     config={"input": cfg.input, "parts": identity["parts"]},
                                     notes={"imported_from": cfg.input, "layout": "clip-retrieval"})
         out.finish(manifest)

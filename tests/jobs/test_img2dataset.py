@@ -20,8 +20,8 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("ray_down_after")  # `zsl extract` runs in-process here
 
-from pipeline.inputs.readers import read_shard
-from pipeline.inputs.shards import describe_input, list_shards
+from pipeline.inputs.registry import read_shard
+from pipeline.inputs.registry import describe_input, list_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 IMG2DATASET = Path(os.environ.get("ZSL_TOOLS_DIR", ROOT / ".venv-tools")) / "img2dataset" / "bin" / "img2dataset"

@@ -168,7 +168,7 @@ def corpus(tmp_path_factory, animal_mnist) -> Path:
 def reference(corpus) -> dict:
     """What an uninterrupted run must produce: the job's own mappers, run in-process without Ray."""
     from pipeline.cluster.extraction import EncodeActor, decode_shard
-    from pipeline.inputs.shards import list_shards
+    from pipeline.inputs.registry import list_shards
 
     shards = list_shards(str(corpus), shard_size=SHARD)
     assert len(shards) == N_SHARDS

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cluster.extraction import ResourcePlan, decode_chunks, decode_shard, plan_resources
-from pipeline.inputs.shards import Shard, list_shards
+from pipeline.inputs.base import Shard
+from pipeline.inputs.registry import list_shards
 
 SIZE = 28
 KW = dict(image_size=SIZE, max_pixels=10**6, read={"image_column": "image", "label_column": "label"})

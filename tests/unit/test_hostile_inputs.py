@@ -37,8 +37,8 @@ from pipeline.cluster.extraction import decode_shard
 from pipeline.core.schema import features_schema
 from pipeline.semantics.classset import load_class_set
 from pipeline.semantics.class_table import read_class_table
-from pipeline.inputs.readers import read_shard
-from pipeline.inputs.shards import Shard, list_shards
+from pipeline.inputs.base import Shard
+from pipeline.inputs.registry import list_shards, read_shard
 
 SIZE = 16
 KW = {"image_size": SIZE, "max_pixels": 89_478_485, "read": {"image_column": "image", "label_column": "label"}}

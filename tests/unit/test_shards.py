@@ -1,4 +1,4 @@
-"""pipeline.inputs.shards: deterministic listing and raw record reading for folder, webdataset and Parquet inputs."""
+"""pipeline.inputs: deterministic listing and raw record reading for folder, webdataset and Parquet inputs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inputs.readers import read_shard
-from pipeline.inputs.shards import Shard, detect_format, list_shards
+from pipeline.inputs.base import Shard
+from pipeline.inputs.registry import detect_format, list_shards, read_shard
 
 # ---------------------------------------------------------------- folder
 
@@ -141,12 +141,12 @@ def test_truncated_tar_in_member_header_is_reported(tmp_path):
 
 def test_tar_samples_stream_before_the_rest_of_the_tar_is_read(tmp_path, monkeypatch):
     """A sample is handed on once the next key starts: the reader holds one sample, not the tar."""
-    from pipeline.inputs import readers as shard_readers
+    from pipeline.inputs import webdataset
 
     (tmp_path / "s.tar").write_bytes(_tar_bytes())
     reads = []
-    real = shard_readers.tarfile.TarFile.extractfile
-    monkeypatch.setattr(shard_readers.tarfile.TarFile, "extractfile",
+    real = webdataset.tarfile.TarFile.extractfile
+    monkeypatch.setattr(webdataset.tarfile.TarFile, "extractfile",
                         lambda self, m: (reads.append(m.name), real(self, m))[1])
     it = read_shard(Shard(0, "tar", str(tmp_path / "s.tar")))
     first = next(it)
@@ -290,3 +290,45 @@ def test_two_img2dataset_runs_with_the_same_shard_names_are_refused(tmp_path):
     _i2d_files(tmp_path / "run2", "00000")
     with pytest.raises(ValueError, match="same name '00000'"):
         list_shards(str(tmp_path), input_format="files")
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def _one_of_each(root) -> dict[str, str]:
+    """{input_format: a tiny input of that layout}."""
+    (root / "folder" / "dog").mkdir(parents=True)
+    (root / "folder" / "dog" / "a.jpg").write_bytes(b"1")
+    _i2d_files(root / "files", "00000")
+    (root / "wds").mkdir()
+    (root / "wds" / "part-0.tar").write_bytes(_tar_bytes())
+    (root / "pq").mkdir()
+    pq.write_table(pa.table({"image": [b"x", b"y"]}), root / "pq" / "p.parquet")
+    return {"folder": str(root / "folder"), "files": str(root / "files"), "webdataset": str(root / "wds"),
+            "parquet": str(root / "pq")}
+
+
+def test_the_registry_dispatches_each_layout_through_its_module(tmp_path, monkeypatch):
+    """Detection, listing and reading of each layout go through that layout's module, and no other."""
+    from pipeline.inputs import folder, img2dataset, parquet, registry, webdataset
+
+    modules = {"folder": folder, "files": img2dataset, "webdataset": webdataset, "parquet": parquet}
+    assert sorted(m.name for m in registry.LAYOUTS) == sorted(modules)
+    assert len({m.kind for m in registry.LAYOUTS}) == len(registry.LAYOUTS)
+    calls: list[tuple[str, str]] = []
+
+    def spy(fmt, fn, real):
+        return lambda *a, **k: (calls.append((fmt, fn)), real(*a, **k))[1]
+
+    for fmt, mod in modules.items():
+        for fn in ("list_shards", "read"):
+            monkeypatch.setattr(mod, fn, spy(fmt, fn, getattr(mod, fn)))
+    for fmt, uri in _one_of_each(tmp_path).items():
+        calls.clear()
+        assert registry.detect_format(uri) == fmt
+        shards = registry.list_shards(uri)
+        assert shards and {s.kind for s in shards} == {modules[fmt].kind}
+        assert registry.layout(kind=shards[0].kind) is modules[fmt]
+        records = [r for s in shards for r in registry.read_shard(s)]
+        assert any(r.data is not None for r in records)
+        assert set(calls) == {(fmt, "list_shards"), (fmt, "read")}, fmt
