@@ -124,7 +124,7 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
     from pipeline.core.features import load_features
     from pipeline.cluster.session import init_ray
     from pipeline.cluster.extraction import plan_resources
-    from pipeline.core.schema import FeaturesManifest
+    from pipeline.core.manifests import FeaturesManifest
     from pipeline.stages.extract import run_extract
 
     data, files = _demo_files(work, images_per_class=images_per_class, shard_size=shard_size,

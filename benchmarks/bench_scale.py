@@ -4,7 +4,7 @@ For each row count N (``--rows``, repeatable) the harness
 
 1. **writes synthetic feature shards** in the real feature format (``features/shard-NNNNNN.parquet``
    with :func:`pipeline.core.schema.features_schema`, one zstd Parquet file per shard written atomically
-   as ``zsl extract`` does, then the :class:`~pipeline.core.schema.FeaturesManifest`), shard by shard:
+   as ``zsl extract`` does, then the :class:`~pipeline.core.manifests.FeaturesManifest`), shard by shard:
    non-negative, class-clustered 1280-d rows over many classes with a low-rank latent structure plus
    per-row noise (as :func:`benchmarks.bench._synthetic_features`); never all N rows in memory. One
    class set (synthetic 384-d text embeddings) and one ESZSL model (``semantics == "text"``) are

@@ -75,11 +75,11 @@ def snapshot(out: str | os.PathLike) -> dict[str, FileStamp]:
 
 def _shard_rows(out: str, name: str) -> int:
     """Items of one finished shard: feature rows plus error rows."""
-    from pipeline.core import fs as zio
+    from pipeline.core import parquet as zpq
 
     errors = os.path.join(out, "errors", name)
-    return zio.parquet_num_rows(os.path.join(out, "features", name)) + (
-        zio.parquet_num_rows(errors) if os.path.exists(errors) else 0)
+    return zpq.parquet_num_rows(os.path.join(out, "features", name)) + (
+        zpq.parquet_num_rows(errors) if os.path.exists(errors) else 0)
 
 
 def rerun_counts(out: str | os.PathLike, before: dict[str, FileStamp], after: dict[str, FileStamp]) -> dict:
@@ -91,8 +91,9 @@ def rerun_counts(out: str | os.PathLike, before: dict[str, FileStamp], after: di
     ``RuntimeError`` if the output is unfinished or its records disagree with its files.
     """
     from pipeline.core import fs as zio
+    from pipeline.core import parquet as zpq
     from pipeline.core.features import open_features, shard_id_of, shard_name
-    from pipeline.core.schema import RunRecord
+    from pipeline.core.manifests import RunRecord
 
     out = str(out)
     record = RunRecord.model_validate(zio.read_json(os.path.join(out, "run.json")))
@@ -116,7 +117,7 @@ def rerun_counts(out: str | os.PathLike, before: dict[str, FileStamp], after: di
     redone = sorted(n for n in after if n not in before)
     recomputed = sorted(n for n in before if after.get(n) != before[n])
     rows = {n: _shard_rows(out, n) for n in after}
-    n_features = sum(zio.parquet_num_rows(os.path.join(out, "features", n)) for n in after)
+    n_features = sum(zpq.parquet_num_rows(os.path.join(out, "features", n)) for n in after)
     if manifest.n_images != n_features:
         raise RuntimeError(f"{out}: manifest.json says {manifest.n_images} images, the feature shards hold "
                            f"{n_features}")
@@ -219,14 +220,14 @@ def _encoded(trace: Path) -> dict[int, int]:
 
 
 def _count_rows(d: Path) -> int:
-    from pipeline.core import fs as zio
+    from pipeline.core import parquet as zpq
 
-    return sum(zio.parquet_num_rows(str(p)) for p in d.glob("shard-*.parquet")) if d.is_dir() else 0
+    return sum(zpq.parquet_num_rows(str(p)) for p in d.glob("shard-*.parquet")) if d.is_dir() else 0
 
 
 def one_repeat(r: int, args: argparse.Namespace, inp: Path, work: Path, ray_tmp: Path) -> dict:
     """One kill + rerun; ``ray_tmp`` holds the two runs' Ray session dirs."""
-    from pipeline.core import fs as zio
+    from pipeline.core import parquet as zpq
     from pipeline.core.features import shard_name
 
     rng = np.random.default_rng(args.seed + r)
@@ -277,7 +278,7 @@ def one_repeat(r: int, args: argparse.Namespace, inp: Path, work: Path, ray_tmp:
     counts = rerun_counts(out, before, snapshot(out))
 
     rows = counts["rows"]
-    ids = zio.read_parquet_dir(str(out / "features"), columns=["image_id"]).column("image_id").to_pylist()
+    ids = zpq.read_parquet_dir(str(out / "features"), columns=["image_id"]).column("image_id").to_pylist()
     total = args.shards * args.shard_size
     n_errors = _count_rows(out / "errors")
     if (len(ids) != len(set(ids)) or len(ids) + n_errors != total or counts["shards_in_output"] != args.shards

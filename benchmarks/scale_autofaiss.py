@@ -83,7 +83,7 @@ def bench_autofaiss(venv: Path, data: dict, work: Path, Q, gt_ids, *, max_memory
     """``autofaiss build_index`` of the projected vectors (wall time, peak RSS), load time and recall."""
     import faiss
 
-    from pipeline.core.config import parse_memory
+    from pipeline.core.units import parse_memory
 
     out = work / "index-autofaiss"
     shutil.rmtree(out, ignore_errors=True)

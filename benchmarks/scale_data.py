@@ -92,8 +92,10 @@ class World:
         import pyarrow as pa
 
         from pipeline.core import fs as zio
+        from pipeline.core import parquet as zpq
         from pipeline.core.features import shard_name
-        from pipeline.core.schema import FeaturesManifest, features_schema, write_manifest
+        from pipeline.core.schema import features_schema
+        from pipeline.core.manifests import FeaturesManifest, write_manifest
 
         n = len(y)
         names = np.asarray(self.names, dtype=object)
@@ -109,7 +111,7 @@ class World:
                 "key": pa.nulls(e - s, pa.string()), "meta": pa.nulls(e - s, pa.string()),
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1), pa.float32()), DIM),
             }, schema=features_schema(DIM))
-            zio.write_parquet_atomic(zio.join(str(out), "features", shard_name(sid)), table)
+            zpq.write_parquet_atomic(zio.join(str(out), "features", shard_name(sid)), table)
             del table, ids
             if on_shard is not None:
                 on_shard(sid, X)

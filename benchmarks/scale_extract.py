@@ -21,6 +21,7 @@ from benchmarks.bench import FEATURE_MODEL, _interleaved, _median, _ratio
 from pipeline.cluster.extraction import plan_resources
 from pipeline.cluster.session import init_ray
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 from pipeline.core.config import ExtractConfig
 from pipeline.core.features import load_features
 from pipeline.core.timing import timed
@@ -92,7 +93,7 @@ class _Runs:
             raise RuntimeError(f"run_extract: {man.n_images} images, {man.n_errors} errors (expected {n}, 0)")
         shards = sorted(Path(c.output, "features").glob("shard-*.parquet"), key=lambda p: p.stat().st_mtime)
         times = [p.stat().st_mtime - wall0 for p in shards]
-        counts = [zio.parquet_num_rows(str(p)) for p in shards]
+        counts = [zpq.parquet_num_rows(str(p)) for p in shards]
         rate = _steady(times, counts)
         self.pipeline_runs.append({"seconds": total, "first_shard_s": times[0] if times else None,
                                    "steady_images_per_s": rate, "fixed_s": (total - n / rate) if rate else None,

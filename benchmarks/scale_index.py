@@ -102,7 +102,7 @@ def measure_latencies(indexes: dict, Q, *, rounds: int, single_queries: int, lat
 def bench_our_index(world: World, data: dict, work: Path, Q, gt_ids, *, max_memory: str, env: dict,
                     poll_s: float) -> tuple[dict, object]:
     """``zsl index`` in a subprocess (wall time, peak RSS), its manifest, load time and recall."""
-    from pipeline.core.config import parse_memory
+    from pipeline.core.units import parse_memory
     from pipeline.index.store import load_index
 
     out = work / "index-ours"

@@ -8,12 +8,12 @@ library only ever sees the validated object.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.fs import absolute_uri
+from pipeline.core.units import parse_memory
 
 __all__ = [
     "ConfigError",
@@ -31,7 +31,6 @@ __all__ = [
     "CONFIGS",
     "Uri",
     "build_config",
-    "parse_memory",
 ]
 
 
@@ -369,33 +368,6 @@ CONFIGS: dict[str, type[_Config]] = {
     "corpus": CorpusConfig,
     "bridge": BridgeConfig,
 }
-
-_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_memory(text: str | int) -> int:
-    """Parse a memory size such as ``"16G"`` into bytes.
-
-    >>> parse_memory("16G")
-    17179869184
-    >>> parse_memory("512M")
-    536870912
-    >>> parse_memory("1.5K")
-    1536
-    >>> parse_memory(100)
-    100
-    """
-    if isinstance(text, int):
-        if text <= 0:
-            raise ValueError(f"memory size must be positive, got {text}")
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot parse memory size {text!r}; use e.g. '512M' or '16G'")
-    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if value <= 0:
-        raise ValueError(f"memory size must be positive, got {text!r}")
-    return int(value)
 
 
 #: One layer of configuration: where it comes from (a file name, ``--set``, the command line) and its keys.

@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core import fs as zio
-from pipeline.core.schema import (ERRORS_SCHEMA, CaptionsManifest, FeaturesManifest, captions_schema, features_schema,
-                                  read_manifest, write_manifest)
+from pipeline.core import parquet as zpq
+from pipeline.core.schema import ERRORS_SCHEMA, captions_schema, features_schema
+from pipeline.core.manifests import CaptionsManifest, FeaturesManifest, read_manifest, write_manifest
 
 __all__ = ["shard_name", "shard_id_of", "open_features", "feature_shards", "features_identity", "check_feature_shards",
            "table_embeddings", "iter_shard_batches", "Features", "load_features", "write_features",
@@ -65,7 +66,7 @@ def open_features(uri: str) -> FeaturesManifest:
 
 def feature_shards(uri: str) -> list[str]:
     """Finished feature shard files of a feature directory, in shard order."""
-    return list(zio.iter_parquet_files(zio.join(uri, "features")))
+    return list(zpq.iter_parquet_files(zio.join(uri, "features")))
 
 
 def open_captions(features: str) -> CaptionsManifest | None:
@@ -77,7 +78,7 @@ def open_captions(features: str) -> CaptionsManifest | None:
 def caption_shards(features: str) -> dict[str, str]:
     """Feature-shard name -> its caption-embeddings file."""
     d = zio.join(features, CAPTIONS_DIR, "shards")
-    return {f.rsplit("/", 1)[-1]: f for f in zio.iter_parquet_files(d)} if zio.exists(d) else {}
+    return {f.rsplit("/", 1)[-1]: f for f in zpq.iter_parquet_files(d)} if zio.exists(d) else {}
 
 
 def read_caption_shard(features: str, caps: dict[str, str], feature_file: str, image_ids, dim: int
@@ -87,7 +88,7 @@ def read_caption_shard(features: str, caps: dict[str, str], feature_file: str, i
     name = feature_file.rsplit("/", 1)[-1]
     if name not in caps:
         raise ValueError(f"{features}: shard {name} has no caption embeddings; run `zsl embed-text`")
-    t = zio.read_parquet(caps[name])
+    t = zpq.read_parquet(caps[name])
     ids = image_ids if isinstance(image_ids, pa.ChunkedArray) else pa.chunked_array(
         [pa.array(list(image_ids), pa.string())], pa.string())
     if t.num_rows != len(ids) or not t.column("image_id").equals(ids):
@@ -167,7 +168,7 @@ class Features:
 def load_features(uri: str) -> Features:
     """Load every feature shard of a finished feature directory (fits in memory: a few KB per image)."""
     manifest = open_features(uri)
-    table = zio.read_parquet_dir(zio.join(uri, "features"))
+    table = zpq.read_parquet_dir(zio.join(uri, "features"))
     X = table_embeddings(table, manifest.dim, uri)
     return Features(table.column("image_id").to_pylist(), table.column("uri").to_pylist(),
                     table.column("label").to_pylist(), X, manifest)
@@ -224,7 +225,7 @@ def write_feature_shard(out: str, shard_id: int, *, image_ids, uris, X: np.ndarr
         "url": _text(urls, n), "key": _text(keys, n), "meta": _text(metas, n),
         "embedding": _embeddings(X),
     }, schema=features_schema(dim))
-    zio.write_parquet_atomic(zio.join(out, "features", shard_name(shard_id)), table)
+    zpq.write_parquet_atomic(zio.join(out, "features", shard_name(shard_id)), table)
     return n
 
 
@@ -235,7 +236,7 @@ def write_error_shard(out: str, shard_id: int, *, image_ids, uris, stages, reaso
     table = pa.table({"image_id": _text(image_ids, n, optional=False), "uri": _text(uris, n, optional=False),
                       "stage": _text(stages, n, optional=False), "reason": _text(reasons, n, optional=False)},
                      schema=ERRORS_SCHEMA)
-    zio.write_parquet_atomic(zio.join(out, "errors", shard_name(shard_id)), table)
+    zpq.write_parquet_atomic(zio.join(out, "errors", shard_name(shard_id)), table)
     return n
 
 
@@ -247,7 +248,7 @@ def write_caption_shard(uri: str, *, image_ids, has_caption, X: np.ndarray) -> i
     X = np.asarray(X, np.float32)
     table = pa.table({"image_id": image_ids, "has_caption": pa.array(has_caption), "embedding": _embeddings(X)},
                      schema=captions_schema(X.shape[1]))
-    zio.write_parquet_atomic(uri, table)
+    zpq.write_parquet_atomic(uri, table)
     return len(X)
 
 

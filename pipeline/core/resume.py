@@ -7,7 +7,7 @@ output through :class:`OutputDir`, so they share one set of rules:
    it when the process dies, SIGKILL included). A second writer stops with :class:`OutputLocked`.
 2. **Temp-file sweep.** Files are written under ``._tmp-*`` names and renamed into place
    (:mod:`pipeline.core.fs`); the temp files a killed run left are deleted before any work.
-3. **Identity check.** ``run.json`` (:class:`~pipeline.core.schema.RunRecord`) records the job and the
+3. **Identity check.** ``run.json`` (:class:`~pipeline.core.manifests.RunRecord`) records the job and the
    *identity* of what the directory is made from: fingerprints of the inputs (features, model,
    class set) and the settings that change the result. A rerun with the same identity resumes;
    one with another identity (or another job's directory) is refused with what differs, and
@@ -31,7 +31,7 @@ from typing import Any, Sequence, TypeVar
 
 from pipeline.core import fs as zio
 from pipeline.core.config import ConfigError
-from pipeline.core.schema import Manifest, RunRecord, parse_manifest, write_manifest
+from pipeline.core.manifests import Manifest, RunRecord, parse_manifest, write_manifest
 
 LOG = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class OutputDir:
             done = out.finished(LabelsManifest)      # the manifest of a finished run, or None
             ...
             out.begin()                              # from here on the output is unfinished
-            zio.write_parquet_atomic(out.join("labels", name), table)
+            zpq.write_parquet_atomic(out.join("labels", name), table)
             out.finish(manifest)                     # last
 
     Args:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 
 from pipeline.core import fs as zio
-from pipeline.core.config import IndexConfig, parse_memory
+from pipeline.core import parquet as zpq
+from pipeline.core.config import IndexConfig
+from pipeline.core.units import parse_memory
 from pipeline.core.features import caption_shards, open_captions, read_caption_shard
-from pipeline.core.schema import CaptionsManifest
+from pipeline.core.manifests import CaptionsManifest
 from pipeline.index.build import build_index
 from pipeline.index.choose import choose_index
 from pipeline.index.store import CAPTIONS_INDEX, read_ids, save_index
@@ -31,7 +33,7 @@ class CaptionBatches:
 
     def __iter__(self):
         for f in self.files:
-            ids = zio.read_parquet(f, columns=["image_id"]).column("image_id")
+            ids = zpq.read_parquet(f, columns=["image_id"]).column("image_id")
             yield read_caption_shard(self.features, self.caps, f, ids, self.dim)[1]
 
 

@@ -105,7 +105,7 @@ def choose_index(n: int, dim: int, *, max_memory_bytes: int) -> str:
     needed when nothing fits. Search parameters are not guessed here: see
     :func:`pipeline.index.tune.tune_index`.
 
-    >>> from pipeline.core.config import parse_memory
+    >>> from pipeline.core.units import parse_memory
     >>> choose_index(10_000, 512, max_memory_bytes=parse_memory("1G"))
     'Flat'
     >>> choose_index(500_000, 512, max_memory_bytes=parse_memory("4G"))

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.core import fs as zio
-from pipeline.core.config import IndexConfig, parse_memory
-from pipeline.core.schema import IndexManifest, IndexTuning
+from pipeline.core.config import IndexConfig
+from pipeline.core.units import parse_memory
+from pipeline.core.manifests import IndexManifest, IndexTuning
 from pipeline.index.choose import choose_index, estimate_memory, is_ivf, training_rows
 
 LOG = logging.getLogger(__name__)

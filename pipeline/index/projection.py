@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 from pipeline.core.features import iter_shard_batches
 from pipeline.zsl.models import load_model
 
@@ -75,7 +76,7 @@ class Projector:
 
     def __call__(self, shard_uri: str) -> dict:
         """``{"shard": shard_uri, "projected": bool}`` (False: the cached file was valid)."""
-        n = zio.parquet_num_rows(shard_uri)
+        n = zpq.parquet_num_rows(shard_uri)
         target = cache_file(self.cache, shard_uri)
         if self._cached(target, n):
             return {"shard": shard_uri, "projected": False}

@@ -17,6 +17,7 @@ import threading
 import numpy as np
 
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 from pipeline.index.search import search as index_search
 from pipeline.index.store import CAPTIONS_INDEX, MODEL_COPY, load_index
 from pipeline.zsl.models import load_model
@@ -219,20 +220,20 @@ class PredictedLabels:
     COLUMNS = ["image_id", "top1", "top1_score", "top1_is_unseen"]
 
     def __init__(self, labels_dir: str, index_manifest) -> None:
-        from pipeline.core.schema import LabelsManifest, read_manifest
+        from pipeline.core.manifests import LabelsManifest, read_manifest
 
         self.labels_dir = labels_dir
         lman = read_manifest(labels_dir, LabelsManifest)
         im = index_manifest
         if im.identity.get("features") and lman.identity.get("features") != im.identity["features"]:
             raise ValueError(f"{labels_dir}: labels of {lman.features_dir}, but the index holds {im.features_dir}")
-        files = {f.rsplit("/", 1)[-1]: f for f in zio.iter_parquet_files(zio.join(labels_dir, "labels"))}
+        files = {f.rsplit("/", 1)[-1]: f for f in zpq.iter_parquet_files(zio.join(labels_dir, "labels"))}
         missing = [s for s in im.shards if s not in files]
         if missing:
             raise ValueError(f"{labels_dir}: no labels for {len(missing)} indexed shard(s) ({', '.join(missing[:3])}"
                              f"{', ...' if len(missing) > 3 else ''}); run `zsl label` on the features again")
         # only the four columns hits need, a few row groups cached per shard
-        self.tables = [zio.LazyParquet(files[s], cache_groups=4, columns=self.COLUMNS) for s in im.shards]
+        self.tables = [zpq.LazyParquet(files[s], cache_groups=4, columns=self.COLUMNS) for s in im.shards]
         counts = [t.num_rows for t in self.tables]
         if sum(counts) != im.ntotal:
             raise ValueError(f"{labels_dir}: {sum(counts)} labelled rows in the indexed shards, index holds {im.ntotal}")

@@ -19,7 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core import fs as zio
-from pipeline.core.schema import INDEX_IDS_SCHEMA, IndexManifest, check_schema, read_manifest, write_manifest
+from pipeline.core import parquet as zpq
+from pipeline.core.schema import INDEX_IDS_SCHEMA, check_schema
+from pipeline.core.manifests import IndexManifest, read_manifest, write_manifest
 from pipeline.index.common import factory_of, import_faiss
 from pipeline.index.search import set_nprobe, set_search_params
 
@@ -71,7 +73,7 @@ def _check_ids(ids_uri_or_table, ntotal: int, where: str) -> None:
         raise ValueError(f"{bad}, ids has {seen} rows)")
 
 
-class IdTable(zio.LazyParquet):
+class IdTable(zpq.LazyParquet):
     """``ids.parquet`` read lazily: only the row groups holding the requested faiss ids are decoded
     (a few kept in an LRU cache), so a search process does not hold every uri of a large index.
     Row ``i`` is faiss id ``i`` (as :func:`write_index_files` checks)."""
@@ -97,7 +99,7 @@ def read_ids(out_dir: str) -> pa.Table:
 
         table = pq.read_table(zio.filesystem(uri)[1], memory_map=True)
     else:
-        table = zio.read_parquet(uri)
+        table = zpq.read_parquet(uri)
     check_schema(table.schema, INDEX_IDS_SCHEMA, uri)
     return table
 
@@ -108,7 +110,7 @@ def write_ids(out_dir: str, shard_files: Iterable[str], *, keep_existing: bool =
     place), copied row group by row group (the old file stays until the atomic rename)."""
     uri = zio.join(out_dir, IDS_FILE)
     offset = 0
-    with zio.atomic_parquet_writer(uri, INDEX_IDS_SCHEMA) as w:
+    with zpq.atomic_parquet_writer(uri, INDEX_IDS_SCHEMA) as w:
         if keep_existing:
             import pyarrow.parquet as pq
 
@@ -118,7 +120,7 @@ def write_ids(out_dir: str, shard_files: Iterable[str], *, keep_existing: bool =
                     w.write_batch(rb)
                     offset += rb.num_rows
         for f in shard_files:
-            t = zio.read_parquet(f, columns=["image_id", "uri", "label"])
+            t = zpq.read_parquet(f, columns=["image_id", "uri", "label"])
             w.write_table(pa.table({
                 "faiss_id": pa.array(np.arange(offset, offset + t.num_rows), pa.int64()),
                 "image_id": t.column("image_id"), "uri": t.column("uri"), "label": t.column("label"),
@@ -152,7 +154,7 @@ def write_index_files(index: "faiss.Index", out_dir: str, *, ids: pa.Table | Non
         faiss.write_index(index, tmp)
         size, sha = os.path.getsize(tmp), zio.sha256_file(tmp)
     if ids is not None:
-        zio.write_parquet_atomic(ids_uri, ids.select(INDEX_IDS_SCHEMA.names).cast(INDEX_IDS_SCHEMA))
+        zpq.write_parquet_atomic(ids_uri, ids.select(INDEX_IDS_SCHEMA.names).cast(INDEX_IDS_SCHEMA))
     data_files = {}
     if _on_disk_lists(index):
         fs, path = zio.filesystem(zio.join(out_dir, IVFDATA_FILE))
@@ -166,7 +168,7 @@ def write_index_files(index: "faiss.Index", out_dir: str, *, ids: pa.Table | Non
 def save_index(index: "faiss.Index", out_dir: str, *, ids: pa.Table, manifest: dict[str, Any]) -> IndexManifest:
     """Write ``index.faiss``, ``ids.parquet`` and, last, ``manifest.json`` under ``out_dir``.
 
-    The manifest is ``manifest`` (keys of :class:`~pipeline.core.schema.IndexManifest`) plus the fields
+    The manifest is ``manifest`` (keys of :class:`~pipeline.core.manifests.IndexManifest`) plus the fields
     :func:`write_index_files` computes, which override given ones except a given ``factory``.
     An old ``manifest.json`` is removed first, so a half-rewritten index never looks complete.
     """

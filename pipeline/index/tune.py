@@ -10,7 +10,7 @@ walks the index's search parameters from cheap to expensive — IVF ``nprobe`` (
 ``quantizer_efSearch`` for an HNSW coarse quantiser), HNSW ``efSearch`` — until recall@k
 (:func:`~pipeline.index.search.recall_at_k`; ties count as hits where the index's scores are
 exact) reaches the target (default 0.95 at k=10), or, with ``max_query_ms``, takes the best recall
-whose single-query latency fits. The result (:class:`~pipeline.core.schema.IndexTuning`) records
+whose single-query latency fits. The result (:class:`~pipeline.core.manifests.IndexTuning`) records
 recall@1/10/100, single-query mean/p99 latency, batched latency per query, the parameters and what
 was tried.
 """
@@ -22,7 +22,7 @@ from typing import Iterable
 
 import numpy as np
 
-from pipeline.core.schema import IndexTuning
+from pipeline.core.manifests import IndexTuning
 from pipeline.core.timing import timed
 from pipeline.index.build import sample_rows
 from pipeline.index.common import import_faiss

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 
 LOG = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def write_openclipart_corpus(out: str, *, root: str = OPENCLIPART_ROOT, limit: i
     from tqdm.auto import tqdm
 
     from pipeline.core.resume import OutputDir
-    from pipeline.core.schema import CorpusManifest
+    from pipeline.core.manifests import CorpusManifest
 
     items = openclipart_items(root)
     if limit is not None and limit < len(items):
@@ -110,11 +111,11 @@ def write_openclipart_corpus(out: str, *, root: str = OPENCLIPART_ROOT, limit: i
             part = items[i * shard_rows:(i + 1) * shard_rows]
             if i in todo:
                 rows = list(_records(part))
-                zio.write_parquet_atomic(od.join("shards", f"corpus-{i:05d}.parquet"),
+                zpq.write_parquet_atomic(od.join("shards", f"corpus-{i:05d}.parquet"),
                                          pa.Table.from_pylist(rows, schema=CORPUS_SCHEMA))
                 n_caps += sum(r["caption"] is not None for r in rows)
             else:
-                n_caps += sum(v is not None for v in zio.read_parquet(
+                n_caps += sum(v is not None for v in zpq.read_parquet(
                     od.join("shards", f"corpus-{i:05d}.parquet"), columns=["caption"]).column("caption").to_pylist())
         manifest = CorpusManifest(source="openclipart", root=root, n_images=len(items), n_captions=n_caps,
                                   n_shards=n_shards, limit=limit, seed=seed,

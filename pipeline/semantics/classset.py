@@ -1,7 +1,7 @@
 """Class sets: the artifact ``zsl classes`` writes (``classes.parquet`` + ``manifest.json``).
 
 A class set holds, per class, its name, description, text embedding (prompt-template ensemble),
-normalised attributes and word vectors, and a :class:`~pipeline.core.schema.ClassesManifest` saying how
+normalised attributes and word vectors, and a :class:`~pipeline.core.manifests.ClassesManifest` saying how
 they were made. :func:`extend_class_set` appends classes embedded exactly as the original ones
 (same text model, templates and attribute normalisation), so existing features and models can
 label them without re-extraction or retraining.
@@ -18,7 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core import fs as zio
-from pipeline.core.schema import ClassesManifest, classes_schema, parse_manifest, read_manifest, write_manifest
+from pipeline.core import parquet as zpq
+from pipeline.core.schema import classes_schema
+from pipeline.core.manifests import ClassesManifest, parse_manifest, read_manifest, write_manifest
 from pipeline.semantics.class_table import ClassTable, embed_class_texts, normalize_attributes, read_class_table
 
 LOG = logging.getLogger(__name__)
@@ -113,7 +115,7 @@ def class_set_table(names, descriptions, text: np.ndarray, attributes: np.ndarra
 def load_class_set(uri: str) -> ClassSet:
     """Load a ``zsl classes`` output directory (``classes.parquet`` + ``manifest.json``)."""
     manifest = read_manifest(uri, ClassesManifest)
-    t = zio.read_parquet(zio.join(uri, "classes.parquet"))
+    t = zpq.read_parquet(zio.join(uri, "classes.parquet"))
     embedded = (t.schema.metadata or {}).get(MANIFEST_KEY)
     if embedded is not None:
         # classes.parquet carries its own manifest, replaced with it in one rename; manifest.json is
@@ -177,7 +179,7 @@ def write_class_set(out: str, names, descriptions, text, attributes, fields: dic
     data.update(n_classes=len(names), fingerprint=zio.fingerprint(
         [list(names), np.round(text.astype(np.float64), 5).tolist(), _rounded(attributes), _rounded(word_vectors)]))
     manifest = ClassesManifest(**zio.to_jsonable(data))
-    zio.write_parquet_atomic(zio.join(out, "classes.parquet"),
+    zpq.write_parquet_atomic(zio.join(out, "classes.parquet"),
                              class_set_table(names, descriptions, text, attributes, word_vectors, manifest))
     write_manifest(out, manifest)
     return manifest

@@ -22,7 +22,7 @@ from pipeline.zsl.models import make_model, save_model
 from pipeline.zsl.models.base import l2n
 from pipeline.zsl.models.bridge import fit_ridge_bridge
 from pipeline.core.resume import OutputDir
-from pipeline.core.schema import ModelManifest
+from pipeline.core.manifests import ModelManifest
 from pipeline.core.timing import timed
 
 LOG = logging.getLogger(__name__)

@@ -19,11 +19,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 from pipeline.core.config import EmbedTextConfig
 from pipeline.encoders.models import encoder_id, load_text_encoder
 from pipeline.core.features import CAPTIONS_DIR, feature_shards, features_identity, open_features
 from pipeline.core.resume import OutputDir
-from pipeline.core.schema import CaptionsManifest, captions_schema
+from pipeline.core.schema import captions_schema
+from pipeline.core.manifests import CaptionsManifest
 from pipeline.core.timing import timed
 
 LOG = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ def run_embed_text(cfg: EmbedTextConfig, *, progress: bool = True) -> CaptionsMa
         with OutputDir(out_dir, job="embed-text", identity=identity, overwrite=cfg.overwrite,
                        owned=("shards",)) as out:
             shard_dir = out.join("shards")
-            done = {f.rsplit("/", 1)[-1] for f in zio.iter_parquet_files(shard_dir)} if zio.exists(shard_dir) else set()
+            done = {f.rsplit("/", 1)[-1] for f in zpq.iter_parquet_files(shard_dir)} if zio.exists(shard_dir) else set()
             todo = [f for f in files if f.rsplit("/", 1)[-1] not in done]
             LOG.info("embedding the '%s' texts of %d feature shards (%d already done) with %s", cfg.column,
                      len(todo), len(files) - len(todo), model_id)
@@ -74,13 +76,13 @@ def run_embed_text(cfg: EmbedTextConfig, *, progress: bool = True) -> CaptionsMa
 
 def _embed_shard(cfg: EmbedTextConfig, encoder, feature_shard: str, shard_dir: str) -> None:
     """Write the caption shard of one feature shard (zero vectors where a row has no text)."""
-    table = zio.read_parquet(feature_shard, columns=["image_id", cfg.column])
+    table = zpq.read_parquet(feature_shard, columns=["image_id", cfg.column])
     texts = table.column(cfg.column).to_pylist()
     has = np.array([isinstance(t, str) and bool(t.strip()) for t in texts], bool)
     emb = np.zeros((len(texts), encoder.dim), np.float32)
     if has.any():
         emb[has] = encoder.encode([t for t, h in zip(texts, has) if h], batch_size=cfg.batch_size)
-    zio.write_parquet_atomic(zio.join(shard_dir, feature_shard.rsplit("/", 1)[-1]), pa.table({
+    zpq.write_parquet_atomic(zio.join(shard_dir, feature_shard.rsplit("/", 1)[-1]), pa.table({
         "image_id": table.column("image_id"), "has_caption": pa.array(has),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), encoder.dim),
     }, schema=captions_schema(encoder.dim)))
@@ -89,8 +91,8 @@ def _embed_shard(cfg: EmbedTextConfig, encoder, feature_shard: str, shard_dir: s
 def _count_captions(shard_dir: str) -> tuple[int, int]:
     """Rows and rows with a caption over every caption shard."""
     n_rows = n_caps = 0
-    for f in zio.iter_parquet_files(shard_dir):
-        has = zio.read_parquet(f, columns=["has_caption"]).column("has_caption")
+    for f in zpq.iter_parquet_files(shard_dir):
+        has = zpq.read_parquet(f, columns=["has_caption"]).column("has_caption")
         n_rows += len(has)
         n_caps += int(pc.sum(has).as_py() or 0)
     return n_rows, n_caps

@@ -12,7 +12,7 @@ from pipeline.core import fs as zio
 from pipeline.semantics.classset import class_word_vectors_or_nan, normalised_attributes, write_class_set
 from pipeline.core.config import ClassesConfig
 from pipeline.core.resume import OutputDir
-from pipeline.core.schema import ClassesManifest
+from pipeline.core.manifests import ClassesManifest
 from pipeline.semantics.class_table import embed_class_texts, read_class_table
 
 LOG = logging.getLogger(__name__)

@@ -18,10 +18,11 @@ import numpy as np
 
 from pipeline.cluster.extraction import from_ray_block
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 from pipeline.core.config import ConfigError, ExtractConfig
 from pipeline.core.features import IDENTITY_KEYS, shard_id_of, write_error_shard, write_feature_shard
 from pipeline.core.resume import OutputDir
-from pipeline.core.schema import FeaturesManifest
+from pipeline.core.manifests import FeaturesManifest
 from pipeline.core.timing import timed
 from pipeline.encoders.models import image_encoder_info
 from pipeline.inputs.base import Shard
@@ -178,13 +179,13 @@ def _empty_block(dim: int) -> dict:
 def _count_rows(uri: str) -> int:
     if not zio.exists(uri):
         return 0
-    return sum(zio.parquet_num_rows(f) for f in zio.iter_parquet_files(uri))
+    return sum(zpq.parquet_num_rows(f) for f in zpq.iter_parquet_files(uri))
 
 
 def _done_shards(feat_dir: str) -> set[int]:
     if not zio.exists(feat_dir):
         return set()
-    ids = (shard_id_of(f) for f in zio.iter_parquet_files(feat_dir))
+    ids = (shard_id_of(f) for f in zpq.iter_parquet_files(feat_dir))
     return {i for i in ids if i is not None}
 
 

@@ -31,10 +31,12 @@ from typing import Any, Iterator
 
 from pipeline.cluster.shard_jobs import map_shards
 from pipeline.core import fs as zio
-from pipeline.core.config import IndexConfig, parse_memory
+from pipeline.core import parquet as zpq
+from pipeline.core.config import IndexConfig
+from pipeline.core.units import parse_memory
 from pipeline.core.features import check_feature_shards, feature_shards, features_identity, open_features
 from pipeline.core.resume import OutputDir
-from pipeline.core.schema import IndexManifest, IndexTuning
+from pipeline.core.manifests import IndexManifest, IndexTuning
 from pipeline.core.timing import timed
 from pipeline.index.build import add_vectors, build_index, check_search_params, merge_ivf_parts
 from pipeline.index.captions import update_caption_index
@@ -77,7 +79,7 @@ def _open_inputs(cfg: IndexConfig) -> _Inputs:
     shards = feature_shards(cfg.features)
     check_feature_shards(shards, fman.dim)
     files = {f.rsplit("/", 1)[-1]: f for f in shards}
-    rows = {n: zio.parquet_num_rows(f) for n, f in files.items()}
+    rows = {n: zpq.parquet_num_rows(f) for n, f in files.items()}
     if sum(rows.values()) == 0:
         raise ValueError(f"{cfg.features}: no features to index")
     dim = mman.search_dim or mman.semantic_dim

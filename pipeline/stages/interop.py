@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 from pipeline.core.config import ExportConfig, ImportConfig
 from pipeline.core.features import (CAPTIONS_DIR, caption_shards, feature_shards, features_identity, iter_shard_batches,
                                     open_captions, open_features, read_caption_shard, shard_name, write_caption_shard,
@@ -32,7 +33,7 @@ from pipeline.zsl.models import load_model
 from pipeline.zsl.models.base import l2n
 from pipeline.zsl.models.scoring import model_fingerprint
 from pipeline.core.resume import OutputDir
-from pipeline.core.schema import CaptionsManifest, ExportManifest, FeaturesManifest, write_manifest
+from pipeline.core.manifests import CaptionsManifest, ExportManifest, FeaturesManifest, write_manifest
 
 LOG = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def run_export(cfg: ExportConfig, *, progress: bool = True) -> ExportManifest:
                 _, T = read_caption_shard(cfg.features, caps, files[i], meta.column("image_id"), cman.dim)
                 zio.write_npy_atomic(out.join("text_emb", f"text_emb_{i:06d}.npy"), T.astype(dtype))
             # metadata last: it marks the part done
-            zio.write_parquet_atomic(out.join("metadata", f"metadata_{i:06d}.parquet"), pa.table({
+            zpq.write_parquet_atomic(out.join("metadata", f"metadata_{i:06d}.parquet"), pa.table({
                 "image_path": meta.column("uri"), "caption": meta.column("caption"), "url": meta.column("url"),
                 "key": meta.column("key"), "image_id": meta.column("image_id"), "label": meta.column("label"),
                 "shard": pa.array([name] * len(X), pa.string()),
@@ -86,7 +87,7 @@ def run_export(cfg: ExportConfig, *, progress: bool = True) -> ExportManifest:
                                   normalized=model is not None or cfg.normalize,
                                   text_dim=cman.dim if cman else None,
                                   shards=[f.rsplit("/", 1)[-1] for f in files],
-                                  n_rows=sum(zio.parquet_num_rows(f) for f in files))
+                                  n_rows=sum(zpq.parquet_num_rows(f) for f in files))
         out.finish(manifest)
         return manifest
 
@@ -149,7 +150,7 @@ def _import_part(out: OutputDir, sid: int, i: int, parts: _Parts) -> tuple[int, 
     the shard done); ``(rows, caption dim or None)``."""
     emb, meta_file = parts.emb[i], parts.metas[i]
     X = zio.read_npy(emb).astype(np.float32)
-    meta = zio.read_parquet(meta_file)
+    meta = zpq.read_parquet(meta_file)
     n = meta.num_rows
     if X.ndim != 2 or X.shape != (n, parts.dim):
         raise ValueError(f"{emb}: shape {X.shape}, expected ({n}, {parts.dim}) to match {meta_file}")
@@ -175,10 +176,10 @@ def _import_part(out: OutputDir, sid: int, i: int, parts: _Parts) -> tuple[int, 
 def _write_captions_manifest(out: OutputDir, cfg: ImportConfig, parts: _Parts, text_dim: int | None,
                              n_rows: int) -> None:
     """The manifest of the imported caption embeddings (every shard's, this run's or an earlier one's)."""
-    cap_files = list(zio.iter_parquet_files(out.join(CAPTIONS_DIR, "shards")))
+    cap_files = list(zpq.iter_parquet_files(out.join(CAPTIONS_DIR, "shards")))
     if text_dim is None:
         text_dim = int(zio.read_npy(parts.texts[parts.order[0]]).shape[1])
-    n_caps = sum(int(np.asarray(zio.read_parquet(f, columns=["has_caption"]).column("has_caption")).sum())
+    n_caps = sum(int(np.asarray(zpq.read_parquet(f, columns=["has_caption"]).column("has_caption")).sum())
                  for f in cap_files)
     write_manifest(out.join(CAPTIONS_DIR), CaptionsManifest(
         text_model=cfg.text_model, text_model_name=cfg.text_model, dim=text_dim, column="caption",
@@ -190,13 +191,13 @@ def run_import(cfg: ImportConfig, *, progress: bool = True) -> FeaturesManifest:
     from tqdm.auto import tqdm
 
     parts = _find_parts(cfg)
-    rows = {str(i): zio.parquet_num_rows(parts.metas[i]) for i in parts.order}
+    rows = {str(i): zpq.parquet_num_rows(parts.metas[i]) for i in parts.order}
     identity = {"input": zio.absolute_uri(cfg.input).rstrip("/"), "model_id": cfg.model_id,
                 "text_model": cfg.text_model, "parts": rows}
     with OutputDir(cfg.output, job="import", identity=identity, overwrite=cfg.overwrite,
                    owned=("features", CAPTIONS_DIR)) as out:
         feat_dir = out.join("features")
-        done = {f.rsplit("/", 1)[-1] for f in zio.iter_parquet_files(feat_dir)} if zio.exists(feat_dir) else set()
+        done = {f.rsplit("/", 1)[-1] for f in zpq.iter_parquet_files(feat_dir)} if zio.exists(feat_dir) else set()
         todo = [(sid, i) for sid, i in enumerate(parts.order) if shard_name(sid) not in done]
         if todo:
             out.begin()
@@ -206,8 +207,8 @@ def run_import(cfg: ImportConfig, *, progress: bool = True) -> FeaturesManifest:
             n, dim = _import_part(out, sid, i, parts)
             n_images += n
             text_dim = dim if dim is not None else text_dim
-        shards = list(zio.iter_parquet_files(feat_dir))
-        total = sum(zio.parquet_num_rows(f) for f in shards)
+        shards = list(zpq.iter_parquet_files(feat_dir))
+        total = sum(zpq.parquet_num_rows(f) for f in shards)
         if parts.texts:
             _write_captions_manifest(out, cfg, parts, text_dim, total)
         manifest = FeaturesManifest(model_id=cfg.model_id, dim=parts.dim, n_shards=len(shards), n_images=total,

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pipeline.cluster.shard_jobs import map_shards
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 from pipeline.semantics.classset import ClassSet, add_classes, load_class_set
 from pipeline.core.config import AddClassesConfig, LabelConfig
 from pipeline.core.features import check_feature_shards, feature_shards, features_identity, iter_shard_batches, \
@@ -31,7 +32,8 @@ from pipeline.core.features import check_feature_shards, feature_shards, feature
 from pipeline.zsl.models import load_model
 from pipeline.zsl.models.scoring import check_model_classes, class_scores, model_fingerprint, seen_mask, topk
 from pipeline.core.resume import OutputDir
-from pipeline.core.schema import LABELS_SCHEMA, ClassesManifest, LabelsManifest, read_manifest
+from pipeline.core.schema import LABELS_SCHEMA
+from pipeline.core.manifests import ClassesManifest, LabelsManifest, read_manifest
 from pipeline.core.timing import timed
 
 LOG = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ def run_label(cfg: LabelConfig, *, progress: bool = True) -> LabelsManifest:
                     "calibrated": cfg.calibrated}
         with OutputDir(cfg.output, job="label", identity=identity, overwrite=cfg.overwrite, owned=("labels",)) as out:
             labels_dir = out.join("labels")
-            done = {f.rsplit("/", 1)[-1] for f in zio.iter_parquet_files(labels_dir)} if zio.exists(labels_dir) \
+            done = {f.rsplit("/", 1)[-1] for f in zpq.iter_parquet_files(labels_dir)} if zio.exists(labels_dir) \
                 else set()
             todo = [s for s in shards if s.rsplit("/", 1)[-1] not in done]
             LOG.info("labeling %d feature shards (%d already done) against %d classes", len(todo),
@@ -94,7 +96,7 @@ def run_label(cfg: LabelConfig, *, progress: bool = True) -> LabelsManifest:
             manifest = LabelsManifest(
                 identity=identity, model_dir=cfg.model, features_dir=cfg.features, classes_dir=cfg.classes,
                 classes=list(classes.names), gamma=mman.gamma if cfg.calibrated else 0.0, n_shards=len(shards),
-                n_images=sum(zio.parquet_num_rows(f) for f in zio.iter_parquet_files(labels_dir)) if shards else 0,
+                n_images=sum(zpq.parquet_num_rows(f) for f in zpq.iter_parquet_files(labels_dir)) if shards else 0,
                 n_labeled_this_run=n_images, config=cfg.model_dump(mode="json"),
                 seconds_last_run=round(took.elapsed(), 2))
             out.finish(manifest)
@@ -115,7 +117,7 @@ class _ShardLabeler:
 
     def __call__(self, uri: str) -> dict:
         n = 0
-        with zio.atomic_parquet_writer(zio.join(self.labels_dir, uri.rsplit("/", 1)[-1]), LABELS_SCHEMA) as w:
+        with zpq.atomic_parquet_writer(zio.join(self.labels_dir, uri.rsplit("/", 1)[-1]), LABELS_SCHEMA) as w:
             for meta, X in iter_shard_batches(uri, self.dim, ("image_id", "uri", "label"), self.cfg.batch_size):
                 s = class_scores(self.model, self.mman, X, self.classes, calibrated=self.cfg.calibrated)
                 idx, vals = topk(s, self.cfg.top_k)

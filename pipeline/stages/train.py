@@ -22,7 +22,7 @@ from pipeline.core.features import features_identity, labelled_rows, load_featur
 from pipeline.zsl.metrics import mean_per_class_accuracy
 from pipeline.zsl.models import METHODS, check_method, make_model, method_params, model_manifest, save_weights
 from pipeline.core.resume import OutputDir
-from pipeline.core.schema import ModelManifest
+from pipeline.core.manifests import ModelManifest
 from pipeline.core.timing import timed
 
 LOG = logging.getLogger(__name__)

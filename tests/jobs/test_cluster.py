@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("faiss")
 pytest.importorskip("ray")
 
-from pipeline.core import fs as zio  # noqa: E402
+from pipeline.core import parquet as zpq  # noqa: E402
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -80,8 +80,8 @@ def test_label_and_index_on_a_ray_cluster_match_the_local_run(cluster, world, tm
     log = _zsl("label", *common, "--classes", str(world / "classes"), "--output", str(tmp_path / "labels"),
                "--address", cluster)
     assert "labeled 3000 images in 6 shards" in log
-    a = zio.read_parquet_dir(str(tmp_path / "local-labels" / "labels"))
-    b = zio.read_parquet_dir(str(tmp_path / "labels" / "labels"))
+    a = zpq.read_parquet_dir(str(tmp_path / "local-labels" / "labels"))
+    b = zpq.read_parquet_dir(str(tmp_path / "labels" / "labels"))
     assert a.column("image_id").equals(b.column("image_id")) and a.column("topk").equals(b.column("topk"))
     assert sorted(os.listdir(tmp_path / "labels" / "labels")) == [f"shard-{i:06d}.parquet" for i in range(6)]
 

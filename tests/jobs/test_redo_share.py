@@ -20,8 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/ is a
 
 from benchmarks import redo_share  # noqa: E402
 from pipeline.core import fs as zio  # noqa: E402
+from pipeline.core import parquet as zpq  # noqa: E402
 from pipeline.core.features import shard_name, write_features  # noqa: E402
-from pipeline.core.schema import ERRORS_SCHEMA, RunRecord  # noqa: E402
+from pipeline.core.manifests import RunRecord  # noqa: E402
+from pipeline.core.schema import ERRORS_SCHEMA  # noqa: E402
 
 N_SHARDS, SHARD = 5, 2
 
@@ -34,7 +36,7 @@ def _fake_extract(out: Path) -> dict[str, bytes]:
     write_features(str(out), image_ids=ids, uris=[f"file:///in/{i}" for i in ids], labels=["cls"] * n, X=X,
                    model_id="fake", shard_size=SHARD)
     for sid in range(N_SHARDS):
-        zio.write_parquet_atomic(str(out / "errors" / shard_name(sid)), ERRORS_SCHEMA.empty_table())
+        zpq.write_parquet_atomic(str(out / "errors" / shard_name(sid)), ERRORS_SCHEMA.empty_table())
     plan = {str(sid): f"fp{sid}" for sid in range(N_SHARDS)}
     zio.write_json_atomic(str(out / "run.json"),
                           RunRecord(job="extract", identity={"input": "/in"}, state={"shards": plan}).model_dump())

@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 
 PY = sys.executable
 N_SHARDS, SHARD = 8, 16
@@ -43,6 +44,7 @@ HOSTILE = {  # image_id -> bytes: item-level problems that must become error row
 KILL_AT_COMMIT = """
 import os, signal, sys
 import pipeline.core.fs as zio
+from pipeline.core import parquet as zpq
 real, seen = zio._commit, [0]
 def commit(fs, tmp, path):
     if os.environ["KILL_MATCH"] in path:
@@ -120,10 +122,10 @@ class Watch:
             return 0
         listed = zio.list_files(str(self.out))
         assert not [f for f in listed if zio.TMP_PREFIX in f]
-        for f in zio.iter_parquet_files(str(feats)):
+        for f in zpq.iter_parquet_files(str(feats)):
             name = f.rsplit("/", 1)[-1]
             if name not in self.first_seen:
-                t = zio.read_parquet(f)  # must parse: complete, never partial
+                t = zpq.read_parquet(f)  # must parse: complete, never partial
                 assert 0 < t.num_rows <= SHARD
                 self.first_seen[name] = os.stat(f).st_mtime_ns
         return len(self.first_seen)
@@ -213,7 +215,7 @@ def test_extract_killed_at_several_points_resumes_to_the_exact_rows(corpus, refe
         assert kills[-1] == 1
         temps = [f for f in os.listdir(out / "features") if f.startswith(zio.TMP_PREFIX)]
         assert len(temps) == 1, os.listdir(out / "features")  # the kill left it ...
-        assert zio.read_parquet_dir(str(out / "features")).num_rows <= SHARD  # ... and no reader sees it
+        assert zpq.read_parquet_dir(str(out / "features")).num_rows <= SHARD  # ... and no reader sees it
         orphan = temps[0].rsplit("-", 2)[-2:]  # errors/shard-N exists without features/shard-N
         assert (out / "errors" / "-".join(orphan)).exists()
 
@@ -243,14 +245,14 @@ def test_extract_killed_at_several_points_resumes_to_the_exact_rows(corpus, refe
     assert {n: os.stat(out / "features" / n).st_mtime_ns for n in watch.first_seen} == watch.first_seen
     assert sorted(watch.first_seen) == [f"shard-{i:06d}.parquet" for i in range(N_SHARDS)]
 
-    feats = zio.read_parquet_dir(str(out / "features"))
+    feats = zpq.read_parquet_dir(str(out / "features"))
     ids = feats.column("image_id").to_pylist()
     assert len(ids) == len(set(ids))  # no duplicates
     assert sorted(ids) == sorted(reference["emb"])  # no gaps, nothing extra
     emb = np.stack(feats.column("embedding").to_numpy(zero_copy_only=False))
     for image_id, e in zip(ids, emb):
         np.testing.assert_allclose(e, reference["emb"][image_id], rtol=1e-5, atol=1e-5)
-    errors = zio.read_parquet_dir(str(out / "errors")).to_pylist()
+    errors = zpq.read_parquet_dir(str(out / "errors")).to_pylist()
     assert sorted(e["image_id"] for e in errors) == sorted(reference["errors"])  # each error row once
     assert {e["image_id"]: e["stage"] for e in errors} == reference["errors"]
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(zio.TMP_PREFIX)]
@@ -311,7 +313,7 @@ def test_label_killed_while_committing_a_shard_resumes_exactly(world, tmp_path):
     p = _start(argv, tmp_path / "l2.log", "l2")
     assert p.wait(timeout=120) == 0, (tmp_path / "l2.log").read_text()
     assert "labeling 3 feature shards (2 already done)" in (tmp_path / "l2.log").read_text()
-    got, want = zio.read_parquet_dir(str(out / "labels")), zio.read_parquet_dir(str(tmp_path / "ref" / "labels"))
+    got, want = zpq.read_parquet_dir(str(out / "labels")), zpq.read_parquet_dir(str(tmp_path / "ref" / "labels"))
     assert got.equals(want) and len(set(got.column("image_id").to_pylist())) == 50
     assert sorted(os.listdir(out / "labels")) == [f"shard-{i:06d}.parquet" for i in range(5)]
     assert json.loads((out / "manifest.json").read_text())["n_images"] == 50

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.semantics.classset import load_class_set
 from pipeline.core.config import AddClassesConfig, LabelConfig
-from pipeline.core.schema import LabelsManifest, read_manifest
+from pipeline.core.manifests import LabelsManifest, read_manifest
 from pipeline.stages.label import run_add_classes, run_label
 
 

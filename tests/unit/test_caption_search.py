@@ -66,14 +66,14 @@ def test_caption_mode_finds_the_caption_and_rows_without_one_score_zero(captione
 
 
 def test_both_mode_is_the_weighted_sum_of_exact_scores(captioned_index):
-    from pipeline.core import fs as zio
+    from pipeline.core import parquet as zpq
     from pipeline.core.features import CAPTIONS_DIR
     from pipeline.index.searcher import Searcher
 
     root, X, _ = captioned_index
     s = Searcher(str(root / "index"))
     q_img, q_cap = s.text_query_pairs(["a spotted fox"])[0]
-    C = np.asarray(zio.read_parquet_dir(str(root / "features" / CAPTIONS_DIR / "shards")).column("embedding")
+    C = np.asarray(zpq.read_parquet_dir(str(root / "features" / CAPTIONS_DIR / "shards")).column("embedding")
                    .to_pylist(), np.float32)
     img = s.model.search_images(X) @ q_img
     cap = C @ q_cap

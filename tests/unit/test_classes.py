@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.semantics.classset import add_classes
-from pipeline.core.schema import CLASSES_FORMAT
+from pipeline.core.manifests import CLASSES_FORMAT
 from pipeline.stages.classes import run_classes
 from pipeline.core.config import build_config
 from pipeline.semantics.classset import load_class_set

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pipeline.core.config import DEFAULT_TEMPLATES, ConfigError, ExtractConfig, build_config, parse_memory
+from pipeline.core.config import DEFAULT_TEMPLATES, ConfigError, ExtractConfig, build_config
+from pipeline.core.units import parse_memory
 
 BASE = {"input": "in/", "output": "out/"}
 

@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 from pipeline.semantics.classset import add_classes, write_class_set
 from pipeline.stages.classes import run_classes
 from pipeline.core.config import IndexConfig, LabelConfig, build_config
@@ -356,7 +357,7 @@ def _foreign_shard(features_dir: str, name: str, dim: int, n: int = 3) -> None:
         "width": [1] * n, "height": [1] * n, "url": [None] * n, "key": [None] * n, "meta": [None] * n,
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1), pa.float32()), dim),
     }, schema=features_schema(dim))
-    zio.write_parquet_atomic(zio.join(features_dir, "features", name), table)
+    zpq.write_parquet_atomic(zio.join(features_dir, "features", name), table)
 
 
 def test_label_and_index_refuse_a_shard_of_another_dimension_before_writing(small_world, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.config import IndexConfig
-from pipeline.core.schema import IndexManifest, IndexTuning
+from pipeline.core.manifests import IndexManifest, IndexTuning
 from pipeline.index.choose import estimate_memory
 from pipeline.index.plan import IndexPlan, plan_index
 
@@ -146,7 +146,8 @@ def test_planning_and_choosing_never_import_faiss():
     code = """
 import sys
 sys.modules["faiss"] = None  # any `import faiss` now raises ImportError
-from pipeline.core.config import IndexConfig, parse_memory
+from pipeline.core.config import IndexConfig
+from pipeline.core.units import parse_memory
 from pipeline.index.choose import choose_index, estimate_memory, training_rows
 from pipeline.index.plan import plan_index
 assert choose_index(5_000_000, 512, max_memory_bytes=parse_memory("16G")) == "IVF8192_HNSW32,Flat"

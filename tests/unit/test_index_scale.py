@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from pipeline.core import fs as zio  # noqa: E402
+from pipeline.core import parquet as zpq  # noqa: E402
 from pipeline.core.config import IndexConfig, LabelConfig  # noqa: E402
 
 DIM, K, N_CLASSES = 32, 16, 40
@@ -311,7 +311,7 @@ def test_label_in_small_batches_equals_one_batch(world, tmp_path):
     base = dict(model=world["model"], features=feats, classes=world["classes"])
     run_label(LabelConfig(**base, output=str(tmp_path / "one")), progress=False)
     run_label(LabelConfig(**base, output=str(tmp_path / "small"), batch_size=300), progress=False)
-    a, b = zio.read_parquet_dir(str(tmp_path / "one" / "labels")), zio.read_parquet_dir(str(tmp_path / "small" / "labels"))
+    a, b = zpq.read_parquet_dir(str(tmp_path / "one" / "labels")), zpq.read_parquet_dir(str(tmp_path / "small" / "labels"))
     assert a.num_rows == b.num_rows == 3200
     for col in ("image_id", "top1", "topk"):
         assert a.column(col).equals(b.column(col))
@@ -355,7 +355,7 @@ def test_lazy_id_table_reads_only_the_hits(tmp_path):
     n = 100_000
     t = pa.table({"faiss_id": np.arange(n), "image_id": [f"i{i}" for i in range(n)],
                   "uri": [f"u{i}" for i in range(n)], "label": [None] * n}, schema=INDEX_IDS_SCHEMA)
-    zio.write_parquet_atomic(str(tmp_path / "ids.parquet"), t)  # 32k-row groups
+    zpq.write_parquet_atomic(str(tmp_path / "ids.parquet"), t)  # 32k-row groups
     ids = IdTable(str(tmp_path))
     got = ids.take([99_999, 5, 40_000, 5])
     assert got.column("image_id").to_pylist() == ["i99999", "i5", "i40000", "i5"]

@@ -14,6 +14,7 @@ import pytest
 from fsspec.implementations.local import LocalFileOpener
 
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 
 
 def _leftovers(root) -> list[str]:
@@ -38,7 +39,7 @@ def test_join_strips_slashes():
 def test_write_parquet_atomic_round_trip_and_no_temp_files(tmp_path):
     table = pa.table({"a": [1, 2, 3], "b": ["x", "y", None]})
     uri = str(tmp_path / "deep" / "dir" / "t.parquet")  # parents are created
-    zio.write_parquet_atomic(uri, table)
+    zpq.write_parquet_atomic(uri, table)
     assert pq.read_table(uri).equals(table)
     assert _leftovers(tmp_path) == []
     assert os.listdir(tmp_path / "deep" / "dir") == ["t.parquet"]
@@ -72,7 +73,7 @@ def test_failing_write_keeps_old_file_and_leaves_no_temp_file(tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         zio.write_json_atomic(uri, {"version": 2})
     with pytest.raises(OSError, match="disk full"):
-        zio.write_parquet_atomic(str(tmp_path / "new.parquet"), pa.table({"a": [1]}))
+        zpq.write_parquet_atomic(str(tmp_path / "new.parquet"), pa.table({"a": [1]}))
     monkeypatch.undo()
     assert (tmp_path / "m.json").read_bytes() == before
     assert json.loads(before) == {"version": 1}
@@ -109,29 +110,29 @@ def test_list_files_missing_path(tmp_path):
 
 def test_memory_uri_write_list_read(mem_root):
     zio.write_json_atomic(f"{mem_root}/sub/m.json", {"k": 1})
-    zio.write_parquet_atomic(f"{mem_root}/sub/t.parquet", pa.table({"a": [1.5]}))
+    zpq.write_parquet_atomic(f"{mem_root}/sub/t.parquet", pa.table({"a": [1.5]}))
     zio.write_bytes_atomic(f"{mem_root}/sub/.hidden", b"h")
     files = zio.list_files(mem_root)
     assert [f.rsplit("/", 1)[-1] for f in files] == ["m.json", "t.parquet"]
     assert all(f.startswith("memory://") for f in files)  # usable URIs, not bare paths
     assert zio.read_json(files[0]) == {"k": 1}
     assert zio.exists(f"{mem_root}/sub/m.json") and not zio.exists(f"{mem_root}/sub/x.json")
-    t = zio.read_parquet_dir(f"{mem_root}/sub")
+    t = zpq.read_parquet_dir(f"{mem_root}/sub")
     assert t.column("a").to_pylist() == [1.5]
     fs = fsspec.filesystem("memory")
     assert not [p for p in fs.find(zio.filesystem(mem_root)[1]) if zio.TMP_PREFIX in p]
 
 
 def test_read_parquet_dir_concatenates_in_name_order_and_ignores_temp(tmp_path):
-    zio.write_parquet_atomic(str(tmp_path / "b.parquet"), pa.table({"x": [3, 4]}))
-    zio.write_parquet_atomic(str(tmp_path / "a.parquet"), pa.table({"x": [1, 2]}))
+    zpq.write_parquet_atomic(str(tmp_path / "b.parquet"), pa.table({"x": [3, 4]}))
+    zpq.write_parquet_atomic(str(tmp_path / "a.parquet"), pa.table({"x": [1, 2]}))
     (tmp_path / f"{zio.TMP_PREFIX}zz-c.parquet").write_bytes(b"partial garbage")
-    assert zio.read_parquet_dir(str(tmp_path)).column("x").to_pylist() == [1, 2, 3, 4]
+    assert zpq.read_parquet_dir(str(tmp_path)).column("x").to_pylist() == [1, 2, 3, 4]
 
 
 def test_read_parquet_dir_empty(tmp_path):
     with pytest.raises(FileNotFoundError, match="no .parquet files"):
-        zio.read_parquet_dir(str(tmp_path))
+        zpq.read_parquet_dir(str(tmp_path))
 
 
 def test_fingerprint_is_order_independent_and_sensitive():

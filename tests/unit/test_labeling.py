@@ -10,13 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 from pipeline.semantics.classset import write_class_set
 from pipeline.core.config import LabelConfig
 from pipeline.stages.label import run_label
 from pipeline.zsl.models.scoring import topk
 from pipeline.zsl.models import load_model, save_model
 from pipeline.zsl.models.eszsl import ESZSL
-from pipeline.core.schema import FEATURES_FORMAT, LABELS_SCHEMA, features_schema
+from pipeline.core.schema import LABELS_SCHEMA, features_schema
+from pipeline.core.manifests import FEATURES_FORMAT
 
 # ---------------------------------------------------------------- topk
 
@@ -76,7 +78,7 @@ def _features_dir(root: str, X: np.ndarray) -> None:
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X[start:start + n].reshape(-1), pa.float32()),
                                                            DIM),
         }, schema=features_schema(DIM))
-        zio.write_parquet_atomic(zio.join(root, "features", name), table)
+        zpq.write_parquet_atomic(zio.join(root, "features", name), table)
         start += n
     zio.write_json_atomic(zio.join(root, "manifest.json"), {
         "format": FEATURES_FORMAT, "model_id": "fake-feat", "dim": DIM, "image_size": 28,

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline.core import fs as zio
+from pipeline.core import parquet as zpq
 from pipeline.core.config import ConfigError, ExtractConfig, IndexConfig, LabelConfig
 from pipeline.core.features import load_features, shard_name
 from pipeline.stages.extract import run_extract
@@ -28,9 +29,10 @@ class Killed(Exception):
 
 
 def _die_after_writes(monkeypatch, name: str, n: int):
-    """Patch ``pipeline.core.fs.<name>`` to complete ``n`` writes (or hand out ``n`` writers), then raise
-    Killed; return the real writer."""
-    real, calls = getattr(zio, name), []
+    """Patch ``pipeline.core.fs.<name>`` (or ``pipeline.core.parquet.<name>``) to complete ``n`` writes (or
+    hand out ``n`` writers), then raise Killed; return the real writer."""
+    module = zpq if hasattr(zpq, name) else zio
+    real, calls = getattr(module, name), []
 
     def dying(uri, data):
         if len(calls) == n:
@@ -38,7 +40,7 @@ def _die_after_writes(monkeypatch, name: str, n: int):
         calls.append(uri)
         return real(uri, data)
 
-    monkeypatch.setattr(zio, name, dying)
+    monkeypatch.setattr(module, name, dying)
     return real
 
 
@@ -103,8 +105,8 @@ def _cfg(inp, out, **kw) -> ExtractConfig:
 
 
 def _snapshot(out) -> dict:
-    feats = zio.read_parquet_dir(str(out / "features"))
-    errs = zio.read_parquet_dir(str(out / "errors"))
+    feats = zpq.read_parquet_dir(str(out / "features"))
+    errs = zpq.read_parquet_dir(str(out / "errors"))
     emb = np.stack(feats.column("embedding").to_numpy(zero_copy_only=False))
     return {"ids": feats.column("image_id").to_pylist(), "emb": emb, "errors": errs.to_pylist()}
 
@@ -139,7 +141,7 @@ def test_extract_killed_between_errors_and_features_file(fake_ray, image_folder,
     """The errors file is written first; a kill before the features file means the shard is redone and
     its errors file replaced, never appended to."""
     out = tmp_path / "out"
-    real = zio.write_parquet_atomic
+    real = zpq.write_parquet_atomic
     target = f"features/{shard_name(7)}"  # shard 7 holds the empty file: it has an error row
 
     def dying_write(uri, table):
@@ -147,15 +149,15 @@ def test_extract_killed_between_errors_and_features_file(fake_ray, image_folder,
             raise Killed
         real(uri, table)
 
-    monkeypatch.setattr(zio, "write_parquet_atomic", dying_write)
+    monkeypatch.setattr(zpq, "write_parquet_atomic", dying_write)
     with pytest.raises(Killed):
         run_extract(_cfg(image_folder, out), progress=False)
-    monkeypatch.setattr(zio, "write_parquet_atomic", real)
+    monkeypatch.setattr(zpq, "write_parquet_atomic", real)
     assert (out / "errors" / shard_name(7)).exists() and not (out / "features" / shard_name(7)).exists()
     fake_ray.update(shards_run=[])
     m = run_extract(_cfg(image_folder, out), progress=False)
     assert 7 in fake_ray["shards_run"]
-    errs = zio.read_parquet_dir(str(out / "errors")).to_pylist()
+    errs = zpq.read_parquet_dir(str(out / "errors")).to_pylist()
     assert [e["image_id"] for e in errs] == ["cat/99999-empty.png"]  # once, not twice
     assert m.n_errors == 1 and m.n_images == 30
 
@@ -196,7 +198,7 @@ def test_writer_ignores_repeated_rows(fake_ray, image_folder, tmp_path, monkeypa
 
     monkeypatch.setattr(extract._ShardWriter, "__call__", twice)
     m = run_extract(_cfg(image_folder, tmp_path / "out"), progress=False)
-    ids = zio.read_parquet_dir(str(tmp_path / "out" / "features")).column("image_id").to_pylist()
+    ids = zpq.read_parquet_dir(str(tmp_path / "out" / "features")).column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 30 and m.n_images == 30 and m.n_errors == 1
 
 
@@ -207,7 +209,7 @@ def test_temp_files_left_by_a_kill_are_invisible_and_cleaned(fake_ray, image_fol
         (out / d / f"{zio.TMP_PREFIX}deadbeef-{shard_name(3)}").write_bytes((out / d / shard_name(3)).read_bytes())
     (out / f"{zio.TMP_PREFIX}cafe0000-manifest.json").write_text("{")
     assert all(zio.TMP_PREFIX not in f for f in zio.list_files(str(out)))
-    assert zio.read_parquet_dir(str(out / "features")).num_rows == 30  # not 34
+    assert zpq.read_parquet_dir(str(out / "features")).num_rows == 30  # not 34
     fake_ray.update(shards_run=[])
     m = run_extract(_cfg(image_folder, out), progress=False)
     assert fake_ray["shards_run"] == [] and m.n_images == 30
@@ -280,7 +282,7 @@ def _lcfg(w, out, **kw) -> LabelConfig:
 
 
 def _labels(out) -> pa.Table:
-    return zio.read_parquet_dir(str(out / "labels"))
+    return zpq.read_parquet_dir(str(out / "labels"))
 
 
 def test_label_crash_then_rerun_labels_only_the_rest(small_world, tmp_path, monkeypatch):
@@ -291,7 +293,7 @@ def test_label_crash_then_rerun_labels_only_the_rest(small_world, tmp_path, monk
     real = _die_after_writes(monkeypatch, "atomic_parquet_writer", 2)
     with pytest.raises(Killed):
         labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
-    monkeypatch.setattr(zio, "atomic_parquet_writer", real)
+    monkeypatch.setattr(zpq, "atomic_parquet_writer", real)
     assert not (tmp_path / "out" / "manifest.json").exists()
     (tmp_path / "out" / "labels" / f"{zio.TMP_PREFIX}0badf00d-{shard_name(2)}").write_bytes(b"PAR1 torn")
     m = labeling.run_label(_lcfg(w, tmp_path / "out"), progress=False)
@@ -439,18 +441,18 @@ def test_index_killed_while_saving_is_never_loadable_and_reruns_from_the_cache(s
     out = tmp_path / "out"
     run_index(_icfg(w, out, index_factory="Flat"), progress=False)  # an old, complete index
     small_world(n_images=48, shard_size=8)  # the features gained a shard: its vectors are added
-    real = zio.atomic_parquet_writer
+    real = zpq.atomic_parquet_writer
 
     def dying(uri, schema):
         if uri.endswith("ids.parquet"):
             raise Killed
         return real(uri, schema)
 
-    monkeypatch.setattr(zio, "atomic_parquet_writer", dying)
+    monkeypatch.setattr(zpq, "atomic_parquet_writer", dying)
     spy_projection.clear()
     with pytest.raises(Killed):
         run_index(_icfg(w, out, index_factory="Flat"), progress=False)
-    monkeypatch.setattr(zio, "atomic_parquet_writer", real)
+    monkeypatch.setattr(zpq, "atomic_parquet_writer", real)
     # the manifest is gone before anything changes: no reader pairs the old files with new ones
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         _index_state(out)
@@ -526,20 +528,20 @@ def test_index_with_another_model_is_refused_unless_overwrite_which_drops_the_ol
 def test_reader_never_sees_a_partial_parquet_file_while_it_is_rewritten(tmp_path):
     uri = str(tmp_path / "t.parquet")
     big = pa.table({"x": np.arange(200_000), "y": np.random.default_rng(0).standard_normal(200_000)})
-    zio.write_parquet_atomic(uri, big.slice(0, 10))
+    zpq.write_parquet_atomic(uri, big.slice(0, 10))
     stop, seen, errors = threading.Event(), set(), []
 
     def reader():
         while not stop.is_set():
             try:
-                seen.add(zio.read_parquet(uri).num_rows)  # how every pipeline reader opens a file
+                seen.add(zpq.read_parquet(uri).num_rows)  # how every pipeline reader opens a file
             except Exception as exc:  # noqa: BLE001 - any failure is the bug this test looks for
                 errors.append(exc)
 
     t = threading.Thread(target=reader)
     t.start()
     for i in range(30):
-        zio.write_parquet_atomic(uri, big if i % 2 == 0 else big.slice(0, 10))
+        zpq.write_parquet_atomic(uri, big if i % 2 == 0 else big.slice(0, 10))
     stop.set()
     t.join()
     assert errors == [] and seen <= {10, 200_000}
@@ -561,7 +563,7 @@ def test_write_dying_half_way_leaves_old_content_or_nothing(tmp_path, monkeypatc
     with pytest.raises(Killed):
         zio.write_npy_atomic(uri, np.arange(1000, dtype=np.float32))
     with pytest.raises(Killed):
-        zio.write_parquet_atomic(str(tmp_path / "new.parquet"), pa.table({"a": [1, 2, 3]}))
+        zpq.write_parquet_atomic(str(tmp_path / "new.parquet"), pa.table({"a": [1, 2, 3]}))
     with pytest.raises(Killed):
         zio.write_bytes_atomic(str(tmp_path / "index.faiss"), b"x" * 10_000)
     monkeypatch.undo()

@@ -84,10 +84,11 @@ def labelled(serve_world, tmp_path_factory):
 
 def test_hits_carry_predicted_labels_and_unseen_only_filters(serve_world, labelled, tmp_path):
     from pipeline.core import fs as zio
+    from pipeline.core import parquet as zpq
     from pipeline.stages.serve import create_app
 
     s, root, _, _ = serve_world
-    table = zio.read_parquet_dir(zio.join(labelled, "labels")).to_pandas().set_index("image_id")
+    table = zpq.read_parquet_dir(zio.join(labelled, "labels")).to_pandas().set_index("image_id")
     cfg = ServeConfig(indexes={}, labels={"animals": labelled}, thumbnail_cache=str(tmp_path))
     try:
         client = TestClient(create_app(cfg, searchers={"animals": s}))

@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.core import fs as zio
-from pipeline.core.schema import ModelManifest, read_manifest, write_manifest
+from pipeline.core.manifests import ModelManifest, read_manifest, write_manifest
 
 LOG = logging.getLogger(__name__)
 

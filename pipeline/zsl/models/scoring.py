@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.core import fs as zio
 from pipeline.zsl.models.base import ZSLModel
-from pipeline.core.schema import ModelManifest
+from pipeline.core.manifests import ModelManifest
 from pipeline.zsl.calibration import apply_calibrated_stacking
 from pipeline.semantics.classset import ClassSet
 
