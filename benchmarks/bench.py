@@ -187,7 +187,7 @@ def _bare_side(files: list[str], *, plan, batch_size: int, max_pixels: int, out:
     embeddings in ``out["X"]``), its encoder's load seconds (loaded once, here) and the driver's torch threads."""
     import torch
 
-    from pipeline.encoders.models import image_encoder_info, load_image_encoder
+    from pipeline.encoders.image import image_encoder_info, load_image_encoder
 
     info_enc = image_encoder_info(FEATURE_MODEL)
     with timed() as load:

@@ -25,7 +25,7 @@ from pipeline.core import parquet as zpq
 from pipeline.core.config import ExtractConfig
 from pipeline.core.features import load_features
 from pipeline.core.timing import timed
-from pipeline.encoders.models import image_encoder_info, load_image_encoder
+from pipeline.encoders.image import image_encoder_info, load_image_encoder
 from pipeline.inputs.demo_data import ANIMAL_MNIST_CLASSES, write_demo_data
 from pipeline.inputs.images import decode_image
 from pipeline.inputs.registry import list_shards

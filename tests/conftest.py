@@ -172,7 +172,7 @@ def image_world(tmp_path_factory):
     from pipeline.semantics.classset import write_class_set
     from pipeline.core.config import IndexConfig
     from pipeline.inputs.demo_data import load_animal_mnist
-    from pipeline.encoders.models import load_image_encoder
+    from pipeline.encoders.image import load_image_encoder
     from pipeline.core.features import write_features
     from pipeline.inputs.images import decode_image
     from pipeline.zsl.models import save_model

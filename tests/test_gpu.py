@@ -52,7 +52,7 @@ def _copy(batch: dict) -> dict:
 
 
 def test_cuda_encode_actor_matches_cpu_actor(cuda, tiny_images):
-    from pipeline.encoders.models import image_encoder_info
+    from pipeline.encoders.image import image_encoder_info
     from pipeline.cluster.extraction import EncodeActor, plan_resources
 
     # the plan such an actor runs under on a 16-CPU, 1-GPU node: one actor holding the whole GPU

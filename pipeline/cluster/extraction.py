@@ -141,7 +141,7 @@ class EncodeActor:
     def __init__(self, *, encoder: str, pretrained: str | None, device: str, threads: int) -> None:
         import torch
 
-        from pipeline.encoders.models import load_image_encoder
+        from pipeline.encoders.image import load_image_encoder
 
         torch.set_num_threads(max(1, threads))  # Ray sets OMP_NUM_THREADS=1 in workers
         self.encoder = load_image_encoder(encoder, pretrained, device=device)

@@ -1,0 +1,4 @@
+"""The base layer: fs and atomic writes (:mod:`.fs`), Parquet helpers (:mod:`.parquet`), typed config
+(:mod:`.config`) and human units (:mod:`.units`), table schemas (:mod:`.schema`) and typed manifests
+(:mod:`.manifests`), the one resume protocol (:mod:`.resume`), feature shards on disk (:mod:`.features`),
+timing (:mod:`.timing`). Imports nothing else of the project."""

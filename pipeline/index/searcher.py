@@ -36,7 +36,7 @@ class Searcher:
 
     def __init__(self, index_dir: str, *, load_text: bool = True, text_backend: str = "torch",
                  text_threads: int | None = None) -> None:
-        """``text_backend``/``text_threads``: how the text model runs (:func:`pipeline.encoders.models.load_text_encoder`;
+        """``text_backend``/``text_threads``: how the text model runs (:func:`pipeline.encoders.text.load_text_encoder`;
         ``zsl serve`` uses ``auto``: ONNX Runtime on CPUs; one-shot searches keep PyTorch)."""
         self.index_dir = index_dir
         self.text_backend, self.text_threads = text_backend, text_threads
@@ -71,7 +71,7 @@ class Searcher:
     def encoder(self):
         """The text model the index's model was trained against (loaded on first use)."""
         if self._encoder is None:
-            from pipeline.encoders.models import load_text_encoder
+            from pipeline.encoders.text import load_text_encoder
 
             m = self.manifest
             if not m.text_model:
@@ -88,7 +88,8 @@ class Searcher:
     def image_encoder(self):
         """The encoder that made the indexed features (loaded on first use, on the CPU)."""
         if self._image_encoder is None:
-            from pipeline.encoders.models import encoder_id, load_image_encoder
+            from pipeline.encoders.image import load_image_encoder
+            from pipeline.encoders.common import encoder_id
 
             m = self.manifest
             name, pretrained = m.image_encoder, m.image_pretrained

@@ -204,7 +204,7 @@ def extend_class_set(current: ClassSet, input_uri: str, *, where: str,
     nothing and returns ``current``. Attribute columns are matched by name, in any order; a table
     with other attribute columns is refused, naming them.
     """
-    from pipeline.encoders.models import load_text_encoder
+    from pipeline.encoders.text import load_text_encoder
 
     m = current.manifest
     table = read_class_table(input_uri, missing_value=m.missing_value)

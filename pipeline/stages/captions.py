@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 from pipeline.core import fs as zio
 from pipeline.core import parquet as zpq
 from pipeline.core.config import EmbedTextConfig
-from pipeline.encoders.models import encoder_id, load_text_encoder
+from pipeline.encoders.text import load_text_encoder
+from pipeline.encoders.common import encoder_id
 from pipeline.core.features import CAPTIONS_DIR, feature_shards, features_identity, open_features
 from pipeline.core.resume import OutputDir
 from pipeline.core.schema import captions_schema

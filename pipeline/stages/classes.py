@@ -22,7 +22,7 @@ __all__ = ["run_classes"]
 
 def run_classes(cfg: ClassesConfig, *, text_encoder=None) -> ClassesManifest:
     """Embed the classes of ``cfg.input`` into ``cfg.output``; return the class set's manifest."""
-    from pipeline.encoders.models import load_text_encoder
+    from pipeline.encoders.text import load_text_encoder
 
     if not zio.exists(cfg.input):
         raise FileNotFoundError(f"{cfg.input}: class table not found")

@@ -24,7 +24,7 @@ from pipeline.core.features import IDENTITY_KEYS, shard_id_of, write_error_shard
 from pipeline.core.resume import OutputDir
 from pipeline.core.manifests import FeaturesManifest
 from pipeline.core.timing import timed
-from pipeline.encoders.models import image_encoder_info
+from pipeline.encoders.image import image_encoder_info
 from pipeline.inputs.base import Shard
 from pipeline.inputs.registry import describe_input, list_shards
 

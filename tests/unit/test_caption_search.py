@@ -18,7 +18,7 @@ NOUN = ["horse", "cat", "bird", "elephant", "dog", "fish", "owl", "goat", "bear"
 @pytest.fixture(scope="module")
 def captioned_index(tmp_path_factory):
     from pipeline.semantics.classset import write_class_set
-    from pipeline.encoders.models import load_text_encoder
+    from pipeline.encoders.text import load_text_encoder
     from pipeline.core.features import write_features
     from pipeline.zsl.models import save_model
     from pipeline.zsl.models.eszsl import ESZSL

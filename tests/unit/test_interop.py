@@ -28,7 +28,7 @@ def captioned(tmp_path):
 
 
 def test_embed_text_lines_up_with_the_rows_and_resumes(captioned, monkeypatch):
-    from pipeline.encoders.models import load_text_encoder
+    from pipeline.encoders.text import load_text_encoder
     from pipeline.stages.captions import run_embed_text
 
     feats, _ = captioned

@@ -23,7 +23,7 @@ from pipeline.semantics.class_table import (
 class FakeTextEncoder:
     """Deterministic stand-in for a text model: a fixed random vector per string.
 
-    ``normalize=True`` honours :class:`pipeline.encoders.models.TextEncoder`'s contract (unit rows).
+    ``normalize=True`` honours :class:`pipeline.encoders.text.TextEncoder`'s contract (unit rows).
     """
 
     def __init__(self, dim: int = 6, model_id: str = "fake-text", normalize: bool = True) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.core import fs as zio
 from pipeline.encoders import onnx as text_onnx
-from pipeline.encoders.models import load_text_encoder
+from pipeline.encoders.text import load_text_encoder
 
 TEXTS = ["a photo of a zebra.", "zebra", "a drawing of a red car parked near a house with a blue door",
          "Ünïcödé テキスト 🦓", "striped " * 400, "?", "the quick brown fox jumps over the lazy dog"]
@@ -96,7 +96,7 @@ def test_an_export_that_disagrees_with_pytorch_is_refused(cache, tmp_path, monke
         load_text_encoder("minilm", backend="onnx")
     assert len(exports) == 3
     # auto falls back to PyTorch with a warning (and a correct encoder)
-    with caplog.at_level(logging.WARNING, logger="pipeline.encoders.models"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.encoders.text"):
         enc = load_text_encoder("minilm", backend="auto")
     assert enc.backend == "torch" and "stays on PyTorch" in caplog.text
 
