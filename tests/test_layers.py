@@ -176,6 +176,38 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
+# ---- one job per module: small modules, small functions --------------------------------------------------
+
+MAX_MODULE_LINES = 420  # "about 400"
+MAX_FUNCTION_LINES = 60
+LIBRARY = {m: p for m, p in PATHS.items() if m.split(".")[0] in ("pipeline", "jobs")}
+
+
+def _long_functions(path: Path, limit: int) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    return [f"{shown}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > limit]
+
+
+def test_modules_stay_small():
+    big = sorted(f"{p.relative_to(ROOT)} ({n} lines)" for p in LIBRARY.values()
+                 if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES)
+    assert not big, f"modules over {MAX_MODULE_LINES} lines (split them by role): {big}"
+
+
+def test_functions_stay_small():
+    long = [f for p in LIBRARY.values() for f in _long_functions(p, MAX_FUNCTION_LINES)]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into steps): {long}"
+
+
+def test_the_size_checker_sees_a_long_function(tmp_path):
+    f = tmp_path / "long.py"
+    f.write_text("def short():\n    return 1\n\n\ndef long():\n" + "    x = 1\n" * 70)
+    assert _long_functions(f, MAX_FUNCTION_LINES) == ["long.py:5 long (71 lines)"]
+
+
 # ---- the guard can fail ------------------------------------------------------------------------------------
 
 def test_the_checker_sees_a_lower_layer_importing_a_higher_one(tmp_path):
