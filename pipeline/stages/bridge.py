@@ -78,9 +78,7 @@ def run_bridge(cfg: BridgeConfig) -> ModelManifest:
                     "max_pairs": cfg.max_pairs, "seed": cfg.seed, "templates": list(cfg.templates)}
         with OutputDir(cfg.output, job="bridge", identity=identity, overwrite=cfg.overwrite,
                        owned=("weights.safetensors",)) as out:
-            done = out.finished(ModelManifest)
-            if done is not None:
-                LOG.info("%s: bridge of these pairs with these settings is complete; nothing to do", cfg.output)
+            if (done := out.already_done(ModelManifest, "bridge of these pairs with these settings")) is not None:
                 return done
             X, T, _ = load_pairs(cfg.features)
             n_all = len(X)

@@ -106,9 +106,7 @@ def run_train(cfg: TrainConfig) -> ModelManifest:
                     "classes": classes.manifest.fingerprint}
         with OutputDir(cfg.output, job="train", identity=identity, overwrite=cfg.overwrite,
                        owned=("weights.safetensors",)) as out:
-            done = out.finished(ModelManifest)
-            if done is not None:
-                LOG.info("%s: model of these features, classes and settings is complete; nothing to do", cfg.output)
+            if (done := out.already_done(ModelManifest, "model of these features, classes and settings")) is not None:
                 return done
             model, fields = _fit(cfg, feats, classes)
             fields["seconds"] = round(clock.elapsed(), 2)
