@@ -52,15 +52,15 @@ LATENT_RANK = 8  # rank of the synthetic class structure behind features and tex
 
 # -- small helpers -------------------------------------------------------------------------------
 
-def _median(xs: list[float]) -> float:
+def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def _ratio(a: float, b: float) -> float:
+def ratio(a: float, b: float) -> float:
     return float(a / b) if b > 0 else float("nan")
 
 
-def _interleaved(repeats: int, pipeline: Callable[[int], float], bare: Callable[[int], float]
+def interleaved(repeats: int, pipeline: Callable[[int], float], bare: Callable[[int], float]
                  ) -> tuple[list[float], list[float]]:
     """Run both ``repeats`` times, alternating which goes first (ABBA), so drift hits both alike."""
     p_s, b_s = [], []
@@ -71,7 +71,7 @@ def _interleaved(repeats: int, pipeline: Callable[[int], float], bare: Callable[
     return p_s, b_s
 
 
-def _machine() -> dict:
+def machine() -> dict:
     import faiss
     import numpy as np
     import pyarrow
@@ -168,7 +168,7 @@ def bench_extract(work: Path, *, images_per_class: int, repeats: int, shard_size
             shutil.rmtree(cfg(f"r{r}").output, ignore_errors=True)
         return secs
 
-    p_s, b_s = _interleaved(repeats, pipeline_rep, bare_rep)
+    p_s, b_s = interleaved(repeats, pipeline_rep, bare_rep)
 
     # Same numbers out of both? (per image, matched by uri)
     feats = load_features(cfg(f"r{repeats - 1}").output)
@@ -225,7 +225,7 @@ def _extract_result(n: int, p_s: list[float], b_s: list[float], cold_result: dic
                     ray_was_running: bool, load_s: float, threads: dict, resources: dict,
                     max_abs_diff: float) -> dict:
     p_ips, b_ips = [n / s for s in p_s], [n / s for s in b_s]
-    p_med, b_med = _median(p_ips), _median(b_ips)
+    p_med, b_med = median(p_ips), median(b_ips)
     out = {
         "n_images": n,
         "pipeline": {"seconds": p_s, "images_per_s": p_ips, "median_images_per_s": p_med,
@@ -234,8 +234,8 @@ def _extract_result(n: int, p_s: list[float], b_s: list[float], cold_result: dic
         "bare": {"seconds": b_s, "images_per_s": b_ips, "median_images_per_s": b_med,
                  "includes": "read bytes + decode_image + np.stack + encode in batches; encoder loaded "
                              "once outside the timed region"},
-        "ratio": _ratio(p_med, b_med),
-        "pipeline_overhead_s_median": _median(p_s) - _median(b_s),
+        "ratio": ratio(p_med, b_med),
+        "pipeline_overhead_s_median": median(p_s) - median(b_s),
         "ray_init_s": ray_init_s,
         "ray_was_already_running": ray_was_running,
         "bare_encoder_load_s": load_s,
@@ -251,8 +251,8 @@ def _extract_result(n: int, p_s: list[float], b_s: list[float], cold_result: dic
         cold_ips = n / cold_result["seconds_incl_ray_init"]
         out["cold"] = {**cold_result, "images_per_s_incl_ray_init": cold_ips,
                        # against the bare loop charged with its own one-off encoder load
-                       "bare_images_per_s_incl_encoder_load": n / (load_s + _median(b_s)),
-                       "ratio_vs_bare_incl_encoder_load": _ratio(cold_ips, n / (load_s + _median(b_s))),
+                       "bare_images_per_s_incl_encoder_load": n / (load_s + median(b_s)),
+                       "ratio_vs_bare_incl_encoder_load": ratio(cold_ips, n / (load_s + median(b_s))),
                        "samples": 1,
                        "includes": "init_ray + the first run_extract of this process (a CLI invocation)"}
     return out
@@ -270,7 +270,7 @@ def _write_feature_dir(out: str, X, labels: list[str], *, shard_rows: int, id_pr
                           notes={"source": "synthetic (benchmarks.bench)", "input": f"synthetic:{id_prefix}"})
 
 
-def _synthetic_features(rng, centers, y, *, noise: float, chunk: int = 20_000):
+def synthetic_features(rng, centers, y, *, noise: float, chunk: int = 20_000):
     """Non-negative, class-clustered rows (like pooled CNN features), generated in chunks."""
     import numpy as np
 
@@ -316,12 +316,12 @@ def _label_data(work: Path, *, dim: int, rows: int, shard_rows: int, n_classes: 
             "missing_value": -1.0})
         y_train = np.repeat(np.arange(n_seen), 60)
         train_dir = str(work / "features-train")
-        _write_feature_dir(train_dir, _synthetic_features(rng, centers, y_train, noise=0.5),
+        _write_feature_dir(train_dir, synthetic_features(rng, centers, y_train, noise=0.5),
                            [names[i] for i in y_train], shard_rows=shard_rows, id_prefix="train")
         train_manifest = run_train(TrainConfig(features=train_dir, classes=classes_dir, seen=tuple(names[:n_seen]),
                                                method="eszsl", output=model_dir))
         y = rng.integers(0, n_classes, rows)
-        X = _synthetic_features(rng, centers, y, noise=0.5)
+        X = synthetic_features(rng, centers, y, noise=0.5)
         feats_dir = str(work / "features-label")
         _write_feature_dir(feats_dir, X, [names[i] for i in y], shard_rows=shard_rows, id_prefix="label")
     return {"classes_dir": classes_dir, "model_dir": model_dir, "feats_dir": feats_dir, "X": X,
@@ -372,7 +372,7 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
         assert idx.shape == (rows, top_k)
         return t.seconds
 
-    p_s, b_s = _interleaved(repeats, pipeline_rep, bare_rep)
+    p_s, b_s = interleaved(repeats, pipeline_rep, bare_rep)
     batch_size = LabelConfig(model=model_dir, features=feats_dir, classes=classes_dir, output=out_dir(0)).batch_size
     return _label_result(rows, p_s, b_s, train_manifest, dim=dim, shard_rows=shard_rows, n_classes=n_classes,
                          n_seen=n_seen, prep_s=prep_s, batch_size=batch_size)
@@ -381,7 +381,7 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
 def _label_result(rows: int, p_s: list[float], b_s: list[float], train_manifest, *, dim: int, shard_rows: int,
                   n_classes: int, n_seen: int, prep_s: float, batch_size: int) -> dict:
     p_rps, b_rps = [rows / s for s in p_s], [rows / s for s in b_s]
-    p_med, b_med = _median(p_rps), _median(b_rps)
+    p_med, b_med = median(p_rps), median(b_rps)
     gamma = float(train_manifest.gamma)
     calib = (f"calibrated stacking: gamma={gamma:.4g} subtracted from the {n_seen} seen-class columns" if gamma
              else "calibration skipped: the tuned gamma is 0")
@@ -394,8 +394,8 @@ def _label_result(rows: int, p_s: list[float], b_s: list[float], train_manifest,
         "model": {"method": train_manifest.method, "gamma": gamma, "n_train": train_manifest.n_train},
         "pipeline": {"seconds": p_s, "rows_per_s": p_rps, "median_rows_per_s": p_med},
         "bare": {"seconds": b_s, "rows_per_s": b_rps, "median_rows_per_s": b_med},
-        "ratio": _ratio(p_med, b_med),
-        "pipeline_overhead_s_median": _median(p_s) - _median(b_s),
+        "ratio": ratio(p_med, b_med),
+        "pipeline_overhead_s_median": median(p_s) - median(b_s),
         "prep_seconds": prep_s,
         "notes": (f"run_label on top of the bare math: reads manifests, model (safetensors) and class set; per "
                   f"shard reads Parquet (zstd; files are in the page cache after being written) and converts "
@@ -500,7 +500,7 @@ def bench(
                   encoder=FEATURE_MODEL)
     with timed() as clock:
         result: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        "machine": _machine(), "parameters": params, "extraction": None, "labeling": None}
+                        "machine": machine(), "parameters": params, "extraction": None, "labeling": None}
         own_work = workdir is None
         work = Path(workdir or tempfile.mkdtemp(prefix="zsl-bench-"))
         work.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ For each row count N (``--rows``, repeatable) the harness
    with :func:`pipeline.core.schema.features_schema`, one zstd Parquet file per shard written atomically
    as ``zsl extract`` does, then the :class:`~pipeline.core.manifests.FeaturesManifest`), shard by shard:
    non-negative, class-clustered 1280-d rows over many classes with a low-rank latent structure plus
-   per-row noise (as :func:`benchmarks.bench._synthetic_features`); never all N rows in memory. One
+   per-row noise (as :func:`benchmarks.bench.synthetic_features`); never all N rows in memory. One
    class set (synthetic 384-d text embeddings) and one ESZSL model (``semantics == "text"``) are
    made once and reused for every N;
 2. **labels** them with the installed CLI (``zsl label``) in a subprocess, against a **bare** NumPy
@@ -55,7 +55,7 @@ from pathlib import Path
 
 import typer
 
-from benchmarks.bench import FEATURE_MODEL, RESULTS, _machine
+from benchmarks.bench import FEATURE_MODEL, RESULTS, machine
 from benchmarks.scale_autofaiss import AUTOFAISS_VENV, bench_autofaiss, ensure_autofaiss
 from benchmarks.scale_data import DIM, World, ground_truth, make_scale_data
 from benchmarks.scale_index import bench_our_index, measure_latencies
@@ -155,7 +155,7 @@ def run_scale(s: Settings, *, output: str, venv: Path, workdir: str | None, keep
 
     with timed() as clock:
         result: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        "machine": _machine(), "parameters": s.parameters(), "goals": GOALS, "extraction": None,
+                        "machine": machine(), "parameters": s.parameters(), "goals": GOALS, "extraction": None,
                         "autofaiss_env": None, "scales": []}
         result["machine"]["rss_polling"] = rss_polling()
         own_work = workdir is None

@@ -217,7 +217,7 @@ def _corpus_features(work: Path, limit: int | None) -> str:
     """Open Clip Art (Debian packages) -> captioned features with caption embeddings (cached in ``work``)."""
     from pipeline.core.config import build_config
     from pipeline.inputs.corpus import write_openclipart_corpus
-    from pipeline.stages.captions import run_embed_text
+    from pipeline.stages.embed_text import run_embed_text
     from pipeline.stages.extract import run_extract
 
     write_openclipart_corpus(str(work / "corpus"), limit=limit, progress=False)

@@ -78,7 +78,7 @@ def check_faiss(n: int, dim: int = 384, seed: int = 0) -> dict:
     import faiss
 
     from pipeline.index.build import build_index
-    from pipeline.index.choose import _nlist
+    from pipeline.index.choose import default_nlist
     from pipeline.index.tune import tune_index
 
     rng = np.random.default_rng(seed)
@@ -86,7 +86,7 @@ def check_faiss(n: int, dim: int = 384, seed: int = 0) -> dict:
     x = centres[rng.integers(0, 1000, n)] + 0.7 * rng.standard_normal((n, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     batches = [x[i : i + 100_000] for i in range(0, n, 100_000)]
-    factory = f"IVF{_nlist(n)},Flat"
+    factory = f"IVF{default_nlist(n)},Flat"
     out = {"vectors": n, "dim": dim, "factory": factory, "gpus": faiss.get_num_gpus()}
     for where, use_gpu in (("gpu", True), ("cpu", False)):
         with timed() as build:

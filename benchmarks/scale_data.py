@@ -2,8 +2,8 @@
 embeddings, an ESZSL model trained on it), N-row feature directories drawn from it with their projected
 vectors, and the exact k-NN ground truth and recall@k every index is measured against.
 
-Exact search and recall are the library's own (:func:`pipeline.index.search.exact_knn` and
-:func:`~pipeline.index.search.recall_at_k`, the ones the index tuner uses), called from
+Exact search and recall are the library's own (:func:`pipeline.index.knn.exact_knn` and
+:func:`~pipeline.index.knn.recall_at_k`, the ones the index tuner uses), called from
 :func:`ground_truth` and :func:`measure_recall` only.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench import FEATURE_MODEL, TEXT_DIM, _synthetic_features
+from benchmarks.bench import FEATURE_MODEL, TEXT_DIM, synthetic_features
 from pipeline.core.timing import timed
 
 DIM = 1280
@@ -85,7 +85,7 @@ class World:
     def rows(self, rng, n: int):
         """``n`` fresh feature rows of the world's distribution and their class indices."""
         y = rng.integers(0, len(self.names), n)
-        return _synthetic_features(rng, self.centers, y, noise=self.noise), y
+        return synthetic_features(rng, self.centers, y, noise=self.noise), y
 
     def write_features(self, out: Path, y, rng, *, id_prefix: str, on_shard=None) -> int:
         """A feature directory of ``len(y)`` rows of classes ``y`` (drawn from ``rng`` shard by shard)."""
@@ -102,7 +102,7 @@ class World:
         n_shards = max(1, -(-n // self.shard_rows))
         for sid in range(n_shards):
             s, e = sid * self.shard_rows, min(n, (sid + 1) * self.shard_rows)
-            X = _synthetic_features(rng, self.centers, y[s:e], noise=self.noise)
+            X = synthetic_features(rng, self.centers, y[s:e], noise=self.noise)
             ids = [f"{id_prefix}/{i:09d}.png" for i in range(s, e)]
             table = pa.table({
                 "image_id": ids, "uri": [f"synthetic://{i}" for i in ids], "label": names[y[s:e]].tolist(),
@@ -162,7 +162,7 @@ def _dir_bytes(path: Path) -> int:
 def ground_truth(Q, data: dict) -> tuple[np.ndarray, float]:
     """Exact top-``max(RECALL_KS)`` ids of the queries ``Q`` over ``data``'s projected vectors, and the seconds
     the exact search took."""
-    from pipeline.index.search import exact_knn
+    from pipeline.index.knn import exact_knn
 
     n_db = 0
 
@@ -182,7 +182,7 @@ def ground_truth(Q, data: dict) -> tuple[np.ndarray, float]:
 
 def measure_recall(index, Q, gt_ids) -> dict:
     """Recall@1/10/100 of one batched search of all queries against the exact ids ``gt_ids``."""
-    from pipeline.index.search import recall_at_k
+    from pipeline.index.knn import recall_at_k
 
     k = min(max(RECALL_KS), int(index.ntotal))
     _, ids = index.search(Q, k)

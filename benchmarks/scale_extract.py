@@ -17,7 +17,7 @@ import numpy as np
 import ray
 import torch
 
-from benchmarks.bench import FEATURE_MODEL, _interleaved, _median, _ratio
+from benchmarks.bench import FEATURE_MODEL, interleaved, median, ratio
 from pipeline.cluster.extraction import plan_resources
 from pipeline.cluster.session import init_ray
 from pipeline.core import fs as zio
@@ -50,7 +50,7 @@ def bench_extract_steady(work: Path, *, n_images: int, shard_size: int, batch_si
         res = ray.cluster_resources()
         plan = plan_resources(cpus=res.get("CPU", 1), gpus=res.get("GPU", 0), num_actors=None, device="auto")
         runs = _Runs(work, src, files, plan=plan, shard_size=shard_size, batch_size=batch_size, repeats=repeats)
-        _interleaved(repeats, runs.pipeline, runs.bare)
+        interleaved(repeats, runs.pipeline, runs.bare)
         diff = runs.max_abs_diff()
     finally:
         if started:
@@ -60,7 +60,7 @@ def bench_extract_steady(work: Path, *, n_images: int, shard_size: int, batch_si
 
 
 class _Runs:
-    """The two sides, one repeat per call (for :func:`benchmarks.bench._interleaved`), each run's record kept."""
+    """The two sides, one repeat per call (for :func:`benchmarks.bench.interleaved`), each run's record kept."""
 
     def __init__(self, work: Path, src: str, files: list[str], *, plan, shard_size: int, batch_size: int,
                  repeats: int) -> None:
@@ -149,10 +149,10 @@ def _steady(times: list[float], counts: list[int]) -> float | None:
 def _summary(runs: list[dict], n: int, unit: str) -> dict:
     steady = [r["steady_images_per_s"] for r in runs if r["steady_images_per_s"]]
     fixed = [r["fixed_s"] for r in runs if r["fixed_s"] is not None]
-    return {"runs": runs, "median_seconds": _median([r["seconds"] for r in runs]),
-            "median_images_per_s": _median([n / r["seconds"] for r in runs]),
-            "median_steady_images_per_s": _median(steady) if steady else None,
-            "median_fixed_s": _median(fixed) if fixed else None, "steady_state_from": unit}
+    return {"runs": runs, "median_seconds": median([r["seconds"] for r in runs]),
+            "median_images_per_s": median([n / r["seconds"] for r in runs]),
+            "median_steady_images_per_s": median(steady) if steady else None,
+            "median_fixed_s": median(fixed) if fixed else None, "steady_state_from": unit}
 
 
 def _result(runs: _Runs, *, ray_init_s: float, ray_was_running: bool, diff: float) -> dict:
@@ -162,9 +162,9 @@ def _result(runs: _Runs, *, ray_init_s: float, ray_was_running: bool, diff: floa
     return {
         "n_images": n, "shard_size": runs.shard_size, "batch_size": runs.batch_size, "repeats": runs.repeats,
         "pipeline": p, "bare": b,
-        "ratio_steady": (_ratio(p["median_steady_images_per_s"], b["median_steady_images_per_s"])
+        "ratio_steady": (ratio(p["median_steady_images_per_s"], b["median_steady_images_per_s"])
                          if p["median_steady_images_per_s"] and b["median_steady_images_per_s"] else None),
-        "ratio_total": _ratio(p["median_images_per_s"], b["median_images_per_s"]),
+        "ratio_total": ratio(p["median_images_per_s"], b["median_images_per_s"]),
         "fixed_costs_s": {"ray_init": ray_init_s, "pipeline_actor_start_model_load_and_ramp": p["median_fixed_s"],
                           "bare_encoder_load": runs.load_s, "bare_ramp": b["median_fixed_s"]},
         "ray_was_already_running": ray_was_running,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench import _median, _ratio
+from benchmarks.bench import median, ratio
 from benchmarks.scale_data import RECALL_KS, World, measure_recall
 from benchmarks.scale_memory import mb, run_measured, self_rss, zsl_command
 from pipeline.core.timing import timed
@@ -82,7 +82,7 @@ def latency_summary(rounds: list[dict], n_queries: int) -> dict:
     return {"single_query_mean_ms": float(ms.mean()), "single_query_p50_ms": float(np.median(ms)),
             "single_query_p99_ms": float(np.percentile(ms, 99)), "single_queries": len(rounds[0]["single_s"]),
             "latency_rounds": len(rounds), "latency_k": rounds[0]["latency_k"],
-            "batched_ms_per_query": float(_median(batched) / n_queries * 1e3), "batched_queries": n_queries,
+            "batched_ms_per_query": float(median(batched) / n_queries * 1e3), "batched_queries": n_queries,
             "batched_k": rounds[0]["batched_k"], "batched_seconds": batched}
 
 
@@ -133,7 +133,7 @@ def bench_our_index(world: World, data: dict, work: Path, Q, gt_ids, *, max_memo
         "data_files": man.get("data_files"), "index_bytes": man.get("index_bytes"),
         "load": "pipeline.index.store.load_index(dir) with its defaults (memory-mapped where the index type allows)",
         "estimated_bytes": man.get("estimated_bytes"),
-        "estimated_over_file": _ratio(man["estimated_bytes"], (out / "index.faiss").stat().st_size)
+        "estimated_over_file": ratio(man["estimated_bytes"], (out / "index.faiss").stat().st_size)
         if man.get("estimated_bytes") else None,
         "max_memory_bytes": parse_memory(max_memory),
         "load_seconds": load.seconds, "loaded_rss_delta_mb": mb(rss_delta), "ntotal": int(index.ntotal),

@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks.bench import _interleaved, _median, _ratio
+from benchmarks.bench import interleaved, median, ratio
 from benchmarks.scale_data import DIM, World
 from benchmarks.scale_memory import mb, run_measured, zsl_command
 
@@ -88,13 +88,13 @@ def bench_label_scale(world: World, data: dict, work: Path, *, n_rows: int, repe
         b_runs.append(m)
         return m["seconds"]
 
-    _interleaved(repeats, pipeline_rep, bare_rep)
+    interleaved(repeats, pipeline_rep, bare_rep)
 
     p, b = _side(p_runs, n_rows), _side(b_runs, n_rows)
     return {"n_rows": n_rows, "repeats": repeats, "batch_size": batch, "top_k": top_k,
             "pipeline": p, "bare": b,
-            "ratio": _ratio(p["median_rows_per_s"], b["median_rows_per_s"]),
-            "ratio_inprocess": (_ratio(p["median_inprocess_rows_per_s"], b["median_inprocess_rows_per_s"])
+            "ratio": ratio(p["median_rows_per_s"], b["median_rows_per_s"]),
+            "ratio_inprocess": (ratio(p["median_inprocess_rows_per_s"], b["median_inprocess_rows_per_s"])
                                 if p["median_inprocess_rows_per_s"] and b["median_inprocess_rows_per_s"] else None)}
 
 
@@ -103,11 +103,11 @@ def _side(runs: list[dict], n_rows: int) -> dict:
     secs = [r["seconds"] for r in runs]
     rps = [n_rows / s for s in secs]
     inproc = [r["inprocess_seconds"] for r in runs]
-    return {"seconds": secs, "rows_per_s": rps, "median_rows_per_s": _median(rps),
+    return {"seconds": secs, "rows_per_s": rps, "median_rows_per_s": median(rps),
             "inprocess_seconds": inproc,
-            "median_inprocess_rows_per_s": (_median([n_rows / s for s in inproc])
+            "median_inprocess_rows_per_s": (median([n_rows / s for s in inproc])
                                             if all(s for s in inproc) else None),
             "peak_rss_mb": [mb(r["peak_rss_bytes"]) for r in runs],
-            "median_peak_rss_mb": _median([mb(r["peak_rss_bytes"]) for r in runs]),
+            "median_peak_rss_mb": median([mb(r["peak_rss_bytes"]) for r in runs]),
             "polled_tree_peak_rss_mb": [mb(r["polled_tree_peak_rss_bytes"]) for r in runs],
             "root_hwm_mb": [mb(r["root_hwm_bytes"]) for r in runs]}

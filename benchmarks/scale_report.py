@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.bench import _ratio
+from benchmarks.bench import ratio
 from benchmarks.scale_data import DIM, RECALL_KS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,12 +57,12 @@ def rss_growth(scales: list[dict]) -> dict:
         return {}
     lo, hi = min(scales, key=lambda s: s["n_rows"]), max(scales, key=lambda s: s["n_rows"])
     out = {"n_small": lo["n_rows"], "n_large": hi["n_rows"], "rows_ratio": hi["n_rows"] / lo["n_rows"]}
-    out["label_pipeline"] = _ratio(hi["label"]["pipeline"]["median_peak_rss_mb"],
+    out["label_pipeline"] = ratio(hi["label"]["pipeline"]["median_peak_rss_mb"],
                                    lo["label"]["pipeline"]["median_peak_rss_mb"])
-    out["label_bare"] = _ratio(hi["label"]["bare"]["median_peak_rss_mb"], lo["label"]["bare"]["median_peak_rss_mb"])
-    out["index_ours"] = _ratio(hi["index"]["ours"]["peak_rss_mb"], lo["index"]["ours"]["peak_rss_mb"])
+    out["label_bare"] = ratio(hi["label"]["bare"]["median_peak_rss_mb"], lo["label"]["bare"]["median_peak_rss_mb"])
+    out["index_ours"] = ratio(hi["index"]["ours"]["peak_rss_mb"], lo["index"]["ours"]["peak_rss_mb"])
     if hi["index"].get("autofaiss") and lo["index"].get("autofaiss"):
-        out["index_autofaiss"] = _ratio(hi["index"]["autofaiss"]["peak_rss_mb"], lo["index"]["autofaiss"]["peak_rss_mb"])
+        out["index_autofaiss"] = ratio(hi["index"]["autofaiss"]["peak_rss_mb"], lo["index"]["autofaiss"]["peak_rss_mb"])
     return out
 
 

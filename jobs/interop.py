@@ -21,7 +21,7 @@ def embed_text(
 ) -> None:
     """Embed the captions of a feature directory (FEATURES/text/), so indexes can search them."""
     def body(cfg):
-        from pipeline.stages.captions import run_embed_text
+        from pipeline.stages.embed_text import run_embed_text
 
         m = run_embed_text(cfg)
         typer.echo(f"embedded {m.n_captions} captions of {m.n_rows} rows with {m.text_model} ({m.dim}-d) "

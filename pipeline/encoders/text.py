@@ -1,4 +1,4 @@
-"""Text encoders: ``minilm`` (the offline default, on PyTorch or ONNX Runtime: :mod:`pipeline.encoders.onnx`)
+"""Text encoders: ``minilm`` (the offline default, on PyTorch or ONNX Runtime: :mod:`pipeline.encoders.text_onnx`)
 and open_clip text towers (names: :mod:`pipeline.encoders.common`). Heavy objects are built where they
 are used, never at import time.
 """
@@ -54,7 +54,7 @@ TEXT_BACKENDS = ("torch", "onnx", "auto")
 def load_text_encoder(name: str = DEFAULT_TEXT, pretrained: str | None = None, *, device: str = "auto",
                       backend: str = "torch", threads: int | None = None) -> TextEncoder:
     """``backend``: ``torch``; ``onnx`` (the offline MiniLM on ONNX Runtime, on the CPU:
-    :mod:`pipeline.encoders.onnx`; the same vectors within 1e-4, checked at load, 3e-7 measured; faster
+    :mod:`pipeline.encoders.text_onnx`; the same vectors within 1e-4, checked at load, 3e-7 measured; faster
     for small batches); ``auto`` (``onnx`` on a CPU-only machine with onnxruntime installed, else
     ``torch``). ``threads``: ONNX Runtime's intra-op threads (None: one per core)."""
     if backend not in TEXT_BACKENDS:
@@ -70,7 +70,7 @@ def load_text_encoder(name: str = DEFAULT_TEXT, pretrained: str | None = None, *
         model = SentenceTransformer(path, device=device)
         dim = (model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
                else model.get_sentence_embedding_dimension())
-        from pipeline.encoders import onnx as text_onnx
+        from pipeline.encoders import text_onnx
 
         use_onnx = backend == "onnx"
         if backend == "auto":

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.core import fs as zio
 from pipeline.index.choose import training_rows
 from pipeline.index.common import as_matrix, factory_of, import_faiss
-from pipeline.index.search import set_search_params
+from pipeline.index.knn import set_search_params
 from pipeline.index.store import IVFDATA_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -238,7 +238,7 @@ def merge_ivf_parts(trained: "faiss.Index", part_files: list[str], out_dir: str)
 
 
 def check_search_params(dim: int, factory: str, params: str | None) -> None:
-    """``ValueError`` (from :func:`~pipeline.index.search.set_search_params`) when ``params`` do not
+    """``ValueError`` (from :func:`~pipeline.index.knn.set_search_params`) when ``params`` do not
     apply to an index of ``factory`` (``nprobe`` on HNSW): checked on an empty index, before any work."""
     if params:
         set_search_params(new_index(dim, factory), params)

@@ -25,7 +25,7 @@ _PQ_M = (512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
 _OPQ_MIN_N = 100_000  # below this, OPQ's rotation costs more training time than it gains
 
 
-def _nlist(n: int) -> int:
+def default_nlist(n: int) -> int:
     """About 4*sqrt(n) as a power of two, in [16, 65536], and at most n // 39 (at least 1)."""
     p = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
     return max(1, min(max(16, min(p, 65_536)), n // 39))
@@ -122,7 +122,7 @@ def choose_index(n: int, dim: int, *, max_memory_bytes: int) -> str:
     if n <= 0 or dim <= 0 or max_memory_bytes <= 0:
         raise ValueError(f"need n, dim, max_memory_bytes > 0, got n={n}, dim={dim}, "
                          f"max_memory_bytes={max_memory_bytes}")
-    nlist = _nlist(n)
+    nlist = default_nlist(n)
     candidates = (["Flat"] if n <= _FLAT_MAX_N else []) + (
         [f"HNSW{_HNSW_M},Flat"] if n <= _HNSW_MAX_N else []) + [f"{_ivf(nlist)},Flat"]
     for c in candidates:

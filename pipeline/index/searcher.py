@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.core import fs as zio
 from pipeline.core import parquet as zpq
-from pipeline.index.search import search as index_search
+from pipeline.index.knn import search as index_search
 from pipeline.index.store import CAPTIONS_INDEX, MODEL_COPY, load_index
 from pipeline.zsl.models import load_model
 from pipeline.zsl.models.scoring import model_fingerprint
@@ -83,6 +83,12 @@ class Searcher:
                 raise ValueError(f"text model gives {enc.dim}-d vectors, the model takes {want}-d")
             self._encoder = enc
         return self._encoder
+
+
+    @property
+    def text_backend_in_use(self) -> str | None:
+        """How the text model runs (``torch`` / ``onnx``), once loaded; None before the first text query."""
+        return getattr(self._encoder, "backend", None)
 
     @property
     def image_encoder(self):

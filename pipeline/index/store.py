@@ -23,7 +23,7 @@ from pipeline.core import parquet as zpq
 from pipeline.core.schema import INDEX_IDS_SCHEMA, check_schema
 from pipeline.core.manifests import IndexManifest, read_manifest, write_manifest
 from pipeline.index.common import factory_of, import_faiss
-from pipeline.index.search import set_nprobe, set_search_params
+from pipeline.index.knn import set_nprobe, set_search_params
 
 if TYPE_CHECKING:  # pragma: no cover
     import faiss

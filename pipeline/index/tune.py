@@ -5,10 +5,10 @@ of the indexed vectors and moves each by its nearest-neighbour distance in a ran
 (:func:`held_out_queries`): a point of the index is an easy query for a graph or a list that holds
 it, so an unmoved sample overstates recall for new queries (measured: 0.98 claimed vs 0.95 on held-out
 queries at 50k rows). It finds their exact neighbours by brute force over every indexed vector
-(:func:`~pipeline.index.search.exact_knn`, streamed batch by batch, never all in memory), and
+(:func:`~pipeline.index.knn.exact_knn`, streamed batch by batch, never all in memory), and
 walks the index's search parameters from cheap to expensive — IVF ``nprobe`` (with
 ``quantizer_efSearch`` for an HNSW coarse quantiser), HNSW ``efSearch`` — until recall@k
-(:func:`~pipeline.index.search.recall_at_k`; ties count as hits where the index's scores are
+(:func:`~pipeline.index.knn.recall_at_k`; ties count as hits where the index's scores are
 exact) reaches the target (default 0.95 at k=10), or, with ``max_query_ms``, takes the best recall
 whose single-query latency fits. The result (:class:`~pipeline.core.manifests.IndexTuning`) records
 recall@1/10/100, single-query mean/p99 latency, batched latency per query, the parameters and what
@@ -26,7 +26,7 @@ from pipeline.core.manifests import IndexTuning
 from pipeline.core.timing import timed
 from pipeline.index.build import sample_rows
 from pipeline.index.common import import_faiss
-from pipeline.index.search import exact_knn, recall_at_k, set_search_params
+from pipeline.index.knn import exact_knn, recall_at_k, set_search_params
 
 LOG = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Extract stage: input shards -> a feature directory (:mod:`pipeline.core.features`), resumably.
 
 Runs under the resume protocol (:class:`pipeline.core.resume.OutputDir`): the identity is the encoder,
-its weights and the settings that change the features (``features.IDENTITY_KEYS``). A shard is
+its weights and the settings that change the features (:data:`pipeline.core.features.IDENTITY_KEYS`). A shard is
 finished when its features file exists (its errors file is written first); a rerun processes only
 unfinished shards. ``run.json`` also records a fingerprint of every input shard's membership: a
 rerun whose input listing changed under finished shards (files added in the middle, a tar removed)

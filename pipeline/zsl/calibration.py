@@ -169,7 +169,7 @@ def split_seen_classes(
     return train_mask, val_mask, pseudo_seen, pseudo_unseen
 
 
-# ---- shared validation and the O(n)-per-gamma sweep (also used by pipeline.evaluation) ----
+# ---- shared validation and the O(n)-per-gamma sweep (also used by pipeline.zsl.metrics) ----
 
 
 def _labels(y: np.ndarray, name: str = "y_true") -> np.ndarray:

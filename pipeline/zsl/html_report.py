@@ -163,7 +163,7 @@ def render_report(
 
     Args:
         title: page title.
-        metrics: method name -> dict from :func:`pipeline.evaluation.evaluate_scores`. An optional
+        metrics: method name -> dict from :func:`pipeline.zsl.metrics.evaluate_scores`. An optional
             ``"confusion": {"labels": [...], "matrix": [[...]]}`` entry adds a confusion plot.
         searches: ``{"query": str, "hits": [{"uri": str, "score": float, "label": str | None}]}``.
         notes: free-text lines shown under the title.

@@ -67,7 +67,7 @@ def test_bench_tiny_cold_and_repeats(tmp_path):
 
 def test_interleaved_alternates_order():
     calls = []
-    p, b = bench._interleaved(4, lambda r: calls.append(("p", r)) or 1.0, lambda r: calls.append(("b", r)) or 2.0)
+    p, b = bench.interleaved(4, lambda r: calls.append(("p", r)) or 1.0, lambda r: calls.append(("b", r)) or 2.0)
     assert p == [1.0] * 4 and b == [2.0] * 4
     assert [c[0] for c in calls] == ["p", "b", "b", "p", "p", "b", "b", "p"]
 

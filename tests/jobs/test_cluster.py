@@ -93,7 +93,7 @@ def test_label_and_index_on_a_ray_cluster_match_the_local_run(cluster, world, tm
     m = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert m["build"] == "partitions" and m["ntotal"] == 3000 and m["data_files"]["index.ivfdata"] > 0
 
-    from pipeline.index.search import search
+    from pipeline.index.knn import search
     from pipeline.index.store import load_index
 
     (ia, ids_a, _), (ib, ids_b, _) = load_index(str(tmp_path / "local-index")), load_index(str(tmp_path / "index"))

@@ -16,7 +16,7 @@ pytest.importorskip("ray.serve")
 
 
 def test_the_rayservice_import_path_builds_the_one_deployment():
-    """infra/rayservice-serve.yaml's import_path builds the deployment of pipeline.cluster.serve, under
+    """infra/rayservice-serve.yaml's import_path builds the deployment of pipeline.cluster.ray_serve, under
     the name its deployments section configures (no Ray started)."""
     import importlib
     from pathlib import Path

@@ -45,7 +45,7 @@ def captioned_index(tmp_path_factory):
                       use_gpu="no", tune_queries=20)
     first = run_index(cfg, progress=False)  # before any captions were embedded: no caption index
     assert not (root / "index" / "captions").exists()
-    from pipeline.stages.captions import run_embed_text
+    from pipeline.stages.embed_text import run_embed_text
 
     run_embed_text(EmbedTextConfig(features=str(root / "features")), progress=False)
     again = run_index(cfg, progress=False)  # adds the caption index, keeps the image index

@@ -1,4 +1,4 @@
-"""pipeline.classes: embed a class table into a class set, load it back, and append classes to it."""
+"""pipeline.stages.classes and pipeline.semantics.classset: embed a class table into a class set, load it back, and append classes to it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.evaluation against hand-computed answers."""
+"""Tests for pipeline.zsl.metrics against hand-computed answers."""
 
 from __future__ import annotations
 

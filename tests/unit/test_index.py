@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("faiss")
 
 from pipeline.index.build import build_index, new_index  # noqa: E402
-from pipeline.index.choose import _nlist, choose_index, estimate_memory  # noqa: E402
-from pipeline.index.search import exact_knn, recall_at_k, search  # noqa: E402
+from pipeline.index.choose import default_nlist, choose_index, estimate_memory  # noqa: E402
+from pipeline.index.knn import exact_knn, recall_at_k, search  # noqa: E402
 from pipeline.index.store import load_index, save_index  # noqa: E402
 from pipeline.core.schema import INDEX_IDS_SCHEMA  # noqa: E402
 
@@ -176,17 +176,17 @@ def test_choose_index_progression():
     assert choose_index(50_000, 64, max_memory_bytes=2**20).startswith("IVF1024,PQ")  # small: no OPQ
     # flat would fit but the HNSW graph does not
     n, dim = 500_000, 128
-    between = estimate_memory(f"IVF{_nlist(n)},Flat", n, dim) + 1
+    between = estimate_memory(f"IVF{default_nlist(n)},Flat", n, dim) + 1
     assert choose_index(n, dim, max_memory_bytes=between).endswith(",Flat")
     assert not choose_index(n, dim, max_memory_bytes=between).startswith("HNSW")
 
 
 def test_choose_index_nlist_bounds():
-    assert _nlist(100) == 2  # n // 39
-    assert _nlist(10_000) == 256  # 4 * sqrt(1e4) = 400 -> 512 > 10000 // 39 = 256
-    assert _nlist(1_000_000) == 4096
-    assert _nlist(10**12) == 65536
-    assert _nlist(1) == 1
+    assert default_nlist(100) == 2  # n // 39
+    assert default_nlist(10_000) == 256  # 4 * sqrt(1e4) = 400 -> 512 > 10000 // 39 = 256
+    assert default_nlist(1_000_000) == 4096
+    assert default_nlist(10**12) == 65536
+    assert default_nlist(1) == 1
 
 
 def test_choose_index_impossible():

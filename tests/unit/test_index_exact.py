@@ -1,4 +1,4 @@
-"""pipeline.index.search's ground truth, without faiss: the one exact k-NN (streamed, ties to the
+"""pipeline.index.knn's ground truth, without faiss: the one exact k-NN (streamed, ties to the
 smaller id) and the one recall@k (ties at the k-th exact score are hits when scores are exact)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.index.search import exact_knn, recall_at_k
+from pipeline.index.knn import exact_knn, recall_at_k
 
 
 def _full_sort(v: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -83,8 +83,8 @@ def _cfg(world, features, out, **kw) -> IndexConfig:
 
 # ------------------------------------------------------------------------------------------- tuning
 
-def test_exact_neighbours_streams_like_brute_force_and_leaves_the_query_out():
-    from pipeline.index.search import exact_knn
+def test_exact_knn_streams_like_brute_force_and_leaves_the_query_out():
+    from pipeline.index.knn import exact_knn
 
     rng = np.random.default_rng(1)
     v = rng.standard_normal((3000, 8)).astype(np.float32)
@@ -103,7 +103,7 @@ def test_exact_neighbours_streams_like_brute_force_and_leaves_the_query_out():
 def test_tuning_reaches_the_target_and_claims_what_held_out_queries_measure(factory):
     """The recall the tuning records is what new queries (never indexed) get, by brute force."""
     from pipeline.index.build import build_index
-    from pipeline.index.search import exact_knn, recall_at_k, search
+    from pipeline.index.knn import exact_knn, recall_at_k, search
     from pipeline.index.tune import candidate_params, tune_index
 
     rng = np.random.default_rng(2)
@@ -159,7 +159,7 @@ def test_tuning_with_a_latency_cap_and_an_unreachable_target():
 
 def test_bad_search_params_named():
     from pipeline.index.build import build_index
-    from pipeline.index.search import set_search_params
+    from pipeline.index.knn import set_search_params
 
     index = build_index(np.eye(4, dtype=np.float32), dim=4, factory="Flat")
     with pytest.raises(ValueError, match="cannot set search parameters 'efSearch=8'"):
@@ -169,7 +169,7 @@ def test_bad_search_params_named():
 # ------------------------------------------------------------------------------------ index stage
 
 def test_index_is_tuned_and_the_manifest_claims_the_measured_recall(world, tmp_path):
-    from pipeline.index.search import exact_knn, recall_at_k
+    from pipeline.index.knn import exact_knn, recall_at_k
     from pipeline.index.store import load_index
     from pipeline.stages.index import run_index
 
@@ -244,7 +244,7 @@ def test_growth_beyond_the_budget_rebuilds(world, tmp_path, caplog):
 
 
 def test_ivf_partitions_merged_on_disk_equal_one_build(world, tmp_path):
-    from pipeline.index.search import search
+    from pipeline.index.knn import search
     from pipeline.index.store import load_index
     from pipeline.stages.index import run_index
 
@@ -266,7 +266,7 @@ def test_ivf_partitions_merged_on_disk_equal_one_build(world, tmp_path):
 
 
 def test_mmap_load_gives_the_same_results(world, tmp_path):
-    from pipeline.index.search import search
+    from pipeline.index.knn import search
     from pipeline.index.store import load_index
     from pipeline.stages.index import run_index
 
@@ -369,7 +369,7 @@ def test_index_on_a_remote_filesystem_builds_grows_and_loads(world, tmp_path):
     loaded through a local cache named by content, so a rebuilt index is never served stale."""
     import fsspec
 
-    from pipeline.index.search import search
+    from pipeline.index.knn import search
     from pipeline.index.store import load_index
     from pipeline.stages.index import run_index
 

@@ -29,7 +29,7 @@ def captioned(tmp_path):
 
 def test_embed_text_lines_up_with_the_rows_and_resumes(captioned, monkeypatch):
     from pipeline.encoders.text import load_text_encoder
-    from pipeline.stages.captions import run_embed_text
+    from pipeline.stages.embed_text import run_embed_text
 
     feats, _ = captioned
     m = run_embed_text(EmbedTextConfig(features=str(feats)), progress=False)
@@ -44,7 +44,7 @@ def test_embed_text_lines_up_with_the_rows_and_resumes(captioned, monkeypatch):
     np.testing.assert_allclose(E[[2, 6]], want, atol=1e-5)
     assert not E[[1, 3, 7]].any()
     # a rerun embeds nothing; a new text model is refused unless --overwrite
-    import pipeline.stages.captions as stage
+    import pipeline.stages.embed_text as stage
 
     monkeypatch.setattr(stage, "load_text_encoder", lambda *a, **k: pytest.fail("re-embedded a finished shard"))
     assert run_embed_text(EmbedTextConfig(features=str(feats)), progress=False).n_captions == 9
@@ -53,14 +53,14 @@ def test_embed_text_lines_up_with_the_rows_and_resumes(captioned, monkeypatch):
 
 
 def test_embed_text_names_a_missing_column(captioned):
-    from pipeline.stages.captions import run_embed_text
+    from pipeline.stages.embed_text import run_embed_text
 
     with pytest.raises(ValueError, match="no column 'text'"):
         run_embed_text(EmbedTextConfig(features=str(captioned[0]), column="text"), progress=False)
 
 
 def test_export_is_the_features_row_for_row_and_import_gives_them_back(captioned, tmp_path):
-    from pipeline.stages.captions import run_embed_text
+    from pipeline.stages.embed_text import run_embed_text
     from pipeline.stages.interop import run_export, run_import
 
     feats, X = captioned
@@ -125,7 +125,7 @@ def test_caption_embeddings_of_other_rows_are_refused_everywhere(captioned, tmp_
 
     from pipeline.core.features import caption_shards, read_caption_shard
     from pipeline.stages.bridge import load_pairs
-    from pipeline.stages.captions import run_embed_text
+    from pipeline.stages.embed_text import run_embed_text
     from pipeline.stages.interop import run_export
 
     feats, _ = captioned

@@ -1,4 +1,4 @@
-"""pipeline.labeling: top-k selection, and an end-to-end resumable ``run_label`` on hand-made inputs."""
+"""pipeline.stages.label: top-k selection, and an end-to-end resumable ``run_label`` on hand-made inputs."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.core import fs as zio
-from pipeline.encoders import onnx as text_onnx
+from pipeline.encoders import text_onnx
 from pipeline.encoders.text import load_text_encoder
 
 TEXTS = ["a photo of a zebra.", "zebra", "a drawing of a red car parked near a house with a blue door",
@@ -61,7 +61,7 @@ def test_a_torn_cache_file_is_exported_again(tmp_path, monkeypatch, caplog):
     load_text_encoder("minilm", backend="onnx", threads=1)
     (f,) = (tmp_path / "onnx").glob("minilm-*.onnx")
     f.write_bytes(f.read_bytes()[:1000])  # cut short: a crashed copy, a full disk
-    with caplog.at_level(logging.WARNING, logger="pipeline.encoders.onnx"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.encoders.text_onnx"):
         enc = load_text_encoder("minilm", backend="onnx", threads=1)
     assert enc.backend == "onnx" and f.stat().st_size > 10_000_000
     assert "exporting again" in caplog.text
@@ -124,7 +124,7 @@ def test_an_unwritable_cache_falls_back_to_the_temp_dir(cache, tmp_path, monkeyp
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(text_onnx, "_export", lambda model, path: shutil.copyfile(good, path))
-    with caplog.at_level(logging.WARNING, logger="pipeline.encoders.onnx"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.encoders.text_onnx"):
         enc = load_text_encoder("minilm", backend="onnx")
     assert enc.backend == "onnx" and "cannot be written" in caplog.text
     assert len(list((tmp_path / "tmp").glob("zsl-onnx-*/minilm-*.onnx"))) == 1

@@ -13,7 +13,7 @@ from pipeline.core.timing import timed
 from pipeline.index.searcher import PredictedLabels, Searcher
 from pipeline.stages.serve import clip_retrieval, routes
 from pipeline.stages.serve.batching import TextBatcher
-from pipeline.stages.serve.metrics import ServeMetrics
+from pipeline.stages.serve.prometheus import ServeMetrics
 from pipeline.stages.serve.state import ServeState
 
 LOG = logging.getLogger(__name__)

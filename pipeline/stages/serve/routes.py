@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.stages.serve.metrics import CONTENT_TYPE
+from pipeline.stages.serve.prometheus import CONTENT_TYPE
 from pipeline.stages.serve.queries import find, query_vectors
 from pipeline.stages.serve.state import State
 from pipeline.stages.serve.thumbnails import cached_thumbnail
@@ -51,7 +51,7 @@ def indices(state: State) -> list[dict]:
     """The served indexes: size, factory, tuned recall, text model, labels, captions."""
     return [{"name": n, "ntotal": s.manifest.ntotal, "dim": s.dim, "factory": s.manifest.factory,
              "search_params": s.manifest.search_params, "text_model": s.manifest.text_model,
-             "text_backend": getattr(s._encoder, "backend", None),
+             "text_backend": s.text_backend_in_use,
              "recall_at_10": s.manifest.tuning.recall_at_10 if s.manifest.tuning else None,
              "image_encoder": s.manifest.image_encoder or s.manifest.feature_model,
              "labels": s.labels.labels_dir if s.labels else None, "captions": s.captions is not None}

@@ -1,4 +1,4 @@
-"""Running the app: uvicorn in this process, or Ray Serve replicas (:mod:`pipeline.cluster.serve`)
+"""Running the app: uvicorn in this process, or Ray Serve replicas (:mod:`pipeline.cluster.ray_serve`)
 that each build it from the config in ``ZSL_SERVE_CONFIG``."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ CONFIG_ENV = "ZSL_SERVE_CONFIG"
 def run_serve(cfg: ServeConfig, *, blocking: bool = True) -> None:
     """Load the indexes and serve them with uvicorn (or Ray Serve with ``cfg.ray``) until interrupted."""
     if cfg.ray:
-        from pipeline.cluster.serve import serve_asgi
+        from pipeline.cluster.ray_serve import serve_asgi
 
         serve_asgi(build_app_from_env, address=cfg.address, host=cfg.host, port=cfg.port, replicas=cfg.replicas,
                    blocking=blocking, env={CONFIG_ENV: json.dumps(cfg.model_dump(mode="json"))})
@@ -35,7 +35,7 @@ def ray_app(args: dict | None = None):
     """Ray Serve application builder for ``serve run`` / a KubeRay RayService
     (``import_path: pipeline.stages.serve:ray_app``; config in ``ZSL_SERVE_CONFIG``); replicas and
     their resources come from the serve config (``infra/rayservice-serve.yaml``)."""
-    from pipeline.cluster.serve import deployment
+    from pipeline.cluster.ray_serve import deployment
 
     return deployment(build_app_from_env, max_replicas_per_node=1)
 

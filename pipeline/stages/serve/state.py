@@ -11,7 +11,7 @@ from fastapi import Depends, HTTPException, Request
 from pipeline.core.config import ServeConfig
 from pipeline.index.searcher import Searcher
 from pipeline.stages.serve.batching import TextBatcher
-from pipeline.stages.serve.metrics import ServeMetrics
+from pipeline.stages.serve.prometheus import ServeMetrics
 
 LOG = logging.getLogger(__name__)
 

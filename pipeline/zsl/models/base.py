@@ -97,7 +97,7 @@ class ZSLModel(abc.ABC):
     def load_state(self, state: dict[str, np.ndarray]) -> None: ...
 
 
-def _check_fit_inputs(X: np.ndarray, y: np.ndarray, S: np.ndarray) -> None:
+def check_fit_inputs(X: np.ndarray, y: np.ndarray, S: np.ndarray) -> None:
     if X.ndim != 2 or len(X) != len(y):
         raise ValueError(f"features {X.shape} and labels {y.shape} do not match")
     if len(X) == 0:

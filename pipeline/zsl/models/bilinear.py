@@ -20,7 +20,7 @@ import logging
 
 import numpy as np
 
-from pipeline.zsl.models.base import ZSLModel, _check_fit_inputs, l2n, register
+from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, l2n, register
 
 LOG = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Bilinear(ZSLModel):
     def fit(self, X, y, S):
         import torch
 
-        _check_fit_inputs(X, y, S)
+        check_fit_inputs(X, y, S)
         p = self.params
         Xn, Sn = l2n(X), l2n(S)
         W0 = ridge_projection(Xn, Sn[y], p["ridge"])

@@ -25,7 +25,7 @@ import logging
 
 import numpy as np
 
-from pipeline.zsl.models.base import ZSLModel, _check_fit_inputs, l2n, register
+from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, l2n, register
 
 LOG = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class _LinearBridge(ZSLModel):
         self.mu: np.ndarray | None = None
 
     def fit(self, X, y, S):
-        _check_fit_inputs(X, y, S)
+        check_fit_inputs(X, y, S)
         return self.fit_pairs(X, np.asarray(S, np.float32)[y])
 
     def fit_pairs(self, X: np.ndarray, T: np.ndarray) -> "_LinearBridge":
@@ -159,7 +159,7 @@ class ASIF(ZSLModel):
         self.anchors_txt: np.ndarray | None = None
 
     def fit(self, X, y, S):
-        _check_fit_inputs(X, y, S)
+        check_fit_inputs(X, y, S)
         return self.fit_pairs(X, np.asarray(S, np.float32)[y])
 
     def fit_pairs(self, X, T):

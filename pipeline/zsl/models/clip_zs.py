@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.zsl.models.base import ZSLModel, _check_fit_inputs, l2n, register
+from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, l2n, register
 from pipeline.zsl.models.bilinear import ridge_projection
 
 
@@ -27,7 +27,7 @@ class TextZeroShot(ZSLModel):
         self.W: np.ndarray | None = None
 
     def fit(self, X, y, S):
-        _check_fit_inputs(X, y, S)
+        check_fit_inputs(X, y, S)
         same_space = X.shape[1] == S.shape[1]
         mode = self.params["projection"]
         if mode == "none" and not same_space:

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.zsl.models.base import ZSLModel, _check_fit_inputs, l2n, register
+from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, l2n, register
 
 LOG = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class DAP(ZSLModel):
 
         X, y = np.asarray(X), np.asarray(y)
         S = _check_attributes(S)
-        _check_fit_inputs(X, y, S)
+        check_fit_inputs(X, y, S)
         p = self.params
         thr = S.mean(0) if p["threshold"] is None else np.full(S.shape[1], p["threshold"])
         A = binarize_attributes(S, thr)  # (C_seen, M)

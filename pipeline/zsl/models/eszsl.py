@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.zsl.models.base import ZSLModel, _check_fit_inputs, l2n, register
+from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, l2n, register
 
 
 def eszsl_closed_form(X: np.ndarray, Y: np.ndarray, S: np.ndarray, gamma: float, lam: float) -> np.ndarray:
@@ -29,7 +29,7 @@ class ESZSL(ZSLModel):
         self.V: np.ndarray | None = None
 
     def fit(self, X, y, S):
-        _check_fit_inputs(X, y, S)
+        check_fit_inputs(X, y, S)
         Xn = l2n(X).astype(np.float64)
         Y = -np.ones((len(y), len(S)))
         Y[np.arange(len(y)), y] = 1.0

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.zsl.models.base import ZSLModel, _check_fit_inputs, l2n, register
+from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, l2n, register
 
 LOG = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class RelationNetwork(ZSLModel):
         import torch
 
         X, y, S = np.asarray(X), np.asarray(y), np.asarray(S, np.float32)
-        _check_fit_inputs(X, y, S)
+        check_fit_inputs(X, y, S)
         S = l2n(S)  # like the features: the MLP then sees unit-scale input whatever the semantics' units
         p = self.params
         with torch.random.fork_rng(devices=[]):

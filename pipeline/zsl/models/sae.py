@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.zsl.models.base import ZSLModel, _check_fit_inputs, l2n, register
+from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, l2n, register
 
 LOG = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class SAE(ZSLModel):
 
     def fit(self, X, y, S):
         X, y, S = np.asarray(X), np.asarray(y), np.asarray(S)
-        _check_fit_inputs(X, y, S)
+        check_fit_inputs(X, y, S)
         Xn = l2n(X).astype(np.float64)
         Sn = l2n(S).astype(np.float64)
         W = sae_closed_form(Xn.T, Sn[y].T, self.params["lam"])
