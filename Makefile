@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install tools demo test test-slow test-all bench bench-scale bench-serve bench-decode gpu-check eval redo-share clean help
+.PHONY: install tools demo test test-slow test-all bench bench-scale bench-serve bench-decode bench-compare gpu-check eval redo-share clean help
 
 help:
 	@echo "make demo   - install into $(VENV) and run extract -> classes -> train -> evaluate -> label -> index -> search -> report"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench  - extraction and labeling throughput vs bare loops -> benchmarks/results/results.json"
 	@echo "make bench-scale - label/index at SCALE_ROWS rows vs bare loops and autofaiss -> benchmarks/results/SCALE.md"
 	@echo "make bench-serve - load test of zsl serve on loopback (PyTorch vs ONNX Runtime text model) -> benchmarks/results/serve.json"
+	@echo "make bench-compare BASE=<rev> - bench-scale (100k, ours) and bench-serve (onnx) on BASE and this tree, alternating -> benchmarks/results/compare.json"
 	@echo "make bench-decode - peak RSS decoding a 10,000-image tar, whole vs streamed -> benchmarks/results/decode_memory.json"
 	@echo "make gpu-check - CUDA extraction and faiss-gpu figures -> benchmarks/results/gpu.json (needs a GPU)"
 	@echo "make eval   - every ZSL method on real data -> benchmarks/results/EVAL.md"
@@ -123,6 +124,13 @@ gpu-check: install
 # Load test of `zsl serve` on 127.0.0.1 (bounded in requests and seconds) -> benchmarks/results/serve.json
 bench-serve: install
 	$(BIN)/python -m benchmarks.bench_serve --output benchmarks/results/serve.json
+
+# A refactor's "behaviour unchanged", measured: BASE's tree (a git worktree) and this one, alternating.
+BASE ?= HEAD~1
+COMPARE_REPEATS ?= 3
+bench-compare: install
+	$(BIN)/python -m benchmarks.compare_revisions --base $(BASE) --repeats $(COMPARE_REPEATS) \
+		--output benchmarks/results/compare.json
 
 bench-decode: install
 	$(BIN)/python -m benchmarks.bench_decode_memory --output benchmarks/results/decode_memory.json

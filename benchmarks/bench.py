@@ -293,7 +293,7 @@ def _label_data(work: Path, *, dim: int, rows: int, shard_rows: int, n_classes: 
 
     from pipeline.semantics.classset import write_class_set
     from pipeline.core.config import TrainConfig
-    from pipeline.zsl.models.base import l2n
+    from pipeline.core.vectors import l2n
     from pipeline.stages.train import run_train
 
     rng = np.random.default_rng(seed)
@@ -335,7 +335,7 @@ def bench_label(work: Path, *, rows: int, shard_rows: int, n_classes: int, n_see
     from pipeline.semantics.classset import load_class_set
     from pipeline.core.config import LabelConfig
     from pipeline.zsl.models import load_model
-    from pipeline.zsl.models.base import l2n
+    from pipeline.core.vectors import l2n
     from pipeline.zsl.models.scoring import class_semantics
     from pipeline.stages.label import run_label
 

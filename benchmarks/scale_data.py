@@ -27,7 +27,7 @@ class World:
 
     def __init__(self, work: Path, *, n_classes: int, n_seen: int, latent_rank: int, noise: float,
                  train_per_class: int, shard_rows: int, seed: int) -> None:
-        from pipeline.zsl.models.base import l2n
+        from pipeline.core.vectors import l2n
 
         with timed() as clock:
             self.seed, self.noise, self.shard_rows = seed, noise, shard_rows

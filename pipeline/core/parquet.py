@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.core.fs import atomic_local_file, filesystem, is_local, list_files, write_bytes_atomic
+from pipeline.core.fs import atomic_local_file, exists, filesystem, is_local, list_files, write_bytes_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -70,6 +70,17 @@ def parquet_num_rows(uri: str) -> int:
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as f:
         return pq.ParquetFile(f).metadata.num_rows
+
+
+def parquet_names(uri: str) -> set[str]:
+    """File names of the Parquet files in the directory ``uri`` (the shards a job has finished there);
+    empty when the directory does not exist."""
+    return {f.rsplit("/", 1)[-1] for f in iter_parquet_files(uri)} if exists(uri) else set()
+
+
+def dir_num_rows(uri: str) -> int:
+    """Rows of every Parquet file in the directory ``uri`` (footers only); 0 when it does not exist."""
+    return sum(parquet_num_rows(f) for f in iter_parquet_files(uri)) if exists(uri) else 0
 
 
 class LazyParquet:

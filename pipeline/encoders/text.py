@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pipeline.core.vectors import l2n
 from pipeline.encoders.common import DEFAULT_TEXT, check_open_clip_weights, create_open_clip, encoder_id, resolve_device
 from pipeline.encoders.image import image_encoder_info
 
@@ -30,9 +31,7 @@ class TextEncoder:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         out = np.concatenate([self._encode_fn(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
-        out = out.astype(np.float32)
-        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
+        return l2n(out)
 
 
 def _minilm_path() -> str:

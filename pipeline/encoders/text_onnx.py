@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.core.vectors import l2n
 from pipeline.core import fs as zio
 
 LOG = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def _max_diff(model, fn) -> float:
     for texts in CHECKS:
         want = model.encode(list(texts), convert_to_numpy=True, show_progress_bar=False, normalize_embeddings=True)
         got = fn(list(texts))
-        got = got / np.maximum(np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
+        got = l2n(got, dtype=None)
         diff = max(diff, float(np.abs(np.asarray(want, np.float32) - got).max()))
     return diff
 

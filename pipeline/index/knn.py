@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from pipeline.core.vectors import topk
 from pipeline.index.common import as_matrix, factory_of, import_faiss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,21 +76,6 @@ def search(index: "faiss.Index", queries: np.ndarray, k: int, *,
     return scores, ids
 
 
-def _block_top(sim: np.ndarray, k: int) -> np.ndarray:
-    """Columns of the ``k`` best scores of each row of ``sim``, ties at the k-th score going to the
-    smaller column (``argpartition`` picks among them arbitrarily: such rows are sorted instead)."""
-    n = sim.shape[1]
-    if k >= n:
-        return np.broadcast_to(np.arange(n), sim.shape)
-    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-    picked = np.take_along_axis(sim, top, axis=1)
-    kth = picked.min(axis=1, keepdims=True)
-    ragged = (sim == kth).sum(axis=1) > (picked == kth).sum(axis=1)
-    if ragged.any():
-        top[ragged] = np.argsort(-sim[ragged], axis=1, kind="stable")[:, :k]
-    return top
-
-
 def exact_knn(vectors: np.ndarray | Iterable[np.ndarray], queries: np.ndarray, k: int, *,
               exclude: np.ndarray | None = None, block: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by inner product with numpy: ``(scores float32, ids int64)``, best first.
@@ -121,7 +107,7 @@ def exact_knn(vectors: np.ndarray | Iterable[np.ndarray], queries: np.ndarray, k
             if exclude is not None:
                 rows = np.nonzero((exclude >= start + s) & (exclude < start + s + len(part)))[0]
                 sim[rows, exclude[rows] - start - s] = -np.inf
-            top = _block_top(sim, k)
+            top = topk(sim, k)[0]
             cat_s = np.concatenate([best_s, np.take_along_axis(sim, top, axis=1)], axis=1)
             cat_i = np.concatenate([best_i, top + (start + s)], axis=1)
             order = np.lexsort((cat_i, -cat_s), axis=1)[:, : min(k, cat_s.shape[1])]

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from pipeline.core.vectors import l2n
 from pipeline.core import fs as zio
 
 LOG = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def normalize_attributes(attributes: np.ndarray, *, method: str = "l2", missing:
             a[nan] = 0.0
         LOG.warning("filled %d missing attribute values with %s", int(nan.sum()), missing)
     if method == "l2":
-        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        a = l2n(a, dtype=None)
     elif method == "zscore":
         a = (a - a.mean(0)) / np.where(a.std(0) > 0, a.std(0), 1.0)
     elif method != "none":
@@ -194,9 +195,7 @@ def embed_class_texts(encoder, names: Sequence[str], descriptions: Sequence[str 
         p = class_prompts(n, d, templates)
         prompts += p
         owner += [i] * len(p)
-    emb = np.asarray(encoder.encode(prompts), np.float64)
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = l2n(encoder.encode(prompts), dtype=np.float64)
     out = np.zeros((len(names), emb.shape[1]), np.float64)
     np.add.at(out, np.asarray(owner), emb)
-    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return out.astype(np.float32)
+    return l2n(out, dtype=None).astype(np.float32)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from pipeline.core.vectors import l2n
 from pipeline.core import fs as zio
 from pipeline.core import parquet as zpq
 from pipeline.core.schema import classes_schema
@@ -83,8 +84,7 @@ class ClassSet:
         total = sum(weights.get(p, 1.0) for p in parts)
         blocks = []
         for p in parts:
-            b = self._source(p).astype(np.float64)
-            b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+            b = l2n(self._source(p), dtype=np.float64)
             blocks.append(b * np.sqrt(weights.get(p, 1.0) / total))
         return np.hstack(blocks).astype(np.float32)
 

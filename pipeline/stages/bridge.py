@@ -19,7 +19,7 @@ from pipeline.core.config import BridgeConfig
 from pipeline.core.features import CAPTIONS_DIR, caption_shards, feature_shards, features_identity, iter_shard_batches, \
     open_captions, open_features, read_caption_shard
 from pipeline.zsl.models import make_model, save_model
-from pipeline.zsl.models.base import l2n
+from pipeline.core.vectors import l2n
 from pipeline.zsl.models.bridge import fit_ridge_bridge
 from pipeline.core.resume import OutputDir
 from pipeline.core.manifests import ModelManifest

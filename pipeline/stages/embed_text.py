@@ -51,7 +51,7 @@ def run_embed_text(cfg: EmbedTextConfig, *, progress: bool = True) -> CaptionsMa
         with OutputDir(out_dir, job="embed-text", identity=identity, overwrite=cfg.overwrite,
                        owned=("shards",)) as out:
             shard_dir = out.join("shards")
-            done = {f.rsplit("/", 1)[-1] for f in zpq.iter_parquet_files(shard_dir)} if zio.exists(shard_dir) else set()
+            done = zpq.parquet_names(shard_dir)
             todo = [f for f in files if f.rsplit("/", 1)[-1] not in done]
             LOG.info("embedding the '%s' texts of %d feature shards (%d already done) with %s", cfg.column,
                      len(todo), len(files) - len(todo), model_id)

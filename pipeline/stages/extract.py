@@ -176,16 +176,8 @@ def _empty_block(dim: int) -> dict:
             "height": np.zeros(0, np.int32), "embedding": np.zeros((0, dim), np.float32)}
 
 
-def _count_rows(uri: str) -> int:
-    if not zio.exists(uri):
-        return 0
-    return sum(zpq.parquet_num_rows(f) for f in zpq.iter_parquet_files(uri))
-
-
 def _done_shards(feat_dir: str) -> set[int]:
-    if not zio.exists(feat_dir):
-        return set()
-    ids = (shard_id_of(f) for f in zpq.iter_parquet_files(feat_dir))
+    ids = (shard_id_of(f) for f in zpq.parquet_names(feat_dir))
     return {i for i in ids if i is not None}
 
 
@@ -213,8 +205,8 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> FeaturesManifes
             feat_dir = out.join("features")
             manifest = FeaturesManifest(
                 model_id=info.model_id, dim=info.dim, image_size=info.image_size, n_shards=len(shards),
-                n_shards_in_input=len(listing), n_images=_count_rows(feat_dir),
-                n_errors=_count_rows(out.join("errors")), config=settings,
+                n_shards_in_input=len(listing), n_images=zpq.dir_num_rows(feat_dir),
+                n_errors=zpq.dir_num_rows(out.join("errors")), config=settings,
                 resources=None if plan is None else plan.__dict__, seconds_last_run=round(took.elapsed(), 2))
             out.finish(manifest)
             return manifest

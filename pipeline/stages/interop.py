@@ -30,7 +30,7 @@ from pipeline.core.features import (CAPTIONS_DIR, caption_shards, feature_shards
                                     open_captions, open_features, read_caption_shard, shard_name, write_caption_shard,
                                     write_feature_shard)
 from pipeline.zsl.models import load_model
-from pipeline.zsl.models.base import l2n
+from pipeline.core.vectors import l2n
 from pipeline.zsl.models.scoring import model_fingerprint
 from pipeline.core.resume import OutputDir
 from pipeline.core.manifests import CaptionsManifest, ExportManifest, FeaturesManifest, write_manifest
@@ -197,7 +197,7 @@ def run_import(cfg: ImportConfig, *, progress: bool = True) -> FeaturesManifest:
     with OutputDir(cfg.output, job="import", identity=identity, overwrite=cfg.overwrite,
                    owned=("features", CAPTIONS_DIR)) as out:
         feat_dir = out.join("features")
-        done = {f.rsplit("/", 1)[-1] for f in zpq.iter_parquet_files(feat_dir)} if zio.exists(feat_dir) else set()
+        done = zpq.parquet_names(feat_dir)
         todo = [(sid, i) for sid, i in enumerate(parts.order) if shard_name(sid) not in done]
         if todo:
             out.begin()

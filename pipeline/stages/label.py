@@ -30,7 +30,8 @@ from pipeline.core.config import AddClassesConfig, LabelConfig
 from pipeline.core.features import check_feature_shards, feature_shards, features_identity, iter_shard_batches, \
     open_features
 from pipeline.zsl.models import load_model
-from pipeline.zsl.models.scoring import check_model_classes, class_scores, model_fingerprint, seen_mask, topk
+from pipeline.zsl.models.scoring import check_model_classes, class_scores, model_fingerprint, seen_mask
+from pipeline.core.vectors import topk
 from pipeline.core.resume import OutputDir
 from pipeline.core.schema import LABELS_SCHEMA
 from pipeline.core.manifests import ClassesManifest, LabelsManifest, read_manifest
@@ -85,8 +86,7 @@ def run_label(cfg: LabelConfig, *, progress: bool = True) -> LabelsManifest:
                     "calibrated": cfg.calibrated}
         with OutputDir(cfg.output, job="label", identity=identity, overwrite=cfg.overwrite, owned=("labels",)) as out:
             labels_dir = out.join("labels")
-            done = {f.rsplit("/", 1)[-1] for f in zpq.iter_parquet_files(labels_dir)} if zio.exists(labels_dir) \
-                else set()
+            done = zpq.parquet_names(labels_dir)
             todo = [s for s in shards if s.rsplit("/", 1)[-1] not in done]
             LOG.info("labeling %d feature shards (%d already done) against %d classes", len(todo),
                      len(shards) - len(todo), len(classes.names))
@@ -96,7 +96,7 @@ def run_label(cfg: LabelConfig, *, progress: bool = True) -> LabelsManifest:
             manifest = LabelsManifest(
                 identity=identity, model_dir=cfg.model, features_dir=cfg.features, classes_dir=cfg.classes,
                 classes=list(classes.names), gamma=mman.gamma if cfg.calibrated else 0.0, n_shards=len(shards),
-                n_images=sum(zpq.parquet_num_rows(f) for f in zpq.iter_parquet_files(labels_dir)) if shards else 0,
+                n_images=zpq.dir_num_rows(labels_dir) if shards else 0,
                 n_labeled_this_run=n_images, config=cfg.model_dump(mode="json"),
                 seconds_last_run=round(took.elapsed(), 2))
             out.finish(manifest)

@@ -25,7 +25,7 @@ import logging
 
 import numpy as np
 
-from pipeline.zsl.models.base import l2n
+from pipeline.core.vectors import l2n
 
 LOG = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.zsl.models import load_model, save_model
-from pipeline.zsl.models.base import l2n
+from pipeline.core.vectors import l2n
 from pipeline.zsl.models.bridge import ASIF, ContrastiveBridge, RidgeBridge, fit_ridge_bridge, pair_recall, \
     relative_representation
 

@@ -11,7 +11,7 @@ import pytest
 from pipeline.core import fs as zio
 from pipeline.core.config import EmbedTextConfig, ExportConfig, ImportConfig
 from pipeline.core.features import CAPTIONS_DIR, load_features, write_features
-from pipeline.zsl.models.base import l2n
+from pipeline.core.vectors import l2n
 
 CAPS = ["a striped horse", None, "a grey elephant", "", "a small bird", "a cat on a mat", "a dog", None, "a zebra",
         "a giraffe eating leaves", "an owl at night", "a fish"]

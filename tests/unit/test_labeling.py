@@ -14,7 +14,7 @@ from pipeline.core import parquet as zpq
 from pipeline.semantics.classset import write_class_set
 from pipeline.core.config import LabelConfig
 from pipeline.stages.label import run_label
-from pipeline.zsl.models.scoring import topk
+from pipeline.core.vectors import topk
 from pipeline.zsl.models import load_model, save_model
 from pipeline.zsl.models.eszsl import ESZSL
 from pipeline.core.schema import LABELS_SCHEMA, features_schema

@@ -7,7 +7,8 @@ import pytest
 from scipy.linalg import solve_sylvester
 
 from pipeline.zsl.models import METHODS, make_model
-from pipeline.zsl.models.base import ZSLModel, l2n, load_model, save_model
+from pipeline.zsl.models.base import ZSLModel, load_model, save_model
+from pipeline.core.vectors import l2n
 from pipeline.zsl.models.dap import EPS, dap_log_posterior
 from pipeline.zsl.models.ensemble import Ensemble, row_zscore
 from pipeline.zsl.models.sae import sae_closed_form

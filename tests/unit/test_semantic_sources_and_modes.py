@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.zsl.models import make_model, method_params
-from pipeline.zsl.models.base import l2n
+from pipeline.core.vectors import l2n
 from pipeline.zsl.models.bilinear import ranking_loss
 from pipeline.semantics.classset import ClassSet
 from pipeline.zsl.transductive import transductive_scores

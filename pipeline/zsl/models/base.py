@@ -19,6 +19,8 @@ import numpy as np
 from pipeline.core import fs as zio
 from pipeline.core.manifests import ModelManifest, read_manifest, write_manifest
 
+from pipeline.core.vectors import l2n
+
 LOG = logging.getLogger(__name__)
 
 __all__ = ["ZSLModel", "register", "METHODS", "save_model", "save_weights", "model_manifest", "load_model", "l2n"]
@@ -29,11 +31,6 @@ METHODS: dict[str, type["ZSLModel"]] = {}
 def register(cls: type["ZSLModel"]) -> type["ZSLModel"]:
     METHODS[cls.method] = cls
     return cls
-
-
-def l2n(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class ZSLModel(abc.ABC):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, l2n, register
+from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, register
+from pipeline.core.vectors import l2n
 from pipeline.zsl.models.bilinear import ridge_projection
 
 

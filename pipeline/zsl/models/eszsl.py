@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, l2n, register
+from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, register
+from pipeline.core.vectors import l2n
 
 
 def eszsl_closed_form(X: np.ndarray, Y: np.ndarray, S: np.ndarray, gamma: float, lam: float) -> np.ndarray:

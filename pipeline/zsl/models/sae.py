@@ -24,7 +24,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, l2n, register
+from pipeline.zsl.models.base import ZSLModel, check_fit_inputs, register
+from pipeline.core.vectors import l2n
 
 LOG = logging.getLogger(__name__)
 

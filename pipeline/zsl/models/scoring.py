@@ -15,7 +15,7 @@ from pipeline.core.manifests import ModelManifest
 from pipeline.zsl.calibration import apply_calibrated_stacking
 from pipeline.semantics.classset import ClassSet
 
-__all__ = ["class_semantics", "seen_mask", "class_scores", "model_fingerprint", "check_model_classes", "topk"]
+__all__ = ["class_semantics", "seen_mask", "class_scores", "model_fingerprint", "check_model_classes"]
 
 
 def class_semantics(manifest: ModelManifest, classes: ClassSet) -> np.ndarray:
@@ -71,27 +71,3 @@ def check_model_classes(model: ZSLModel, manifest: ModelManifest, classes: Class
         raise ValueError(f"{where}: model gives scores of shape {s.shape} for 1 image and {len(classes.names)} classes")
 
 
-def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the ``k`` best columns per row, best first (ties: lower index first).
-
-    Partitions (linear time) then sorts only the k when there are many more columns than k; rows
-    with a tie across the cut are redone with a stable full sort, so ties still go to lower indices.
-
-    >>> topk(np.array([[0.1, 0.9, 0.9]]), 2)[0]
-    array([[1, 2]])
-    """
-    k = min(k, scores.shape[1])
-    if scores.shape[1] <= 4 * k or k == 0:
-        idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return idx, np.take_along_axis(scores, idx, axis=1)
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -vals), axis=1)
-    idx = np.take_along_axis(part, order, axis=1)
-    vals = np.take_along_axis(vals, order, axis=1)
-    cut = vals[:, -1:]
-    tied = np.flatnonzero((scores == cut).sum(axis=1) > (vals == cut).sum(axis=1))
-    if len(tied):
-        idx[tied] = np.argsort(-scores[tied], axis=1, kind="stable")[:, :k]
-        vals[tied] = np.take_along_axis(scores[tied], idx[tied], axis=1)
-    return idx, vals
