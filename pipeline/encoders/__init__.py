@@ -1,2 +1,2 @@
 """Encoders: images (:mod:`.image`), texts (:mod:`.text`), what they share (:mod:`.common`), and the
-MiniLM text model on ONNX Runtime (:mod:`.onnx`)."""
+MiniLM text model on ONNX Runtime (:mod:`.text_onnx`)."""
