@@ -235,7 +235,8 @@ class ServeConfig(_Config):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     max_k: int = Field(200, gt=0, description="Largest k a request may ask for.")
-    max_text_chars: int = Field(1000, gt=0)
+    max_text_chars: int = Field(1000, gt=0, le=10_000, description=(
+        "Longer search texts get a 400 (a request's text is capped at 10,000 characters whatever this is)."))
     max_body_bytes: int = Field(4 << 20, gt=0, description="Larger request bodies get a 413.")
     max_image_pixels: int = Field(50_000_000, gt=0, description="Thumbnails and image queries refuse larger images.")
     thumbnail_cache: str = Field("/tmp/zsl-thumbnails", description="Where thumbnails are cached.")

@@ -6,6 +6,7 @@ import logging
 import os
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from pipeline.core.config import ServeConfig
@@ -28,11 +29,12 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     """The FastAPI app serving ``cfg.indexes`` (name -> index dir); ``searchers`` injects loaded ones."""
     loaded = load_searchers(cfg, searchers=searchers)
     batchers = {n: TextBatcher(s, cache_size=cfg.query_cache, workers=text_workers(cfg)) for n, s in loaded.items()}
-    app = FastAPI(title="zsl-pipeline retrieval", version="1",
+    app = FastAPI(title="zsl-pipeline retrieval", version="1", docs_url=None, redoc_url=None,  # their pages load a CDN
                   description="Text-to-image retrieval over zsl indexes (clip-retrieval compatible endpoints).")
     app.state.serve = ServeState(config=cfg, searchers=loaded, batchers=batchers,
                                  metrics=ServeMetrics(batchers=batchers))
     app.middleware("http")(guard)
+    app.add_exception_handler(RequestValidationError, routes.validation_failed)
     app.include_router(routes.router)
     app.include_router(clip_retrieval.router)
     return app

@@ -75,14 +75,23 @@ class TextBatcher:
 
     def _loop(self) -> None:
         while True:
-            batch = self._collect()
-            try:
-                pairs = self.searcher.text_query_pairs([t for t, _ in batch])
-                for (_, fut), (q_img, q_cap) in zip(batch, pairs):
-                    fut.set_result((q_img[None, :], q_cap))
-            except Exception as exc:  # noqa: BLE001 - handed to each waiting request
-                for _, fut in batch:
-                    fut.set_exception(exc)
+            self._answer(self._collect())
+
+    def _answer(self, batch: list[tuple[str, Future]]) -> None:
+        """Each request's pair from one encoder call; if that call fails, each text is encoded
+        alone, so that a text the encoder cannot take fails only its own request."""
+        try:
+            pairs = self.searcher.text_query_pairs([t for t, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting request(s)
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            LOG.warning("a batch of %d text queries failed (%s); encoding each alone", len(batch), exc)
+            for one in batch:
+                self._answer([one])
+            return
+        for (_, fut), (q_img, q_cap) in zip(batch, pairs):
+            fut.set_result((q_img[None, :], q_cap))
 
     def _collect(self) -> list[tuple[str, Future]]:
         """The next batch: the first waiting request, then whatever arrives within ``wait``."""

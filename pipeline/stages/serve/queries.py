@@ -33,8 +33,19 @@ def query_vectors(state: ServeState, name: str, *, text: str | None = None, imag
             raise HTTPException(400, "empty text")
         if len(text) > state.config.max_text_chars:
             raise HTTPException(400, f"text of {len(text)} characters; at most {state.config.max_text_chars}")
+        check_utf8(text)  # before the batch: an encoder error would fail the texts batched with it
         return state.batchers[name].encode(text)
     return embedding_vector(s, embedding), None
+
+
+def check_utf8(text: str) -> None:
+    """A 400 for a text that is not valid Unicode (a lone surrogate such as the JSON escape
+    ``\\ud800``): the tokenizer cannot encode it."""
+    try:
+        text.encode("utf-8", errors="strict")
+    except UnicodeEncodeError as exc:
+        reason = f"text cannot be encoded as UTF-8 (a lone surrogate at character {exc.start})"
+        raise HTTPException(400, reason) from None
 
 
 def embedding_vector(s: Searcher, embedding: Sequence[float]) -> np.ndarray:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
-from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from pipeline.stages.serve.prometheus import CONTENT_TYPE
 from pipeline.stages.serve.queries import find, query_vectors
@@ -21,23 +22,46 @@ PAGE = Path(__file__).with_name("page.html")
 
 router = APIRouter()
 
+#: Hard caps on a ``/search`` body's shape, checked while it is parsed (the config's limits, such
+#: as ``max_text_chars`` and ``max_k``, are checked after it, with a 400 naming them).
+MAX_TEXT_CHARS = 10_000
+MAX_LABELS, MAX_LABEL_CHARS = 1000, 200
+MAX_EMBEDDING_DIM = 8192
+MAX_NAME_CHARS = 200
+MAX_ERRORS_REPORTED = 10
+
+Label = Annotated[str, StringConstraints(max_length=MAX_LABEL_CHARS)]
+
 
 class SearchRequest(BaseModel):
-    """``POST /search`` body; unknown keys are refused (422 naming them)."""
+    """``POST /search`` body; unknown keys, NaN/inf numbers and over-long lists or strings are
+    refused (422 naming the fields, never echoing their values)."""
 
-    model_config = ConfigDict(extra="forbid")
-    text: str | None = Field(None, description="Free-text query.")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="Free-text query.")
     image: str | None = Field(None, description="Query image (JPEG, PNG, ...), base64; a data: URL is accepted.")
-    embedding: list[float] | None = Field(None, description="A query vector in the index's space.")
+    embedding: list[float] | None = Field(None, max_length=MAX_EMBEDDING_DIM,
+                                          description="A query vector in the index's space.")
     k: int = Field(10, gt=0)
-    index: str | None = None
-    labels: list[str] | None = Field(None, description="Keep only hits whose label or predicted label is one of these.")
+    index: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    labels: list[Label] | None = Field(None, max_length=MAX_LABELS, description=(
+        "Keep only hits whose label or predicted label is one of these."))
     unseen_only: bool = Field(False, description="Keep only hits predicted as an unseen class (needs --labels).")
     mode: Literal["image", "caption", "both"] = Field("image", description=(
         "Search the images, their captions (zsl embed-text), or both (weighted sum of the two scores)."))
     caption_weight: float = Field(0.5, ge=0, le=1, description="Weight of the caption score in mode 'both'.")
     min_score: float | None = None
     offset: int = Field(0, ge=0)
+
+
+async def validation_failed(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A 422 naming the invalid fields and why, never their values: FastAPI's default reply echoes
+    each input (a 30 MB reply to a 600 KB body; a 500 when an input is NaN)."""
+    errors = exc.errors()
+    where = lambda e: ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"  # noqa: E731
+    shown = [f"{where(e)}: {str(e.get('msg', ''))[:200]}" for e in errors[:MAX_ERRORS_REPORTED]]
+    more = f" (and {len(errors) - len(shown)} more)" if len(errors) > len(shown) else ""
+    return JSONResponse({"detail": "invalid request: " + "; ".join(shown) + more}, 422)
 
 
 @router.get("/health")
