@@ -15,23 +15,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pipeline.core.fs import absolute_uri
 from pipeline.core.units import parse_memory
 
-__all__ = [
-    "ConfigError",
-    "ExtractConfig",
-    "ClassesConfig",
-    "TrainConfig",
-    "EvaluateConfig",
-    "LabelConfig",
-    "IndexConfig",
-    "SearchConfig",
-    "ServeConfig",
-    "AddClassesConfig",
-    "ReportConfig",
-    "DemoDataConfig",
-    "CONFIGS",
-    "Uri",
-    "build_config",
-]
+__all__ = ["ConfigError", "ExtractConfig", "ClassesConfig", "TrainConfig", "EvaluateConfig", "LabelConfig",
+           "IndexConfig", "SearchConfig", "ServeConfig", "AddClassesConfig", "ReportConfig", "DemoDataConfig",
+           "CONFIGS", "Uri", "build_config"]
 
 
 class ConfigError(ValueError):
@@ -239,7 +225,15 @@ class ServeConfig(_Config):
         "Longer search texts get a 400 (a request's text is capped at 10,000 characters whatever this is)."))
     max_body_bytes: int = Field(4 << 20, gt=0, description="Larger request bodies get a 413.")
     max_image_pixels: int = Field(50_000_000, gt=0, description="Thumbnails and image queries refuse larger images.")
-    thumbnail_cache: str = Field("/tmp/zsl-thumbnails", description="Where thumbnails are cached.")
+    thumbnail_cache: str | None = Field(None, description=(
+        "Where thumbnails are cached (default: a private per-user folder, 0700, under $XDG_CACHE_HOME or "
+        "~/.cache). The folder must belong to this user and not be writable by others."))
+    thumbnail_cache_mb: float = Field(256, gt=0, description="The thumbnail cache is kept under this size (oldest used first out).")
+    thumbnail_roots: list[str] = Field(default_factory=list, description=(
+        "Local folders thumbnails may be read from (default: the input folder of each index's features)."))
+    thumbnail_remote: bool = Field(False, description="Also read thumbnails of remote uris (http, s3, ...): off by default.")
+    thumbnail_max_bytes: int = Field(32 << 20, gt=0, description="Image files larger than this get no thumbnail.")
+    thumbnail_timeout_s: float = Field(10.0, gt=0, description="Reading one remote image for a thumbnail gives up after this.")
     preload_text: bool = Field(True, description="Load the text encoder before reporting ready.")
     query_cache: int = Field(10_000, ge=0, description="Query vectors of this many distinct texts are cached (0: none).")
     text_workers: int = Field(0, ge=0, description=(

@@ -96,9 +96,10 @@ def search(req: SearchRequest, state: State) -> dict:
 def image(faiss_id: int, state: State, index: str | None = None, size: int = Query(256, ge=16, le=1024)):
     """A JPEG thumbnail of image ``faiss_id`` of an index."""
     name, s = state.searcher(index)
-    data = cached_thumbnail(s, name, faiss_id, size=size, cache_dir=state.config.thumbnail_cache,
-                            max_pixels=state.config.max_image_pixels)
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+    data, version = cached_thumbnail(s, name, faiss_id, size=size, config=state.config)
+    # private and short-lived: the same url shows another image once the index is rebuilt (the ETag says which)
+    return Response(data, media_type="image/jpeg",
+                    headers={"Cache-Control": "private, max-age=300", "ETag": f'"{version}-{faiss_id}-{size}"'})
 
 
 @router.get("/metrics")
