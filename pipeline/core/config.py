@@ -239,6 +239,9 @@ class ServeConfig(_Config):
     max_body_bytes: int = Field(4 << 20, gt=0, description="Larger request bodies get a 413.")
     max_image_pixels: int = Field(50_000_000, gt=0, description="Thumbnails and image queries refuse larger images.")
     thumbnail_cache: str = Field("/tmp/zsl-thumbnails", description="Where thumbnails are cached.")
+    cors_origins: list[str] = Field(default_factory=list, description=(
+        "Origins whose web pages may call the service (CORS), e.g. a clip-retrieval front end's "
+        "'http://localhost:3005'; '*' for any; empty: no CORS headers."))
     preload_text: bool = Field(True, description="Load the text encoder before reporting ready.")
     query_cache: int = Field(10_000, ge=0, description="Query vectors of this many distinct texts are cached (0: none).")
     text_workers: int = Field(0, ge=0, description=(

@@ -6,6 +6,7 @@ import logging
 import os
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from pipeline.core.config import ServeConfig
@@ -33,6 +34,9 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     app.state.serve = ServeState(config=cfg, searchers=loaded, batchers=batchers,
                                  metrics=ServeMetrics(batchers=batchers))
     app.middleware("http")(guard)
+    if cfg.cors_origins:  # outermost: preflights and error answers carry the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
     app.include_router(routes.router)
     app.include_router(clip_retrieval.router)
     return app
