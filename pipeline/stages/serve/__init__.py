@@ -20,8 +20,8 @@ embeddings, unknown indexes or ids, bodies above the size cap.
 
 Modules: :mod:`.app` (wiring, limits), :mod:`.state` (what handlers read), :mod:`.routes` and
 :mod:`.clip_retrieval` (the handlers), :mod:`.feature_meta` (hits' captions and source urls),
-:mod:`.queries` (query vectors and filtered hits), :mod:`.batching` (text queries encoded together, cached), :mod:`.thumbnails`, :mod:`.metrics`,
-:mod:`.runner` (uvicorn or Ray Serve).
+:mod:`.queries` (query vectors and filtered hits), :mod:`.batching` (text queries encoded together,
+cached), :mod:`.thumbnails`, :mod:`.metrics`, :mod:`.runner` (uvicorn or Ray Serve).
 """
 
 from pipeline.stages.serve.app import create_app
