@@ -39,10 +39,12 @@ install: $(VENV)/.installed
 
 # Real third-party tools the tests and benchmarks run, each in its own venv (their pins clash with
 # ours: autofaiss needs numpy<2 and pyarrow<17): img2dataset writes the test inputs, autofaiss reads
-# our exports and is the index benchmark's reference.
+# our exports and is the index benchmark's reference; clip-retrieval's ClipClient queries `zsl serve`
+# (the wheel alone: its package __init__ imports the whole backend, the client needs only requests).
 TOOLS := .venv-tools
 IMG2DATASET_VERSION := 1.47.0
 AUTOFAISS_VERSION := 2.18.0
+CLIP_RETRIEVAL_VERSION := 2.45.0
 $(TOOLS)/img2dataset/.installed:
 	$(PYTHON) -m venv $(TOOLS)/img2dataset
 	$(TOOLS)/img2dataset/bin/pip install --quiet img2dataset==$(IMG2DATASET_VERSION)
@@ -53,7 +55,13 @@ $(TOOLS)/autofaiss/.installed:
 	$(TOOLS)/autofaiss/bin/pip install --quiet autofaiss==$(AUTOFAISS_VERSION) "numpy<2" "pyarrow<17"
 	touch $@
 
-tools: $(TOOLS)/img2dataset/.installed $(TOOLS)/autofaiss/.installed
+$(TOOLS)/clip-retrieval/.installed:
+	$(PYTHON) -m venv $(TOOLS)/clip-retrieval
+	$(TOOLS)/clip-retrieval/bin/pip install --quiet --no-deps clip-retrieval==$(CLIP_RETRIEVAL_VERSION)
+	$(TOOLS)/clip-retrieval/bin/pip install --quiet requests
+	touch $@
+
+tools: $(TOOLS)/img2dataset/.installed $(TOOLS)/autofaiss/.installed $(TOOLS)/clip-retrieval/.installed
 
 demo: install
 	$(ZSL) demo-data --output $(DEMO)/data --per-class 100

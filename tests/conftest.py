@@ -220,3 +220,38 @@ def free_port():
             return s.getsockname()[1]
 
     return pick
+
+
+@pytest.fixture(scope="session")
+def caption_world(tmp_path_factory, serve_world):
+    """A second small index (the classes and text encoder of ``serve_world``): 24 rows in 3 feature
+    shards with captions (every third row has none), rows 0 and 1 the same vector under two uris;
+    ``(searcher, root, labels, names)``."""
+    from pipeline.core.config import IndexConfig
+    from pipeline.core.features import write_features
+    from pipeline.index.searcher import Searcher
+    from pipeline.stages.index import run_index
+    from pipeline.zsl.models import save_model
+    from pipeline.zsl.models.eszsl import ESZSL
+
+    s0, _, _, names = serve_world
+    text = s0._encoder.text
+    root = tmp_path_factory.mktemp("captions")
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((4, 16)).astype(np.float32) * 3
+    y = np.arange(24) % 4
+    X = (centres[y] + 0.3 * rng.standard_normal((24, 16))).astype(np.float32)
+    y[1], X[1] = y[0], X[0]
+    save_model(str(root / "model"), ESZSL(gamma=1.0, lam=0.1).fit(X, y, text), {
+        "feature_model": "fake-feat", "feature_dim": 16, "semantics": "text", "semantic_dim": 8,
+        "text_model": "fake-text", "text_model_name": "fake", "text_pretrained": None, "templates": ["a {name}"],
+        "seen": names, "gamma": 0.0, "calibration": None})
+    captions = [None if i % 3 == 2 else f"a drawing of a {names[c]}, number {i}" for i, c in enumerate(y)]
+    write_features(str(root / "features"), image_ids=[f"cap{i:02d}" for i in range(24)],
+                   uris=[str(root / f"{i:02d}.png") for i in range(24)], labels=[names[c] for c in y], X=X,
+                   model_id="fake-feat", shard_size=10, captions=captions)
+    run_index(IndexConfig(features=str(root / "features"), model=str(root / "model"), output=str(root / "index"),
+                          use_gpu="no", tune_queries=10), progress=False)
+    s = Searcher(str(root / "index"), load_text=False)
+    s._encoder = FakeText(names, text)
+    return s, root, y, names

@@ -234,6 +234,9 @@ class ServeConfig(_Config):
     thumbnail_remote: bool = Field(False, description="Also read thumbnails of remote uris (http, s3, ...): off by default.")
     thumbnail_max_bytes: int = Field(32 << 20, gt=0, description="Image files larger than this get no thumbnail.")
     thumbnail_timeout_s: float = Field(10.0, gt=0, description="Reading one remote image for a thumbnail gives up after this.")
+    cors_origins: list[str] = Field(default_factory=list, description=(
+        "Origins whose web pages may call the service (CORS), e.g. a clip-retrieval front end's "
+        "'http://localhost:3005'; '*' for any; empty: no CORS headers."))
     preload_text: bool = Field(True, description="Load the text encoder before reporting ready.")
     query_cache: int = Field(10_000, ge=0, description="Query vectors of this many distinct texts are cached (0: none).")
     text_workers: int = Field(0, ge=0, description=(

@@ -7,6 +7,7 @@ import os
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from pipeline.core.config import ServeConfig
@@ -35,6 +36,9 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
                                  metrics=ServeMetrics(batchers=batchers))
     app.middleware("http")(guard)
     app.add_exception_handler(RequestValidationError, routes.validation_failed)
+    if cfg.cors_origins:  # outermost: preflights and error answers carry the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
     app.include_router(routes.router)
     app.include_router(clip_retrieval.router)
     return app
