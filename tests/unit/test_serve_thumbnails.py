@@ -126,7 +126,7 @@ def test_the_service_refuses_an_image_outside_its_roots_without_naming_it(serve_
     ok = TestClient(create_app(cfg.model_copy(update={"thumbnail_roots": [str(root)]}), searchers={"animals": s}))
     r = ok.get("/images/7?size=32")
     assert r.status_code == 200 and r.headers["cache-control"].startswith("private")
-    assert r.headers["etag"].endswith(f'-7-32"')
+    assert r.headers["etag"].endswith('-7-32"')
 
 
 def test_a_shared_cache_folder_is_a_503_not_a_write(serve_world, tmp_path):
