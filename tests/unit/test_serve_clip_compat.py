@@ -80,7 +80,7 @@ def test_rows_carry_caption_label_and_predicted_label_never_null(two, caption_wo
     for i in range(24):  # faiss id i is feature row i here (shards in order)
         want = f"a drawing of a {by_id[i]['label']}, number {i}" if i % 3 != 2 else by_id[i]["label"]
         assert by_id[i]["caption"] == want and by_id[i]["image_id"] == f"cap{i:02d}"
-        assert by_id[i]["url"].endswith(f"{i:02d}.png")
+        assert by_id[i]["url"] == f"http://testserver/images/{i}?index=captioned"
 
 
 def test_num_result_ids_and_deduplicate_as_clip_back(two):
@@ -119,6 +119,38 @@ def test_metadata_endpoint(two):
     for bad in ({"ids": [999]}, {"ids": "1"}, {"ids": [1.5]}, {"ids": [-1]}):
         assert two.post("/metadata", content=json.dumps(bad)).status_code == 400
     assert two.post("/metadata", content=json.dumps({"ids": [1], "indice_name": "nope"})).status_code == 404
+
+
+def test_urls_are_this_servers_thumbnails_never_local_paths(two, serve_world, caption_world):
+    """A browser cannot load a local path (clip-retrieval's front hides a result whose image fails):
+    ``url`` is the absolute url of the hit's thumbnail here, at the host the request came to."""
+    root = serve_world[1]
+    r = two.post("/knn-service", content=json.dumps({**BODY, "text": "dog", "num_images": 5, "num_result_ids": 5}),
+                 headers={"host": "zsl.example:8123"})
+    assert r.status_code == 200 and str(root) not in r.text and str(caption_world[1]) not in r.text
+    rows = r.json()
+    assert [x["url"] for x in rows] == [f"http://zsl.example:8123/images/{x['id']}?index=animals" for x in rows]
+    shown = two.get(rows[0]["url"].replace("http://zsl.example:8123", ""))
+    assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg"
+    meta = two.post("/metadata", content=json.dumps({"ids": [7], "indice_name": "captioned"}))
+    assert meta.json()[0]["metadata"]["url"] == "http://testserver/images/7?index=captioned"
+    assert str(caption_world[1]) not in meta.text
+
+
+def test_http_source_urls_are_kept(monkeypatch):
+    from pipeline.stages.serve import feature_meta
+
+    class Meta:
+        def get(self, faiss_ids, image_ids):
+            return [{"caption": None, "url": u} for u in
+                    ("https://img.example/a.jpg", "/data/b.jpg", "file:///c.jpg", None, "HTTP://x/e.png")]
+
+    monkeypatch.setattr(feature_meta, "feature_meta", lambda s: Meta())
+    rows = [{"faiss_id": i, "image_id": str(i), "uri": f"/data/{i}.jpg", "label": "cat"} for i in range(5)]
+    rows[3]["uri"] = "https://img.example/d.jpg"  # an http(s) uri is a source url too
+    got = [d["url"] for d in feature_meta.describe(None, rows, lambda i: f"http://here/images/{i}")]
+    assert got == ["https://img.example/a.jpg", "http://here/images/1", "http://here/images/2",
+                   "https://img.example/d.jpg", "HTTP://x/e.png"]
 
 
 def test_cors_headers_only_when_configured(client, serve_world):

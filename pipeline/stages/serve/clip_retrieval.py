@@ -11,7 +11,10 @@ they send, as clip-retrieval 2.45.0's ``clip_back.py`` answers them.
   hit's. (clip-retrieval's cosine >= 0.94 suits CLIP's space, not ours: a zsl model projects a
   class's images close together, so a threshold would drop distinct images.)
 * ``caption`` is the image's own caption, else its label or predicted label, never null;
-  ``predicted_label`` and ``label`` come apart; ``url`` is the image's source url, else its uri.
+  ``predicted_label`` and ``label`` come apart; ``url`` is the image's http(s) source url, else the
+  absolute url of its thumbnail on this server (``/images/{id}?index=``, built from the url the
+  request came to), so that clip-retrieval's web front, which hides a result whose image fails to
+  load, shows it; a local path is never in a reply.
 * The safety, violence, aesthetic and mclip options are ignored; ``image_url`` is refused (this
   server fetches nothing).
 """
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -64,7 +69,7 @@ router.add_api_route("/indices-list", indices_list, methods=["POST"], operation_
 
 
 @router.post("/knn-service")
-def knn_service(state: State, body: Body) -> list[dict]:
+def knn_service(state: State, body: Body, request: Request) -> list[dict]:
     """Hits as clip-retrieval rows ``{id, similarity, caption, url, label, predicted_label, image_id}``."""
     name, s = state.searcher(_str(body, "indice_name"))
     if body.get("image_url"):
@@ -84,13 +89,13 @@ def knn_service(state: State, body: Body) -> list[dict]:
     if body.get("deduplicate"):
         hits = deduplicate(s.index, hits)
     rows = [{"id": h["faiss_id"], "similarity": h["score"]} for h in hits]
-    for row, meta in zip(rows, describe(s, hits[:num_images])):
+    for row, meta in zip(rows, describe(s, hits[:num_images], thumbnail_url(request, name))):
         row.update(meta)
     return rows
 
 
 @router.post("/metadata")
-def metadata(state: State, body: Body) -> list[dict]:
+def metadata(state: State, body: Body, request: Request) -> list[dict]:
     """``{ids, indice_name}`` -> ``[{id, metadata: {caption, url, label, predicted_label, image_id}}]``."""
     ids = body.get("ids")
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
@@ -100,14 +105,22 @@ def metadata(state: State, body: Body) -> list[dict]:
         raise HTTPException(400, f"{len(ids)} ids; at most {limit}")
     if not ids:
         return []
-    _, s = state.searcher(_str(body, "indice_name"))
+    name, s = state.searcher(_str(body, "indice_name"))
     bad = [i for i in ids if not 0 <= i < s.index.ntotal]
     if bad:
         raise HTTPException(400, f"id {bad[0]} is not in the index (0..{s.index.ntotal - 1})")
     rows = s.ids.take(ids).select(["faiss_id", "image_id", "uri", "label"]).to_pylist()
     if s.labels is not None:
         s.labels.annotate(rows)
-    return [{"id": i, "metadata": meta} for i, meta in zip(ids, describe(s, rows))]
+    return [{"id": i, "metadata": meta} for i, meta in zip(ids, describe(s, rows, thumbnail_url(request, name)))]
+
+
+def thumbnail_url(request: Request, index: str) -> Callable[[int], str]:
+    """faiss id -> the absolute url of its thumbnail on this server, ``GET /images/{id}?index=``, at
+    the scheme, host and root path the request came to."""
+    prefix = str(request.url_for("image", faiss_id="0"))[:-1]  # ".../images/"
+    query = "?" + urlencode({"index": index})
+    return lambda faiss_id: f"{prefix}{int(faiss_id)}{query}"
 
 
 def deduplicate(index, hits: list[dict]) -> list[dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 
@@ -73,13 +74,20 @@ def feature_meta(s: Searcher) -> FeatureMeta | None:
         return _CACHE[s]
 
 
-def describe(s: Searcher, rows: list[dict]) -> list[dict]:
+def describe(s: Searcher, rows: list[dict], image_url: Callable[[int], str]) -> list[dict]:
     """clip-retrieval's view of hits or id-table rows (``faiss_id``, ``image_id``, ``uri``, ``label``,
     maybe ``predicted``): ``caption`` (the image's caption, else its label or predicted label, else
-    ""), ``url`` (its source url, else its uri), ``label``, ``predicted_label``, ``image_id``."""
+    ""), ``url`` (its http(s) source url or uri, else ``image_url(faiss_id)``: this server's thumbnail, which
+    a browser can load where it cannot a local path; the uri itself is never shown), ``label``,
+    ``predicted_label``, ``image_id``."""
     meta = feature_meta(s)
     extra = meta.get([r["faiss_id"] for r in rows], [r["image_id"] for r in rows]) if meta and rows else \
         [{}] * len(rows)
     return [{"caption": e.get("caption") or r.get("label") or r.get("predicted") or "",
-             "url": e.get("url") or r["uri"], "label": r.get("label"), "predicted_label": r.get("predicted"),
-             "image_id": r["image_id"]} for r, e in zip(rows, extra)]
+             "url": _web_url(e.get("url")) or _web_url(r["uri"]) or image_url(r["faiss_id"]), "label": r.get("label"),
+             "predicted_label": r.get("predicted"), "image_id": r["image_id"]} for r, e in zip(rows, extra)]
+
+
+def _web_url(url: str | None) -> str | None:
+    """``url`` where a browser can load it (http or https), else None."""
+    return url if isinstance(url, str) and url.lower().startswith(("http://", "https://")) else None
