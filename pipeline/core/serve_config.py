@@ -55,6 +55,8 @@ class ServeConfig(_Config):
     max_header_bytes: int = Field(64 << 10, gt=0, description="uvicorn (h11): larger request heads are refused.")
     timeout_graceful_shutdown: int = Field(10, gt=0, description="uvicorn: shutting down waits at most this (s).")
     backlog: int = Field(2048, gt=0, description="uvicorn: the listening socket's backlog.")
+    image_workers: int = Field(2, gt=0, description="Threads decoding and encoding query images (apart from text queries).")
+    image_queue: int = Field(8, ge=0, description="Image queries that may wait for those threads; more get a 503.")
     ray: bool = Field(False, description="Serve with Ray Serve (one replica per node) instead of uvicorn.")
     address: str | None = Field(None, description="Ray cluster address for --ray (default: a local one).")
     replicas: int | None = Field(None, gt=0, description="Ray Serve replicas (default: one per node).")

@@ -142,3 +142,33 @@ def test_replies_show_no_absolute_path(serve_world, tmp_path, monkeypatch):
     debug = TestClient(_app(serve_world, debug_paths=True))
     assert debug.get("/indices").json()[0]["labels"] == str(tmp_path / "labelled")
     assert str(root) in debug.post("/search", json={"embedding": [0.5, 0.5], "k": 3}).text
+
+
+def test_image_queries_have_their_own_bounded_pool(serve_world, monkeypatch):
+    from pipeline.stages.serve import routes
+
+    real, started, release = routes.query_vectors, threading.Event(), threading.Event()
+
+    def slow_images(state, name, *, image=None, **kw):
+        if image is None:
+            return real(state, name, **kw)
+        started.set()
+        release.wait(10)
+        return real(state, name, text="cat")
+
+    monkeypatch.setattr(routes, "query_vectors", slow_images)
+    client = TestClient(_app(serve_world, image_workers=1, image_queue=0))
+    first: list = []
+    t = threading.Thread(target=lambda: first.append(client.post("/search", json={"image": "aGk=", "k": 3})))
+    t.start()
+    try:
+        assert started.wait(10)
+        busy = client.post("/search", json={"image": "aGk=", "k": 3})
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
+        t0 = time.monotonic()
+        assert client.post("/search", json={"text": "cat", "k": 3}).status_code == 200
+        assert client.get("/health").status_code == 200 and time.monotonic() - t0 < 5
+    finally:
+        release.set()
+        t.join(timeout=15)
+    assert first[0].status_code == 200, first[0].text

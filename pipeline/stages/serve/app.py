@@ -15,6 +15,7 @@ from pipeline.core.timing import timed
 from pipeline.index.searcher import PredictedLabels, Searcher
 from pipeline.stages.serve import clip_retrieval, routes, security
 from pipeline.stages.serve.batching import TextBatcher
+from pipeline.stages.serve.image_pool import ImagePool
 from pipeline.stages.serve.prometheus import ServeMetrics
 from pipeline.stages.serve.state import ServeState
 
@@ -34,7 +35,8 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
                   description="Text-to-image retrieval over zsl indexes (clip-retrieval compatible endpoints).")
     app.state.serve = ServeState(config=cfg, searchers=loaded, batchers=batchers,
                                  metrics=ServeMetrics(batchers=batchers), api_key=security.api_key(cfg),
-                                 private_paths=[] if cfg.debug_paths else security.private_paths(cfg, loaded))
+                                 private_paths=[] if cfg.debug_paths else security.private_paths(cfg, loaded),
+                                 images=ImagePool(cfg.image_workers, cfg.image_queue))
     app.middleware("http")(guard)
     app.add_exception_handler(RequestValidationError, routes.validation_failed)
     if cfg.cors_origins:  # outermost: preflights and error answers carry the headers too

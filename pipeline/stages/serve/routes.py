@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -86,8 +87,15 @@ def indices(state: State) -> list[dict]:
 
 
 @router.post("/search")
-def search(req: SearchRequest, state: State) -> dict:
-    """Hits of a text, image or embedding query, filtered and paged."""
+async def search(req: SearchRequest, state: State) -> dict:
+    """Hits of a text, image or embedding query, filtered and paged; image queries on their own
+    bounded pool (a 503 with Retry-After when it is full), the others on the app's threads."""
+    if req.image is not None and state.images is not None:
+        return await state.images.run(lambda: _search(req, state))
+    return await run_in_threadpool(_search, req, state)
+
+
+def _search(req: SearchRequest, state) -> dict:
     name, s = state.searcher(req.index)
     q = query_vectors(state, name, text=req.text, image=req.image, embedding=req.embedding)
     hits = find(state, s, q, k=req.k, offset=req.offset, labels=req.labels, min_score=req.min_score,
