@@ -8,29 +8,17 @@ library only ever sees the validated object.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Mapping
+from typing import Any, Literal, Mapping
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
-from pipeline.core.fs import absolute_uri
+from pipeline.core.config_base import ConfigError, Uri, _Config
+from pipeline.core.serve_config import ServeConfig
 from pipeline.core.units import parse_memory
 
 __all__ = ["ConfigError", "ExtractConfig", "ClassesConfig", "TrainConfig", "EvaluateConfig", "LabelConfig",
            "IndexConfig", "SearchConfig", "ServeConfig", "AddClassesConfig", "ReportConfig", "DemoDataConfig",
            "CONFIGS", "Uri", "build_config"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any work is done."""
-
-
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-#: A local path or fsspec URI. Local paths are made absolute when the config is built, so that
-#: manifests and identities never depend on the working directory a job ran in.
-Uri = Annotated[str, AfterValidator(absolute_uri)]
 
 
 DEFAULT_TEMPLATES = (
@@ -213,51 +201,6 @@ class SearchConfig(_Config):
     caption_weight: float = Field(0.5, ge=0, le=1, description="Weight of the caption score in mode 'both'.")
 
 
-class ServeConfig(_Config):
-    indexes: dict[str, Uri] = Field(description="Served indexes: name -> `zsl index` output.")
-    labels: dict[str, Uri] = Field(default_factory=dict, description=(
-        "`zsl label` outputs of the indexed features: index name -> labels dir; hits then carry the "
-        "predicted label and score."))
-    host: str = "127.0.0.1"
-    port: int = Field(8000, gt=0, lt=65536)
-    max_k: int = Field(200, gt=0, description="Largest k a request may ask for.")
-    max_text_chars: int = Field(1000, gt=0, le=10_000, description=(
-        "Longer search texts get a 400 (a request's text is capped at 10,000 characters whatever this is)."))
-    max_body_bytes: int = Field(4 << 20, gt=0, description="Larger request bodies get a 413.")
-    max_image_pixels: int = Field(50_000_000, gt=0, description="Thumbnails and image queries refuse larger images.")
-    thumbnail_cache: str | None = Field(None, description=(
-        "Where thumbnails are cached (default: a private per-user folder, 0700, under $XDG_CACHE_HOME or "
-        "~/.cache). The folder must belong to this user and not be writable by others."))
-    thumbnail_cache_mb: float = Field(256, gt=0, description="The thumbnail cache is kept under this size (oldest used first out).")
-    thumbnail_roots: list[str] = Field(default_factory=list, description=(
-        "Local folders thumbnails may be read from (default: the input folder of each index's features)."))
-    thumbnail_remote: bool = Field(False, description="Also read thumbnails of remote uris (http, s3, ...): off by default.")
-    thumbnail_max_bytes: int = Field(32 << 20, gt=0, description="Image files larger than this get no thumbnail.")
-    thumbnail_timeout_s: float = Field(10.0, gt=0, description="Reading one remote image for a thumbnail gives up after this.")
-    cors_origins: list[str] = Field(default_factory=list, description=(
-        "Origins whose web pages may call the service (CORS), e.g. a clip-retrieval front end's "
-        "'http://localhost:3005'; '*' for any; empty: no CORS headers."))
-    preload_text: bool = Field(True, description="Load the text encoder before reporting ready.")
-    query_cache: int = Field(10_000, ge=0, description="Query vectors of this many distinct texts are cached (0: none).")
-    text_workers: int = Field(0, ge=0, description=(
-        "Threads encoding text queries, one torch/ONNX Runtime thread each (0: one per CPU core, at "
-        "most 4; 1: one thread using every core)."))
-    text_backend: Literal["auto", "torch", "onnx"] = Field("auto", description=(
-        "How the text model runs: 'onnx' (the offline MiniLM on ONNX Runtime: same vectors, 1.5x the "
-        "queries/s on 2 cores), 'torch', or 'auto' (onnx where it applies, else torch)."))
-    ray: bool = Field(False, description="Serve with Ray Serve (one replica per node) instead of uvicorn.")
-    address: str | None = Field(None, description="Ray cluster address for --ray (default: a local one).")
-    replicas: int | None = Field(None, gt=0, description="Ray Serve replicas (default: one per node).")
-
-    @model_validator(mode="after")
-    def _labels_of_served(self) -> "ServeConfig":
-        unknown = sorted(set(self.labels) - set(self.indexes))
-        if unknown and self.indexes:  # (no indexes: a library caller injects loaded ones)
-            raise ValueError(f"labels given for unserved index(es) {', '.join(unknown)} (served: "
-                             f"{', '.join(self.indexes)})")
-        return self
-
-
 class AddClassesConfig(_Config):
     model: Uri
     classes: Uri = Field(description="The `zsl classes` output to extend (in place).")
@@ -383,7 +326,7 @@ def build_config(job: str, *layers: Layer | Mapping[str, Any] | None) -> _Config
     >>> build_config("search", ("my.yaml", {"kk": 3}), {"index": "/i", "text": "x"})
     Traceback (most recent call last):
     ...
-    pipeline.core.config.ConfigError: search config: unknown key 'kk' in my.yaml (known: caption_weight, index, k, mode, text)
+    pipeline.core.config_base.ConfigError: search config: unknown key 'kk' in my.yaml (known: caption_weight, index, k, mode, text)
     """
     if job not in CONFIGS:
         raise ConfigError(f"no config for job {job!r} (known: {', '.join(sorted(CONFIGS))})")

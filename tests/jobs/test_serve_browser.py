@@ -125,3 +125,37 @@ def test_search_by_image_in_a_real_browser(image_server, image_world):
         assert d.find_element(By.CSS_SELECTOR, "#gallery figure .label").text == "giraffe"
     finally:
         d.quit()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(serve_world, free_port, tmp_path_factory):
+    from pipeline.core.config import ServeConfig
+
+    s, root, _, _ = serve_world
+    key = tmp_path_factory.mktemp("key") / "key"
+    key.write_text("browser-key")
+    cfg = ServeConfig(indexes={}, port=free_port(), thumbnail_cache=str(root / "thumbs-live"), api_key_file=str(key))
+    yield from _serve(cfg, {"animals": s})
+
+
+def test_web_page_sends_the_key_of_its_url_fragment(keyed_server):
+    """With an API key, the page given /#key=... searches and shows the thumbnails (fetched with the key)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(keyed_server + "/indices", timeout=10)
+    assert err.value.code == 401
+    d = _chrome()
+    try:
+        d.get(keyed_server + "/#key=browser-key")
+        d.find_element(By.ID, "q").send_keys("zebra", Keys.ENTER)
+        wait = WebDriverWait(d, 20)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figure")) >= 10)
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#gallery img')].slice(0, 6)"
+            ".every(i => i.complete && i.naturalWidth > 0 && i.src.startsWith('blob:'))"))
+        assert d.find_element(By.CSS_SELECTOR, "#gallery figure .label").text == "zebra"
+    finally:
+        d.quit()

@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse
 from pipeline.core.config import ServeConfig
 from pipeline.core.timing import timed
 from pipeline.index.searcher import PredictedLabels, Searcher
-from pipeline.stages.serve import clip_retrieval, routes
+from pipeline.stages.serve import clip_retrieval, routes, security
 from pipeline.stages.serve.batching import TextBatcher
+from pipeline.stages.serve.image_pool import ImagePool
 from pipeline.stages.serve.prometheus import ServeMetrics
 from pipeline.stages.serve.state import ServeState
 
@@ -33,7 +34,9 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     app = FastAPI(title="zsl-pipeline retrieval", version="1", docs_url=None, redoc_url=None,  # their pages load a CDN
                   description="Text-to-image retrieval over zsl indexes (clip-retrieval compatible endpoints).")
     app.state.serve = ServeState(config=cfg, searchers=loaded, batchers=batchers,
-                                 metrics=ServeMetrics(batchers=batchers))
+                                 metrics=ServeMetrics(batchers=batchers), api_key=security.api_key(cfg),
+                                 private_paths=[] if cfg.debug_paths else security.private_paths(cfg, loaded),
+                                 images=ImagePool(cfg.image_workers, cfg.image_queue))
     app.middleware("http")(guard)
     app.add_exception_handler(RequestValidationError, routes.validation_failed)
     if cfg.cors_origins:  # outermost: preflights and error answers carry the headers too
@@ -67,18 +70,26 @@ def load_searchers(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = 
 
 
 async def guard(request: Request, call_next) -> Response:
-    """Every request: the body-size limits, a JSON 500 instead of a bare one, and its metrics."""
+    """Every request: the API key, the body-size limits, a JSON 500 instead of a bare one, no
+    absolute path in an error reply, and its metrics."""
     state: ServeState = request.app.state.serve
     with timed() as t:
-        resp = await _within_limits(request, call_next, max_body=state.config.max_body_bytes)
+        resp = security.refused(request, state.api_key) or await _within_limits(
+            request, call_next, max_body=state.config.max_body_bytes, max_head=state.config.max_header_bytes)
+        if hasattr(resp, "body_iterator"):  # the app's answer (ours above hold no path)
+            resp = await security.without_paths(resp, state.private_paths)
     route = request.scope.get("route")
     state.metrics.observe(path=getattr(route, "path", "unmatched"), status=resp.status_code, seconds=t.seconds)
     return resp
 
 
-async def _within_limits(request: Request, call_next, *, max_body: int) -> Response:
-    """A 413 for a declared body over ``max_body``, a 411 for a POST without Content-Length, else
-    the app's answer."""
+async def _within_limits(request: Request, call_next, *, max_body: int, max_head: int) -> Response:
+    """A 431 for headers over ``max_head`` bytes (uvicorn's h11 caps only a head still arriving), a
+    413 for a declared body over ``max_body``, a 411 for a POST without Content-Length, else the
+    app's answer."""
+    head = sum(len(k) + len(v) for k, v in request.scope["headers"])
+    if head > max_head:
+        return JSONResponse({"detail": f"request headers of {head} bytes; at most {max_head}"}, 431)
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > max_body:
         return JSONResponse({"detail": f"request body of {size} bytes; at most {max_body}"}, 413)

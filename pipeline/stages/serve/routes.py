@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from pipeline.stages.serve.prometheus import CONTENT_TYPE
 from pipeline.stages.serve.queries import find, query_vectors
+from pipeline.stages.serve.security import shown
 from pipeline.stages.serve.state import State
 from pipeline.stages.serve.thumbnails import cached_thumbnail
 
@@ -72,19 +74,28 @@ def health(state: State) -> dict:
 
 @router.get("/indices")
 def indices(state: State) -> list[dict]:
-    """The served indexes: size, factory, tuned recall, text model, labels, captions."""
+    """The served indexes: size, factory, tuned recall, text model, labels, captions (paths as
+    their last part unless ``debug_paths``)."""
     return [{"name": n, "ntotal": s.manifest.ntotal, "dim": s.dim, "factory": s.manifest.factory,
-             "search_params": s.manifest.search_params, "text_model": s.manifest.text_model,
+             "search_params": s.manifest.search_params, "text_model": shown(s.manifest.text_model, state.config),
              "text_backend": s.text_backend_in_use,
              "recall_at_10": s.manifest.tuning.recall_at_10 if s.manifest.tuning else None,
-             "image_encoder": s.manifest.image_encoder or s.manifest.feature_model,
-             "labels": s.labels.labels_dir if s.labels else None, "captions": s.captions is not None}
+             "image_encoder": shown(s.manifest.image_encoder or s.manifest.feature_model, state.config),
+             "labels": shown(s.labels.labels_dir, state.config) if s.labels else None,
+             "captions": s.captions is not None}
             for n, s in state.searchers.items()]
 
 
 @router.post("/search")
-def search(req: SearchRequest, state: State) -> dict:
-    """Hits of a text, image or embedding query, filtered and paged."""
+async def search(req: SearchRequest, state: State) -> dict:
+    """Hits of a text, image or embedding query, filtered and paged; image queries on their own
+    bounded pool (a 503 with Retry-After when it is full), the others on the app's threads."""
+    if req.image is not None and state.images is not None:
+        return await state.images.run(lambda: _search(req, state))
+    return await run_in_threadpool(_search, req, state)
+
+
+def _search(req: SearchRequest, state) -> dict:
     name, s = state.searcher(req.index)
     q = query_vectors(state, name, text=req.text, image=req.image, embedding=req.embedding)
     hits = find(state, s, q, k=req.k, offset=req.offset, labels=req.labels, min_score=req.min_score,

@@ -9,6 +9,7 @@ import os
 
 from pipeline.core.config import ServeConfig
 from pipeline.stages.serve.app import create_app, text_workers
+from pipeline.stages.serve.security import KEY_ENV, host_checked
 
 LOG = logging.getLogger(__name__)
 
@@ -20,15 +21,26 @@ def run_serve(cfg: ServeConfig, *, blocking: bool = True) -> None:
     if cfg.ray:
         from pipeline.cluster.ray_serve import serve_asgi
 
+        env = {CONFIG_ENV: json.dumps(cfg.model_dump(mode="json")),  # and the API key, if one is set
+               **{k: os.environ[k] for k in [KEY_ENV] if k in os.environ}}
         serve_asgi(build_app_from_env, address=cfg.address, host=cfg.host, port=cfg.port, replicas=cfg.replicas,
-                   blocking=blocking, env={CONFIG_ENV: json.dumps(cfg.model_dump(mode="json"))})
+                   blocking=blocking, env=env)
         return
     import uvicorn
 
     serving_process(cfg)
-    app = create_app(cfg)
+    app = host_checked(create_app(cfg), cfg)
     LOG.info("serving %s on http://%s:%d/", ", ".join(cfg.indexes), cfg.host, cfg.port)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    uvicorn.run(app, **uvicorn_options(cfg))
+
+
+def uvicorn_options(cfg: ServeConfig) -> dict:
+    """uvicorn's settings: the address and the limits of ``cfg``; HTTP/1.1 by h11, whose
+    ``h11_max_incomplete_event_size`` caps a request's head (httptools has no such cap)."""
+    return dict(host=cfg.host, port=cfg.port, log_level="warning", http="h11",
+                h11_max_incomplete_event_size=cfg.max_header_bytes, limit_concurrency=cfg.limit_concurrency,
+                timeout_keep_alive=cfg.timeout_keep_alive, timeout_graceful_shutdown=cfg.timeout_graceful_shutdown,
+                backlog=cfg.backlog)
 
 
 def ray_app(args: dict | None = None):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -11,6 +11,7 @@ from fastapi import Depends, HTTPException, Request
 from pipeline.core.config import ServeConfig
 from pipeline.index.searcher import Searcher
 from pipeline.stages.serve.batching import TextBatcher
+from pipeline.stages.serve.image_pool import ImagePool
 from pipeline.stages.serve.prometheus import ServeMetrics
 
 LOG = logging.getLogger(__name__)
@@ -19,12 +20,15 @@ LOG = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServeState:
     """The served indexes (name -> searcher, the first is the default), one text batcher each, the
-    metrics and the config (limits, thumbnail cache)."""
+    metrics, the config (limits, thumbnail cache), the API key and the paths replies hide."""
 
     config: ServeConfig
     searchers: dict[str, Searcher]
     batchers: dict[str, TextBatcher]
     metrics: ServeMetrics
+    api_key: str | None = None  # requests need it (but the page and /health): security.refused
+    private_paths: list[str] = field(default_factory=list)  # absolute paths error replies must not show
+    images: ImagePool | None = None  # image queries' own threads (image_pool)
 
     def searcher(self, name: str | None) -> tuple[str, Searcher]:
         """``(name, searcher)`` of index ``name`` (None: the default); a 404 naming the served ones."""

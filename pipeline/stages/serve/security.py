@@ -1,0 +1,94 @@
+"""Who may call the service and what its replies may show: the optional API key, the Host
+allow-list (DNS-rebinding defence) and the absolute paths kept out of error replies."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+from pathlib import Path
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from pipeline.core.config import ServeConfig
+
+KEY_ENV = "ZSL_API_KEY"
+
+#: Open without a key: the page (it sends the key given in its URL fragment, ``/#key=...``) and
+#: the readiness probe.
+OPEN_PATHS = frozenset({"/", "/health"})
+
+
+def api_key(cfg: ServeConfig) -> str | None:
+    """The key every request but the open ones must carry: ``cfg.api_key_file``'s content, else
+    ``$ZSL_API_KEY``, else None (no key asked)."""
+    key = Path(cfg.api_key_file).read_text().strip() if cfg.api_key_file else os.environ.get(KEY_ENV, "").strip()
+    if cfg.api_key_file and not key:
+        raise ValueError("api_key_file is empty")
+    return key or None
+
+
+def refused(request: Request, key: str | None) -> Response | None:
+    """A 401 when ``key`` is set and ``request`` (not to an open path, not a CORS preflight) carries
+    neither ``Authorization: Bearer <key>`` nor ``X-API-Key: <key>``; else None."""
+    if key is None or request.url.path in OPEN_PATHS or request.method == "OPTIONS":
+        return None
+    auth = request.headers.get("authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+    if hmac.compare_digest(given.encode(), key.encode()):
+        return None
+    reason = "API key missing" if not given else "wrong API key"
+    return JSONResponse({"detail": f"{reason}: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"}, 401,
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def allowed_hosts(cfg: ServeConfig) -> list[str]:
+    """``cfg.allowed_hosts`` plus ``cfg.host`` when that is a concrete address (not 0.0.0.0 or ::),
+    IPv6 addresses in brackets."""
+    hosts = list(cfg.allowed_hosts)
+    try:
+        concrete = not ipaddress.ip_address(cfg.host).is_unspecified
+    except ValueError:  # a name
+        concrete = bool(cfg.host)
+    if concrete and cfg.host not in hosts:
+        hosts.append(cfg.host)
+    return [f"[{h}]" if ":" in h and not h.startswith("[") else h for h in hosts]  # IPv6 as in a Host header
+
+
+def host_checked(app, cfg: ServeConfig):
+    """``app`` behind Starlette's TrustedHostMiddleware: a request whose Host header is not among
+    :func:`allowed_hosts` gets a 400 ('*' among them: no check). Applied by ``run_serve`` (the
+    uvicorn server), not by ``create_app``, whose tests call it as host 'testserver'."""
+    hosts = allowed_hosts(cfg)
+    return app if "*" in hosts else TrustedHostMiddleware(app, allowed_hosts=hosts, www_redirect=False)
+
+
+def private_paths(cfg: ServeConfig, searchers: dict) -> list[str]:
+    """The absolute paths an error reply must not show (longest first): the served index and
+    labels dirs, the thumbnail cache and roots, the key file."""
+    paths = {*cfg.indexes.values(), *cfg.labels.values(), *cfg.thumbnail_roots, cfg.thumbnail_cache or "",
+             cfg.api_key_file or ""}
+    for s in searchers.values():
+        paths |= {str(getattr(s, "index_dir", "") or ""), str(getattr(s.labels, "labels_dir", "") or "")}
+    return sorted({p.rstrip("/") for p in paths if p.startswith("/") or "://" in p} - {""}, key=len, reverse=True)
+
+
+def shown(path: str | None, cfg: ServeConfig) -> str | None:
+    """``path`` as a reply may show it: its last part (a name), unless ``cfg.debug_paths``."""
+    if not path or cfg.debug_paths or not (path.startswith("/") or "://" in path):
+        return path
+    return Path(path.rstrip("/")).name or path
+
+
+async def without_paths(resp: Response, paths: list[str]) -> Response:
+    """An error reply (status >= 400) with each of ``paths`` replaced by its last part."""
+    if resp.status_code < 400 or not paths:
+        return resp
+    body = b"".join([chunk async for chunk in resp.body_iterator])
+    for p in paths:
+        if p.encode() in body:
+            body = body.replace(p.encode(), (Path(p).name or "?").encode())
+    headers = {k: v for k, v in resp.headers.items() if k.lower() != "content-length"}
+    return Response(body, resp.status_code, headers=headers, media_type=resp.media_type)
