@@ -159,3 +159,22 @@ def test_filters_search_among_the_allowed_ids_exactly(serve_world, labelled, tmp
             assert [h["rank"] for page in got for h in page] == list(range(1, len(allowed) + 1))
     finally:
         s.labels = None
+
+
+def test_zsl_search_label_filter_is_exact_among_the_label(serve_world, monkeypatch):
+    """`zsl search --label`: the k best of the label's rows (every one a candidate)."""
+    from pipeline.core.config import SearchConfig
+    from pipeline.index.knn import exact_knn
+    from pipeline.index.store import read_ids
+    from pipeline.stages import search as stage
+
+    s = serve_world[0]
+    monkeypatch.setattr(stage, "Searcher", lambda index: s)
+    labels = read_ids(s.index_dir).column("label").to_numpy(zero_copy_only=False)
+    allowed = np.flatnonzero(labels == "okapi")
+    x = s.index.reconstruct_n(0, s.index.ntotal)
+    want = allowed[exact_knn(x[allowed], s.text_queries(["zebra"]), 7)[1][0]]
+    out = stage.run_search(SearchConfig(index=s.index_dir, text="zebra", k=7, labels=["okapi"]))
+    assert [h["faiss_id"] for h in out["hits"]] == want.tolist() and out["labels"] == ["okapi"]
+    with pytest.raises(ValueError, match="mode 'image'"):
+        stage.run_search(SearchConfig(index=s.index_dir, text="zebra", labels=["okapi"], mode="caption"))
