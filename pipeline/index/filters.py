@@ -4,8 +4,10 @@ Filtering the top ``4k`` candidates after the search loses most hits of rare lab
 0.1 % of the rows rarely has one of them among the first 100). Instead :class:`LabelSets` maps each
 label to its sorted faiss ids (built once, from the id table's ``label`` column or from the predicted
 labels) and :func:`filtered_search` searches only the allowed ids: exactly over their stored vectors
-when the set is small (and the index can give vectors back), else with a faiss ``IDSelectorBatch``
-(HNSW: ``efSearch``, IVF: ``nprobe`` widened until every query has ``min(k, len(allowed))`` hits),
+when the set is small (and the index can give vectors back), by a scan of the Flat storage with a
+faiss ``IDSelectorBatch`` up to a quarter of the rows (Flat, HNSW-Flat), else with the selector in
+the index's own search (HNSW: ``efSearch``, IVF: ``nprobe`` widened until every query has
+``min(k, len(allowed))`` hits),
 and as a last resort by post-filtering an ever wider plain search. Never fewer than
 ``min(k, len(allowed))`` hits per query.
 """
@@ -29,6 +31,8 @@ __all__ = ["LabelSets", "filtered_search", "EXACT_MAX"]
 
 #: allowed sets up to this many ids are searched exactly over their reconstructed vectors
 EXACT_MAX = 20_000
+#: with Flat storage (Flat, HNSW-Flat), sets up to this share of the rows are searched exactly by a scan
+EXACT_SHARE = 0.25
 
 
 class LabelSets:
@@ -81,6 +85,12 @@ def filtered_search(index: "faiss.Index", queries: np.ndarray, k: int, allowed: 
         got = _exact_subset(index, q, kk, allowed)
         if got is not None:
             return got
+    flat = _flat_storage(index)
+    if flat is not None and len(allowed) <= max(exact_max, EXACT_SHARE * index.ntotal):
+        # exact: the stored vectors scanned with the selector (a graph search strays from a
+        # mid-sized set far from the query; a scan computes only the allowed rows' scores)
+        faiss = import_faiss()
+        return flat.search(q, kk, params=faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed)))
     try:
         scores, ids = _selector_search(index, q, kk, allowed)
     except RuntimeError as exc:  # wrappers (PreTransform, ...) that take no selector
@@ -108,7 +118,7 @@ def _selector_search(index, q: np.ndarray, k: int, allowed: np.ndarray):
     share = len(allowed) / max(1, index.ntotal)
     hnsw = _find(index, faiss.IndexHNSW)
     if hnsw is not None:
-        ef = max(int(hnsw.hnsw.efSearch), 4 * k, int(2 * k / max(share, 1e-3)) if share < 0.5 else 0, 64)
+        ef = max(int(hnsw.hnsw.efSearch), 4 * k, int(8 * k / max(share, 1e-3)) if share < 0.5 else 0, 64)
         for _ in range(6):
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
             scores, ids = index.search(q, k, params=params)
@@ -129,6 +139,15 @@ def _selector_search(index, q: np.ndarray, k: int, allowed: np.ndarray):
                 return scores, ids
             nprobe *= 4
     return index.search(q, k, params=faiss.SearchParameters(sel=sel))
+
+
+def _flat_storage(index):
+    """The ``IndexFlat`` holding the vectors of a Flat or HNSW-Flat index (same ids), else None."""
+    faiss = import_faiss()
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        index = faiss.downcast_index(index.storage)
+    return index if isinstance(index, faiss.IndexFlat) else None
 
 
 def _find(index, cls):

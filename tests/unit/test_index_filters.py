@@ -59,15 +59,19 @@ def test_label_sets_are_sorted_ids_per_label(world):
     assert sum(big.counts().values()) == N and big.counts()["tiny"] == 3
 
 
-@pytest.mark.parametrize("factory,exact_max,bar", [
-    ("Flat", 20_000, 1.0),        # small sets: exact over the reconstructed vectors
-    ("Flat", 0, 1.0),             # IDSelectorBatch on a flat index
-    ("HNSW32,Flat", 20_000, 1.0),
-    ("HNSW32,Flat", 0, 0.95),     # IDSelectorBatch with widened efSearch
-    ("IVF64,Flat", 0, 1.0),       # IDSelectorBatch with every list probed: the selector plumbing
+@pytest.mark.parametrize("factory,exact_max,share,bar", [
+    ("Flat", 20_000, 0.25, 1.0),         # small sets: exact over the reconstructed vectors
+    ("HNSW32,Flat", 20_000, 0.25, 1.0),
+    ("HNSW32,Flat", 0, 0.25, 1.0),       # a scan of the Flat storage with an IDSelectorBatch
+    ("Flat", 0, 0.0, 1.0),               # the selector in the index's own search
+    ("HNSW32,Flat", 0, 0.0, 0.95),       # ... with efSearch widened
+    ("IVF64,Flat", 0, 0.0, 1.0),         # ... with every list probed: the selector plumbing
 ])
 @pytest.mark.parametrize("bucket", ["common", "mid", "rare", "tiny"])
-def test_filtered_search_equals_exact_filtered_truth(world, factory, exact_max, bar, bucket):
+def test_filtered_search_equals_exact_filtered_truth(world, monkeypatch, factory, exact_max, share, bar, bucket):
+    from pipeline.index import filters
+
+    monkeypatch.setattr(filters, "EXACT_SHARE", share)
     x, q, sets, buckets = world
     index = build_index(x, dim=D, factory=factory, use_gpu=False)
     set_nprobe(index, 64)  # IVF: all lists (random 32-d data defeats IVF itself); a no-op on the others
