@@ -45,9 +45,9 @@ class LabelSets:
             import pyarrow as pa
 
             col = pa.array(labels, pa.string()) if not isinstance(labels, (pa.Array, pa.ChunkedArray)) else labels
+            if isinstance(col, pa.ChunkedArray):  # one dictionary over all chunks
+                col = col.combine_chunks() if col.num_chunks else pa.array([], pa.string())
             enc = col.dictionary_encode()
-            if isinstance(enc, pa.ChunkedArray):
-                enc = enc.combine_chunks()
             codes = enc.indices.to_numpy(zero_copy_only=False)
             codes = np.where(enc.indices.is_null().to_numpy(zero_copy_only=False), -1, codes).astype(np.int64)
             order = np.argsort(codes, kind="stable")

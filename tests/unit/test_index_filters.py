@@ -55,6 +55,11 @@ def test_label_sets_are_sorted_ids_per_label(world):
     sets = LabelSets(["a", None, "b", "a", "a"], flags=[True, False, False, True, False])
     assert sets.ids_of(["a"]).tolist() == [0, 3, 4] and sets.ids_of(["b", "a"]).tolist() == [0, 2, 3, 4]
     assert sets.ids_of(["nope"]).tolist() == [] and sets.flagged.tolist() == [0, 3]
+    import pyarrow as pa
+
+    chunked = LabelSets(pa.chunked_array([["b", "a"], ["c", "a", None]]), flags=np.zeros(5, bool))
+    assert chunked.ids_of(["a"]).tolist() == [1, 3] and chunked.ids_of(["c"]).tolist() == [2]
+    assert LabelSets(pa.chunked_array([], pa.string())).sets == {}
     x, _, big, _ = world
     assert sum(big.counts().values()) == N and big.counts()["tiny"] == 3
 
