@@ -99,6 +99,8 @@ def search(
     index: Optional[str] = typer.Option(None, help="`zsl index` output."),
     k: Optional[int] = typer.Option(None, "-k", "--k", help="Number of hits (default: conf/search.yaml)."),
     mode: Optional[str] = typer.Option(None, help="image (default) | caption | both (needs `zsl embed-text`)."),
+    label: Optional[list[str]] = typer.Option(None, "--label", help=(
+        "Only images with this (true) label (repeatable: any of them); exact among them, rare labels too.")),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -112,4 +114,4 @@ def search(
             return
         for h in out["hits"]:
             typer.echo(f"{h['rank']:3d}  {h['score']:.4f}  {h['uri']}" + (f"  [{h['label']}]" if h["label"] else ""))
-    run_job("search", dict(index=index, text=text, k=k, mode=mode), config, set, body)
+    run_job("search", dict(index=index, text=text, k=k, mode=mode, labels=label or None), config, set, body)

@@ -199,6 +199,8 @@ class SearchConfig(_Config):
     mode: Literal["image", "caption", "both"] = Field("image", description=(
         "Search the images (the model's space), their captions (zsl embed-text), or both."))
     caption_weight: float = Field(0.5, ge=0, le=1, description="Weight of the caption score in mode 'both'.")
+    labels: list[str] = Field(default_factory=list, description=(
+        "Only images whose (true) label is one of these; searched among those images (mode 'image')."))
 
 
 class AddClassesConfig(_Config):

@@ -18,8 +18,9 @@ import numpy as np
 
 from pipeline.core import fs as zio
 from pipeline.core import parquet as zpq
+from pipeline.index.filters import LabelSets, filtered_search
 from pipeline.index.knn import search as index_search
-from pipeline.index.store import CAPTIONS_INDEX, MODEL_COPY, load_index
+from pipeline.index.store import CAPTIONS_INDEX, IDS_FILE, MODEL_COPY, load_index
 from pipeline.zsl.models import load_model
 from pipeline.zsl.models.scoring import model_fingerprint
 
@@ -64,6 +65,8 @@ class Searcher:
         self._image_encoder = None
         self._image_lock = threading.Lock()
         self.labels: PredictedLabels | None = None
+        self._label_sets: LabelSets | None = None
+        self._sets_lock = threading.Lock()
         if load_text:
             self.encoder  # noqa: B018 - load now, not on the first query
 
@@ -195,6 +198,35 @@ class Searcher:
         scores, ids = index_search(self.index, queries, k)
         return [self._hits(s, i) for s, i in zip(scores, ids)]
 
+    @property
+    def label_sets(self) -> LabelSets:
+        """The true labels' id sets (the id table's ``label`` column), read once on first use."""
+        with self._sets_lock:
+            if self._label_sets is None:
+                col = zpq.read_parquet(zio.join(self.index_dir, IDS_FILE), columns=["label"]).column("label")
+                self._label_sets = LabelSets(col)
+            return self._label_sets
+
+    def allowed_ids(self, labels=None, *, unseen_only: bool = False) -> np.ndarray:
+        """Sorted faiss ids whose true or predicted label is in ``labels`` (any, when None) and, with
+        ``unseen_only``, whose predicted label is an unseen class (needs :attr:`labels`)."""
+        pred = self.labels.label_sets if self.labels is not None else None
+        if unseen_only and pred is None:
+            raise ValueError("unseen_only needs predicted labels")
+        ids = None
+        if labels:
+            ids = self.label_sets.ids_of(labels)
+            if pred is not None:
+                ids = np.union1d(ids, pred.ids_of(labels))
+        if unseen_only:
+            ids = pred.flagged if ids is None else np.intersect1d(ids, pred.flagged, assume_unique=True)
+        return np.arange(self.index.ntotal, dtype=np.int64) if ids is None else ids
+
+    def search_filtered(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> list[list[dict]]:
+        """Hits of each query vector among the faiss ids ``allowed`` (:func:`filtered_search`)."""
+        scores, ids = filtered_search(self.index, queries, k, allowed)
+        return [self._hits(s, i) for s, i in zip(scores, ids)]
+
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[dict]:
         keep = ids >= 0
         rows = self.ids.take(ids[keep]).select(["faiss_id", "image_id", "uri", "label"]).to_pylist()
@@ -247,6 +279,20 @@ class PredictedLabels:
         self.starts = np.cumsum([0, *counts])
         self.classes = lman.classes
         self._lock = threading.Lock()
+        self._sets: LabelSets | None = None
+
+    @property
+    def label_sets(self) -> LabelSets:
+        """Predicted labels' id sets (``top1``) and the predicted-unseen ids, read once on first use."""
+        with self._lock:
+            if self._sets is None:
+                parts = [zpq.read_parquet(t.uri, columns=["top1", "top1_is_unseen"]) for t in self.tables]
+                top1 = [x for p in parts for x in p.column("top1").chunks]
+                unseen = np.concatenate([p.column("top1_is_unseen").to_numpy(zero_copy_only=False) for p in parts])
+                import pyarrow as pa
+
+                self._sets = LabelSets(pa.chunked_array(top1, pa.string()), flags=unseen.astype(bool))
+            return self._sets
 
     def annotate(self, rows: list[dict]) -> None:
         """Add ``predicted``, ``predicted_score``, ``predicted_unseen`` to hits (dicts with faiss_id, image_id)."""

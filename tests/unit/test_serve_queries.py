@@ -130,3 +130,51 @@ def test_labels_of_other_features_or_missing_shards_are_refused(serve_world, lab
         PredictedLabels(labelled, other)
     with pytest.raises(ValueError, match="unserved index"):
         ServeConfig(indexes={"a": "x"}, labels={"b": "y"})
+
+
+def test_filters_search_among_the_allowed_ids_exactly(serve_world, labelled, tmp_path):
+    """/search with labels / unseen_only (issue 17): every allowed row is a candidate, so a filtered,
+    paged search is the exact filtered ranking (true or predicted label; unseen predicted)."""
+    from pipeline.core import fs as zio
+    from pipeline.core import parquet as zpq
+    from pipeline.index.knn import exact_knn
+    from pipeline.index.store import read_ids
+    from pipeline.stages.serve import create_app
+
+    s, root, _, _ = serve_world
+    ids = read_ids(s.index_dir).to_pandas()
+    pred = zpq.read_parquet_dir(zio.join(labelled, "labels")).to_pandas().set_index("image_id").loc[ids["image_id"]]
+    x = s.index.reconstruct_n(0, s.index.ntotal)
+    q = s.text_queries(["zebra"])
+    cfg = ServeConfig(indexes={}, labels={"animals": labelled}, thumbnail_cache=str(tmp_path))
+    try:
+        client = TestClient(create_app(cfg, searchers={"animals": s}))
+        for body, mask in [({"labels": ["cat"]}, (ids["label"] == "cat").to_numpy() | (pred["top1"] == "cat").to_numpy()),
+                           ({"unseen_only": True}, pred["top1_is_unseen"].to_numpy(bool))]:
+            allowed = np.flatnonzero(mask)
+            want = allowed[exact_knn(x[allowed], q, len(allowed))[1][0]]
+            got = [client.post("/search", json={"text": "zebra", "k": 3, "offset": o, **body}).json()["hits"]
+                   for o in range(0, len(allowed) + 3, 3)]
+            assert [h["faiss_id"] for page in got for h in page] == want.tolist()
+            assert [h["rank"] for page in got for h in page] == list(range(1, len(allowed) + 1))
+    finally:
+        s.labels = None
+
+
+def test_zsl_search_label_filter_is_exact_among_the_label(serve_world, monkeypatch):
+    """`zsl search --label`: the k best of the label's rows (every one a candidate)."""
+    from pipeline.core.config import SearchConfig
+    from pipeline.index.knn import exact_knn
+    from pipeline.index.store import read_ids
+    from pipeline.stages import search as stage
+
+    s = serve_world[0]
+    monkeypatch.setattr(stage, "Searcher", lambda index: s)
+    labels = read_ids(s.index_dir).column("label").to_numpy(zero_copy_only=False)
+    allowed = np.flatnonzero(labels == "okapi")
+    x = s.index.reconstruct_n(0, s.index.ntotal)
+    want = allowed[exact_knn(x[allowed], s.text_queries(["zebra"]), 7)[1][0]]
+    out = stage.run_search(SearchConfig(index=s.index_dir, text="zebra", k=7, labels=["okapi"]))
+    assert [h["faiss_id"] for h in out["hits"]] == want.tolist() and out["labels"] == ["okapi"]
+    with pytest.raises(ValueError, match="mode 'image'"):
+        stage.run_search(SearchConfig(index=s.index_dir, text="zebra", labels=["okapi"], mode="caption"))

@@ -90,6 +90,9 @@ def find(state: ServeState, s: Searcher, q: QueryPair, *, k: int, offset: int = 
     filters: label or predicted label in ``labels``, predicted unseen, score at least ``min_score``."""
     _check_search(state, s, q, k=k, offset=offset, unseen_only=unseen_only, mode=mode)
     want = offset + k
+    if (labels or unseen_only) and mode == "image":  # searched among the allowed ids: rare labels keep recall
+        hits = s.search_filtered(np.asarray(q[0]).reshape(1, -1), want, s.allowed_ids(labels, unseen_only=unseen_only))[0]
+        return _page([h for h in hits if min_score is None or h["score"] >= min_score], offset, want)
     filtered = labels or min_score is not None or unseen_only
     fetch = min(max(4 * want, 100), s.index.ntotal) if filtered else want
     hits = s.search_pair(q[0], q[1], fetch, mode=mode, caption_weight=caption_weight)
@@ -100,6 +103,11 @@ def find(state: ServeState, s: Searcher, q: QueryPair, *, k: int, offset: int = 
         hits = [h for h in hits if h["predicted_unseen"]]
     if min_score is not None:
         hits = [h for h in hits if h["score"] >= min_score]
+    return _page(hits, offset, want)
+
+
+def _page(hits: list[dict], offset: int, want: int) -> list[dict]:
+    """Hits ``offset .. want - 1``, ranked from ``offset + 1``."""
     hits = hits[offset:want]
     for r, h in enumerate(hits):
         h["rank"] = offset + r + 1
