@@ -328,7 +328,7 @@ def build_config(job: str, *layers: Layer | Mapping[str, Any] | None) -> _Config
     >>> build_config("search", ("my.yaml", {"kk": 3}), {"index": "/i", "text": "x"})
     Traceback (most recent call last):
     ...
-    pipeline.core.config_base.ConfigError: search config: unknown key 'kk' in my.yaml (known: caption_weight, index, k, mode, text)
+    pipeline.core.config_base.ConfigError: search config: unknown key 'kk' in my.yaml (known: caption_weight, index, k, labels, mode, text)
     """
     if job not in CONFIGS:
         raise ConfigError(f"no config for job {job!r} (known: {', '.join(sorted(CONFIGS))})")
