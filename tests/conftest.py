@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +259,33 @@ def caption_world(tmp_path_factory, serve_world):
     s = Searcher(str(root / "index"), load_text=False)
     s._encoder = FakeText(names, text)
     return s, root, y, names
+
+
+@contextmanager
+def _live_server(app, port: int, **uvicorn_options):
+    """Serve ``app`` with uvicorn on ``127.0.0.1:port`` in a thread; yield its base url once
+    ``/health`` answers; stop it on exit (tests that need a real socket: browsers, real clients)."""
+    import uvicorn
+
+    options = {"host": "127.0.0.1", "port": port, "log_level": "warning", **uvicorn_options}
+    srv = uvicorn.Server(uvicorn.Config(app, **options))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield base
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """``live_server(app, port, **uvicorn_options)``: a context manager serving ``app`` on loopback."""
+    return _live_server

@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -41,9 +38,7 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def base(serve_world, caption_world, image_world, free_port):
-    import uvicorn
-
+def base(serve_world, caption_world, image_world, free_port, live_server):
     from pipeline.core.config import ServeConfig
     from pipeline.index.searcher import Searcher
     from pipeline.stages.serve import create_app
@@ -51,19 +46,8 @@ def base(serve_world, caption_world, image_world, free_port):
     cfg = ServeConfig(indexes={}, port=free_port(), thumbnail_cache=str(serve_world[1] / "thumbs"))
     app = create_app(cfg, searchers={"animals": serve_world[0], "captioned": caption_world[0],
                                      "silhouettes": Searcher(str(image_world[0] / "index"), load_text=False)})
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=cfg.port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    url = f"http://127.0.0.1:{cfg.port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield url
-    srv.should_exit = True
-    t.join(timeout=10)
+    with live_server(app, cfg.port) as url:
+        yield url
 
 
 def test_real_clip_client_gets_rows(base, serve_world, image_world):

@@ -11,7 +11,6 @@ import http.server
 import os
 import shutil
 import threading
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -68,30 +67,16 @@ def front():
 
 
 @pytest.fixture(scope="module")
-def back(front, serve_world, free_port):
+def back(front, serve_world, free_port, live_server):
     """`zsl serve` (uvicorn in a thread, loopback) with the front's origin in ``cors_origins``."""
-    import uvicorn
-
     from pipeline.core.config import ServeConfig
     from pipeline.stages.serve import create_app
 
     s, root, _, _ = serve_world
     cfg = ServeConfig(indexes={}, port=free_port(), thumbnail_cache=str(root / "thumbs-front"),
                       cors_origins=[front])
-    srv = uvicorn.Server(uvicorn.Config(create_app(cfg, searchers={"animals": s}), host="127.0.0.1",
-                                        port=cfg.port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    base = f"http://127.0.0.1:{cfg.port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield base
-    srv.should_exit = True
-    t.join(timeout=10)
+    with live_server(create_app(cfg, searchers={"animals": s}), cfg.port) as base:
+        yield base
 
 
 #: the front's results (in its shadow DOM): each figure's display, caption, image src and load state

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 import urllib.request
 
 import pytest
@@ -15,45 +13,31 @@ pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
 
 
-def _serve(cfg, searchers):
+def _serve(live_server, cfg, searchers):
     """uvicorn in a thread on cfg.port (loopback); yields the base URL, stops on exit."""
-    import uvicorn
-
     from pipeline.stages.serve import create_app
 
-    srv = uvicorn.Server(uvicorn.Config(create_app(cfg, searchers=searchers), host="127.0.0.1", port=cfg.port,
-                                        log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    base = f"http://127.0.0.1:{cfg.port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield base
-    srv.should_exit = True
-    t.join(timeout=10)
+    with live_server(create_app(cfg, searchers=searchers), cfg.port) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
-def server(serve_world, free_port):
+def server(serve_world, free_port, live_server):
     from pipeline.core.config import ServeConfig
 
     s, root, _, _ = serve_world
     cfg = ServeConfig(indexes={}, port=free_port(), thumbnail_cache=str(root / "thumbs-live"))
-    yield from _serve(cfg, {"animals": s})
+    yield from _serve(live_server, cfg, {"animals": s})
 
 
 @pytest.fixture(scope="module")
-def image_server(image_world, free_port):
+def image_server(image_world, free_port, live_server):
     from pipeline.core.config import ServeConfig
 
     root = image_world[0]
     cfg = ServeConfig(indexes={"silhouettes": str(root / "index")}, port=free_port(), preload_text=False,
                       thumbnail_cache=str(root / "thumbs-live"))
-    yield from _serve(cfg, None)
+    yield from _serve(live_server, cfg, None)
 
 
 def test_live_server_answers_over_http(server):
@@ -128,14 +112,14 @@ def test_search_by_image_in_a_real_browser(image_server, image_world):
 
 
 @pytest.fixture(scope="module")
-def keyed_server(serve_world, free_port, tmp_path_factory):
+def keyed_server(serve_world, free_port, tmp_path_factory, live_server):
     from pipeline.core.config import ServeConfig
 
     s, root, _, _ = serve_world
     key = tmp_path_factory.mktemp("key") / "key"
     key.write_text("browser-key")
     cfg = ServeConfig(indexes={}, port=free_port(), thumbnail_cache=str(root / "thumbs-live"), api_key_file=str(key))
-    yield from _serve(cfg, {"animals": s})
+    yield from _serve(live_server, cfg, {"animals": s})
 
 
 def test_web_page_sends_the_key_of_its_url_fragment(keyed_server):

@@ -89,31 +89,17 @@ def test_uvicorn_gets_the_limits(monkeypatch):
         "timeout_graceful_shutdown": 10, "backlog": 2048, "http": "h11"}
 
 
-def test_a_real_server_refuses_a_huge_request_head_and_keeps_answering(serve_world, free_port):
-    import uvicorn
-
+def test_a_real_server_refuses_a_huge_request_head_and_keeps_answering(serve_world, free_port, live_server):
     from pipeline.stages.serve.runner import uvicorn_options
     from pipeline.stages.serve.security import host_checked
 
     cfg = ServeConfig(indexes={}, port=free_port(), thumbnail_cache=str(serve_world[1] / "thumbs-access"))
-    srv = uvicorn.Server(uvicorn.Config(host_checked(_app(serve_world), cfg), **uvicorn_options(cfg)))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    url = f"http://127.0.0.1:{cfg.port}"
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
+    options = {k: v for k, v in uvicorn_options(cfg).items() if k != "port"}
+    with live_server(host_checked(_app(serve_world), cfg), cfg.port, **options) as url:
         head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Big: " + b"a" * 100_000 + b"\r\n\r\n"
         assert _status(cfg.port, [head]) == b"431"  # a whole head too big: the app's check
         assert _status(cfg.port, [head[:70_000], head[70_000:]]) in (b"400", b"")  # still arriving: h11's cap
         assert urllib.request.urlopen(url + "/health", timeout=5).status == 200
-    finally:
-        srv.should_exit = True
-        t.join(timeout=15)
 
 
 def _status(port: int, parts: list[bytes]) -> bytes:
