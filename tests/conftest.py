@@ -289,3 +289,27 @@ def _live_server(app, port: int, **uvicorn_options):
 def live_server():
     """``live_server(app, port, **uvicorn_options)``: a context manager serving ``app`` on loopback."""
     return _live_server
+
+
+def _chrome(*extra_args: str):
+    """Headless Chromium driven by selenium (skips the test where chromium/chromedriver are missing)."""
+    import shutil as _shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    browser = _shutil.which("chromium") or _shutil.which("chromium-browser")
+    driver = _shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip("no chromium/chromedriver installed (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", *extra_args):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+@pytest.fixture(scope="session")
+def chrome():
+    """``chrome(*extra_args)``: a new headless Chromium driver (the caller quits it)."""
+    return _chrome

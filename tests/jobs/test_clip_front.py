@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import shutil
 import threading
 import urllib.parse
 import urllib.request
@@ -30,22 +29,6 @@ def _front_build() -> Path:
     if not found:
         pytest.skip(f"clip-retrieval's front is not in {VENV}: run `make tools`")
     return found[0].parent
-
-
-def _chrome():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not browser or not driver:
-        pytest.skip("no chromium/chromedriver installed (apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-              "--window-size=1280,2000"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(driver), options=opts)
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -97,12 +80,12 @@ def _loaded(d, n: int):
     return shown if len(shown) >= n and all(r["loaded"] for r in shown[:n]) else False
 
 
-def test_clip_front_shows_our_results(front, back):
+def test_clip_front_shows_our_results(front, back, chrome):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    d = _chrome()
+    d = chrome("--window-size=1280,2000")
     try:
         # the front reads back=, index= and query= from its URL and runs the query on load
         d.get(front + "/?" + urllib.parse.urlencode({"back": back, "index": "animals", "query": "dog"}))

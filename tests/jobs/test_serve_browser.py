@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.request
 
 import pytest
@@ -51,27 +50,12 @@ def test_live_server_answers_over_http(server):
     assert err.value.code == 400 and "empty text" in json.loads(err.value.read())["detail"]
 
 
-def _chrome():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not browser or not driver:
-        pytest.skip("no chromium/chromedriver installed (apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(driver), options=opts)
-
-
-def test_web_page_in_a_real_browser(server):
+def test_web_page_in_a_real_browser(server, chrome):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    d = _chrome()
+    d = chrome()
     try:
         d.get(server + "/")
         box = d.find_element(By.ID, "q")
@@ -93,13 +77,13 @@ def test_web_page_in_a_real_browser(server):
         d.quit()
 
 
-def test_search_by_image_in_a_real_browser(image_server, image_world):
+def test_search_by_image_in_a_real_browser(image_server, image_world, chrome):
     """The page's file picker sends the image; the same image comes back first."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     root = image_world[0]
-    d = _chrome()
+    d = chrome()
     try:
         d.get(image_server + "/")
         d.find_element(By.ID, "file").send_keys(str(root / "img" / "12.png"))
@@ -122,7 +106,7 @@ def keyed_server(serve_world, free_port, tmp_path_factory, live_server):
     yield from _serve(live_server, cfg, {"animals": s})
 
 
-def test_web_page_sends_the_key_of_its_url_fragment(keyed_server):
+def test_web_page_sends_the_key_of_its_url_fragment(keyed_server, chrome):
     """With an API key, the page given /#key=... searches and shows the thumbnails (fetched with the key)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -131,7 +115,7 @@ def test_web_page_sends_the_key_of_its_url_fragment(keyed_server):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(keyed_server + "/indices", timeout=10)
     assert err.value.code == 401
-    d = _chrome()
+    d = chrome()
     try:
         d.get(keyed_server + "/#key=browser-key")
         d.find_element(By.ID, "q").send_keys("zebra", Keys.ENTER)
