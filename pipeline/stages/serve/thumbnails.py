@@ -39,6 +39,7 @@ LOG = logging.getLogger(__name__)
 _REMOTE = ThreadPoolExecutor(max_workers=4, thread_name_prefix="zsl-thumbnail-fetch")
 _CACHES: dict[str, "ThumbnailCache"] = {}
 _CACHES_LOCK = threading.Lock()
+_FEATURE_ROOTS: dict[Searcher, list[str] | None] = {}
 
 
 class Refused(Exception):
@@ -144,6 +145,13 @@ def allowed_roots(s: Searcher, config: ServeConfig) -> list[str] | None:
     local file the index names is read, as the index was built from it)."""
     if config.thumbnail_roots:
         return [os.path.realpath(r) for r in config.thumbnail_roots]
+    with _CACHES_LOCK:  # the features' input folder: read from their manifest once per served index
+        if s not in _FEATURE_ROOTS:
+            _FEATURE_ROOTS[s] = _feature_input_root(s)
+        return _FEATURE_ROOTS[s]
+
+
+def _feature_input_root(s: Searcher) -> list[str] | None:
     try:
         source = open_features(s.manifest.features_dir).config.get("input") if s.manifest.features_dir else None
     except (FileNotFoundError, ValueError):
