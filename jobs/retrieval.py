@@ -52,13 +52,16 @@ def serve(
     ray: Optional[bool] = typer.Option(None, "--ray", help="Serve with Ray Serve, one replica per node."),
     address: Optional[str] = AddressOpt,
     replicas: Optional[int] = typer.Option(None, help="Ray Serve replicas (default: one per node)."),
+    reload_interval: Optional[float] = typer.Option(None, "--reload-interval", help=(
+        "Seconds between checks for new index versions, swapped in while serving (default 5; 0: on SIGHUP only).")),
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Serve text-to-image retrieval over HTTP (FastAPI + uvicorn, or Ray Serve) with a web page at /."""
+    """Serve text-to-image retrieval over HTTP (FastAPI + uvicorn, or Ray Serve) with a web page at /.
+    New versions of the indexes (`zsl index` adding shards or rebuilding) are served as they appear."""
     def flags() -> dict:
         indexes = _named_dirs("--index", index, lambda d: Path(d.rstrip("/")).name or "index")
         return dict(indexes=indexes, labels=_named_dirs("--labels", labels, _labels_name(indexes)), host=host,
-                    port=port, ray=ray, address=address, replicas=replicas)
+                    port=port, ray=ray, address=address, replicas=replicas, reload_interval_s=reload_interval)
 
     def body(cfg):
         from pipeline.stages.serve import run_serve

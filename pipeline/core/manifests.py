@@ -42,6 +42,14 @@ class Manifest(BaseModel):
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def version(self) -> str:
+        """A short name of exactly this content (12 hex digits of the sha256 of its JSON): a rerun
+        that changes anything gives a new one, reading the same file again the same one."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+
 
 class FeaturesManifest(Manifest):
     """``zsl extract`` output (or features written by :func:`pipeline.core.features.write_features`)."""

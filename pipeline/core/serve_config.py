@@ -57,6 +57,10 @@ class ServeConfig(_Config):
     backlog: int = Field(2048, gt=0, description="uvicorn: the listening socket's backlog.")
     image_workers: int = Field(2, gt=0, description="Threads decoding and encoding query images (apart from text queries).")
     image_queue: int = Field(8, ge=0, description="Image queries that may wait for those threads; more get a 503.")
+    reload_interval_s: float = Field(5.0, ge=0, description=(
+        "Every this many seconds the served indexes' manifests are checked, and a new version (a `zsl index` "
+        "run that added shards or rebuilt, a new `zsl label`) is loaded beside the old one and swapped in; "
+        "0: only on SIGHUP."))
     ray: bool = Field(False, description="Serve with Ray Serve (one replica per node) instead of uvicorn.")
     address: str | None = Field(None, description="Ray cluster address for --ray (default: a local one).")
     replicas: int | None = Field(None, gt=0, description="Ray Serve replicas (default: one per node).")

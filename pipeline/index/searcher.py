@@ -88,6 +88,19 @@ class Searcher:
         return self._encoder
 
 
+    def adopt_encoders(self, other: "Searcher") -> None:
+        """Take over ``other``'s loaded text and image encoders where this index uses the same ones
+        (a new version of a served index: no second copy of the models in memory)."""
+        a, b = self.manifest, other.manifest
+        same_text = (a.text_model, a.text_model_name, a.text_pretrained, self.text_backend, self.text_threads) == \
+            (b.text_model, b.text_model_name, b.text_pretrained, other.text_backend, other.text_threads)
+        if same_text and other._encoder is not None and self._encoder is None:
+            self._encoder = other._encoder
+        same_image = (a.image_encoder, a.image_pretrained, a.feature_model) == \
+            (b.image_encoder, b.image_pretrained, b.feature_model)
+        if same_image and a.image_encoder and other._image_encoder is not None:
+            self._image_encoder = other._image_encoder
+
     @property
     def text_backend_in_use(self) -> str | None:
         """How the text model runs (``torch`` / ``onnx``), once loaded; None before the first text query."""

@@ -79,10 +79,11 @@ def test_uvicorn_gets_the_limits(monkeypatch):
     seen = {}
     monkeypatch.setattr(runner, "create_app", lambda cfg: "app")
     monkeypatch.setattr(runner, "host_checked", lambda app, cfg: ("checked", app))
+    monkeypatch.setattr(runner, "follow_sighup", lambda app: seen.update(sighup=app))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     cfg = build_config("serve", {"indexes": {"a": "/x"}, "text_workers": 1, "limit_concurrency": 7})
     runner.run_serve(cfg)
-    assert seen["app"] == ("checked", "app")
+    assert seen["app"] == ("checked", "app") and seen["sighup"] == "app"
     assert {k: seen[k] for k in ("limit_concurrency", "timeout_keep_alive", "h11_max_incomplete_event_size",
                                  "timeout_graceful_shutdown", "backlog", "http")} == {
         "limit_concurrency": 7, "timeout_keep_alive": 5, "h11_max_incomplete_event_size": 65536,

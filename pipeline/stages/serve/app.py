@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -12,29 +12,29 @@ from fastapi.responses import JSONResponse
 
 from pipeline.core.config import ServeConfig
 from pipeline.core.timing import timed
-from pipeline.index.searcher import PredictedLabels, Searcher
+from pipeline.index.searcher import Searcher
 from pipeline.stages.serve import clip_retrieval, routes, security
-from pipeline.stages.serve.batching import TextBatcher
 from pipeline.stages.serve.image_pool import ImagePool
 from pipeline.stages.serve.prometheus import ServeMetrics
+from pipeline.stages.serve.reload import IndexWatcher, load_searcher, serve_searcher
 from pipeline.stages.serve.state import ServeState
 
 LOG = logging.getLogger(__name__)
 
 
-def text_workers(cfg: ServeConfig) -> int:
-    """Threads encoding text queries: ``cfg.text_workers``, or one per core (at most 4)."""
-    return cfg.text_workers or min(4, os.cpu_count() or 1)
-
-
 def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None) -> FastAPI:
-    """The FastAPI app serving ``cfg.indexes`` (name -> index dir); ``searchers`` injects loaded ones."""
+    """The FastAPI app serving ``cfg.indexes`` (name -> index dir); ``searchers`` injects loaded
+    ones. While it runs (its lifespan), an :class:`~.reload.IndexWatcher` follows the indexes'
+    new versions (every ``cfg.reload_interval_s`` seconds; ``app.state.serve.watcher.wake()``: now)."""
     loaded = load_searchers(cfg, searchers=searchers)
-    batchers = {n: TextBatcher(s, cache_size=cfg.query_cache, workers=text_workers(cfg)) for n, s in loaded.items()}
+    metrics = ServeMetrics()
+    watcher = IndexWatcher(cfg, {n: serve_searcher(cfg, n, s) for n, s in loaded.items()},
+                           on_failure=metrics.reload_failed)
+    metrics.follow(watcher)
     app = FastAPI(title="zsl-pipeline retrieval", version="1", docs_url=None, redoc_url=None,  # their pages load a CDN
-                  description="Text-to-image retrieval over zsl indexes (clip-retrieval compatible endpoints).")
-    app.state.serve = ServeState(config=cfg, searchers=loaded, batchers=batchers,
-                                 metrics=ServeMetrics(batchers=batchers), api_key=security.api_key(cfg),
+                  description="Text-to-image retrieval over zsl indexes (clip-retrieval compatible endpoints).",
+                  lifespan=_watching)
+    app.state.serve = ServeState(config=cfg, watcher=watcher, metrics=metrics, api_key=security.api_key(cfg),
                                  private_paths=[] if cfg.debug_paths else security.private_paths(cfg, loaded),
                                  images=ImagePool(cfg.image_workers, cfg.image_queue))
     app.middleware("http")(guard)
@@ -47,25 +47,29 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     return app
 
 
+@asynccontextmanager
+async def _watching(app: FastAPI):
+    """The app's lifespan: the index watcher runs while the app serves."""
+    watcher = app.state.serve.watcher
+    watcher.start()
+    try:
+        yield
+    finally:
+        watcher.stop()
+
+
 def load_searchers(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None) -> dict[str, Searcher]:
-    """``searchers`` plus the indexes of ``cfg.indexes`` not among them, loaded, each with the
-    image-pixel limit and the predicted labels ``cfg.labels`` gives it."""
+    """``searchers`` plus the indexes of ``cfg.indexes`` not among them, loaded."""
     loaded = dict(searchers or {})
     for name, d in cfg.indexes.items():
         if name not in loaded:
             LOG.info("loading index %s from %s", name, d)
-            loaded[name] = Searcher(d, load_text=cfg.preload_text, text_backend=cfg.text_backend,
-                                    text_threads=1 if text_workers(cfg) > 1 else None)
+            loaded[name] = load_searcher(cfg, d)
     if not loaded:
         raise ValueError("zsl serve needs at least one --index")
     unknown = sorted(set(cfg.labels) - set(loaded))
     if unknown:
         raise ValueError(f"labels given for unserved index(es) {', '.join(unknown)} (served: {', '.join(loaded)})")
-    for name, s in loaded.items():
-        s.max_image_pixels = cfg.max_image_pixels
-        if name in cfg.labels:
-            LOG.info("predicted labels of index %s from %s", name, cfg.labels[name])
-            s.labels = PredictedLabels(cfg.labels[name], s.manifest)
     return loaded
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -14,6 +15,12 @@ from pipeline.core.timing import timed
 from pipeline.index.searcher import Searcher
 
 LOG = logging.getLogger(__name__)
+
+def text_workers(cfg) -> int:
+    """Threads encoding text queries (a :class:`~pipeline.core.config.ServeConfig`'s
+    ``text_workers``, or one per core, at most 4)."""
+    return cfg.text_workers or min(4, os.cpu_count() or 1)
+
 
 QueryPair = tuple[np.ndarray, np.ndarray | None]  # (image-space query, caption query or None)
 
@@ -33,8 +40,18 @@ class TextBatcher:
         self.cache_size, self.hits, self.misses = cache_size, 0, 0
         self.lock = threading.Lock()
         self._warmed = False
+        self.workers, self.closed = workers, False
         for i in range(workers):
             threading.Thread(target=self._loop, daemon=True, name=f"zsl-text-batcher-{i}").start()
+
+    def close(self) -> None:
+        """Stop the worker threads once the texts already queued are answered; a text asked for
+        afterwards (a request that began before its index version was replaced) is encoded by
+        the caller's thread."""
+        with self.lock:
+            self.closed = True
+            for _ in range(self.workers):
+                self.q.put(None)  # after every queued text: the queue is FIFO
 
     def encode(self, text: str) -> QueryPair:
         """``(image-space query (1, d), caption query or None)`` of a text."""
@@ -43,7 +60,12 @@ class TextBatcher:
         if cached is not None:
             return cached
         fut: Future = Future()
-        self.q.put((key, fut))
+        with self.lock:
+            closed = self.closed
+            if not closed:
+                self.q.put((key, fut))
+        if closed:
+            self._answer([(key, fut)])
         v = tuple(None if a is None else _frozen(a) for a in fut.result())  # not views into the batch's matrix
         if self.cache_size:
             with self.lock:
@@ -75,7 +97,10 @@ class TextBatcher:
 
     def _loop(self) -> None:
         while True:
-            self._answer(self._collect())
+            batch = self._collect()
+            if batch is None:
+                return
+            self._answer(batch)
 
     def _answer(self, batch: list[tuple[str, Future]]) -> None:
         """Each request's pair from one encoder call; if that call fails, each text is encoded
@@ -93,9 +118,13 @@ class TextBatcher:
         for (_, fut), (q_img, q_cap) in zip(batch, pairs):
             fut.set_result((q_img[None, :], q_cap))
 
-    def _collect(self) -> list[tuple[str, Future]]:
-        """The next batch: the first waiting request, then whatever arrives within ``wait``."""
-        batch = [self.q.get()]
+    def _collect(self) -> list[tuple[str, Future]] | None:
+        """The next batch: the first waiting request, then whatever arrives within ``wait``; None
+        when the batcher is closed."""
+        first = self.q.get()
+        if first is None:
+            return None
+        batch = [first]
         try:
             self._warm()
         except Exception:  # noqa: BLE001 - reported to the requests by the encoder call that follows
@@ -106,9 +135,13 @@ class TextBatcher:
                 if left <= 0:
                     break
                 try:
-                    batch.append(self.q.get(timeout=left))
+                    nxt = self.q.get(timeout=left)
                 except queue.Empty:
                     break
+                if nxt is None:  # closing: leave the stop for a worker's next get
+                    self.q.put(None)
+                    break
+                batch.append(nxt)
         return batch
 
 

@@ -71,7 +71,8 @@ router.add_api_route("/indices-list", indices_list, methods=["POST"], operation_
 @router.post("/knn-service")
 def knn_service(state: State, body: Body, request: Request) -> list[dict]:
     """Hits as clip-retrieval rows ``{id, similarity, caption, url, label, predicted_label, image_id}``."""
-    name, s = state.searcher(_str(body, "indice_name"))
+    served = state.served(_str(body, "indice_name"))  # one version answers the whole request
+    name, s = served.name, served.searcher
     if body.get("image_url"):
         raise HTTPException(400, "image_url is not fetched by this server; send the image itself as 'image' (base64)")
     emb, image = body.get("embedding_input"), body.get("image")
@@ -84,7 +85,7 @@ def knn_service(state: State, body: Body, request: Request) -> list[dict]:
     num_ids = min(_positive_int(body, "num_result_ids", num_images), state.config.max_k)
     # clip-retrieval's modality: "image" searches the images, "text" the captions (its text index)
     mode = "caption" if body.get("modality") == "text" else "image"
-    q = query_vectors(state, name, text=text, image=image, embedding=emb)
+    q = query_vectors(state, served, text=text, image=image, embedding=emb)
     hits = find(state, s, q, k=num_ids, mode=mode)
     if body.get("deduplicate"):
         hits = deduplicate(s.index, hits)

@@ -14,16 +14,17 @@ from fastapi import HTTPException
 from pipeline.index.searcher import Searcher
 from pipeline.inputs.images import DecodeError
 from pipeline.stages.serve.batching import QueryPair
+from pipeline.stages.serve.reload import Served
 from pipeline.stages.serve.state import ServeState
 
 LOG = logging.getLogger(__name__)
 
 
-def query_vectors(state: ServeState, name: str, *, text: str | None = None, image: str | None = None,
+def query_vectors(state: ServeState, served: Served, *, text: str | None = None, image: str | None = None,
                   embedding: Sequence[float] | None = None) -> QueryPair:
     """``(image-space query (1, d), caption query or None)`` of exactly one of ``text``, ``image``
-    (base64 or a data: URL) and ``embedding``, for index ``name``."""
-    s = state.searchers[name]
+    (base64 or a data: URL) and ``embedding``, for the index version ``served``."""
+    s = served.searcher
     if sum(x is not None for x in (text, image, embedding)) != 1:
         raise HTTPException(400, "give exactly one of 'text', 'image' and 'embedding'")
     if image is not None:
@@ -34,7 +35,7 @@ def query_vectors(state: ServeState, name: str, *, text: str | None = None, imag
         if len(text) > state.config.max_text_chars:
             raise HTTPException(400, f"text of {len(text)} characters; at most {state.config.max_text_chars}")
         check_utf8(text)  # before the batch: an encoder error would fail the texts batched with it
-        return state.batchers[name].encode(text)
+        return served.batcher.encode(text)
     return embedding_vector(s, embedding), None
 
 

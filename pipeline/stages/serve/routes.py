@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -68,22 +69,32 @@ async def validation_failed(request: Request, exc: RequestValidationError) -> JS
 
 @router.get("/health")
 def health(state: State) -> dict:
-    """Ready: the indexes are loaded."""
-    return {"status": "ok", "indices": list(state.searchers)}
+    """Ready: the indexes are loaded; ``degraded`` (still 200: every index answers) while a new
+    version of one failed to load and its older version serves, with the reason per index."""
+    errors = dict(state.watcher.errors)
+    return {"status": "degraded" if errors else "ok", "indices": list(state.watcher.served),
+            **({"errors": errors} if errors else {})}
 
 
 @router.get("/indices")
 def indices(state: State) -> list[dict]:
-    """The served indexes: size, factory, tuned recall, text model, labels, captions (paths as
-    their last part unless ``debug_paths``)."""
-    return [{"name": n, "ntotal": s.manifest.ntotal, "dim": s.dim, "factory": s.manifest.factory,
+    """The served indexes: version, size, load time, factory, tuned recall, text model, labels,
+    captions (paths as their last part unless ``debug_paths``), and why a newer version is not
+    served (``reload_error``)."""
+    return [{"name": n, "version": v.version, "ntotal": v.searcher.index.ntotal,
+             "loaded_at": datetime.fromtimestamp(v.loaded_at, timezone.utc).isoformat(timespec="seconds"),
+             "reload_error": state.watcher.errors.get(n), **_describe(v.searcher, state)}
+            for n, v in state.watcher.served.items()]
+
+
+def _describe(s, state) -> dict:
+    return {"dim": s.dim, "factory": s.manifest.factory,
              "search_params": s.manifest.search_params, "text_model": shown(s.manifest.text_model, state.config),
              "text_backend": s.text_backend_in_use,
              "recall_at_10": s.manifest.tuning.recall_at_10 if s.manifest.tuning else None,
              "image_encoder": shown(s.manifest.image_encoder or s.manifest.feature_model, state.config),
              "labels": shown(s.labels.labels_dir, state.config) if s.labels else None,
              "captions": s.captions is not None}
-            for n, s in state.searchers.items()]
 
 
 @router.post("/search")
@@ -96,11 +107,11 @@ async def search(req: SearchRequest, state: State) -> dict:
 
 
 def _search(req: SearchRequest, state) -> dict:
-    name, s = state.searcher(req.index)
-    q = query_vectors(state, name, text=req.text, image=req.image, embedding=req.embedding)
-    hits = find(state, s, q, k=req.k, offset=req.offset, labels=req.labels, min_score=req.min_score,
+    served = state.served(req.index)  # this version answers, whatever is swapped in meanwhile
+    q = query_vectors(state, served, text=req.text, image=req.image, embedding=req.embedding)
+    hits = find(state, served.searcher, q, k=req.k, offset=req.offset, labels=req.labels, min_score=req.min_score,
                 unseen_only=req.unseen_only, mode=req.mode, caption_weight=req.caption_weight)
-    return {"index": name, "query": req.text, "k": req.k, "hits": hits}
+    return {"index": served.name, "version": served.version, "query": req.text, "k": req.k, "hits": hits}
 
 
 @router.get("/images/{faiss_id}")

@@ -8,7 +8,8 @@ import logging
 import os
 
 from pipeline.core.config import ServeConfig
-from pipeline.stages.serve.app import create_app, text_workers
+from pipeline.stages.serve.app import create_app
+from pipeline.stages.serve.batching import text_workers
 from pipeline.stages.serve.security import KEY_ENV, host_checked
 
 LOG = logging.getLogger(__name__)
@@ -29,9 +30,21 @@ def run_serve(cfg: ServeConfig, *, blocking: bool = True) -> None:
     import uvicorn
 
     serving_process(cfg)
-    app = host_checked(create_app(cfg), cfg)
+    app = create_app(cfg)
+    follow_sighup(app)
+    app = host_checked(app, cfg)
     LOG.info("serving %s on http://%s:%d/", ", ".join(cfg.indexes), cfg.host, cfg.port)
     uvicorn.run(app, **uvicorn_options(cfg))
+
+
+def follow_sighup(app) -> None:
+    """``kill -HUP`` the server: ``app``'s index watcher checks for new versions now (uvicorn
+    leaves SIGHUP free)."""
+    import signal
+
+    watcher = app.state.serve.watcher
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: watcher.wake())
 
 
 def uvicorn_options(cfg: ServeConfig) -> dict:
