@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 LOG = logging.getLogger(__name__)
 
 __all__ = ["INDEX_FILE", "IVFDATA_FILE", "IDS_FILE", "MODEL_COPY", "CAPTIONS_INDEX", "IdTable", "read_ids",
-           "write_ids", "write_index_files", "save_index", "load_index", "copy_model", "index_version", "load_index_for_update",
+           "write_ids", "write_index_files", "save_index", "load_index", "copy_model", "index_version",
            "version_on_disk"]
 
 #: The faiss index file (its inverted lists inside, or in :data:`IVFDATA_FILE` beside it).
@@ -158,23 +158,12 @@ def write_index_files(index: "faiss.Index", out_dir: str, *, ids: pa.Table | Non
         zpq.write_parquet_atomic(ids_uri, ids.select(INDEX_IDS_SCHEMA.names).cast(INDEX_IDS_SCHEMA))
     data_files = {}
     if _on_disk_lists(index):
-        _lists_into_place(index, out_dir)
         fs, path = zio.filesystem(zio.join(out_dir, IVFDATA_FILE))
         data_files[IVFDATA_FILE] = int(fs.size(path))
     else:  # lists of an earlier on-disk build that this index does not use
         zio.remove(zio.join(out_dir, IVFDATA_FILE))
     return {"ntotal": int(index.ntotal), "dim": int(index.d), "factory": factory_of(index),
             "index_bytes": int(size), "sha256": sha, "data_files": data_files}
-
-
-def _lists_into_place(index, out_dir: str) -> None:
-    """An on-disk IVF's lists file, when it is a staged copy (:func:`load_index_for_update`),
-    renamed to ``out_dir/index.ivfdata``: a reader mapping the old file keeps it whole."""
-    faiss = import_faiss()
-    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
-    target = zio.filesystem(zio.join(out_dir, IVFDATA_FILE))[1]
-    if os.path.abspath(lists.filename) != os.path.abspath(target):
-        os.replace(lists.filename, target)
 
 
 def save_index(index: "faiss.Index", out_dir: str, *, ids: pa.Table, manifest: dict[str, Any]) -> IndexManifest:
@@ -205,34 +194,6 @@ def copy_model(model_dir: str, index_dir: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- load
-
-#: where :func:`load_index_for_update` stages a copy of an on-disk IVF being added to
-STAGING = ".next"
-
-
-def load_index_for_update(out_dir: str) -> "faiss.Index":
-    """The finished index at ``out_dir``, to be added to and written back: read whole (not mapped),
-    or, for an on-disk IVF, read over a copy of its lists staged in ``out_dir/.next/`` (faiss adds to
-    on-disk lists in place; a served reader maps the original, which must not change under it).
-    :func:`write_index_files` renames the staged lists into place."""
-    manifest = read_manifest(out_dir, IndexManifest)
-    if IVFDATA_FILE not in manifest.data_files:
-        return load_index(out_dir, mmap=False)[0]
-    import shutil
-
-    faiss = import_faiss()
-    src = zio.filesystem(out_dir)[1]
-    staging = os.path.join(src, STAGING)
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    for name in (INDEX_FILE, IVFDATA_FILE):
-        shutil.copyfile(os.path.join(src, name), os.path.join(staging, name))
-    _check_files(out_dir, os.path.join(staging, INDEX_FILE), manifest, None)
-    index = faiss.read_index(os.path.join(staging, INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    if manifest.search_params:
-        set_search_params(index, manifest.search_params)
-    return index
-
 
 def _local_index_file(out_dir: str, manifest: IndexManifest) -> str:
     """The local path of ``index.faiss`` (with its data files beside it): a remote directory is

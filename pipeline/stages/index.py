@@ -43,8 +43,8 @@ from pipeline.index.captions import update_caption_index
 from pipeline.index.partitions import part_worker, partition_specs, train_quantiser
 from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.projection import CachedVectors, Projector, cache_file, projector
-from pipeline.index.store import CAPTIONS_INDEX, IDS_FILE, INDEX_FILE, IVFDATA_FILE, MODEL_COPY, STAGING, \
-    copy_model, load_index, load_index_for_update, write_ids, write_index_files
+from pipeline.index.store import CAPTIONS_INDEX, IDS_FILE, INDEX_FILE, IVFDATA_FILE, MODEL_COPY, copy_model, \
+    load_index, write_ids, write_index_files
 from pipeline.index.tune import tune_index
 from pipeline.zsl.models import load_model
 from pipeline.zsl.models.scoring import model_fingerprint
@@ -53,7 +53,7 @@ LOG = logging.getLogger(__name__)
 
 __all__ = ["run_index"]
 
-_OWNED = (INDEX_FILE, IVFDATA_FILE, IDS_FILE, "vectors", "parts", STAGING, MODEL_COPY, CAPTIONS_INDEX)
+_OWNED = (INDEX_FILE, IVFDATA_FILE, IDS_FILE, "vectors", "parts", MODEL_COPY, CAPTIONS_INDEX)
 _USE_GPU = {"auto": None, "yes": True, "no": False}
 
 
@@ -112,9 +112,8 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
                 # written manifest last, so the image index's manifest stays as it is
                 _captions(cfg, out, src, files, plan, progress)
                 return done
-            # writable to add to (never the files a server maps), before the manifest goes; mapped to re-tune
-            index = None if plan.action == "build" else load_index(cfg.output)[0] if plan.action == "retune" \
-                else load_index_for_update(cfg.output)
+            # writable to add to, before the manifest goes; mapped when only re-tuning
+            index = load_index(cfg.output, mmap=plan.action == "retune")[0] if plan.action != "build" else None
             check_search_params(src.dim, plan.factory, plan.search_params)  # before any work
             out.begin()
             LOG.info("indexing %d images (%d-d) with %s", plan.n_total, src.dim, plan.factory)
@@ -231,5 +230,5 @@ def _captions(cfg: IndexConfig, out: OutputDir, src: _Inputs, files: list[str], 
 
 
 def _drop_cache(out: OutputDir) -> None:
-    for name in ("vectors", "parts", STAGING):
-        zio.remove(out.join(name))
+    zio.remove(out.join("vectors"))
+    zio.remove(out.join("parts"))

@@ -388,3 +388,29 @@ def test_index_on_a_remote_filesystem_builds_grows_and_loads(world, tmp_path):
     fs = fsspec.filesystem("memory")
     assert not [p for p in fs.find(out) if "._tmp-" in p]
     fs.rm(f"/zsl-test-{os.getpid()}", recursive=True)
+
+
+def test_growing_an_on_disk_ivf_leaves_the_mapped_lists_alone(world, tmp_path):
+    """A served index maps index.ivfdata; new shards rebuild the merged lists into a new file (faiss
+    would add to on-disk lists in place), so the server's mapping keeps the old lists whole."""
+    from pipeline.index.knn import search
+    from pipeline.index.store import load_index
+    from pipeline.stages.index import run_index
+
+    feats = _features_with(world, tmp_path, 3)
+    cfg = _cfg(world, feats, tmp_path / "idx", index_factory="IVF32,Flat", nprobe=4, partitions=2, tune_queries=100)
+    assert run_index(cfg, progress=False).build == "partitions"
+    lists = tmp_path / "idx" / "index.ivfdata"
+    served, _, _ = load_index(str(tmp_path / "idx"))  # what a server holds
+    q = _projected(world, 200)
+    before = search(served, q, 10)
+    inode, size = os.stat(lists).st_ino, os.stat(lists).st_size
+    _features_with(world, tmp_path, 5)
+    grown = run_index(cfg, progress=False)
+    assert grown.build == "partitions" and grown.ntotal == 8000 and grown.data_files["index.ivfdata"] > size
+    assert os.stat(lists).st_ino != inode
+    after = search(served, q, 10)  # the old mapping answers as before
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    fresh, _, _ = load_index(str(tmp_path / "idx"), verify=True)
+    assert fresh.ntotal == 8000 and (search(fresh, q, 10)[1] >= 0).all()

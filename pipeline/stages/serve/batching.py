@@ -41,8 +41,10 @@ class TextBatcher:
         self.lock = threading.Lock()
         self._warmed = False
         self.workers, self.closed = workers, False
-        for i in range(workers):
-            threading.Thread(target=self._loop, daemon=True, name=f"zsl-text-batcher-{i}").start()
+        self.threads = [threading.Thread(target=self._loop, daemon=True, name=f"zsl-text-batcher-{i}")
+                        for i in range(workers)]
+        for t in self.threads:
+            t.start()
 
     def close(self) -> None:
         """Stop the worker threads once the texts already queued are answered; a text asked for

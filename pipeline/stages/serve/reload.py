@@ -92,6 +92,7 @@ class IndexWatcher:
         self._failed: dict[str, tuple] = {}  # name -> the key that failed (not tried again)
         self._lock = threading.Lock()  # one check at a time
         self._wake = threading.Event()
+        self._retry = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -108,8 +109,10 @@ class IndexWatcher:
         self._stop.set()
         self._wake.set()
 
-    def wake(self) -> None:
-        """Check now (SIGHUP): safe from a signal handler (it only sets an event)."""
+    def wake(self, retry: bool = True) -> None:
+        """Check now (SIGHUP), ``retry``: versions that failed to load too; safe from a signal
+        handler (it only sets flags)."""
+        self._retry = self._retry or retry
         self._wake.set()
 
     def _loop(self) -> None:
@@ -120,14 +123,18 @@ class IndexWatcher:
             if self._stop.is_set():
                 return
             try:
-                self.check()
+                retry, self._retry = self._retry, False
+                self.check(retry=retry)
             except Exception:  # noqa: BLE001 - a watcher that dies would stop following the indexes
                 LOG.exception("checking the served indexes failed")
 
-    def check(self) -> list[str]:
-        """Load and swap in every served index whose manifests changed; the names swapped."""
+    def check(self, retry: bool = False) -> list[str]:
+        """Load and swap in every served index whose manifests changed (``retry``: and those whose
+        newest version failed to load); the names swapped."""
         swapped = []
         with self._lock:
+            if retry:
+                self._failed.clear()
             for name, cur in list(self.served.items()):
                 if self._follow(name, cur):
                     swapped.append(name)

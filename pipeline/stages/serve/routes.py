@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from pipeline.stages.serve.prometheus import CONTENT_TYPE
 from pipeline.stages.serve.queries import find, query_vectors
-from pipeline.stages.serve.security import shown
+from pipeline.stages.serve.security import hide_paths, shown
 from pipeline.stages.serve.state import State
 from pipeline.stages.serve.thumbnails import cached_thumbnail
 
@@ -71,7 +71,7 @@ async def validation_failed(request: Request, exc: RequestValidationError) -> JS
 def health(state: State) -> dict:
     """Ready: the indexes are loaded; ``degraded`` (still 200: every index answers) while a new
     version of one failed to load and its older version serves, with the reason per index."""
-    errors = dict(state.watcher.errors)
+    errors = {n: hide_paths(e, state.private_paths) for n, e in state.watcher.errors.items()}
     return {"status": "degraded" if errors else "ok", "indices": list(state.watcher.served),
             **({"errors": errors} if errors else {})}
 
@@ -83,7 +83,8 @@ def indices(state: State) -> list[dict]:
     served (``reload_error``)."""
     return [{"name": n, "version": v.version, "ntotal": v.searcher.index.ntotal,
              "loaded_at": datetime.fromtimestamp(v.loaded_at, timezone.utc).isoformat(timespec="seconds"),
-             "reload_error": state.watcher.errors.get(n), **_describe(v.searcher, state)}
+             "reload_error": hide_paths(state.watcher.errors[n], state.private_paths) if n in state.watcher.errors
+             else None, **_describe(v.searcher, state)}
             for n, v in state.watcher.served.items()]
 
 

@@ -82,6 +82,14 @@ def shown(path: str | None, cfg: ServeConfig) -> str | None:
     return Path(path.rstrip("/")).name or path
 
 
+def hide_paths(text: str, paths: list[str]) -> str:
+    """``text`` with each of ``paths`` (:func:`private_paths`) replaced by its last part."""
+    for p in paths:
+        if p in text:
+            text = text.replace(p, Path(p).name or "?")
+    return text
+
+
 async def without_paths(resp: Response, paths: list[str]) -> Response:
     """An error reply (status >= 400) with each of ``paths`` replaced by its last part."""
     if resp.status_code < 400 or not paths:
