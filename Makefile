@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install tools demo test test-slow test-all bench bench-scale bench-serve bench-filters bench-decode bench-compare gpu-check eval redo-share clean help
+.PHONY: install tools demo test test-slow test-all bench bench-scale bench-serve bench-filters bench-reload bench-decode bench-compare gpu-check eval redo-share clean help
 
 help:
 	@echo "make demo   - install into $(VENV) and run extract -> classes -> train -> evaluate -> label -> index -> search -> report"
@@ -23,6 +23,7 @@ help:
 	@echo "make bench-serve - load test of zsl serve on loopback (PyTorch vs ONNX Runtime text model) -> benchmarks/results/serve.json"
 	@echo "make bench-compare BASE=<rev> - bench-scale (100k, ours) and bench-serve (onnx) on BASE and this tree, alternating -> benchmarks/results/compare.json"
 	@echo "make bench-filters - label filters, old post-filter vs search among the allowed ids, FILTER_ROWS=200000 -> benchmarks/results/filters.json"
+	@echo "make bench-reload - zsl serve under load while zsl index adds shards, then rebuilds -> benchmarks/results/reload.json"
 	@echo "make bench-decode - peak RSS decoding a 10,000-image tar, whole vs streamed -> benchmarks/results/decode_memory.json"
 	@echo "make gpu-check - CUDA extraction and faiss-gpu figures -> benchmarks/results/gpu.json (needs a GPU)"
 	@echo "make eval   - every ZSL method on real data -> benchmarks/results/EVAL.md"
@@ -143,6 +144,9 @@ bench-compare: install
 
 # Label filters (issue 17): recall@10 and p99 per selectivity bucket, old post-filter vs new, one run.
 FILTER_ROWS ?= 200000
+bench-reload: install
+	$(BIN)/python -m benchmarks.bench_reload --output benchmarks/results/reload.json
+
 bench-filters: install
 	$(BIN)/python -m benchmarks.bench_filters --rows $(FILTER_ROWS) --output benchmarks/results/filters.json
 
