@@ -127,3 +127,21 @@ def test_web_page_sends_the_key_of_its_url_fragment(keyed_server, chrome):
         assert d.find_element(By.CSS_SELECTOR, "#gallery figure .label").text == "zebra"
     finally:
         d.quit()
+
+
+def test_docs_page_works_without_internet(server, chrome):
+    """/docs in Chromium lists the API's operations: Swagger UI's script and styles come from this
+    server (the machine has no internet, and the page would stay blank on a CDN's)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = chrome()
+    try:
+        d.get(server + "/docs")
+        WebDriverWait(d, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 5)
+        paths = {e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        assert {"/search", "/knn-service", "/health"} <= paths, paths
+        scripts = [s.get_attribute("src") for s in d.find_elements(By.TAG_NAME, "script") if s.get_attribute("src")]
+        assert scripts and all(s.startswith(server) for s in scripts), scripts
+    finally:
+        d.quit()

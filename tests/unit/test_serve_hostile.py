@@ -148,10 +148,16 @@ def test_one_bad_text_fails_only_its_own_request_in_a_batch():
 
 
 def test_no_reply_references_an_external_asset_host(client):
-    """/docs and /redoc would load Swagger UI / ReDoc from a CDN: they are off (or local)."""
+    """FastAPI's /docs and /redoc load Swagger UI / ReDoc from a CDN: /docs is served from a local
+    package instead (its assets under /docs-assets), /redoc is off."""
     for path in ("/", "/docs", "/redoc", "/docs/oauth2-redirect", "/openapi.json"):
         r = client.get(path)
         hosts = [u for u in re.findall(r"""(?:src|href)\s*=\s*["']?(https?://[^"' >]+)""", r.text)]
         assert not hosts, (path, hosts)
         assert "cdn.jsdelivr" not in r.text and "unpkg.com" not in r.text and "fonts.googleapis" not in r.text, path
     assert client.get("/openapi.json").status_code == 200
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in page.text
+    for asset in re.findall(r"""(?:src|href)\s*=\s*["'](/docs-assets/[^"']+)""", page.text):
+        assert client.get(asset).status_code == 200, asset
+    assert client.get("/redoc").status_code == 404

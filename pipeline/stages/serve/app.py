@@ -14,6 +14,7 @@ from pipeline.core.config import ServeConfig
 from pipeline.core.timing import timed
 from pipeline.index.searcher import Searcher
 from pipeline.stages.serve import clip_retrieval, routes, security
+from pipeline.stages.serve.docs import mount_docs
 from pipeline.stages.serve.image_pool import ImagePool
 from pipeline.stages.serve.prometheus import ServeMetrics
 from pipeline.stages.serve.reload import IndexWatcher, load_searcher, serve_searcher
@@ -31,7 +32,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     watcher = IndexWatcher(cfg, {n: serve_searcher(cfg, n, s) for n, s in loaded.items()},
                            on_failure=metrics.reload_failed)
     metrics.follow(watcher)
-    app = FastAPI(title="zsl-pipeline retrieval", version="1", docs_url=None, redoc_url=None,  # their pages load a CDN
+    app = FastAPI(title="zsl-pipeline retrieval", version="1", docs_url=None, redoc_url=None,  # FastAPI's load a CDN
                   description="Text-to-image retrieval over zsl indexes (clip-retrieval compatible endpoints).",
                   lifespan=_watching)
     app.state.serve = ServeState(config=cfg, watcher=watcher, metrics=metrics, api_key=security.api_key(cfg),
@@ -44,6 +45,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
                            allow_headers=["*"])
     app.include_router(routes.router)
     app.include_router(clip_retrieval.router)
+    mount_docs(app)  # Swagger UI from a local package (FastAPI's own /docs loads a CDN)
     return app
 
 

@@ -16,9 +16,9 @@ from pipeline.core.config import ServeConfig
 
 KEY_ENV = "ZSL_API_KEY"
 
-#: Open without a key: the page (it sends the key given in its URL fragment, ``/#key=...``) and
-#: the readiness probe.
-OPEN_PATHS = frozenset({"/", "/health"})
+#: Open without a key: the page (it sends the key given in its URL fragment, ``/#key=...``), the
+#: readiness probe, and the API's description and docs page (with its ``/docs-assets/``).
+OPEN_PATHS = frozenset({"/", "/health", "/docs", "/openapi.json"})
 
 
 def api_key(cfg: ServeConfig) -> str | None:
@@ -33,7 +33,8 @@ def api_key(cfg: ServeConfig) -> str | None:
 def refused(request: Request, key: str | None) -> Response | None:
     """A 401 when ``key`` is set and ``request`` (not to an open path, not a CORS preflight) carries
     neither ``Authorization: Bearer <key>`` nor ``X-API-Key: <key>``; else None."""
-    if key is None or request.url.path in OPEN_PATHS or request.method == "OPTIONS":
+    path = request.url.path
+    if key is None or path in OPEN_PATHS or path.startswith("/docs-assets/") or request.method == "OPTIONS":
         return None
     auth = request.headers.get("authorization", "")
     given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
