@@ -204,3 +204,28 @@ def test_a_closed_text_batcher_still_answers_late_texts():
         t.join(5)
     assert not any(t.is_alive() for t in b.threads)
     assert b.encode("abcd")[0].tolist() == [[4.0, 4.0, 4.0]]
+
+
+def test_new_shards_wait_for_their_labels(growing, tmp_path):
+    """Predicted labels are part of a version: an index grown past its labels keeps the old version
+    (degraded, saying to run `zsl label`); labelling the new shards brings the new one in."""
+    from pipeline.core.config import LabelConfig
+    from pipeline.stages.index import run_index
+    from pipeline.stages.label import run_label
+
+    w, grow, cfg = growing
+    label = LabelConfig(model=w["model"], features=cfg.features, classes=w["classes"],
+                        output=str(tmp_path / "labels"), calibrated=False)
+    run_label(label, progress=False)
+    client, state = _app(cfg, tmp_path, labels={"g": label.output})
+    grow(6)
+    run_index(cfg, progress=False)
+    assert state.watcher.check() == []
+    health = client.get("/health").json()
+    assert health["status"] == "degraded" and "zsl label" in health["errors"]["g"]
+    assert len(_found(client, w)[0]) == 24
+    run_label(label, progress=False)  # the labels manifest changes: a new version to try
+    assert state.watcher.check() == ["g"]
+    hits = client.post("/search", json={"embedding": _query(w, 0), "k": 50}).json()["hits"]
+    assert len(hits) == 48 and all(h["predicted"] is not None for h in hits)
+    assert client.get("/health").json()["status"] == "ok"
