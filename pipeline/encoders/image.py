@@ -54,18 +54,20 @@ class ImageEncoder:
         self.normalize = normalize
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self._half = device == "cuda"
+        self.half = device == "cuda"  # fp16 autocast (the device check measures both)
 
-    def encode(self, images: np.ndarray) -> np.ndarray:
+    def encode(self, images) -> np.ndarray:
+        """``images``: ``(n, H, W, 3)`` uint8, a numpy array or a torch tensor (on any device)."""
         import torch
 
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected (n, H, W, 3) uint8 images, got shape {images.shape}")
+            raise ValueError(f"expected (n, H, W, 3) uint8 images, got shape {tuple(images.shape)}")
         if len(images) == 0:
             return np.zeros((0, self.dim), np.float32)
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        x = x.to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
-        with torch.inference_mode(), torch.autocast(self.device, enabled=self._half, dtype=torch.float16):
+        with torch.inference_mode(), torch.autocast(self.device, enabled=self.half, dtype=torch.float16):
             out = self.model(x).float()
         if self.normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
