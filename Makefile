@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install tools demo test test-slow test-all bench bench-scale bench-serve bench-filters bench-reload bench-decode bench-compare gpu-check eval redo-share clean help
+.PHONY: install tools demo test test-slow test-all bench bench-scale bench-serve bench-filters bench-reload bench-decode bench-compare device-check gpu-check eval redo-share clean help
 
 help:
 	@echo "make demo   - install into $(VENV) and run extract -> classes -> train -> evaluate -> label -> index -> search -> report"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench-filters - label filters, old post-filter vs search among the allowed ids, FILTER_ROWS=200000 -> benchmarks/results/filters.json"
 	@echo "make bench-reload - zsl serve under load while zsl index adds shards, then rebuilds -> benchmarks/results/reload.json"
 	@echo "make bench-decode - peak RSS decoding a 10,000-image tar, whole vs streamed -> benchmarks/results/decode_memory.json"
+	@echo "make device-check - prepare .device/ (wheels + real JPEGs, <= 64 MiB) for infra/device/run-check.sh on a borrowed GPU machine"
 	@echo "make gpu-check - CUDA extraction and faiss-gpu figures -> benchmarks/results/gpu.json (needs a GPU)"
 	@echo "make eval   - every ZSL method on real data -> benchmarks/results/EVAL.md"
 	@echo "make redo-share - share of a killed extraction computed twice -> benchmarks/results/redo_share.json"
@@ -128,6 +129,10 @@ clean:
 	rm -rf runs
 
 # GPU paths (CUDA encoder actors in fp16, faiss-gpu build/search); exits 2 without a CUDA GPU.
+# What travels to a borrowed GPU machine (.device/, at most 64 MiB), then `bash infra/device/run-check.sh` there
+device-check: install
+	$(BIN)/python -m benchmarks.device_prepare --out .device
+
 gpu-check: install
 	$(BIN)/python -m benchmarks.gpu_check --output benchmarks/results/gpu.json
 
