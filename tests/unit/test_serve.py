@@ -120,13 +120,14 @@ def test_health_indices_metrics_page(served):
     ix = client.get("/indices").json()[0]
     assert ix["name"] == "animals" and ix["ntotal"] == 120 and ix["dim"] == 8
     client.post("/search", json={"text": ""})
+    assert client.post("/search", json={"text": "zebra", "k": 3}).status_code == 200
     m = client.get("/metrics").text
     assert 'zsl_requests_total{path="/search",status="200"}' in m
     assert 'zsl_errors_total{path="/search",status="400"}' in m and "zsl_request_seconds_bucket" in m
     page = client.get("/")
     assert page.status_code == 200 and 'id="gallery"' in page.text and "http://" not in page.text.replace(
         'http://www.w3.org', '')  # no external CDN or font
-    assert client.get("/docs").status_code == 404  # off: Swagger UI would load from a CDN (/openapi.json is served)
+    assert client.get("/redoc").status_code == 404  # off: ReDoc would load from a CDN (/docs is local)
 
 
 def test_each_app_has_its_own_metrics_in_the_prometheus_text_format(served, tmp_path):
