@@ -66,6 +66,7 @@ def load_searchers(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = 
         if name in cfg.labels:
             LOG.info("predicted labels of index %s from %s", name, cfg.labels[name])
             s.labels = PredictedLabels(cfg.labels[name], s.manifest)
+        s.prepare_filters()  # label id sets and large sets' copies now, not on the first filtered query
     return loaded
 
 
