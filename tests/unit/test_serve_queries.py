@@ -178,3 +178,31 @@ def test_zsl_search_label_filter_is_exact_among_the_label(serve_world, monkeypat
     assert [h["faiss_id"] for h in out["hits"]] == want.tolist() and out["labels"] == ["okapi"]
     with pytest.raises(ValueError, match="no caption index"):
         stage.run_search(SearchConfig(index=s.index_dir, text="zebra", labels=["okapi"], mode="caption"))
+
+
+def test_filters_are_prepared_at_load_not_on_the_first_query(serve_world, labelled, tmp_path, monkeypatch):
+    """zsl serve builds the label id sets (true and predicted) and the large sets' copies when it loads
+    an index, so the first filtered query builds nothing (here a label of 30 rows counts as large)."""
+    from pipeline.index import filters
+    from pipeline.index import searcher as searcher_mod
+    from pipeline.index.filters import FilteredIndex
+    from pipeline.stages.serve import create_app
+
+    s = serve_world[0]
+    s._label_sets, s.filtered = None, FilteredIndex(s.index, exact_max=10)  # as a freshly loaded index
+    try:
+        client = TestClient(create_app(ServeConfig(indexes={}, labels={"animals": labelled},
+                                                   thumbnail_cache=str(tmp_path)), searchers={"animals": s}))
+        assert s.filters_ready and s.labels.sets_ready
+        assert s.label_sets.counts()["cat"] == 30 and s.filtered.copy_bytes >= 4 * 30 * 2 * s.dim
+
+        def boom(*a, **kw):
+            raise AssertionError("built on the query path")
+
+        monkeypatch.setattr(searcher_mod, "LabelSets", boom)
+        monkeypatch.setattr(filters, "SubsetCopy", boom)
+        for body in ({"labels": ["cat"]}, {"labels": ["cat", "zebra"]}, {"unseen_only": True}):
+            r = client.post("/search", json={"text": "zebra", "k": 3, **body})
+            assert r.status_code == 200 and len(r.json()["hits"]) == 3, r.text
+    finally:
+        s.labels, s.filtered = None, FilteredIndex(s.index)
