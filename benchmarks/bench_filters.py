@@ -15,7 +15,9 @@ label of that bucket drawn at random, k=10, against the exact filtered top-10 (n
 label's rows). OLD: the top max(4k, 100) of a plain search, then the filter (what ``zsl serve`` did);
 NEW: :class:`pipeline.index.filters.FilteredIndex`, prepared as ``zsl serve`` prepares it at load
 (the label sets, float16 copies of the large ones). Each query is timed unfiltered, old and new in
-turn, one faiss thread, single-query; p99 per bucket vs the unfiltered p99 over all of the run's queries.
+turn, one faiss thread, single-query, once per round in 3 rounds (``--repeats``), its median kept
+(the first round's single-shot p99 is reported beside); p99 per bucket vs the unfiltered p99 over
+all of the run's queries. Peak RSS covers the data, the index, the truth and the copies.
 
     python -m benchmarks.bench_filters --rows 200000 --output benchmarks/results/filters.json
 """
@@ -101,67 +103,85 @@ def _ms(v, p: float) -> float:
     return round(float(np.percentile(v, p)) * 1e3, 3)
 
 
-def run_geometry(index, x: np.ndarray, labels: np.ndarray, queries: np.ndarray, *, k: int, per_bucket: int,
-                 seed: int, repeats: int = 3) -> dict:
-    """Old vs new per selectivity bucket for one label geometry; each query timed ``repeats`` times
-    per method, its median kept (and the first timing, single-shot, reported beside)."""
-    rows = len(x)
-    t = time.perf_counter()
-    sets = LabelSets([f"l{v}" for v in labels])
-    fi = FilteredIndex(index)
-    copied = fi.prepare(sets.sets.values())
-    prepare_s = time.perf_counter() - t
-    counts = sets.counts()
-    rng = np.random.default_rng(seed + 2)
-    out, unfiltered, first = {}, [], []
+def _plan(sets: LabelSets, x: np.ndarray, queries: np.ndarray, *, k: int, per_bucket: int, seed: int) -> list:
+    """Per bucket: its labels and ``per_bucket`` (query, allowed ids, exact filtered top-k) cases."""
+    counts, rng, plan = sets.counts(), np.random.default_rng(seed + 2), []
     for b, (name, lo, hi) in enumerate(BUCKETS):
-        names = sorted(n for n, c in counts.items() if lo <= c / rows < hi)
-        if not names:
-            continue
-        res = {"old": [], "new": [], "truth": [], "truth_s": [], "new_s": [], "sizes": []}
-        lat, n_first = {"old": [], "new": []}, len(first)
-        for j in range(per_bucket):
+        names = sorted(n for n, c in counts.items() if lo <= c / len(x) < hi)
+        cases = []
+        for j in range(per_bucket if names else 0):
             q = queries[b * per_bucket + j: b * per_bucket + j + 1]
             allowed = sets.sets[names[rng.integers(len(names))]]
             ts, tp = exact_knn(x[allowed], q, min(k, len(allowed)))
-            took = []
-            for _ in range(repeats):  # in turn, so that a busy moment of the machine hits all three
+            cases.append((q, allowed, _padded(allowed[tp[0]], ts[0], k)))
+        if cases:
+            plan.append((name, len(names), cases))
+    return plan
+
+
+def _padded(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    pad = k - len(ids)
+    return np.concatenate([ids, np.full(pad, -1, np.int64)]), np.concatenate([scores, np.full(pad, -np.inf, np.float32)])
+
+
+def _time_rounds(index, fi: FilteredIndex, plan: list, *, k: int, repeats: int):
+    """``(unfiltered, old, new)`` seconds per case and round: every case once per round, the three
+    methods in turn (a busy moment of the machine hits all three), rounds seconds apart."""
+    took, answers = [], []
+    for r in range(repeats):
+        round_ = []
+        for _, _, cases in plan:
+            for q, allowed, _ in cases:
                 t0 = time.perf_counter()
                 index.search(q, k)
                 t1 = time.perf_counter()
                 old = old_postfilter(index, q, k, allowed)
                 t2 = time.perf_counter()
                 s_new, i_new = fi.search(q, k, allowed)
-                took.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
-            first.append(took[0])
-            unf, t_old, t_new = np.median(took, axis=0)
-            unfiltered.append(unf)
-            lat["old"].append(t_old)
-            lat["new"].append(t_new)
-            pad = k - i_new.shape[1]
-            res["old"].append(old)
-            res["new"].append(np.concatenate([i_new[0], np.full(pad, -1, np.int64)]))
-            res["new_s"].append(np.concatenate([s_new[0], np.full(pad, -np.inf, np.float32)]))
-            res["truth"].append(np.concatenate([allowed[tp[0]], np.full(pad, -1, np.int64)]))
-            res["truth_s"].append(np.concatenate([ts[0], np.full(pad, -np.inf, np.float32)]))
-            res["sizes"].append(len(allowed))
-        truth, want = np.stack(res["truth"]), np.minimum(k, np.array(res["sizes"]))
+                round_.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+                if r == 0:
+                    answers.append((old, _padded(i_new[0], s_new[0], k)))
+        took.append(round_)
+    return np.array(took), answers
+
+
+def run_geometry(index, x: np.ndarray, labels: np.ndarray, queries: np.ndarray, *, k: int, per_bucket: int,
+                 seed: int, repeats: int = 3) -> dict:
+    """Old vs new per selectivity bucket for one label geometry; each query timed once per round,
+    ``repeats`` rounds, its median kept (and the first round's timing, single-shot, beside)."""
+    t = time.perf_counter()
+    sets = LabelSets([f"l{v}" for v in labels])
+    fi = FilteredIndex(index)
+    copied = fi.prepare(sets.sets.values())
+    prepare_s = time.perf_counter() - t
+    plan = _plan(sets, x, queries, k=k, per_bucket=per_bucket, seed=seed)
+    took, answers = _time_rounds(index, fi, plan, k=k, repeats=repeats)  # (rounds, cases, 3)
+    med, first = np.median(took, axis=0), took[0]
+    out, at = {}, 0
+    for name, n_labels, cases in plan:
+        sl = slice(at, at + len(cases))
+        at += len(cases)
+        old = np.stack([a[0] for a in answers[sl]])
+        new, new_s = np.stack([a[1][0] for a in answers[sl]]), np.stack([a[1][1] for a in answers[sl]])
+        truth, truth_s = np.stack([c[2][0] for c in cases]), np.stack([c[2][1] for c in cases])
+        sizes = np.array([len(c[1]) for c in cases])
+        want = np.minimum(k, sizes)
         out[name] = {
-            "labels_in_bucket": len(names), "queries": per_bucket,
-            "rows_per_label_median": int(np.median(res["sizes"])), "rows_per_label_max": int(max(res["sizes"])),
-            f"old_recall_at_{k}": round(recall_at_k(np.stack(res["old"]), truth), 4),
-            f"new_recall_at_{k}": round(recall_at_k(np.stack(res["new"]), truth, approx_scores=np.stack(res["new_s"]),
-                                                    exact_scores=np.stack(res["truth_s"])), 4),
-            **{f"{m}_underfilled": int(((np.stack(res[m]) >= 0).sum(1) < want).sum()) for m in ("old", "new")},
-            **{f"{m}_latency_ms_{p}": _ms(lat[m], q) for m in ("old", "new") for p, q in (("p50", 50), ("p99", 99))},
-            "new_latency_ms_p99_single_shot": _ms([t[2] for t in first[n_first:]], 99)}
-    unf_p99 = _ms(unfiltered, 99)
+            "labels_in_bucket": n_labels, "queries": len(cases),
+            "rows_per_label_median": int(np.median(sizes)), "rows_per_label_max": int(sizes.max()),
+            f"old_recall_at_{k}": round(recall_at_k(old, truth), 4),
+            f"new_recall_at_{k}": round(recall_at_k(new, truth, approx_scores=new_s, exact_scores=truth_s), 4),
+            "old_underfilled": int(((old >= 0).sum(1) < want).sum()),
+            "new_underfilled": int(((new >= 0).sum(1) < want).sum()),
+            **{f"{m}_latency_ms_p{p}": _ms(med[sl, c], p) for m, c in (("old", 1), ("new", 2)) for p in (50, 99)},
+            "new_latency_ms_p99_single_shot": _ms(first[sl, 2], 99)}
+    unf_p99 = _ms(med[:, 0], 99)
     for b in out.values():
         b["new_p99_over_unfiltered_p99"] = round(b["new_latency_ms_p99"] / unf_p99, 2)
     return {"prepare_seconds": round(prepare_s, 2), "sets_copied": copied, "copies_mb": round(fi.copy_bytes / 2**20, 1),
-            "timings_per_query": repeats, "unfiltered_latency_ms_p50": _ms(unfiltered, 50),
-            "unfiltered_latency_ms_p99": unf_p99,
-            "unfiltered_latency_ms_p99_single_shot": _ms([t[0] for t in first], 99), "buckets": out}
+            "timing_rounds": repeats, "unfiltered_latency_ms_p50": _ms(med[:, 0], 50),
+            "unfiltered_latency_ms_p99": unf_p99, "unfiltered_latency_ms_p99_single_shot": _ms(first[:, 0], 99),
+            "buckets": out}
 
 
 def run(rows: int, dim: int, n_labels: int, per_bucket: int, k: int, seed: int, *, zipf: float = 1.2,
@@ -207,7 +227,7 @@ def main() -> None:
     ap.add_argument("--labels", type=int, default=1000)
     ap.add_argument("--zipf", type=float, default=1.2, help="label r's share is proportional to 1/r^zipf")
     ap.add_argument("--queries", type=int, default=40, help="held-out queries per selectivity bucket")
-    ap.add_argument("--repeats", type=int, default=3, help="timings per query and method (the median is kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="timing rounds (each query's median is kept)")
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help="folder to keep the built index in between runs")
