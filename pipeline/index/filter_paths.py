@@ -74,8 +74,9 @@ def _knn_by_ids(xb: np.ndarray, q: np.ndarray, k: int, ids: np.ndarray, *, share
 
 class SubsetCopy:
     """One large id set's vectors, copied contiguously as float16 (half the bytes of float32, read
-    in order instead of gathered): faiss scans the copy, and the best candidates are rescored
-    exactly in the stored vectors, so the scores are the index's own."""
+    in order instead of gathered; the indexed vectors are L2-normalised, well inside float16's
+    range): faiss scans the copy, and the best candidates are rescored exactly in the stored
+    vectors, so the scores are the index's own."""
 
     def __init__(self, xb: np.ndarray, ids: np.ndarray) -> None:
         faiss = import_faiss()

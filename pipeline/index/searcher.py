@@ -256,9 +256,11 @@ class Searcher:
             return [pred.flagged] if unseen_only else [np.arange(self.index.ntotal, dtype=np.int64)]
         want = set(labels)
         parts = [src.sets[x] for src in (self.label_sets, pred) if src is not None for x in want if x in src.sets]
-        if unseen_only:
-            ids = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-            return [np.intersect1d(ids, pred.flagged, assume_unique=True)]
+        if unseen_only:  # a mask, not a sort: a few ms less for labels of 100k+ rows
+            mask = np.zeros(self.index.ntotal, bool)
+            for p in parts:
+                mask[p] = True
+            return [pred.flagged[mask[pred.flagged]]]
         return parts or [np.zeros(0, np.int64)]
 
     def allowed_ids(self, labels=None, *, unseen_only: bool = False) -> np.ndarray:
