@@ -22,7 +22,7 @@ help:
 	@echo "make bench-scale - label/index at SCALE_ROWS rows vs bare loops and autofaiss -> benchmarks/results/SCALE.md"
 	@echo "make bench-serve - load test of zsl serve on loopback (PyTorch vs ONNX Runtime text model) -> benchmarks/results/serve.json"
 	@echo "make bench-compare BASE=<rev> - bench-scale (100k, ours) and bench-serve (onnx) on BASE and this tree, alternating -> benchmarks/results/compare.json"
-	@echo "make bench-filters - label filters, old post-filter vs search among the allowed ids, FILTER_ROWS=200000 -> benchmarks/results/filters.json"
+	@echo "make bench-filters - label filters, old post-filter vs search among the allowed ids, two label geometries, FILTER_ROWS=200000 -> benchmarks/results/filters.json (FILTER_ROWS=1000000 -> filters_1m.json)"
 	@echo "make bench-reload - zsl serve under load while zsl index adds shards, then rebuilds -> benchmarks/results/reload.json"
 	@echo "make bench-decode - peak RSS decoding a 10,000-image tar, whole vs streamed -> benchmarks/results/decode_memory.json"
 	@echo "make device-check - prepare .device/ (wheels + real JPEGs, <= 64 MiB) for infra/device/run-check.sh on a borrowed GPU machine"
@@ -147,13 +147,15 @@ bench-compare: install
 	$(BIN)/python -m benchmarks.compare_revisions --base $(BASE) --repeats $(COMPARE_REPEATS) \
 		--output benchmarks/results/compare.json
 
-# Label filters (issue 17): recall@10 and p99 per selectivity bucket, old post-filter vs new, one run.
+# Label filters (issue 17): recall@10 and p99 per selectivity bucket, old post-filter vs new, one run
+# per size (two label geometries each); FILTER_ROWS=1000000 writes filters_1m.json (~6 min, ~2 GB).
 FILTER_ROWS ?= 200000
+FILTER_OUT ?= benchmarks/results/$(if $(filter 1000000,$(FILTER_ROWS)),filters_1m,filters).json
+bench-filters: install
+	$(BIN)/python -m benchmarks.bench_filters --rows $(FILTER_ROWS) --output $(FILTER_OUT)
+
 bench-reload: install
 	$(BIN)/python -m benchmarks.bench_reload --output benchmarks/results/reload.json
-
-bench-filters: install
-	$(BIN)/python -m benchmarks.bench_filters --rows $(FILTER_ROWS) --output benchmarks/results/filters.json
 
 bench-decode: install
 	$(BIN)/python -m benchmarks.bench_decode_memory --output benchmarks/results/decode_memory.json

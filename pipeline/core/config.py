@@ -200,7 +200,7 @@ class SearchConfig(_Config):
         "Search the images (the model's space), their captions (zsl embed-text), or both."))
     caption_weight: float = Field(0.5, ge=0, le=1, description="Weight of the caption score in mode 'both'.")
     labels: list[str] = Field(default_factory=list, description=(
-        "Only images whose (true) label is one of these; searched among those images (mode 'image')."))
+        "Only images whose (true) label is one of these; searched among those images, in every mode."))
 
 
 class AddClassesConfig(_Config):

@@ -108,6 +108,10 @@ class LazyParquet:
         self._group = functools.lru_cache(maxsize=cache_groups)(
             lambda g: self._file.read_row_group(g, columns=columns))
 
+    def read(self, columns: list[str]) -> pa.Table:
+        """Whole ``columns`` of the file opened at construction (not whatever is at ``uri`` now)."""
+        return self._file.read(columns=columns)
+
     def take(self, rows) -> pa.Table:
         """Rows ``rows`` (in that order); IndexError outside ``0..num_rows-1``."""
         rows = np.asarray(rows, np.int64)

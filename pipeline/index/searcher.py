@@ -18,9 +18,9 @@ import numpy as np
 
 from pipeline.core import fs as zio
 from pipeline.core import parquet as zpq
-from pipeline.index.filters import LabelSets, filtered_search
+from pipeline.index.filters import FilteredIndex, LabelSets
 from pipeline.index.knn import search as index_search
-from pipeline.index.store import CAPTIONS_INDEX, IDS_FILE, MODEL_COPY, load_index
+from pipeline.index.store import CAPTIONS_INDEX, MODEL_COPY, load_index
 from pipeline.zsl.models import load_model
 from pipeline.zsl.models.scoring import model_fingerprint
 
@@ -67,6 +67,9 @@ class Searcher:
         self.labels: PredictedLabels | None = None
         self._label_sets: LabelSets | None = None
         self._sets_lock = threading.Lock()
+        # filtered searches (pipeline.index.filters): the image index, and the caption index (same ids)
+        self.filtered = FilteredIndex(self.index)
+        self.filtered_captions = FilteredIndex(self.captions) if self.captions is not None else None
         if load_text:
             self.encoder  # noqa: B018 - load now, not on the first query
 
@@ -177,25 +180,31 @@ class Searcher:
         return self.search_pair(q_img, q_cap, k, mode=mode, caption_weight=caption_weight)
 
     def search_pair(self, q_img: np.ndarray | None, q_cap: np.ndarray | None, k: int, *, mode: str = "image",
-                    caption_weight: float = 0.5) -> list[dict]:
+                    caption_weight: float = 0.5, allowed: list[np.ndarray] | None = None) -> list[dict]:
         """Hits by the image index (``image``), the caption index (``caption``), or both (``both``:
-        ``(1 - w) * image score + w * caption score`` over the union of each index's candidates)."""
+        ``(1 - w) * image score + w * caption score`` over the union of each index's candidates);
+        with ``allowed`` (:meth:`allowed`), each index searched among those ids only."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}; use one of {', '.join(MODES)}")
         if mode != "image" and (self.captions is None or q_cap is None):
             raise ValueError(f"{self.index_dir} has no caption index (run `zsl embed-text` on the features, "
                              "then `zsl index` again)")
         if mode == "image":
-            return self.search_vectors(np.asarray(q_img).reshape(1, -1), k)[0]
+            q_img = np.asarray(q_img, np.float32).reshape(1, -1)
+            return (self.search_vectors(q_img, k) if allowed is None else self.search_filtered(q_img, k, allowed))[0]
         q_cap = np.asarray(q_cap, np.float32).reshape(1, -1)
         if mode == "caption":  # rows without a caption hold zero vectors: exactly 0, dropped
-            scores, ids = index_search(self.captions, q_cap, k)
+            scores, ids = self._caption_search(q_cap, k, allowed)
             keep = scores[0] != 0.0
             return self._hits(scores[0][keep], ids[0][keep])
         q_img = np.asarray(q_img, np.float32).reshape(1, -1)
         fetch = max(4 * k, 50)
-        si, ii = index_search(self.index, q_img, fetch)
-        sc, ic = index_search(self.captions, q_cap, fetch)
+        if allowed is None:
+            si, ii = index_search(self.index, q_img, fetch)
+            sc, ic = index_search(self.captions, q_cap, fetch)
+        else:
+            si, ii = self.filtered.search(q_img, fetch, allowed)
+            sc, ic = self.filtered_captions.search(q_cap, fetch, allowed)
         cand = np.unique(np.concatenate([ii[0][ii[0] >= 0], ic[0][ic[0] >= 0]]))
         s_img = _scores_of(self.index, q_img[0], cand, ii[0], si[0])
         s_cap = _scores_of(self.captions, q_cap[0], cand, ic[0], sc[0])
@@ -211,33 +220,71 @@ class Searcher:
         scores, ids = index_search(self.index, queries, k)
         return [self._hits(s, i) for s, i in zip(scores, ids)]
 
+    def _caption_search(self, q_cap: np.ndarray, k: int, allowed: list[np.ndarray] | None):
+        """The caption index's top ``k`` (among ``allowed``), widened until ``k`` rows score non-zero
+        where the allowed set has more rows: rows without a caption (zero vectors) are dropped."""
+        if allowed is None:
+            return index_search(self.captions, q_cap, k)
+        most = sum(len(p) for p in allowed)
+        fetch = k
+        while True:
+            scores, ids = self.filtered_captions.search(q_cap, fetch, allowed)
+            if (scores[0] != 0.0).sum() >= k or fetch >= most:
+                return scores, ids
+            fetch = min(most, 4 * fetch)
+
     @property
     def label_sets(self) -> LabelSets:
-        """The true labels' id sets (the id table's ``label`` column), read once on first use."""
+        """The true labels' id sets (the id table's ``label`` column), read once (:meth:`prepare_filters`)."""
         with self._sets_lock:
             if self._label_sets is None:
-                col = zpq.read_parquet(zio.join(self.index_dir, IDS_FILE), columns=["label"]).column("label")
-                self._label_sets = LabelSets(col)
+                # from the id table opened with the index: a newer ids.parquet renamed in since is not read
+                self._label_sets = LabelSets(self.ids.read(["label"]).column("label"))
             return self._label_sets
 
-    def allowed_ids(self, labels=None, *, unseen_only: bool = False) -> np.ndarray:
-        """Sorted faiss ids whose true or predicted label is in ``labels`` (any, when None) and, with
-        ``unseen_only``, whose predicted label is an unseen class (needs :attr:`labels`)."""
+    def prepare_filters(self) -> None:
+        """Build now what filtered searches use, so that no query pays for it: the true labels' id
+        sets, the predicted labels' (when :attr:`labels` is set) and the image index's float16
+        copies of the large ones (:meth:`FilteredIndex.prepare`). ``zsl serve`` calls it at load."""
+        sets = list(self.label_sets.sets.values())
+        if self.labels is not None:
+            pred = self.labels.label_sets
+            sets += [*pred.sets.values(), pred.flagged]
+        self.filtered.prepare(sets)
+
+    @property
+    def filters_ready(self) -> bool:
+        """Whether the label sets a filtered query uses are built (true labels, and predicted ones when set)."""
+        return self._label_sets is not None and (self.labels is None or self.labels.sets_ready)
+
+    def allowed(self, labels=None, *, unseen_only: bool = False) -> list[np.ndarray]:
+        """The ids whose true or predicted label is in ``labels`` (any, when None) and, with
+        ``unseen_only``, whose predicted label is an unseen class (needs :attr:`labels`), as sorted id
+        arrays whose union is the allowed set: one per label source and label, the prepared arrays
+        themselves (so a large label's copy is found), or one intersection with ``unseen_only``."""
         pred = self.labels.label_sets if self.labels is not None else None
         if unseen_only and pred is None:
             raise ValueError("unseen_only needs predicted labels")
-        ids = None
-        if labels:
-            ids = self.label_sets.ids_of(labels)
-            if pred is not None:
-                ids = np.union1d(ids, pred.ids_of(labels))
-        if unseen_only:
-            ids = pred.flagged if ids is None else np.intersect1d(ids, pred.flagged, assume_unique=True)
-        return np.arange(self.index.ntotal, dtype=np.int64) if ids is None else ids
+        if not labels:
+            return [pred.flagged] if unseen_only else [np.arange(self.index.ntotal, dtype=np.int64)]
+        want = set(labels)
+        parts = [src.sets[x] for src in (self.label_sets, pred) if src is not None for x in want if x in src.sets]
+        if unseen_only:  # a mask, not a sort: a few ms less for labels of 100k+ rows
+            mask = np.zeros(self.index.ntotal, bool)
+            for p in parts:
+                mask[p] = True
+            return [pred.flagged[mask[pred.flagged]]]
+        return parts or [np.zeros(0, np.int64)]
 
-    def search_filtered(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> list[list[dict]]:
-        """Hits of each query vector among the faiss ids ``allowed`` (:func:`filtered_search`)."""
-        scores, ids = filtered_search(self.index, queries, k, allowed)
+    def allowed_ids(self, labels=None, *, unseen_only: bool = False) -> np.ndarray:
+        """:meth:`allowed` as one sorted array."""
+        parts = self.allowed(labels, unseen_only=unseen_only)
+        return parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+
+    def search_filtered(self, queries: np.ndarray, k: int, allowed) -> list[list[dict]]:
+        """Hits of each query vector among the allowed faiss ids (an array, or :meth:`allowed`'s
+        list; :meth:`FilteredIndex.search`)."""
+        scores, ids = self.filtered.search(queries, k, allowed)
         return [self._hits(s, i) for s, i in zip(scores, ids)]
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[dict]:
@@ -295,11 +342,16 @@ class PredictedLabels:
         self._sets: LabelSets | None = None
 
     @property
+    def sets_ready(self) -> bool:
+        return self._sets is not None
+
+    @property
     def label_sets(self) -> LabelSets:
-        """Predicted labels' id sets (``top1``) and the predicted-unseen ids, read once on first use."""
+        """Predicted labels' id sets (``top1``) and the predicted-unseen ids, read once (on first use,
+        or when :meth:`Searcher.prepare_filters` asks)."""
         with self._lock:
             if self._sets is None:
-                parts = [zpq.read_parquet(t.uri, columns=["top1", "top1_is_unseen"]) for t in self.tables]
+                parts = [t.read(["top1", "top1_is_unseen"]) for t in self.tables]  # the files opened at load
                 top1 = [x for p in parts for x in p.column("top1").chunks]
                 unseen = np.concatenate([p.column("top1_is_unseen").to_numpy(zero_copy_only=False) for p in parts])
                 import pyarrow as pa

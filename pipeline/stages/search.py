@@ -11,11 +11,9 @@ __all__ = ["Searcher", "run_search"]
 def run_search(cfg: SearchConfig) -> dict:
     """``{"query": text, "k": k, "hits": [...]}`` for one query (what ``zsl search --json`` prints)."""
     s = Searcher(cfg.index)
-    if cfg.labels:  # searched among the labels' images (pipeline.index.filters): rare labels keep recall
-        if cfg.mode != "image":
-            raise ValueError(f"--label filters mode 'image' searches only, not {cfg.mode!r}")
-        hits = s.search_filtered(s.text_queries([cfg.text]), cfg.k, s.allowed_ids(cfg.labels))[0]
-    else:
-        hits = s.search(cfg.text, cfg.k, mode=cfg.mode, caption_weight=cfg.caption_weight)
+    # --label: searched among the labels' images (pipeline.index.filters), so rare labels keep recall
+    allowed = s.allowed(cfg.labels) if cfg.labels else None
+    q_img, q_cap = s.text_query_pairs([cfg.text])[0]
+    hits = s.search_pair(q_img, q_cap, cfg.k, mode=cfg.mode, caption_weight=cfg.caption_weight, allowed=allowed)
     out = {"query": cfg.text, "k": cfg.k, "hits": hits}
     return {**out, "labels": cfg.labels} if cfg.labels else out

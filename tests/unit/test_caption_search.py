@@ -112,3 +112,95 @@ def test_service_modes_and_clip_retrieval_text_modality(captioned_index, serve_w
     assert r.status_code == 400 and "no caption index" in r.json()["detail"]
     r = client.post("/search", json={"embedding": [0.0] * 384, "index": "c", "mode": "both"})
     assert r.status_code == 400 and "needs a text query" in r.json()["detail"]
+
+
+class _FakeText:
+    """An 8-d text encoder: ``embed(text)`` per text."""
+
+    dim = 8
+
+    def __init__(self, embed):
+        self.embed = embed
+
+    def encode(self, texts, **_):
+        return np.stack([self.embed(t) for t in texts])
+
+
+@pytest.fixture(scope="module")
+def rare_captions(tmp_path_factory):
+    """400 captioned rows; the label 'rare' on 4 of them, whose captions (one missing) point away from
+    the query direction ``qdir``: the last rows of an unfiltered caption search."""
+    from pipeline.core.config import IndexConfig
+    from pipeline.core.features import write_features
+    from pipeline.semantics.classset import write_class_set
+    from pipeline.stages import embed_text
+    from pipeline.stages.index import run_index
+    from pipeline.stages.embed_text import run_embed_text
+    from pipeline.zsl.models import save_model
+    from pipeline.zsl.models.eszsl import ESZSL
+
+    root = tmp_path_factory.mktemp("rarecap")
+    rng = np.random.default_rng(3)
+    n, names = 400, ["cat", "dog", "okapi", "zebra"]
+    text = rng.standard_normal((4, 8)).astype(np.float32)
+    y = np.arange(n) % 4
+    X = (3 * rng.standard_normal((4, 16))[y] + 0.3 * rng.standard_normal((n, 16))).astype(np.float32)
+    qdir = rng.standard_normal(8).astype(np.float32)
+    qdir /= np.linalg.norm(qdir)
+    C = rng.standard_normal((n, 8)).astype(np.float32) * 0.3 + 0.5 * qdir
+    rare = np.array([50, 150, 250, 350])
+    C[rare] = -qdir + 0.2 * rng.standard_normal((4, 8)).astype(np.float32)
+    C /= np.linalg.norm(C, axis=1, keepdims=True)
+    labels = np.array([names[c] for c in y], dtype=object)
+    labels[rare] = "rare"
+    captions = [f"c{i}" for i in range(n)]
+    captions[250] = None
+    write_class_set(str(root / "classes"), names, [None] * 4, text, None, {"text_model": "fake-text"})
+    save_model(str(root / "model"), ESZSL(gamma=1.0, lam=0.1).fit(X, y, text), {
+        "feature_model": "fake-feat", "feature_dim": 16, "semantics": "text", "semantic_dim": 8,
+        "text_model": "fake-text", "text_model_name": "fake", "text_pretrained": None, "templates": ["a {name}"],
+        "seen": names, "gamma": 0.0, "calibration": None})
+    write_features(str(root / "features"), image_ids=[f"r{i:03d}" for i in range(n)],
+                   uris=[f"/x/{i}.jpg" for i in range(n)], labels=list(labels), X=X, model_id="fake-feat",
+                   shard_size=150, captions=captions)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(embed_text, "load_text_encoder", lambda *a, **kw: _FakeText(lambda t: C[int(t[1:])]))
+        run_embed_text(EmbedTextConfig(features=str(root / "features"), text_model="fake-text"), progress=False)
+    run_index(IndexConfig(features=str(root / "features"), model=str(root / "model"), output=str(root / "index"),
+                          use_gpu="no", tune_queries=20), progress=False)
+    C[250] = 0.0  # no caption: a zero vector in the caption index
+    return root, X, C, qdir, rare
+
+
+def test_label_filters_search_captions_among_the_allowed_ids(rare_captions, tmp_path, monkeypatch):
+    """caption and both modes with a label filter: the label's exact top-k, full, in the service too
+    (the old way, the top max(4k, 100) filtered, found none of the 'rare' rows); rows without a
+    caption never come back in caption mode, even when every captioned match scores below zero."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.core.config import SearchConfig, ServeConfig
+    from pipeline.index.searcher import Searcher
+    from pipeline.stages import search as stage
+    from pipeline.stages.serve import create_app
+
+    root, X, C, qdir, rare = rare_captions
+    s = Searcher(str(root / "index"), load_text=False)
+    assert s.captions is not None and s.captions.ntotal == 400
+    s._encoder = _FakeText(lambda t: qdir)  # every prompt, the query direction
+    captioned = rare[rare != 250]
+    want_cap = captioned[np.argsort(-(C[captioned] @ qdir))]
+    q_img, q_cap = s.text_query_pairs(["anything"])[0]
+    hits = s.search_pair(q_img, q_cap, 3, mode="caption", allowed=s.allowed(["rare"]))
+    assert [h["faiss_id"] for h in hits] == want_cap.tolist() and all(h["label"] == "rare" for h in hits)
+    img = s.model.search_images(X[rare]) @ q_img
+    total = 0.6 * img + 0.4 * (C[rare] @ q_cap)
+    both = s.search_pair(q_img, q_cap, 4, mode="both", caption_weight=0.4, allowed=s.allowed(["rare"]))
+    assert [h["faiss_id"] for h in both] == rare[np.argsort(-total)].tolist()
+    assert [h["score"] for h in both] == pytest.approx(np.sort(total)[::-1], abs=1e-4)
+    client = TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(tmp_path)), searchers={"r": s}))
+    for mode, want in (("caption", want_cap[:2]), ("both", rare[np.argsort(-total)][:2])):
+        r = client.post("/search", json={"text": "anything", "k": 2, "mode": mode, "labels": ["rare"]})
+        assert r.status_code == 200 and [h["faiss_id"] for h in r.json()["hits"]] == want.tolist(), r.text
+    monkeypatch.setattr(stage, "Searcher", lambda index: s)  # zsl search --label, in caption mode
+    out = stage.run_search(SearchConfig(index=s.index_dir, text="anything", k=5, labels=["rare"], mode="caption"))
+    assert [h["faiss_id"] for h in out["hits"]] == want_cap.tolist()

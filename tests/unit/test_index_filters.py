@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.index.build import build_index
-from pipeline.index.filters import LabelSets, filtered_search
+from pipeline.index.filters import FilteredIndex, LabelSets, filtered_search
 from pipeline.index.knn import exact_knn, recall_at_k, set_nprobe
 
 N, D, K, NQ = 12_000, 32, 10, 20
@@ -112,3 +112,61 @@ def test_empty_and_full_sets(world):
     assert i.shape == (NQ, 0)
     s, i = filtered_search(index, q[:2], K, np.arange(N, dtype=np.int64), exact_max=0)
     assert (i == exact_knn(x, q[:2], K)[1]).all()
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32,Flat"])
+@pytest.mark.parametrize("bucket", ["common", "mid"])
+def test_prepared_copies_answer_large_sets_exactly(world, monkeypatch, factory, bucket):
+    """Sets above exact_max get a float16 copy at prepare; a search with the same array scans the
+    copy (the other paths are not called) and rescores its candidates: the exact filtered top-k."""
+    from pipeline.index import filters
+
+    x, q, sets, buckets = world
+    index = build_index(x, dim=D, factory=factory, use_gpu=False)
+    fi = FilteredIndex(index, exact_max=50)
+    assert fi.prepare(sets.sets.values()) == sum(c > 50 for c in sets.counts().values())
+    assert fi.copy_bytes == 2 * D * sum(c for c in sets.counts().values() if c > 50)
+
+    def boom(*a, **kw):
+        raise AssertionError("a prepared set took another path")
+
+    monkeypatch.setattr(filters, "exact_by_ids", boom)
+    monkeypatch.setattr(filters, "selector_search", boom)
+    allowed = sets.sets[buckets[bucket]]
+    ts, ti = _truth(x, q, allowed)
+    s, i = fi.search(q, K, allowed)
+    assert (i == ti).all() and np.allclose(s, ts, atol=1e-5)
+
+
+def test_copies_stay_within_their_budget_largest_first(world):
+    x, _, sets, _ = world
+    index = build_index(x, dim=D, factory="Flat", use_gpu=False)
+    big = sorted(sets.sets.values(), key=len, reverse=True)
+    fi = FilteredIndex(index, exact_max=50)
+    assert fi.prepare(sets.sets.values(), max_bytes=2 * D * len(big[0])) == 1  # only the largest fits
+    assert fi.copy_bytes == 2 * D * len(big[0])
+    assert fi.prepare(sets.sets.values(), max_bytes=0) == 0 and fi.prepare([big[0]]) == 0  # never twice
+
+
+def test_a_union_of_sets_is_searched_set_by_set_and_merged(world):
+    """Labels from two sources overlap: the union's exact top-k, each id once, never under-filled."""
+    x, q, sets, buckets = world
+    index = build_index(x, dim=D, factory="HNSW32,Flat", use_gpu=False)
+    fi = FilteredIndex(index, exact_max=50)
+    fi.prepare(sets.sets.values())
+    a, b = sets.sets[buckets["mid"]], sets.sets[buckets["rare"]]
+    parts = [a, np.union1d(a[:5], b), sets.sets["tiny"]]  # a copied set, an overlapping one, a tiny one
+    union = np.unique(np.concatenate(parts))
+    ts, ti = _truth(x, q, union)
+    s, i = fi.search(q, K, parts)
+    assert (i == ti).all() and np.allclose(s, ts, atol=1e-5)
+    assert all(len(set(r)) == K for r in i.tolist())
+    s, i = fi.search(q, 50, [sets.sets["tiny"], sets.sets["tiny"][:2]])  # fewer than k in the union
+    assert i.shape == (NQ, 3) and (np.sort(i, 1) == sets.sets["tiny"]).all()
+
+
+def test_ids_outside_the_index_are_refused(world):
+    x, q, _, _ = world
+    index = build_index(x[:100], dim=D, factory="Flat", use_gpu=False)
+    with pytest.raises(ValueError, match=r"faiss ids in \[0, 100\)"):
+        filtered_search(index, q, K, np.array([3, 100], np.int64))

@@ -118,7 +118,10 @@ def _status(port: int, parts: list[bytes]) -> bytes:
 
 def test_replies_show_no_absolute_path(serve_world, tmp_path, monkeypatch):
     s, root, _, _ = serve_world
-    monkeypatch.setattr(s, "labels", SimpleNamespace(labels_dir=str(tmp_path / "labelled")))
+    from pipeline.index.filters import LabelSets
+
+    no_sets = LabelSets(None, flags=[])  # what zsl serve prepares at load for predicted labels
+    monkeypatch.setattr(s, "labels", SimpleNamespace(labels_dir=str(tmp_path / "labelled"), label_sets=no_sets))
     client = TestClient(_app(serve_world))
     replies = [client.get("/indices"), client.get("/health"), client.get("/images/99999"),
                client.post("/search", json={"embedding": [0.5, 0.5], "k": 3})]

@@ -149,8 +149,11 @@ def test_filters_search_among_the_allowed_ids_exactly(serve_world, labelled, tmp
     cfg = ServeConfig(indexes={}, labels={"animals": labelled}, thumbnail_cache=str(tmp_path))
     try:
         client = TestClient(create_app(cfg, searchers={"animals": s}))
-        for body, mask in [({"labels": ["cat"]}, (ids["label"] == "cat").to_numpy() | (pred["top1"] == "cat").to_numpy()),
-                           ({"unseen_only": True}, pred["top1_is_unseen"].to_numpy(bool))]:
+        cat = (ids["label"] == "cat").to_numpy() | (pred["top1"] == "cat").to_numpy()
+        unseen = pred["top1_is_unseen"].to_numpy(bool)
+        zebra = (ids["label"] == "zebra").to_numpy() | (pred["top1"] == "zebra").to_numpy()
+        for body, mask in [({"labels": ["cat"]}, cat), ({"unseen_only": True}, unseen),
+                           ({"labels": ["zebra", "cat"], "unseen_only": True}, (zebra | cat) & unseen)]:
             allowed = np.flatnonzero(mask)
             want = allowed[exact_knn(x[allowed], q, len(allowed))[1][0]]
             got = [client.post("/search", json={"text": "zebra", "k": 3, "offset": o, **body}).json()["hits"]
@@ -176,5 +179,55 @@ def test_zsl_search_label_filter_is_exact_among_the_label(serve_world, monkeypat
     want = allowed[exact_knn(x[allowed], s.text_queries(["zebra"]), 7)[1][0]]
     out = stage.run_search(SearchConfig(index=s.index_dir, text="zebra", k=7, labels=["okapi"]))
     assert [h["faiss_id"] for h in out["hits"]] == want.tolist() and out["labels"] == ["okapi"]
-    with pytest.raises(ValueError, match="mode 'image'"):
+    with pytest.raises(ValueError, match="no caption index"):
         stage.run_search(SearchConfig(index=s.index_dir, text="zebra", labels=["okapi"], mode="caption"))
+
+
+def test_filters_are_prepared_at_load_not_on_the_first_query(serve_world, labelled, tmp_path, monkeypatch):
+    """zsl serve builds the label id sets (true and predicted) and the large sets' copies when it loads
+    an index, so the first filtered query builds nothing (here a label of 30 rows counts as large)."""
+    from pipeline.index import filters
+    from pipeline.index import searcher as searcher_mod
+    from pipeline.index.filters import FilteredIndex
+    from pipeline.stages.serve import create_app
+
+    s = serve_world[0]
+    s._label_sets, s.filtered = None, FilteredIndex(s.index, exact_max=10)  # as a freshly loaded index
+    try:
+        client = TestClient(create_app(ServeConfig(indexes={}, labels={"animals": labelled},
+                                                   thumbnail_cache=str(tmp_path)), searchers={"animals": s}))
+        assert s.filters_ready and s.labels.sets_ready
+        assert s.label_sets.counts()["cat"] == 30 and s.filtered.copy_bytes >= 4 * 30 * 2 * s.dim
+
+        def boom(*a, **kw):
+            raise AssertionError("built on the query path")
+
+        monkeypatch.setattr(searcher_mod, "LabelSets", boom)
+        monkeypatch.setattr(filters, "SubsetCopy", boom)
+        for body in ({"labels": ["cat"]}, {"labels": ["cat", "zebra"]}, {"unseen_only": True}):
+            r = client.post("/search", json={"text": "zebra", "k": 3, **body})
+            assert r.status_code == 200 and len(r.json()["hits"]) == 3, r.text
+    finally:
+        s.labels, s.filtered = None, FilteredIndex(s.index)
+
+
+def test_allowed_ids_join_true_and_predicted_labels_and_intersect_unseen(serve_world, monkeypatch):
+    """A label matches the true or the predicted label; unseen_only keeps the predicted-unseen ones."""
+    from types import SimpleNamespace
+
+    from pipeline.index.filters import LabelSets
+    from pipeline.index.store import read_ids
+
+    s = serve_world[0]
+    n = s.index.ntotal
+    rng = np.random.default_rng(5)
+    top1 = rng.choice(["cat", "dog", "okapi", "quagga"], n)
+    unseen = rng.random(n) < 0.4
+    monkeypatch.setattr(s, "labels", SimpleNamespace(label_sets=LabelSets(list(top1), flags=unseen)))
+    true = read_ids(s.index_dir).column("label").to_numpy(zero_copy_only=False)
+    for labels in (["cat"], ["zebra", "quagga"], ["nope"]):
+        match = np.isin(true, labels) | np.isin(top1, labels)
+        assert s.allowed_ids(labels).tolist() == np.flatnonzero(match).tolist()
+        assert s.allowed_ids(labels, unseen_only=True).tolist() == np.flatnonzero(match & unseen).tolist()
+    assert s.allowed_ids(unseen_only=True).tolist() == np.flatnonzero(unseen).tolist()
+    assert len(s.allowed(["cat"])) == 2  # one id set per source: the prepared arrays themselves

@@ -91,17 +91,9 @@ def find(state: ServeState, s: Searcher, q: QueryPair, *, k: int, offset: int = 
     filters: label or predicted label in ``labels``, predicted unseen, score at least ``min_score``."""
     _check_search(state, s, q, k=k, offset=offset, unseen_only=unseen_only, mode=mode)
     want = offset + k
-    if (labels or unseen_only) and mode == "image":  # searched among the allowed ids: rare labels keep recall
-        hits = s.search_filtered(np.asarray(q[0]).reshape(1, -1), want, s.allowed_ids(labels, unseen_only=unseen_only))[0]
-        return _page([h for h in hits if min_score is None or h["score"] >= min_score], offset, want)
-    filtered = labels or min_score is not None or unseen_only
-    fetch = min(max(4 * want, 100), s.index.ntotal) if filtered else want
-    hits = s.search_pair(q[0], q[1], fetch, mode=mode, caption_weight=caption_weight)
-    if labels:
-        keep = set(labels)
-        hits = [h for h in hits if h["label"] in keep or h.get("predicted") in keep]
-    if unseen_only:
-        hits = [h for h in hits if h["predicted_unseen"]]
+    # label filters: every mode searches among the allowed ids only, so rare labels keep recall
+    allowed = s.allowed(labels, unseen_only=unseen_only) if labels or unseen_only else None
+    hits = s.search_pair(q[0], q[1], want, mode=mode, caption_weight=caption_weight, allowed=allowed)
     if min_score is not None:
         hits = [h for h in hits if h["score"] >= min_score]
     return _page(hits, offset, want)
