@@ -47,8 +47,8 @@ class ServeConfig(_Config):
         "File holding an API key (or set ZSL_API_KEY): every endpoint but the page / and GET /health then "
         "needs 'Authorization: Bearer <key>' or 'X-API-Key: <key>' (clip-retrieval's client cannot send one)."))
     allowed_hosts: list[str] = Field(["127.0.0.1", "localhost", "::1"], description=(
-        "Host headers accepted by `zsl serve` (uvicorn; DNS-rebinding defence), plus `host` when it is a "
-        "concrete address; others get a 400. ['*']: any."))
+        "Host headers accepted by `zsl serve` (uvicorn and Ray Serve replicas; DNS-rebinding defence), plus "
+        "`host` when it is a concrete address; others get a 400. ['*']: any."))
     debug_paths: bool = Field(False, description="Replies may show absolute paths (index and labels dirs).")
     limit_concurrency: int = Field(256, gt=0, description="uvicorn: more open connections/tasks get a 503.")
     timeout_keep_alive: int = Field(5, gt=0, description="uvicorn: idle keep-alive connections close after this (s).")

@@ -97,7 +97,7 @@ def test_service_modes_and_clip_retrieval_text_modality(captioned_index, serve_w
 
     root, _, captions = captioned_index
     client = TestClient(create_app(ServeConfig(indexes={"c": str(root / "index")}, thumbnail_cache=str(tmp_path)),
-                                   searchers={"plain": serve_world[0]}))
+                                   searchers={"plain": serve_world[0]}), base_url="http://localhost")
     want = f"r{captions.index('a grey goat'):02d}"
     r = client.post("/search", json={"text": "a grey goat", "index": "c", "mode": "caption", "k": 3})
     assert r.status_code == 200 and r.json()["hits"][0]["image_id"] == want, r.text

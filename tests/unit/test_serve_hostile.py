@@ -28,7 +28,7 @@ def client(serve_world):
 
     s, root, _, _ = serve_world
     return TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(root / "thumbs-hostile")),
-                                 searchers={"animals": s}))
+                                 searchers={"animals": s}), base_url="http://localhost")
 
 
 def _post(client, body: bytes | str, path: str = "/search"):

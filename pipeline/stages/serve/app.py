@@ -44,6 +44,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
                            allow_headers=["*"])
     app.include_router(routes.router)
     app.include_router(clip_retrieval.router)
+    security.check_hosts(app, cfg)  # outermost: uvicorn and Ray Serve replicas alike
     return app
 
 

@@ -9,7 +9,7 @@ import os
 
 from pipeline.core.config import ServeConfig
 from pipeline.stages.serve.app import create_app, text_workers
-from pipeline.stages.serve.security import KEY_ENV, host_checked
+from pipeline.stages.serve.security import KEY_ENV
 
 LOG = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def run_serve(cfg: ServeConfig, *, blocking: bool = True) -> None:
     import uvicorn
 
     serving_process(cfg)
-    app = host_checked(create_app(cfg), cfg)
+    app = create_app(cfg)  # with the Host check (security.check_hosts)
     LOG.info("serving %s on http://%s:%d/", ", ".join(cfg.indexes), cfg.host, cfg.port)
     uvicorn.run(app, **uvicorn_options(cfg))
 
