@@ -177,3 +177,40 @@ def test_image_queries_have_their_own_bounded_pool(serve_world, monkeypatch):
         t.join(timeout=15)
     assert first[0].status_code == 200, first[0].text
 
+
+def test_knn_service_image_queries_share_the_bounded_image_pool(serve_world, monkeypatch):
+    """clip-retrieval's /knn-service image queries wait in the same bounded pool as /search's: while
+    one holds the only slot, another image query on either endpoint is a 503 with Retry-After, and
+    text queries (both endpoints) and /health answer meanwhile."""
+    from pipeline.stages.serve import clip_retrieval, routes
+
+    real, started, release, calls = routes.query_vectors, threading.Event(), threading.Event(), []
+
+    def slow_first_image(state, name, *, image=None, **kw):
+        if image is None:
+            return real(state, name, **kw)
+        calls.append(image)
+        if len(calls) == 1:  # the first image query holds its pool thread until released
+            started.set()
+            release.wait(10)
+        return real(state, name, text="cat")
+
+    monkeypatch.setattr(routes, "query_vectors", slow_first_image)
+    monkeypatch.setattr(clip_retrieval, "query_vectors", slow_first_image)
+    client = TestClient(_app(serve_world, image_workers=1, image_queue=0), base_url="http://localhost")
+    knn = lambda **q: client.post("/knn-service", content=json.dumps({"num_images": 3, **q}))  # noqa: E731
+    first: list = []
+    t = threading.Thread(target=lambda: first.append(knn(image="aGk=")))
+    t.start()
+    try:
+        assert started.wait(10)
+        for busy in (knn(image="aGk="), client.post("/search", json={"image": "aGk=", "k": 3})):
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
+        t0 = time.monotonic()
+        assert knn(text="cat").status_code == 200 and client.post("/search", json={"text": "cat"}).status_code == 200
+        assert client.get("/health").status_code == 200 and time.monotonic() - t0 < 5
+        assert len(calls) == 1  # the refused ones never reached the encoder
+    finally:
+        release.set()
+        t.join(timeout=15)
+    assert first[0].status_code == 200 and len(first[0].json()) == 3, first[0].text

@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 
 from pipeline.stages.serve.feature_meta import describe
 from pipeline.stages.serve.queries import find, query_vectors
@@ -69,9 +70,11 @@ router.add_api_route("/indices-list", indices_list, methods=["POST"], operation_
 
 
 @router.post("/knn-service")
-def knn_service(state: State, body: Body, request: Request) -> list[dict]:
-    """Hits as clip-retrieval rows ``{id, similarity, caption, url, label, predicted_label, image_id}``."""
-    name, s = state.searcher(_str(body, "indice_name"))
+async def knn_service(state: State, body: Body, request: Request) -> list[dict]:
+    """Hits as clip-retrieval rows ``{id, similarity, caption, url, label, predicted_label, image_id}``;
+    image queries on the image pool, as ``/search``'s (a 503 with Retry-After when it is full), the
+    others on the app's threads."""
+    name, _ = state.searcher(_str(body, "indice_name"))
     if body.get("image_url"):
         raise HTTPException(400, "image_url is not fetched by this server; send the image itself as 'image' (base64)")
     emb, image = body.get("embedding_input"), body.get("image")
@@ -84,12 +87,28 @@ def knn_service(state: State, body: Body, request: Request) -> list[dict]:
     num_ids = min(_positive_int(body, "num_result_ids", num_images), state.config.max_k)
     # clip-retrieval's modality: "image" searches the images, "text" the captions (its text index)
     mode = "caption" if body.get("modality") == "text" else "image"
-    q = query_vectors(state, name, text=text, image=image, embedding=emb)
-    hits = find(state, s, q, k=num_ids, mode=mode)
-    if body.get("deduplicate"):
+    urls = thumbnail_url(request, name)
+
+    def rows() -> list[dict]:
+        q = query_vectors(state, name, text=text, image=image, embedding=emb)
+        return knn_rows(state, name, q, k=num_ids, mode=mode, num_images=num_images,
+                        dedup=bool(body.get("deduplicate")), urls=urls)
+
+    if image is not None and state.images is not None:
+        return await state.images.run(rows)
+    return await run_in_threadpool(rows)
+
+
+def knn_rows(state, name: str, q, *, k: int, mode: str, num_images: int, dedup: bool,
+             urls: Callable[[int], str]) -> list[dict]:
+    """The ``k`` hits of the query pair ``q`` as clip-retrieval rows, the first ``num_images`` with
+    their metadata, the others ``{id, similarity}`` only."""
+    s = state.searchers[name]
+    hits = find(state, s, q, k=k, mode=mode)
+    if dedup:
         hits = deduplicate(s.index, hits)
     rows = [{"id": h["faiss_id"], "similarity": h["score"]} for h in hits]
-    for row, meta in zip(rows, describe(s, hits[:num_images], thumbnail_url(request, name))):
+    for row, meta in zip(rows, describe(s, hits[:num_images], urls)):
         row.update(meta)
     return rows
 
