@@ -57,6 +57,10 @@ class ServeConfig(_Config):
     backlog: int = Field(2048, gt=0, description="uvicorn: the listening socket's backlog.")
     image_workers: int = Field(2, gt=0, description="Threads decoding and encoding query images (apart from text queries).")
     image_queue: int = Field(8, ge=0, description="Image queries that may wait for those threads; more get a 503.")
+    thumbnail_workers: int = Field(2, gt=0, description="Threads making thumbnails (apart from text queries).")
+    background_nice: int = Field(10, ge=0, le=19, description=(
+        "The image-query and thumbnail threads run this many nice steps below the rest (Linux), so that "
+        "on a busy machine text queries and /health get the cores first; 0: the same priority."))
     ray: bool = Field(False, description="Serve with Ray Serve (one replica per node) instead of uvicorn.")
     address: str | None = Field(None, description="Ray cluster address for --ray (default: a local one).")
     replicas: int | None = Field(None, gt=0, description="Ray Serve replicas (default: one per node).")

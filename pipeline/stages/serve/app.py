@@ -36,7 +36,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     app.state.serve = ServeState(config=cfg, searchers=loaded, batchers=batchers,
                                  metrics=ServeMetrics(batchers=batchers), api_key=security.api_key(cfg),
                                  private_paths=[] if cfg.debug_paths else security.private_paths(cfg, loaded),
-                                 images=ImagePool(cfg.image_workers, cfg.image_queue))
+                                 images=ImagePool.of(cfg))
     app.middleware("http")(guard)
     app.add_exception_handler(RequestValidationError, routes.validation_failed)
     if cfg.cors_origins:  # outermost: preflights and error answers carry the headers too
