@@ -155,3 +155,18 @@ def test_no_reply_references_an_external_asset_host(client):
         assert not hosts, (path, hosts)
         assert "cdn.jsdelivr" not in r.text and "unpkg.com" not in r.text and "fonts.googleapis" not in r.text, path
     assert client.get("/openapi.json").status_code == 200
+
+
+def test_an_unhandled_error_is_a_json_500_counted_in_the_metrics(client, monkeypatch):
+    """The middleware turns an exception no handler took into a JSON 500 naming its type (never the
+    message, which may hold a path) and counts it."""
+    from pipeline.stages.serve import routes
+
+    def broken(*a, **kw):
+        raise RuntimeError("boom in /very/private/dir")
+
+    monkeypatch.setattr(routes, "query_vectors", broken)
+    r = client.post("/search", json={"text": "cat"})
+    assert r.status_code == 500 and r.json() == {"detail": "internal error: RuntimeError"}
+    assert "private" not in r.text
+    assert 'zsl_errors_total{path="/search",status="500"}' in client.get("/metrics").text

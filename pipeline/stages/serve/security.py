@@ -85,13 +85,9 @@ def shown(path: str | None, cfg: ServeConfig) -> str | None:
     return Path(path.rstrip("/")).name or path
 
 
-async def without_paths(resp: Response, paths: list[str]) -> Response:
-    """An error reply (status >= 400) with each of ``paths`` replaced by its last part."""
-    if resp.status_code < 400 or not paths:
-        return resp
-    body = b"".join([chunk async for chunk in resp.body_iterator])
+def shown_body(body: bytes, paths: list[str]) -> bytes:
+    """An error reply's ``body`` with each of ``paths`` replaced by its last part."""
     for p in paths:
         if p.encode() in body:
             body = body.replace(p.encode(), (Path(p).name or "?").encode())
-    headers = {k: v for k, v in resp.headers.items() if k.lower() != "content-length"}
-    return Response(body, resp.status_code, headers=headers, media_type=resp.media_type)
+    return body
