@@ -81,6 +81,7 @@ def test_ray_serve_replicas_check_the_host_too(serve_world, tmp_path, monkeypatc
                       text_workers=1, thumbnail_cache=str(tmp_path / "thumbs"),
                       allowed_hosts=["zsl.internal", "localhost"])
     monkeypatch.setenv(CONFIG_ENV, json.dumps(cfg.model_dump(mode="json")))
+    monkeypatch.setattr("gc.freeze", lambda: None)  # a server process's setting, not the test process's
     client = TestClient(build_app_from_env())
     for host in ("evil.example", "evil.example:8000", "127.0.0.1"):
         r = client.get("/health", headers={"host": host})
