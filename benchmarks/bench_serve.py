@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from benchmarks.serve_mixed import GOALS, KINDS, Mix, medians, mixed_phase, write_images
+from benchmarks.serve_mixed import GOALS, Mix, medians, mixed_phase, write_images
 
 LOG = logging.getLogger("zsl.bench_serve")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -230,26 +230,33 @@ def _text_phases(work: Path, setting: str, env: dict, *, words: list[str], pool:
         proc.wait(timeout=30)
 
 
+def _labels(index: Path) -> list[str]:
+    """The labels the index's rows carry (the filtered queries' labels: each has rows)."""
+    import pyarrow.parquet as pq
+
+    return sorted(set(pq.read_table(index / "ids.parquet", columns=["label"]).column(0).to_pylist()))
+
+
 def _mixed(work: Path, setting: str, env: dict, *, words: list[str], rows: int, clients: int, seconds: float,
-           repeats: int, max_requests: int) -> dict:
+           repeats: int, max_requests: int, kinds: dict[str, float] | None = None, honour: bool = True) -> dict:
     """``repeats`` runs of the mixed phase (:mod:`benchmarks.serve_mixed`) on a fresh server with
     ``setting``, after a 3 s warm-up (the image encoder and the label sets load); every text new."""
     texts = Queries([f"{pre}{p}" for pre in MIXED_PREFIXES for p in words], False, 3)
     mix = Mix(texts=texts, images=sorted((work / "images").glob("*.jpg")),
-              labels=[f"class_{i:04d}" for i in range(N_CLASSES)], rows=rows)
+              labels=_labels(work / "index"), rows=rows, kinds=kinds)
     proc, port, ready_s = _start_server(work, setting, env)
     try:
         mixed_phase(port, proc.pid, mix, clients=8, seconds=3, max_requests=max_requests, seed=999)
         runs = []
         for r in range(repeats):
             runs.append(mixed_phase(port, proc.pid, mix, clients=clients, seconds=seconds,
-                                    max_requests=max_requests, seed=r))
+                                    max_requests=max_requests, seed=r, honour_retry_after=honour))
             LOG.info("mixed run %d: %s", r, json.dumps(runs[-1]["goals"]))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     return {"setting": setting, "server_ready_s": round(ready_s, 2), "clients": clients, "seconds": seconds,
-            "mix": KINDS, "goal": GOALS, "query_image_bytes_mean": mix.image_bytes, "median": medians(runs),
+            "mix": mix.weights, "clients_honour_retry_after": honour, "goal": GOALS, "query_image_bytes_mean": mix.image_bytes, "median": medians(runs),
             "errors_all_runs": sum(r["goals"]["errors"] for r in runs), "runs": runs}
 
 
@@ -264,6 +271,9 @@ def main(rows: int = typer.Option(100_000), clients: int = typer.Option(8), seco
          mixed_clients: int = typer.Option(50), mixed_seconds: float = typer.Option(20.0),
          mixed_repeats: int = typer.Option(3, help="Runs of the mixed phase (0: none)."),
          mixed_server: str = typer.Option("", help="`--set` settings of the mixed phase's server (default: none)."),
+         honour_retry_after: bool = typer.Option(True, "--honour-retry-after/--ignore-retry-after", help=(
+             "Mixed-phase clients wait a 503's Retry-After before their next request (else: at once).")),
+         mixed_kinds: str = typer.Option("", help="KIND=WEIGHT,... of the mixed phase (default: serve_mixed.KINDS)."),
          images: int = typer.Option(64, help="Distinct JPEGs the index's uris cycle over."),
          work_dir: Path | None = typer.Option(None, "--work",
                                               help="Scratch folder, kept (its index reused when it holds one)."),
@@ -284,7 +294,9 @@ def main(rows: int = typer.Option(100_000), clients: int = typer.Option(8), seco
                                                       seconds=seconds, max_requests=max_requests)
         if mixed_repeats:
             result["mixed"] = _mixed(work, mixed_server, env, words=words, rows=rows, clients=mixed_clients,
-                                     seconds=mixed_seconds, repeats=mixed_repeats, max_requests=max_requests)
+                                     seconds=mixed_seconds, repeats=mixed_repeats, max_requests=max_requests,
+                                     kinds={k: float(w) for k, w in (kv.split("=") for kv in mixed_kinds.split(",") if kv)}
+                                     or None, honour=honour_retry_after)
     finally:
         if not keep and work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

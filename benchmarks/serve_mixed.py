@@ -5,9 +5,11 @@ label-filtered ``/search``, with a ``/health`` prober beside them; latency perce
 per kind, and whether the goals of the "Serve for real" issue are met.
 
 A 503 with ``Retry-After`` is the image pool saying it is full (bounded on purpose): it is counted
-apart, as ``busy_503``, not as an error; the client then sends its next request at once (it does not
-wait the Retry-After, so the offered load stays at ``clients``). Anything else than the expected 200
-is an error. Latency percentiles are over the answered (200) requests; 127.0.0.1 only.
+apart, as ``busy_503``, not as an error; the client then waits the Retry-After, as asked, before its
+next request (``honour_retry_after=False``: it sends the next one at once). Anything else than the
+expected 200 is an error. Latency percentiles are over the answered (200) requests. The load
+generator shares the machine with the server (and with whatever else runs there: each run records
+the cores the server, the load generator and everything else used); 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -50,13 +52,17 @@ def write_images(folder: Path, n: int, *, seed: int, size: tuple[int, int] = (64
 class Mix:
     """The requests of the mixed phase: ``draw(rng)`` -> ``(kind, method, path, body)``."""
 
-    def __init__(self, *, texts: Callable[[], str], images: list[Path], labels: list[str], rows: int) -> None:
+    def __init__(self, *, texts: Callable[[], str], images: list[Path], labels: list[str], rows: int,
+                 kinds: dict[str, float] | None = None) -> None:
         self.texts, self.labels, self.rows = texts, labels, rows
         b64 = [base64.b64encode(p.read_bytes()).decode() for p in images]
         self.image_bodies = [json.dumps({"image": b, "k": 10}).encode() for b in b64]
         self.knn_bodies = [json.dumps({"image": b, "num_images": 10}).encode() for b in b64]
         self.image_bytes = int(np.mean([p.stat().st_size for p in images]))
-        self.kinds, self.p = list(KINDS), np.array(list(KINDS.values())) / sum(KINDS.values())
+        self.weights = dict(kinds or KINDS)
+        if set(self.weights) - set(KINDS):
+            raise ValueError(f"unknown request kind(s) {sorted(set(self.weights) - set(KINDS))}; known: {list(KINDS)}")
+        self.kinds, self.p = list(self.weights), np.array(list(self.weights.values())) / sum(self.weights.values())
 
     def draw(self, rng: np.random.Generator) -> tuple[str, str, str, bytes | None]:
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.p))]
@@ -86,8 +92,8 @@ def outcome(kind: str, status: int, headers, data: bytes) -> str:
     return "ok" if len(hits) in want else f"{len(hits)} hits"
 
 
-def _client(port: int, mix: Mix, rng, stop_at: float, budget: list[int], lock: threading.Lock,
-            records: list) -> None:
+def _client(port: int, mix: Mix, rng, stop_at: float, budget: list[int], lock: threading.Lock, records: list,
+            honour_retry_after: bool) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     while time.perf_counter() < stop_at:
         with lock:
@@ -96,21 +102,28 @@ def _client(port: int, mix: Mix, rng, stop_at: float, budget: list[int], lock: t
             budget[0] -= 1
         kind, method, path, body = mix.draw(rng)
         t = time.perf_counter()
+        retry_after = 0.0
         try:
             conn.request(method, path, body=body, headers=JSON if body else {})
             resp = conn.getresponse()
             result = outcome(kind, resp.status, resp.headers, resp.read())
+            retry_after = float(resp.headers.get("retry-after") or 0) if result == "busy" else 0.0
         except (OSError, http.client.HTTPException, ValueError) as exc:
             result = type(exc).__name__
             conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         records.append((kind, result, time.perf_counter() - t))
+        if honour_retry_after and retry_after:
+            time.sleep(min(retry_after, max(0.0, stop_at - time.perf_counter())))
     conn.close()
 
 
-def _prober(port: int, stop_at: float, records: list) -> None:
-    """``GET /health`` every ``HEALTH_EVERY_S`` on its own connection until ``stop_at``."""
+def _prober(port: int, seconds: float, out) -> None:
+    """``GET /health`` every ``HEALTH_EVERY_S`` on its own connection for ``seconds``; the records
+    sent through the pipe ``out``. Runs in a process of its own: in the clients' process its
+    timings would include waits for that process's GIL."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    records, stop_at = [], time.perf_counter() + seconds
     while time.perf_counter() < stop_at:
         t = time.perf_counter()
         try:
@@ -125,6 +138,7 @@ def _prober(port: int, stop_at: float, records: list) -> None:
         records.append(("health", result, dt))
         time.sleep(max(0.0, HEALTH_EVERY_S - dt))
     conn.close()
+    out.send(records)
 
 
 def _cpu_s(pid: int) -> float:
@@ -133,27 +147,40 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100  # utime, stime (clock ticks; 100 on Linux)
 
 
+def _busy_s() -> float:
+    """CPU seconds the whole machine spent busy so far (all cores; /proc/stat)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / 100
+
+
 def mixed_phase(port: int, server_pid: int, mix: Mix, *, clients: int, seconds: float, max_requests: int,
-                seed: int) -> dict:
-    """One run of ``clients`` client threads and the /health prober for ``seconds`` (at most
-    ``max_requests`` client requests): per-kind figures, the goals, the CPU the server and this
-    process (the load generator) used."""
+                seed: int, honour_retry_after: bool = True) -> dict:
+    """One run of ``clients`` client threads and the /health prober (a process of its own) for
+    ``seconds`` (at most ``max_requests`` client requests): per-kind figures, the goals, and the
+    cores the server, this process (the load generator) and everything else on the machine used."""
+    import multiprocessing
+
     records: list = []
     budget, lock = [max_requests], threading.Lock()
-    stop_at = time.perf_counter() + seconds
-    cpu0, me0, start = _cpu_s(server_pid), time.process_time(), time.perf_counter()
+    theirs, ours = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    prober = multiprocessing.get_context("spawn").Process(target=_prober, args=(port, seconds, ours), daemon=True)
+    prober.start()
+    cpu0, me0, all0, start = _cpu_s(server_pid), time.process_time(), _busy_s(), time.perf_counter()
+    stop_at = start + seconds
     threads = [threading.Thread(target=_client, args=(port, mix, np.random.default_rng([seed, i]), stop_at, budget,
-                                                      lock, records)) for i in range(clients)]
-    threads.append(threading.Thread(target=_prober, args=(port, stop_at, records)))
+                                                      lock, records, honour_retry_after)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    server, me, machine = _cpu_s(server_pid) - cpu0, time.process_time() - me0, _busy_s() - all0
+    records += theirs.recv()
+    prober.join(timeout=30)
     kinds = summarize(records)
     return {"seconds": round(wall, 2), "requests": sum(k["requests"] for n, k in kinds.items() if n != "health"),
-            "server_cores_used": round((_cpu_s(server_pid) - cpu0) / wall, 2),
-            "loadgen_cores_used": round((time.process_time() - me0) / wall, 2),
+            "server_cores_used": round(server / wall, 2), "loadgen_cores_used": round(me / wall, 2),
+            "other_cores_used": round(max(0.0, machine - server - me) / wall, 2),
             "kinds": kinds, "goals": goals(kinds)}
 
 
@@ -190,5 +217,5 @@ def medians(runs: list[dict]) -> dict:
     kinds = {kind: {key: med([r["kinds"][kind][key] for r in runs])
                     for key in ("requests", "ok", "busy_503", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms")}
              for kind in runs[0]["kinds"]}
-    return {"kinds": kinds, "server_cores_used": med([r["server_cores_used"] for r in runs]),
-            "loadgen_cores_used": med([r["loadgen_cores_used"] for r in runs]), "goals": goals(kinds)}
+    cores = {k: med([r[k] for r in runs]) for k in ("server_cores_used", "loadgen_cores_used", "other_cores_used")}
+    return {"kinds": kinds, **cores, "goals": goals(kinds)}

@@ -215,3 +215,26 @@ def test_knn_service_image_queries_share_the_bounded_image_pool(serve_world, mon
         release.set()
         t.join(timeout=15)
     assert first[0].status_code == 200 and len(first[0].json()) == 3, first[0].text
+
+
+def test_image_work_runs_at_a_lower_cpu_priority():
+    """Image queries and thumbnails run `nice` steps below the calling thread (Linux: per thread), so
+    that on busy cores text queries and /health go first; nice=0 keeps the priority."""
+    import asyncio
+    import os
+
+    from pipeline.stages.serve.image_pool import ImagePool
+
+    if not hasattr(os, "getpriority"):
+        pytest.skip("no thread priorities on this OS")
+    mine = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # noqa: E731
+    base = mine()
+    if base + 3 > 19:
+        pytest.skip("this process already runs at the lowest priority")
+
+    async def seen(pool):
+        return await pool.run(mine), await pool.thumbnail(mine)
+
+    assert asyncio.run(seen(ImagePool(1, 0, thumbnail_workers=1, nice=3))) == (base + 3, base + 3)
+    assert asyncio.run(seen(ImagePool(1, 0, thumbnail_workers=1, nice=0))) == (base, base)
+    assert mine() == base  # the caller's own priority is untouched
