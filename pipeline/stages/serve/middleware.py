@@ -2,8 +2,8 @@
 one, no absolute path in an error reply, and the request's metrics.
 
 A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``app.middleware("http")``) runs each
-request's app in a task group of its own and streams its answer through a memory channel, which cost
-the event loop about a quarter of its time under ``make bench-serve``'s mixed load; here the answer
+request's app in a task group of its own and streams its answer through a memory channel (about a
+quarter of the event loop's busy samples under ``make bench-serve``'s mixed load); here the answer
 passes straight through (an error reply is read whole, to take the paths out).
 """
 
