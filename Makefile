@@ -20,7 +20,7 @@ help:
 	@echo "make test   - run the default test suite (slow/gpu/integration tests excluded)"
 	@echo "make bench  - extraction and labeling throughput vs bare loops -> benchmarks/results/results.json"
 	@echo "make bench-scale - label/index at SCALE_ROWS rows vs bare loops and autofaiss -> benchmarks/results/SCALE.md"
-	@echo "make bench-serve - load test of zsl serve on loopback (PyTorch vs ONNX Runtime text model) -> benchmarks/results/serve.json"
+	@echo "make bench-serve - load test of zsl serve on loopback (PyTorch vs ONNX Runtime text model; 50 clients of mixed text/image/thumbnail/filtered queries) -> benchmarks/results/serve.json"
 	@echo "make bench-compare BASE=<rev> - bench-scale (100k, ours) and bench-serve (onnx) on BASE and this tree, alternating -> benchmarks/results/compare.json"
 	@echo "make bench-filters - label filters, old post-filter vs search among the allowed ids, two label geometries, FILTER_ROWS=200000 -> benchmarks/results/filters.json (FILTER_ROWS=1000000 -> filters_1m.json)"
 	@echo "make bench-reload - zsl serve under load while zsl index adds shards, then rebuilds -> benchmarks/results/reload.json"

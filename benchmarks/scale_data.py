@@ -87,8 +87,11 @@ class World:
         y = rng.integers(0, len(self.names), n)
         return synthetic_features(rng, self.centers, y, noise=self.noise), y
 
-    def write_features(self, out: Path, y, rng, *, id_prefix: str, on_shard=None) -> int:
-        """A feature directory of ``len(y)`` rows of classes ``y`` (drawn from ``rng`` shard by shard)."""
+    def write_features(self, out: Path, y, rng, *, id_prefix: str, on_shard=None, uri_of=None,
+                       config: dict | None = None) -> int:
+        """A feature directory of ``len(y)`` rows of classes ``y`` (drawn from ``rng`` shard by shard);
+        ``uri_of(row)`` the uri of a row (default ``synthetic://<image id>``), ``config`` the manifest's
+        extraction config (e.g. the ``encoder`` the features pose as, for image queries)."""
         import pyarrow as pa
 
         from pipeline.core import fs as zio
@@ -104,20 +107,22 @@ class World:
             s, e = sid * self.shard_rows, min(n, (sid + 1) * self.shard_rows)
             X = synthetic_features(rng, self.centers, y[s:e], noise=self.noise)
             ids = [f"{id_prefix}/{i:09d}.png" for i in range(s, e)]
+            uris = [f"synthetic://{i}" for i in ids] if uri_of is None else [uri_of(i) for i in range(s, e)]
             table = pa.table({
-                "image_id": ids, "uri": [f"synthetic://{i}" for i in ids], "label": names[y[s:e]].tolist(),
+                "image_id": ids, "uri": uris, "label": names[y[s:e]].tolist(),
                 "caption": pa.nulls(e - s, pa.string()), "width": pa.nulls(e - s, pa.int32()),
                 "height": pa.nulls(e - s, pa.int32()), "url": pa.nulls(e - s, pa.string()),
                 "key": pa.nulls(e - s, pa.string()), "meta": pa.nulls(e - s, pa.string()),
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1), pa.float32()), DIM),
             }, schema=features_schema(DIM))
             zpq.write_parquet_atomic(zio.join(str(out), "features", shard_name(sid)), table)
-            del table, ids
+            del table, ids, uris
             if on_shard is not None:
                 on_shard(sid, X)
             del X
         write_manifest(str(out), FeaturesManifest(
             model_id=FEATURE_MODEL, dim=DIM, n_images=int(n), n_errors=0, n_shards=n_shards,
+            config=dict(config or {}),
             notes={"source": "synthetic (benchmarks.bench_scale)", "input": f"synthetic:{id_prefix}",
                    "seed": self.seed}))
         return n_shards
@@ -126,8 +131,9 @@ class World:
         return np.ascontiguousarray(self.model.search_images(X), dtype=np.float32)
 
 
-def make_scale_data(world: World, work: Path, n_rows: int) -> dict:
-    """Feature shards of ``n_rows`` rows + their projected vectors as ``emb/part-NNN.npy``."""
+def make_scale_data(world: World, work: Path, n_rows: int, **features) -> dict:
+    """Feature shards of ``n_rows`` rows + their projected vectors as ``emb/part-NNN.npy``; ``features``
+    are :meth:`World.write_features`' ``uri_of`` and ``config``."""
     from pipeline.core.features import check_feature_shards, feature_shards, open_features
 
     feats, emb = work / "features", work / "emb"
@@ -142,7 +148,8 @@ def make_scale_data(world: World, work: Path, n_rows: int) -> dict:
         proj_s[0] += t.seconds
 
     with timed() as total:
-        n_shards = world.write_features(feats, y, rng, id_prefix=f"n{n_rows}", on_shard=on_shard)
+        n_shards = world.write_features(feats, y, rng, id_prefix=f"n{n_rows}", on_shard=on_shard,
+                                         **features)
     man = open_features(str(feats))
     files = feature_shards(str(feats))
     check_feature_shards(files, man.dim)

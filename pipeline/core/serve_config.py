@@ -47,8 +47,8 @@ class ServeConfig(_Config):
         "File holding an API key (or set ZSL_API_KEY): every endpoint but the page / and GET /health then "
         "needs 'Authorization: Bearer <key>' or 'X-API-Key: <key>' (clip-retrieval's client cannot send one)."))
     allowed_hosts: list[str] = Field(["127.0.0.1", "localhost", "::1"], description=(
-        "Host headers accepted by `zsl serve` (uvicorn; DNS-rebinding defence), plus `host` when it is a "
-        "concrete address; others get a 400. ['*']: any."))
+        "Host headers accepted by `zsl serve` (uvicorn and Ray Serve replicas; DNS-rebinding defence), plus "
+        "`host` when it is a concrete address; others get a 400. ['*']: any."))
     debug_paths: bool = Field(False, description="Replies may show absolute paths (index and labels dirs).")
     limit_concurrency: int = Field(256, gt=0, description="uvicorn: more open connections/tasks get a 503.")
     timeout_keep_alive: int = Field(5, gt=0, description="uvicorn: idle keep-alive connections close after this (s).")
@@ -61,6 +61,10 @@ class ServeConfig(_Config):
         "Every this many seconds the served indexes' manifests are checked, and a new version (a `zsl index` "
         "run that added shards or rebuilt, a new `zsl label`) is loaded beside the old one and swapped in; "
         "0: only on SIGHUP."))
+    thumbnail_workers: int = Field(2, gt=0, description="Threads making thumbnails (apart from text queries).")
+    background_nice: int = Field(10, ge=0, le=19, description=(
+        "The image-query and thumbnail threads run this many nice steps below the rest (Linux), so that "
+        "on a busy machine text queries and /health get the cores first; 0: the same priority."))
     ray: bool = Field(False, description="Serve with Ray Serve (one replica per node) instead of uvicorn.")
     address: str | None = Field(None, description="Ray cluster address for --ray (default: a local one).")
     replicas: int | None = Field(None, gt=0, description="Ray Serve replicas (default: one per node).")

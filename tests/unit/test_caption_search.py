@@ -97,7 +97,7 @@ def test_service_modes_and_clip_retrieval_text_modality(captioned_index, serve_w
 
     root, _, captions = captioned_index
     client = TestClient(create_app(ServeConfig(indexes={"c": str(root / "index")}, thumbnail_cache=str(tmp_path)),
-                                   searchers={"plain": serve_world[0]}))
+                                   searchers={"plain": serve_world[0]}), base_url="http://localhost")
     want = f"r{captions.index('a grey goat'):02d}"
     r = client.post("/search", json={"text": "a grey goat", "index": "c", "mode": "caption", "k": 3})
     assert r.status_code == 200 and r.json()["hits"][0]["image_id"] == want, r.text
@@ -197,7 +197,8 @@ def test_label_filters_search_captions_among_the_allowed_ids(rare_captions, tmp_
     both = s.search_pair(q_img, q_cap, 4, mode="both", caption_weight=0.4, allowed=s.allowed(["rare"]))
     assert [h["faiss_id"] for h in both] == rare[np.argsort(-total)].tolist()
     assert [h["score"] for h in both] == pytest.approx(np.sort(total)[::-1], abs=1e-4)
-    client = TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(tmp_path)), searchers={"r": s}))
+    client = TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(tmp_path)), searchers={"r": s}),
+                        base_url="http://localhost")
     for mode, want in (("caption", want_cap[:2]), ("both", rare[np.argsort(-total)][:2])):
         r = client.post("/search", json={"text": "anything", "k": 2, "mode": mode, "labels": ["rare"]})
         assert r.status_code == 200 and [h["faiss_id"] for h in r.json()["hits"]] == want.tolist(), r.text

@@ -20,7 +20,7 @@ def served(serve_world):
 
     s, root, y, names = serve_world
     cfg = ServeConfig(indexes={}, max_k=50, thumbnail_cache=str(root / "thumbs"), max_body_bytes=20_000)
-    return TestClient(create_app(cfg, searchers={"animals": s})), s, y, names
+    return TestClient(create_app(cfg, searchers={"animals": s}), base_url="http://localhost"), s, y, names
 
 
 def test_search_by_text_finds_the_class(served):
@@ -138,7 +138,8 @@ def test_each_app_has_its_own_metrics_in_the_prometheus_text_format(served, tmp_
     from pipeline.stages.serve import create_app
 
     _, s, _, _ = served
-    apps = [TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(tmp_path)), searchers={"animals": s}))
+    apps = [TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(tmp_path)), searchers={"animals": s}),
+                       base_url="http://localhost")
             for _ in range(2)]
     for _ in range(3):
         apps[0].get("/health")
@@ -167,7 +168,7 @@ def _counting_client(s, tmp_path, monkeypatch, **cfg):
     real = s.text_queries
     monkeypatch.setattr(s, "text_queries", lambda texts: (calls.append(list(texts)), real(texts))[1])
     return TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(tmp_path), **cfg),
-                                 searchers={"animals": s})), calls
+                                 searchers={"animals": s}), base_url="http://localhost"), calls
 
 
 def test_concurrent_text_queries_are_batched_and_each_gets_its_own_answer(served, monkeypatch, tmp_path):

@@ -24,7 +24,7 @@ def _client(serve_world, **kw):
 
     s, root, _, _ = serve_world
     cfg = ServeConfig(indexes={}, max_k=50, thumbnail_cache=str(root / "thumbs"), max_body_bytes=20_000, **kw)
-    return TestClient(create_app(cfg, searchers={"animals": s}))
+    return TestClient(create_app(cfg, searchers={"animals": s}), base_url="http://localhost")
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,10 @@ def two(serve_world, caption_world):
     from pipeline.stages.serve import create_app
 
     s, root, _, _ = serve_world
-    cfg = ServeConfig(indexes={}, max_k=50, thumbnail_cache=str(root / "thumbs"), max_body_bytes=20_000)
-    return TestClient(create_app(cfg, searchers={"animals": s, "captioned": caption_world[0]}))
+    cfg = ServeConfig(indexes={}, max_k=50, thumbnail_cache=str(root / "thumbs"), max_body_bytes=20_000,
+                      allowed_hosts=["localhost", "zsl.example"])
+    return TestClient(create_app(cfg, searchers={"animals": s, "captioned": caption_world[0]}),
+                      base_url="http://localhost")
 
 
 def _knn(client, **kw):
@@ -80,7 +82,7 @@ def test_rows_carry_caption_label_and_predicted_label_never_null(two, caption_wo
     for i in range(24):  # faiss id i is feature row i here (shards in order)
         want = f"a drawing of a {by_id[i]['label']}, number {i}" if i % 3 != 2 else by_id[i]["label"]
         assert by_id[i]["caption"] == want and by_id[i]["image_id"] == f"cap{i:02d}"
-        assert by_id[i]["url"] == f"http://testserver/images/{i}?index=captioned"
+        assert by_id[i]["url"] == f"http://localhost/images/{i}?index=captioned"
 
 
 def test_num_result_ids_and_deduplicate_as_clip_back(two):
@@ -133,7 +135,7 @@ def test_urls_are_this_servers_thumbnails_never_local_paths(two, serve_world, ca
     shown = two.get(rows[0]["url"].replace("http://zsl.example:8123", ""))
     assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg"
     meta = two.post("/metadata", content=json.dumps({"ids": [7], "indice_name": "captioned"}))
-    assert meta.json()[0]["metadata"]["url"] == "http://testserver/images/7?index=captioned"
+    assert meta.json()[0]["metadata"]["url"] == "http://localhost/images/7?index=captioned"
     assert str(caption_world[1]) not in meta.text
 
 

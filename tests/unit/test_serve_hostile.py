@@ -28,7 +28,7 @@ def client(serve_world):
 
     s, root, _, _ = serve_world
     return TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(root / "thumbs-hostile")),
-                                 searchers={"animals": s}))
+                                 searchers={"animals": s}), base_url="http://localhost")
 
 
 def _post(client, body: bytes | str, path: str = "/search"):
@@ -161,3 +161,18 @@ def test_no_reply_references_an_external_asset_host(client):
     for asset in re.findall(r"""(?:src|href)\s*=\s*["'](/docs-assets/[^"']+)""", page.text):
         assert client.get(asset).status_code == 200, asset
     assert client.get("/redoc").status_code == 404
+
+
+def test_an_unhandled_error_is_a_json_500_counted_in_the_metrics(client, monkeypatch):
+    """The middleware turns an exception no handler took into a JSON 500 naming its type (never the
+    message, which may hold a path) and counts it."""
+    from pipeline.stages.serve import routes
+
+    def broken(*a, **kw):
+        raise RuntimeError("boom in /very/private/dir")
+
+    monkeypatch.setattr(routes, "query_vectors", broken)
+    r = client.post("/search", json={"text": "cat"})
+    assert r.status_code == 500 and r.json() == {"detail": "internal error: RuntimeError"}
+    assert "private" not in r.text
+    assert 'zsl_errors_total{path="/search",status="500"}' in client.get("/metrics").text

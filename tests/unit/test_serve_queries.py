@@ -24,7 +24,7 @@ def test_image_query_finds_the_same_image_first(image_world):
     s = Searcher(str(root / "index"), load_text=False)
     assert s.manifest.image_encoder == "effnet-lite0" and s.manifest.image_size == 224
     client = TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(root / "thumbs")),
-                                   searchers={"animals": s}))
+                                   searchers={"animals": s}), base_url="http://localhost")
     for i in (0, 9, 20):
         r = client.post("/search", json={"image": base64.b64encode(blobs[i]).decode(), "k": 5})
         assert r.status_code == 200, r.text
@@ -55,7 +55,8 @@ def test_bad_images_get_400(image_world, image, reason):
         Image.new("L", (3000, 3000)).save(buf, format="PNG")
         image = base64.b64encode(buf.getvalue()).decode()
     client = TestClient(create_app(ServeConfig(indexes={"a": str(root / "index")}, preload_text=False,
-                                               max_image_pixels=4_000_000, thumbnail_cache=str(root / "t"))))
+                                               max_image_pixels=4_000_000, thumbnail_cache=str(root / "t"))),
+                        base_url="http://localhost")
     r = client.post("/search", json={"image": image})
     assert r.status_code == 400 and reason in r.json()["detail"], r.text
     assert client.post("/knn-service", json={"image_url": "http://127.0.0.1:1/x.jpg"}).status_code == 400
@@ -91,7 +92,7 @@ def test_hits_carry_predicted_labels_and_unseen_only_filters(serve_world, labell
     table = zpq.read_parquet_dir(zio.join(labelled, "labels")).to_pandas().set_index("image_id")
     cfg = ServeConfig(indexes={}, labels={"animals": labelled}, thumbnail_cache=str(tmp_path))
     try:
-        client = TestClient(create_app(cfg, searchers={"animals": s}))
+        client = TestClient(create_app(cfg, searchers={"animals": s}), base_url="http://localhost")
         hits = client.post("/search", json={"text": "zebra", "k": 40}).json()["hits"]
         for h in hits:
             row = table.loc[h["image_id"]]
@@ -108,7 +109,7 @@ def test_hits_carry_predicted_labels_and_unseen_only_filters(serve_world, labell
     finally:
         s.labels = None  # the session's searcher is shared with other tests
     no_labels = TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(tmp_path)),
-                                      searchers={"animals": s}))
+                                      searchers={"animals": s}), base_url="http://localhost")
     r = no_labels.post("/search", json={"text": "zebra", "unseen_only": True})
     assert r.status_code == 400 and "--labels" in r.json()["detail"]
 
@@ -148,7 +149,7 @@ def test_filters_search_among_the_allowed_ids_exactly(serve_world, labelled, tmp
     q = s.text_queries(["zebra"])
     cfg = ServeConfig(indexes={}, labels={"animals": labelled}, thumbnail_cache=str(tmp_path))
     try:
-        client = TestClient(create_app(cfg, searchers={"animals": s}))
+        client = TestClient(create_app(cfg, searchers={"animals": s}), base_url="http://localhost")
         cat = (ids["label"] == "cat").to_numpy() | (pred["top1"] == "cat").to_numpy()
         unseen = pred["top1_is_unseen"].to_numpy(bool)
         zebra = (ids["label"] == "zebra").to_numpy() | (pred["top1"] == "zebra").to_numpy()
@@ -195,7 +196,8 @@ def test_filters_are_prepared_at_load_not_on_the_first_query(serve_world, labell
     s._label_sets, s.filtered = None, FilteredIndex(s.index, exact_max=10)  # as a freshly loaded index
     try:
         client = TestClient(create_app(ServeConfig(indexes={}, labels={"animals": labelled},
-                                                   thumbnail_cache=str(tmp_path)), searchers={"animals": s}))
+                                                   thumbnail_cache=str(tmp_path)), searchers={"animals": s}),
+                            base_url="http://localhost")
         assert s.filters_ready and s.labels.sets_ready
         assert s.label_sets.counts()["cat"] == 30 and s.filtered.copy_bytes >= 4 * 30 * 2 * s.dim
 

@@ -52,7 +52,7 @@ def _app(cfg: IndexConfig, tmp_path, **kw):
     scfg = ServeConfig(indexes={"g": cfg.output}, preload_text=False, reload_interval_s=0,
                        thumbnail_cache=str(tmp_path / "thumbs"), **kw)
     app = create_app(scfg)
-    return TestClient(app), app.state.serve
+    return TestClient(app, base_url="http://localhost"), app.state.serve
 
 
 def _query(w, i: int) -> list[float]:
@@ -159,7 +159,7 @@ def test_the_watcher_polls_while_the_app_runs(growing, tmp_path):
 
     app = create_app(ServeConfig(indexes={"g": cfg.output}, preload_text=False, reload_interval_s=0.05,
                                  thumbnail_cache=str(tmp_path / "thumbs")))
-    with TestClient(app) as client:  # the lifespan starts the watcher
+    with TestClient(app, base_url="http://localhost") as client:  # the lifespan starts the watcher
         grow(6)
         run_index(cfg, progress=False)
         deadline = time.monotonic() + 20

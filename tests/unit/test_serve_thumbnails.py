@@ -118,12 +118,13 @@ def test_the_service_refuses_an_image_outside_its_roots_without_naming_it(serve_
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     cfg = ServeConfig(indexes={}, thumbnail_cache=str(tmp_path / "thumbs"), thumbnail_roots=[str(elsewhere)])
-    client = TestClient(create_app(cfg, searchers={"animals": s}))
+    client = TestClient(create_app(cfg, searchers={"animals": s}), base_url="http://localhost")
     r = client.get("/images/7?size=32")
     assert r.status_code == 404
     uri = s.ids.take([7]).column("uri")[0].as_py()
     assert uri not in r.text and str(root) not in r.text and str(tmp_path) not in r.text
-    ok = TestClient(create_app(cfg.model_copy(update={"thumbnail_roots": [str(root)]}), searchers={"animals": s}))
+    ok = TestClient(create_app(cfg.model_copy(update={"thumbnail_roots": [str(root)]}), searchers={"animals": s}),
+                    base_url="http://localhost")
     r = ok.get("/images/7?size=32")
     assert r.status_code == 200 and r.headers["cache-control"].startswith("private")
     assert r.headers["etag"].endswith('-7-32"')
@@ -136,7 +137,8 @@ def test_a_shared_cache_folder_is_a_503_not_a_write(serve_world, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)
-    client = TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(shared)), searchers={"animals": s}))
+    client = TestClient(create_app(ServeConfig(indexes={}, thumbnail_cache=str(shared)), searchers={"animals": s}),
+                        base_url="http://localhost")
     r = client.get("/images/7?size=32")
     assert r.status_code == 503 and str(shared) not in r.text and os.listdir(shared) == []
     with pytest.raises(HTTPException):

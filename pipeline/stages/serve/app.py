@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 
 from pipeline.core.config import ServeConfig
-from pipeline.core.timing import timed
 from pipeline.index.searcher import Searcher
 from pipeline.stages.serve import clip_retrieval, routes, security
 from pipeline.stages.serve.docs import mount_docs
 from pipeline.stages.serve.image_pool import ImagePool
+from pipeline.stages.serve.middleware import Guard
 from pipeline.stages.serve.prometheus import ServeMetrics
 from pipeline.stages.serve.reload import IndexWatcher, load_searcher, serve_searcher
 from pipeline.stages.serve.state import ServeState
@@ -37,8 +36,8 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
                   lifespan=_watching)
     app.state.serve = ServeState(config=cfg, watcher=watcher, metrics=metrics, api_key=security.api_key(cfg),
                                  private_paths=[] if cfg.debug_paths else security.private_paths(cfg, loaded),
-                                 images=ImagePool(cfg.image_workers, cfg.image_queue))
-    app.middleware("http")(guard)
+                                 images=ImagePool.of(cfg))
+    app.add_middleware(Guard)  # the API key, the limits, no paths in errors, metrics (middleware.py)
     app.add_exception_handler(RequestValidationError, routes.validation_failed)
     if cfg.cors_origins:  # outermost: preflights and error answers carry the headers too
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
@@ -46,6 +45,7 @@ def create_app(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = None
     app.include_router(routes.router)
     app.include_router(clip_retrieval.router)
     mount_docs(app)  # Swagger UI from a local package (FastAPI's own /docs loads a CDN)
+    security.check_hosts(app, cfg)  # outermost: uvicorn and Ray Serve replicas alike
     return app
 
 
@@ -73,36 +73,3 @@ def load_searchers(cfg: ServeConfig, *, searchers: dict[str, Searcher] | None = 
     if unknown:
         raise ValueError(f"labels given for unserved index(es) {', '.join(unknown)} (served: {', '.join(loaded)})")
     return loaded
-
-
-async def guard(request: Request, call_next) -> Response:
-    """Every request: the API key, the body-size limits, a JSON 500 instead of a bare one, no
-    absolute path in an error reply, and its metrics."""
-    state: ServeState = request.app.state.serve
-    with timed() as t:
-        resp = security.refused(request, state.api_key) or await _within_limits(
-            request, call_next, max_body=state.config.max_body_bytes, max_head=state.config.max_header_bytes)
-        if hasattr(resp, "body_iterator"):  # the app's answer (ours above hold no path)
-            resp = await security.without_paths(resp, state.private_paths)
-    route = request.scope.get("route")
-    state.metrics.observe(path=getattr(route, "path", "unmatched"), status=resp.status_code, seconds=t.seconds)
-    return resp
-
-
-async def _within_limits(request: Request, call_next, *, max_body: int, max_head: int) -> Response:
-    """A 431 for headers over ``max_head`` bytes (uvicorn's h11 caps only a head still arriving), a
-    413 for a declared body over ``max_body``, a 411 for a POST without Content-Length, else the
-    app's answer."""
-    head = sum(len(k) + len(v) for k, v in request.scope["headers"])
-    if head > max_head:
-        return JSONResponse({"detail": f"request headers of {head} bytes; at most {max_head}"}, 431)
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > max_body:
-        return JSONResponse({"detail": f"request body of {size} bytes; at most {max_body}"}, 413)
-    if request.method == "POST" and size is None:  # a chunked body could pass the size cap unseen
-        return JSONResponse({"detail": "POST requests need a Content-Length header"}, 411)
-    try:
-        return await call_next(request)
-    except Exception as exc:  # noqa: BLE001 - never a bare 500 page: a JSON reason, logged
-        LOG.exception("unhandled error on %s", request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, 500)

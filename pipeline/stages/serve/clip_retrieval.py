@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 
 from pipeline.stages.serve.feature_meta import describe
 from pipeline.stages.serve.queries import find, query_vectors
@@ -69,10 +70,12 @@ router.add_api_route("/indices-list", indices_list, methods=["POST"], operation_
 
 
 @router.post("/knn-service")
-def knn_service(state: State, body: Body, request: Request) -> list[dict]:
-    """Hits as clip-retrieval rows ``{id, similarity, caption, url, label, predicted_label, image_id}``."""
-    served = state.served(_str(body, "indice_name"))  # one version answers the whole request
-    name, s = served.name, served.searcher
+async def knn_service(state: State, body: Body, request: Request) -> list[dict]:
+    """Hits as clip-retrieval rows ``{id, similarity, caption, url, label, predicted_label, image_id}``;
+    image queries on the image pool, as ``/search``'s (a 503 with Retry-After when it is full), the
+    others on the app's threads. One index version answers the whole request."""
+    served = state.served(_str(body, "indice_name"))
+    name = served.name
     if body.get("image_url"):
         raise HTTPException(400, "image_url is not fetched by this server; send the image itself as 'image' (base64)")
     emb, image = body.get("embedding_input"), body.get("image")
@@ -85,12 +88,27 @@ def knn_service(state: State, body: Body, request: Request) -> list[dict]:
     num_ids = min(_positive_int(body, "num_result_ids", num_images), state.config.max_k)
     # clip-retrieval's modality: "image" searches the images, "text" the captions (its text index)
     mode = "caption" if body.get("modality") == "text" else "image"
-    q = query_vectors(state, served, text=text, image=image, embedding=emb)
-    hits = find(state, s, q, k=num_ids, mode=mode)
-    if body.get("deduplicate"):
+    urls = thumbnail_url(request, name)
+
+    def rows() -> list[dict]:
+        q = query_vectors(state, served, text=text, image=image, embedding=emb)
+        return knn_rows(state, served.searcher, q, k=num_ids, mode=mode, num_images=num_images,
+                        dedup=bool(body.get("deduplicate")), urls=urls)
+
+    if image is not None and state.images is not None:
+        return await state.images.run(rows)
+    return await run_in_threadpool(rows)
+
+
+def knn_rows(state, s, q, *, k: int, mode: str, num_images: int, dedup: bool,
+             urls: Callable[[int], str]) -> list[dict]:
+    """The ``k`` hits of the query pair ``q`` in searcher ``s`` as clip-retrieval rows, the first
+    ``num_images`` with their metadata, the others ``{id, similarity}`` only."""
+    hits = find(state, s, q, k=k, mode=mode)
+    if dedup:
         hits = deduplicate(s.index, hits)
     rows = [{"id": h["faiss_id"], "similarity": h["score"]} for h in hits]
-    for row, meta in zip(rows, describe(s, hits[:num_images], thumbnail_url(request, name))):
+    for row, meta in zip(rows, describe(s, hits[:num_images], urls)):
         row.update(meta)
     return rows
 

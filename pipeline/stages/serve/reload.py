@@ -20,6 +20,7 @@ import gc
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,6 +97,8 @@ class IndexWatcher:
         self._retry = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._retired: list[weakref.ref] = []  # replaced searchers not yet freed (see _sweep)
+        self._sweeps = 0  # full collections tried since the last swap
 
     def get(self, name: str) -> Served | None:
         return self.served.get(name)
@@ -119,13 +122,15 @@ class IndexWatcher:
     def _loop(self) -> None:
         interval = self.cfg.reload_interval_s or None
         while not self._stop.is_set():
-            self._wake.wait(interval)
+            # while a replaced version waits for its last requests, look again within a second
+            self._wake.wait(min(interval or 1.0, 1.0) if self._retired else interval)
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
                 retry, self._retry = self._retry, False
                 self.check(retry=retry)
+                self._sweep()
             except Exception:  # noqa: BLE001 - a watcher that dies would stop following the indexes
                 LOG.exception("checking the served indexes failed")
 
@@ -140,8 +145,29 @@ class IndexWatcher:
                 if self._follow(name, cur):
                     swapped.append(name)
         if swapped:
-            gc.collect()  # the old versions' id tables hold reference cycles: free their maps now
+            self._sweep()
         return swapped
+
+    def _sweep(self) -> None:
+        """Free the replaced versions whose last request has ended. Their objects sit in reference
+        cycles (an id table's row-group cache refers to the table), which only a full collection
+        frees, and ``zsl serve`` hides the objects loaded at start from the collector (``gc.freeze``,
+        :func:`~.runner.frozen`); so: unfreeze, collect, freeze again, while replaced versions remain."""
+        if not self._retired:
+            return
+        self._sweeps += 1
+        if self._sweeps > 10:  # each costs a full collection (~0.5 s on a loaded server): give up
+            LOG.warning("%d replaced index version(s) are still referenced after 10 collections; they are "
+                        "freed when their last reference goes", len(self._retired))
+            self._retired = []
+            return
+        frozen = gc.get_freeze_count() > 0
+        if frozen:
+            gc.unfreeze()
+        gc.collect()
+        if frozen:
+            gc.freeze()
+        self._retired = [r for r in self._retired if r() is not None]
 
     def _key(self, name: str, index_dir: str) -> tuple | None:
         """The current (index, labels) version key on disk, None while the index is being written."""
@@ -174,5 +200,7 @@ class IndexWatcher:
         self._failed.pop(name, None)
         self.reloads[name] = self.reloads.get(name, 0) + 1
         cur.batcher.close()  # its queued texts are still answered; later ones are encoded by the caller
+        self._retired.append(weakref.ref(cur.searcher))
+        self._sweeps = 0
         LOG.info("index %s: now serving version %s (%d vectors)", name, new.version, new.searcher.index.ntotal)
         return True

@@ -68,9 +68,10 @@ async def validation_failed(request: Request, exc: RequestValidationError) -> JS
 
 
 @router.get("/health")
-def health(state: State) -> dict:
-    """Ready: the indexes are loaded; ``degraded`` (still 200: every index answers) while a new
-    version of one failed to load and its older version serves, with the reason per index."""
+async def health(state: State) -> dict:
+    """Ready: the indexes are loaded (answered on the event loop: no thread pool to wait for);
+    ``degraded`` (still 200: every index answers) while a new version of one failed to load and its
+    older version serves, with the reason per index."""
     errors = {n: hide_paths(e, state.private_paths) for n, e in state.watcher.errors.items()}
     return {"status": "degraded" if errors else "ok", "indices": list(state.watcher.served),
             **({"errors": errors} if errors else {})}
@@ -116,10 +117,11 @@ def _search(req: SearchRequest, state) -> dict:
 
 
 @router.get("/images/{faiss_id}")
-def image(faiss_id: int, state: State, index: str | None = None, size: int = Query(256, ge=16, le=1024)):
-    """A JPEG thumbnail of image ``faiss_id`` of an index."""
+async def image(faiss_id: int, state: State, index: str | None = None, size: int = Query(256, ge=16, le=1024)):
+    """A JPEG thumbnail of image ``faiss_id`` of an index (made on the image pool's thumbnail threads)."""
     name, s = state.searcher(index)
-    data, version = cached_thumbnail(s, name, faiss_id, size=size, config=state.config)
+    make = lambda: cached_thumbnail(s, name, faiss_id, size=size, config=state.config)  # noqa: E731
+    data, version = await (state.images.thumbnail(make) if state.images is not None else run_in_threadpool(make))
     # private and short-lived: the same url shows another image once the index is rebuilt (the ETag says which)
     return Response(data, media_type="image/jpeg",
                     headers={"Cache-Control": "private, max-age=300", "ETag": f'"{version}-{faiss_id}-{size}"'})

@@ -8,7 +8,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from fastapi import Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -58,12 +58,15 @@ def allowed_hosts(cfg: ServeConfig) -> list[str]:
     return [f"[{h}]" if ":" in h and not h.startswith("[") else h for h in hosts]  # IPv6 as in a Host header
 
 
-def host_checked(app, cfg: ServeConfig):
-    """``app`` behind Starlette's TrustedHostMiddleware: a request whose Host header is not among
-    :func:`allowed_hosts` gets a 400 ('*' among them: no check). Applied by ``run_serve`` (the
-    uvicorn server), not by ``create_app``, whose tests call it as host 'testserver'."""
+def check_hosts(app: FastAPI, cfg: ServeConfig) -> None:
+    """Starlette's TrustedHostMiddleware added to ``app`` (outermost when added last): a request
+    whose Host header is not among :func:`allowed_hosts` gets a 400 ('*' among them: no check).
+    Part of the app :func:`~pipeline.stages.serve.app.create_app` builds, so that uvicorn
+    (``run_serve``) and each Ray Serve replica (``build_app_from_env``, behind Ray's proxy, which
+    passes the client's Host on) both check it."""
     hosts = allowed_hosts(cfg)
-    return app if "*" in hosts else TrustedHostMiddleware(app, allowed_hosts=hosts, www_redirect=False)
+    if "*" not in hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
 
 
 def private_paths(cfg: ServeConfig, searchers: dict) -> list[str]:
@@ -91,13 +94,9 @@ def hide_paths(text: str, paths: list[str]) -> str:
     return text
 
 
-async def without_paths(resp: Response, paths: list[str]) -> Response:
-    """An error reply (status >= 400) with each of ``paths`` replaced by its last part."""
-    if resp.status_code < 400 or not paths:
-        return resp
-    body = b"".join([chunk async for chunk in resp.body_iterator])
+def shown_body(body: bytes, paths: list[str]) -> bytes:
+    """An error reply's ``body`` with each of ``paths`` replaced by its last part."""
     for p in paths:
         if p.encode() in body:
             body = body.replace(p.encode(), (Path(p).name or "?").encode())
-    headers = {k: v for k, v in resp.headers.items() if k.lower() != "content-length"}
-    return Response(body, resp.status_code, headers=headers, media_type=resp.media_type)
+    return body
