@@ -37,7 +37,8 @@ _COLUMNS = ("shard_id", "shard_n", "shard_row", "image_id", "uri", "label", "cap
 #: carries "" for None: :func:`_block` writes the sentinel, :func:`from_ray_block` reads it back.
 _OPTIONAL = ("label", "caption", "url", "key", "meta", "error", "stage")
 #: per-row seconds the dataflow carries for the stage timings (read and decode: decode tasks;
-#: encode: the encoder actor, its batch's time shared by the batch's rows)
+#: encode: the encoder actor, its batch's time shared by the batch's rows); ``onnx`` says which
+#: backend encoded the row. The writer sums them; they are not written.
 TIMING_COLUMNS = ("read_s", "decode_s", "encode_s")
 
 
@@ -147,7 +148,7 @@ def decode_shard(batch: dict, *, image_size: int, max_pixels: int, read: dict) -
 
 class EncodeActor:
     """Ray mapper (actor): holds the image encoder, turns pixels into embeddings (and adds each row's
-    share of its batch's encode seconds, ``encode_s``)."""
+    share of its batch's encode seconds, ``encode_s``, and whether ONNX Runtime encoded it, ``onnx``)."""
 
     def __init__(self, *, encoder: str, pretrained: str | None, device: str, threads: int, backend: str = "auto",
                  spinning: bool = True) -> None:
@@ -173,6 +174,7 @@ class EncodeActor:
                 batch["error"][i], batch["stage"][i] = "encoder produced non-finite values", "encode"
         batch["embedding"] = emb
         batch["encode_s"] = np.full(len(ok), (time.perf_counter() - t0) / max(1, len(ok)), np.float64)
+        batch["onnx"] = np.full(len(ok), self.encoder.backend == "onnx", np.bool_)
         _trace_encoded(batch["shard_id"])
         return batch
 

@@ -102,6 +102,7 @@ class _ShardWriter:
         self.written: set[int] = set()
         self.n_ok = self.n_err = 0
         self.seconds = dict.fromkeys(("read", "decode", "encode", "write"), 0.0)
+        self.by_backend = {"onnx": 0, "torch": 0}  # rows encoded on each
 
     def __call__(self, batch: dict) -> None:
         """Take one batch of the dataflow (any shards, any rows); write the shards it completes."""
@@ -110,6 +111,10 @@ class _ShardWriter:
         for col in TIMING_COLUMNS:  # the workers' seconds, summed here; not written
             if col in cols:
                 self.seconds[col[:-2]] += float(np.sum(cols.pop(col)))
+        if "onnx" in cols:
+            on_onnx = int(np.count_nonzero(cols.pop("onnx")))
+            self.by_backend["onnx"] += on_onnx
+            self.by_backend["torch"] += len(cols["shard_id"]) - on_onnx
         shard_ids = np.asarray(cols["shard_id"], np.int64)
         touched = [sid for sid in dict.fromkeys(shard_ids.tolist())
                    if self._add(sid, {k: v[shard_ids == sid] for k, v in cols.items()})]
@@ -206,16 +211,16 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> FeaturesManifes
             pending = [s for s in shards if s.shard_id not in done]
             LOG.info("%d shards in input, %d already done, %d to do", len(shards), len(shards) - len(pending),
                      len(pending))
-            plan = seconds = None
+            resources = seconds = None
             if pending:
                 out.begin()
-                plan, seconds = _encode(cfg, info, shards, pending, progress, draft=settings["jpeg_draft"])
+                resources, seconds = _encode(cfg, info, shards, pending, progress, draft=settings["jpeg_draft"])
             feat_dir = out.join("features")
             manifest = FeaturesManifest(
                 model_id=info.model_id, dim=info.dim, image_size=info.image_size, n_shards=len(shards),
                 n_shards_in_input=len(listing), n_images=zpq.dir_num_rows(feat_dir),
                 n_errors=zpq.dir_num_rows(out.join("errors")), config=settings,
-                resources=None if plan is None else plan.__dict__, seconds_last_run=round(took.elapsed(), 2),
+                resources=resources, seconds_last_run=round(took.elapsed(), 2),
                 stage_seconds=seconds)
             out.finish(manifest)
             return manifest
@@ -263,8 +268,8 @@ def _resume(cfg: ExtractConfig, out: OutputDir, listing: dict[str, str]) -> set[
 
 
 def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard], progress: bool, *, draft: bool):
-    """Decode and encode the pending shards on Ray, writing each shard as it completes; the plan and
-    the seconds of each stage."""
+    """Decode and encode the pending shards on Ray, writing each shard as it completes; the resources
+    (the plan, and the rows each backend encoded) and the seconds of each stage."""
     from tqdm.auto import tqdm
 
     from pipeline.cluster.session import init_ray
@@ -285,5 +290,7 @@ def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard],
     if writer.rows:
         raise RuntimeError(f"shards {sorted(writer.rows)} came back incomplete; rerun to retry them")
     seconds = {k: round(v, 3) for k, v in writer.seconds.items()}
-    LOG.info("stage seconds (summed over workers): %s", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
-    return plan, seconds
+    LOG.info("stage seconds (summed over workers): %s; rows encoded on ONNX Runtime %d, on PyTorch %d",
+             ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), writer.by_backend["onnx"],
+             writer.by_backend["torch"])
+    return {**plan.__dict__, "rows_by_backend": dict(writer.by_backend)}, seconds
