@@ -6,10 +6,11 @@ Two measurements, each as a RATIO of medians over repeats taken in the same proc
 1. **Extraction** — :func:`pipeline.stages.extract.run_extract` (Ray Data: decode tasks, encoder actor
    pool, driver-side shard writer) on a folder of real animal-mnist images, against a bare
    in-process loop doing the same work on the same files: read bytes, ``decode_image``, batches of
-   ``batch_size``, ``ImageEncoder.encode``. Ray is started once before timing (its start-up is
+   ``batch_size``, the encoder's ``encode``. Ray is started once before timing (its start-up is
    reported separately, with one optional cold run); the actor start and model load inside each
-   pipeline run are part of its cost. The bare loop uses the torch thread count of the pipeline's
-   encoder actor (:func:`pipeline.cluster.extraction.plan_resources`).
+   pipeline run are part of its cost. The bare loop runs the encoder as the pipeline's actor does
+   (ONNX Runtime on CPUs, the actor's thread count: :func:`pipeline.cluster.extraction.plan_resources`).
+   PyTorch against ONNX Runtime, and both against the encoder alone: ``benchmarks.bench_extract``.
 2. **Bulk labeling** — :func:`pipeline.stages.label.run_label` over Parquet feature shards of synthetic
    (but feature-like: non-negative, class-clustered) 1280-d rows (written by
    :func:`pipeline.core.features.write_features`) with a real ESZSL model trained by
@@ -191,7 +192,7 @@ def _bare_side(files: list[str], *, plan, batch_size: int, max_pixels: int, out:
 
     info_enc = image_encoder_info(FEATURE_MODEL)
     with timed() as load:
-        encoder = load_image_encoder(FEATURE_MODEL, device=plan.device)
+        encoder = load_image_encoder(FEATURE_MODEL, device=plan.device, threads=plan.threads)  # as the actor runs it
     prev_threads = torch.get_num_threads()
 
     def bare_rep(r: int) -> float:

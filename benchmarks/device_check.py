@@ -92,7 +92,8 @@ class Check:
 
         from pipeline.cluster.extraction import EncodeActor
 
-        a = EncodeActor(encoder=name, pretrained=pretrained, device=self.device, threads=os.cpu_count() or 1)
+        a = EncodeActor(encoder=name, pretrained=pretrained, device=self.device, threads=os.cpu_count() or 1,
+                        backend="torch")  # the CUDA path (on CPUs extraction runs ONNX Runtime: make bench-extract)
         a.encoder.half = half and self.device == "cuda"
         if channels_last:
             net = a.encoder.model
@@ -117,7 +118,6 @@ class Check:
                     out[key] = {"images_per_s": round(bs / sec, 1), "repeats": n,
                                 "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20)
                                 if self.device == "cuda" else None}
-                del actor
         return out
 
     def agree(self) -> dict:
@@ -127,7 +127,7 @@ class Check:
         pixels = np.stack([decode_image(d, size=224)[0] for d in self.jpegs[:self.size["agree"]]])
         out = {}
         for name, pre in MODELS:
-            cpu = load_image_encoder(name, pre, device="cpu")
+            cpu = load_image_encoder(name, pre, device="cpu", backend="torch")
             ref = cpu.encode(pixels)
             dev = _moved(cpu, self.device)  # the same weights (open_clip's random ones differ per load)
             for half in (False, True):

@@ -69,7 +69,7 @@ class _Runs:
         self.info_enc = image_encoder_info(FEATURE_MODEL)
         self.max_pixels = self.config(0).max_image_pixels
         with timed() as load:
-            self.encoder = load_image_encoder(FEATURE_MODEL, device=plan.device)
+            self.encoder = load_image_encoder(FEATURE_MODEL, device=plan.device, threads=plan.threads)  # as the actor
         self.load_s = load.seconds
         self.prev_threads = torch.get_num_threads()
         self.pipeline_runs: list[dict] = []

@@ -25,6 +25,8 @@ def extract(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local cluster)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N shards."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    image_backend: Optional[str] = typer.Option(None, help=(
+        "auto (ONNX Runtime on CPUs, PyTorch on GPUs) | torch | onnx: how the encoder runs; same features.")),
     overwrite: Optional[bool] = OverwriteOpt,
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -38,7 +40,7 @@ def extract(
     run_job("extract", dict(input=input, output=output, encoder=encoder, pretrained=pretrained,
                             input_format=input_format, label_field=label_field, shard_size=shard_size,
                             batch_size=batch_size, num_actors=num_actors, address=address, limit=limit,
-                            device=device, overwrite=overwrite), config, set, body)
+                            device=device, image_backend=image_backend, overwrite=overwrite), config, set, body)
 
 
 def classes(

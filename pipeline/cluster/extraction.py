@@ -36,10 +36,14 @@ _COLUMNS = ("shard_id", "shard_n", "shard_row", "image_id", "uri", "label", "cap
 #: text columns that may hold None. Ray Data turns None in an object column into NaN, so a block
 #: carries "" for None: :func:`_block` writes the sentinel, :func:`from_ray_block` reads it back.
 _OPTIONAL = ("label", "caption", "url", "key", "meta", "error", "stage")
+#: per-row seconds the dataflow carries for the stage timings (read and decode: decode tasks;
+#: encode: the encoder actor, its batch's time shared by the batch's rows); ``onnx`` says which
+#: backend encoded the row. The writer sums them; they are not written.
+TIMING_COLUMNS = ("read_s", "decode_s", "encode_s")
 
 
 def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
-                  chunk_rows: int = DECODE_CHUNK_ROWS) -> Iterator[dict]:
+                  chunk_rows: int = DECODE_CHUNK_ROWS, draft: bool = False) -> Iterator[dict]:
     """Ray mapper (CPU task, a generator): shard specs -> blocks of at most ``chunk_rows`` decoded
     rows, yielded as the shard is read, so a task never holds a whole shard's pixels (an
     img2dataset tar holds 10,000 images: 1.5 GB of 224 px pixels). Broken items become error rows.
@@ -48,7 +52,9 @@ def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
     last block carry it, earlier blocks carry -1. A shard that breaks part-way keeps the rows read
     before the break and ends with one ``read`` error row.
     ``read``: keyword arguments of :func:`pipeline.inputs.registry.read_shard` (image column, label field).
-    Text columns carry "" for None (:func:`from_ray_block` restores it)."""
+    ``draft``: :func:`pipeline.inputs.images.decode_image`'s reduced-scale JPEG decoding.
+    Text columns carry "" for None (:func:`from_ray_block` restores it); ``read_s`` and ``decode_s``
+    carry each row's seconds of reading and decoding (:data:`TIMING_COLUMNS`)."""
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}; at least 1")
     blank = np.zeros((image_size, image_size, 3), np.uint8)
@@ -58,6 +64,7 @@ def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
         n = 0
         records = read_shard(shard, **read)
         while True:
+            t0 = time.perf_counter()
             try:
                 rec = next(records, None)
             except Exception as exc:  # noqa: BLE001 - the shard is unreadable (gone, permissions, corrupt)
@@ -67,18 +74,20 @@ def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
                 rec = Record(image_id=f"{stem(shard.source)}/<shard-{shard.shard_id:06d}>", uri=shard.source,
                              error=f"unreadable shard: {type(exc).__name__}: {exc}", stage="read")
                 records = iter(())
+            t_read = time.perf_counter() - t0
             if rec is None:
                 break
             if len(rows) == chunk_rows:  # more rows follow: the total is not known yet
                 yield _block(shard.shard_id, -1, n - len(rows), rows, image_size)
                 rows = []
             px, w, h, err, stage = blank, 0, 0, rec.error, (rec.stage or "read") if rec.error else ""
+            t1 = time.perf_counter()
             if err is None:
                 try:
-                    px, w, h = decode_image(rec.data, size=image_size, max_pixels=max_pixels)
+                    px, w, h = decode_image(rec.data, size=image_size, max_pixels=max_pixels, draft=draft)
                 except DecodeError as exc:
                     err, stage = str(exc), "decode"
-            rows.append((rec, px, w, h, err, stage))
+            rows.append((rec, px, w, h, err, stage, t_read, time.perf_counter() - t1))
             n += 1
         if rows:
             yield _block(shard.shard_id, n, n - len(rows), rows, image_size)
@@ -86,7 +95,7 @@ def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
 
 def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image_size: int) -> dict:
     cols: dict[str, list] = {k: [] for k in _COLUMNS if k not in ("shard_id", "shard_n", "shard_row")}
-    for rec, _px, w, h, err, stage in rows:
+    for rec, _px, w, h, err, stage, _tr, _td in rows:
         cols["image_id"].append(rec.image_id)
         cols["uri"].append(rec.uri)
         cols["label"].append(rec.label)
@@ -105,7 +114,9 @@ def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image
     out["width"] = np.asarray(cols["width"], np.int32)
     out["height"] = np.asarray(cols["height"], np.int32)
     out["pixels"] = np.stack([r[1] for r in rows]) if rows else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return {k: out[k] for k in (*_COLUMNS, "pixels")}
+    out["read_s"] = np.array([r[6] for r in rows], np.float64)
+    out["decode_s"] = np.array([r[7] for r in rows], np.float64)
+    return {k: out[k] for k in (*_COLUMNS, "pixels", "read_s", "decode_s")}
 
 
 def from_ray_block(batch: dict) -> dict:
@@ -136,17 +147,23 @@ def decode_shard(batch: dict, *, image_size: int, max_pixels: int, read: dict) -
 
 
 class EncodeActor:
-    """Ray mapper (actor): holds the image encoder, turns pixels into embeddings."""
+    """Ray mapper (actor): holds the image encoder, turns pixels into embeddings (and adds each row's
+    share of its batch's encode seconds, ``encode_s``, and whether ONNX Runtime encoded it, ``onnx``)."""
 
-    def __init__(self, *, encoder: str, pretrained: str | None, device: str, threads: int) -> None:
+    def __init__(self, *, encoder: str, pretrained: str | None, device: str, threads: int, backend: str = "auto",
+                 spinning: bool = True) -> None:
         import torch
 
         from pipeline.encoders.image import load_image_encoder
 
         torch.set_num_threads(max(1, threads))  # Ray sets OMP_NUM_THREADS=1 in workers
-        self.encoder = load_image_encoder(encoder, pretrained, device=device)
+        self.encoder = load_image_encoder(encoder, pretrained, device=device, backend=backend, threads=threads,
+                                          spinning=spinning)
+        LOG.info("encoder actor: %s on %s (%s), %d threads", self.encoder.model_id, self.encoder.backend, device,
+                 threads)
 
     def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
         pixels = batch.pop("pixels")
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         emb = np.zeros((len(ok), self.encoder.dim), np.float32)
@@ -156,6 +173,8 @@ class EncodeActor:
             for i in np.flatnonzero(bad):
                 batch["error"][i], batch["stage"][i] = "encoder produced non-finite values", "encode"
         batch["embedding"] = emb
+        batch["encode_s"] = np.full(len(ok), (time.perf_counter() - t0) / max(1, len(ok)), np.float64)
+        batch["onnx"] = np.full(len(ok), self.encoder.backend == "onnx", np.bool_)
         _trace_encoded(batch["shard_id"])
         return batch
 
@@ -183,30 +202,70 @@ class ResourcePlan:
     actor_gpus: float
     threads: int
     device: str
+    backend: str = "torch"
+    #: logical CPUs left to decode tasks (how many run at once)
+    decode_cpus: float = 1.0
+    #: whether the actors' idle ONNX Runtime threads spin (not when they share cores with decode tasks)
+    spinning: bool = True
+
+    def describe(self) -> str:
+        """One line for the log: what was chosen, and why."""
+        if self.device == "cuda":
+            return (f"{self.num_actors} encoder actor(s), one GPU each, {self.actor_cpus:g} CPU and "
+                    f"{self.threads} torch threads each; {self.decode_cpus:g} CPUs for decode tasks")
+        return (f"{self.num_actors} encoder actor(s) x {self.threads} {self.backend} threads ({self.actor_cpus:g} "
+                f"logical CPUs each), {self.decode_cpus:g} CPUs for decode tasks: decoding an image costs about "
+                f"{DECODE_SHARE.get(self.backend, 0.2):.0%} of the cores it takes to decode and encode it on "
+                f"{self.backend}, so that share (at least one CPU) decodes and neither side waits; at most "
+                f"{MAX_ACTOR_THREADS} threads per actor, more actors beyond"
+                + ("" if self.spinning else "; idle threads sleep (they share cores with decoding)"))
 
 
-def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: str) -> ResourcePlan:
-    """Size the encoder pool so that decode tasks always keep at least one CPU.
+#: Share of a CPU node's cores given to decode tasks: a decoded image's share of the CPU time that
+#: decoding and encoding it take (``make bench`` on 2 cores: reading + decoding 1-3 ms of one core
+#: per image, 28 px PNGs to 400 px JPEGs decoded in draft mode; EfficientNet-Lite0 on ONNX Runtime
+#: ~10 ms of one core per image, on PyTorch ~25 ms).
+DECODE_SHARE = {"onnx": 0.2, "torch": 0.1}
+#: intra-op threads per CPU encoder actor at most (beyond, more actors: a session's threads stop
+#: scaling well past a few cores for one batch of 64)
+MAX_ACTOR_THREADS = 4
+
+
+def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: str,
+                   backend: str = "auto") -> ResourcePlan:
+    """Size the encoder pool so that decode tasks always keep at least one CPU, and on CPU nodes a
+    share of the cores in proportion to what decoding costs (:data:`DECODE_SHARE`).
 
     >>> plan_resources(cpus=2, gpus=0, num_actors=None, device="auto")
-    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu')
+    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu', backend='onnx', decode_cpus=1.0, spinning=False)
+    >>> plan_resources(cpus=16, gpus=0, num_actors=None, device="auto")
+    ResourcePlan(num_actors=4, actor_cpus=3.0, actor_gpus=0.0, threads=3, device='cpu', backend='onnx', decode_cpus=4.0, spinning=True)
     >>> plan_resources(cpus=16, gpus=2, num_actors=None, device="auto")
-    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda')
+    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda', backend='torch', decode_cpus=14.0, spinning=True)
     """
     use_gpu = gpus >= 1 and device in ("auto", "cuda")
     if device == "cuda" and not use_gpu:
         raise ValueError("device 'cuda' requested but the Ray cluster has no GPU")
+    if use_gpu and backend == "onnx":
+        raise ValueError("image backend 'onnx' runs on the CPU; use device 'cpu', or backend 'torch' or 'auto'")
     spare = max(0.5, cpus - 1)  # one CPU stays free for listing/reading/decoding
     if use_gpu:
         n = num_actors or int(gpus)
         per = min(1.0, math.floor(spare / n * 1000) / 1000)
         if per <= 0:
             raise ValueError(f"{n} GPU actors on {cpus} CPUs leave no CPU for decoding; use fewer actors")
-        return ResourcePlan(n, per, 1.0, max(1, min(4, int(cpus) // (2 * n))), "cuda")
-    n = num_actors or max(1, min(4, int(math.ceil(spare))))
+        return ResourcePlan(n, per, 1.0, max(1, min(4, int(cpus) // (2 * n))), "cuda", "torch",
+                            round(cpus - n * per, 3))
+    backend = "torch" if backend == "torch" else "onnx"  # auto: ONNX Runtime on CPUs
+    encode = min(spare, max(0.5, cpus - max(1, round(cpus * DECODE_SHARE[backend]))))
+    n = num_actors or max(1, math.ceil(encode / MAX_ACTOR_THREADS))
     per = math.floor(spare / n * 1000) / 1000  # round down: never eat into the decode CPU
-    # Logical CPUs keep a slot free for decode tasks; torch threads may use the whole core count.
-    return ResourcePlan(n, per, 0.0, max(1, int(cpus) // n), "cpu")
+    if per <= 1:  # small nodes: the threads use every core, sharing them with decode tasks that wait on them
+        threads = max(1, int(cpus) // n)
+    else:  # one logical CPU per thread; what the actors leave is the decode tasks'
+        threads = max(1, int((encode if num_actors is None else per * n) / n + 0.4))  # 3.5 -> 3, 3.6 -> 4
+        per = min(per, float(threads))
+    return ResourcePlan(n, per, 0.0, threads, "cpu", backend, round(cpus - n * per, 3), spinning=threads <= per)
 
 
 def _decode_task_args() -> dict:
@@ -215,14 +274,18 @@ def _decode_task_args() -> dict:
 
 def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None, image_size: int,
                    batch_size: int, num_actors: int | None, device: str, max_pixels: int,
-                   read: dict, on_rows: Callable[[dict], None], decode_rows: int = DECODE_CHUNK_ROWS) -> ResourcePlan:
-    """Run decode + encode on Ray Data; hand each output batch (numpy dict) to ``on_rows``."""
+                   read: dict, on_rows: Callable[[dict], None], decode_rows: int = DECODE_CHUNK_ROWS,
+                   backend: str = "auto", draft: bool = False) -> ResourcePlan:
+    """Run decode + encode on Ray Data; hand each output batch (numpy dict) to ``on_rows``.
+    ``backend``: the image encoder's (:func:`pipeline.encoders.image.load_image_encoder`); ``draft``:
+    reduced-scale JPEG decoding (:func:`pipeline.inputs.images.decode_image`)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     res = ray.cluster_resources()
-    plan = plan_resources(cpus=res.get("CPU", 1), gpus=res.get("GPU", 0), num_actors=num_actors, device=device)
-    LOG.info("encoder pool: %s", plan)
+    plan = plan_resources(cpus=res.get("CPU", 1), gpus=res.get("GPU", 0), num_actors=num_actors, device=device,
+                          backend=backend)
+    LOG.info("encoder pool on %g CPUs, %g GPUs: %s", res.get("CPU", 1), res.get("GPU", 0), plan.describe())
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -234,12 +297,14 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(decode_chunks, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
                             fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels, read=read,
-                                           chunk_rows=decode_rows))
+                                           chunk_rows=decode_rows, draft=draft))
     ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=plan.num_actors),
                         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
                         fn_constructor_kwargs=dict(encoder=encoder, pretrained=pretrained,
-                                                   device=plan.device, threads=plan.threads))
+                                                   device=plan.device, threads=plan.threads,
+                                                   backend=backend,  # auto keeps its PyTorch fallback
+                                                   spinning=plan.spinning))
     # No prefetch: a shard is handed to the writer as soon as it is encoded. With prefetch, about one
     # finished shard waits in the driver's queue, and a kill throws it away (benchmarks/redo_share.py).
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):

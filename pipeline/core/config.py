@@ -58,6 +58,15 @@ class ExtractConfig(_Config):
     max_image_pixels: int = Field(89_478_485, gt=0, description="Refuse images with more pixels (decompression bombs).")
     limit: int | None = Field(None, gt=0, description="Only the first N shards (smoke runs).")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    image_backend: Literal["auto", "torch", "onnx"] = Field("auto", description=(
+        "How the image encoder runs: 'auto' (ONNX Runtime on CPUs, PyTorch on GPUs and for random weights), "
+        "'torch', or 'onnx' (CPUs only): the model exported once into the cache and checked against PyTorch "
+        "before use (max |onnx - torch| <= 1e-4 of the largest feature value), so both make the same features."))
+    jpeg_draft: bool | None = Field(None, description=(
+        "Decode JPEGs twice the input size or more at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling, never below "
+        "the input size), then resize: about half the decode time of such images; their features move a little "
+        "(cosine >= 0.98 to full decoding), so this is part of the features' identity. Default: on for a new "
+        "output; an existing one keeps what it was extracted with (off before this setting existed)."))
     overwrite: bool = Field(False, description="Replace an output extracted with other settings or inputs.")
 
 

@@ -17,7 +17,7 @@ matrix computed elsewhere (:func:`write_features`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +31,7 @@ from pipeline.core.manifests import CaptionsManifest, FeaturesManifest, read_man
 __all__ = ["shard_name", "shard_id_of", "open_features", "feature_shards", "features_identity", "check_feature_shards",
            "table_embeddings", "iter_shard_batches", "Features", "load_features", "write_features",
            "write_feature_shard", "write_error_shard", "write_caption_shard",
-           "labelled_rows", "IDENTITY_KEYS", "CAPTIONS_DIR", "open_captions", "caption_shards",
+           "labelled_rows", "IDENTITY_KEYS", "IDENTITY_FLAGS", "identity_settings", "CAPTIONS_DIR", "open_captions", "caption_shards",
            "read_caption_shard"]
 
 #: Where a feature directory keeps its caption embeddings (``zsl embed-text``), one shard per feature shard.
@@ -41,6 +41,22 @@ CAPTIONS_DIR = "text"
 #: change on rerun without changing the features.
 IDENTITY_KEYS = ("input", "input_format", "image_column", "label_column", "label_field", "encoder", "pretrained",
                  "shard_size", "max_image_pixels")
+#: Extract settings that change the features only when on: part of the identity then, absent when off,
+#: so outputs extracted before they existed keep their identity.
+IDENTITY_FLAGS = ("jpeg_draft",)
+
+
+def identity_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of an extract config (or a features manifest's ``config``) that define its features.
+
+    >>> identity_settings({"encoder": "effnet-lite0", "batch_size": 64, "jpeg_draft": False})
+    {'encoder': 'effnet-lite0'}
+    >>> identity_settings({"encoder": "effnet-lite0", "jpeg_draft": True})
+    {'encoder': 'effnet-lite0', 'jpeg_draft': True}
+    """
+    out = {k: cfg.get(k) for k in IDENTITY_KEYS if k in cfg}
+    out.update({k: True for k in IDENTITY_FLAGS if cfg.get(k)})
+    return out
 
 
 def shard_name(shard_id: int) -> str:
@@ -106,7 +122,7 @@ def features_identity(uri: str, manifest: FeaturesManifest) -> str:
     """
     cfg = manifest.config
     return zio.fingerprint({"dir": zio.absolute_uri(uri).rstrip("/"), "model_id": manifest.model_id,
-                            "dim": manifest.dim, **{k: cfg.get(k) for k in IDENTITY_KEYS if k in cfg}})
+                            "dim": manifest.dim, **identity_settings(cfg)})
 
 
 def check_feature_shards(files: Sequence[str], dim: int) -> None:

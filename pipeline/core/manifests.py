@@ -66,6 +66,9 @@ class FeaturesManifest(Manifest):
     config: dict[str, Any] = Field(default_factory=dict)
     resources: dict[str, Any] | None = None
     seconds_last_run: float | None = None
+    #: seconds of the last run's stages, summed over workers: read, decode, encode (in the workers)
+    #: and write (the driver's shard writer)
+    stage_seconds: dict[str, float] | None = None
     #: Free-form provenance of features computed elsewhere (simulations, imports).
     notes: dict[str, Any] = Field(default_factory=dict)
 

@@ -103,6 +103,13 @@ class OutputDir:
         out._in_place = True
         return out
 
+    @classmethod
+    def recorded_identity(cls, uri: str, *, job: str) -> dict[str, Any] | None:
+        """The identity a ``job`` output at ``uri`` was made with (None: no such output yet). Read
+        without the lock: for choosing defaults before opening it, which checks the identity again."""
+        prev = cls(uri, job=job, identity={})._previous()
+        return dict(prev.identity) if isinstance(prev, RunRecord) and prev.job == job else None
+
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> "OutputDir":
         self._stack = contextlib.ExitStack()

@@ -1,6 +1,7 @@
 """Image encoders: ``effnet-lite0`` (the offline default) and open_clip image towers
-(names: :mod:`pipeline.encoders.common`). Heavy objects are built where they are used (inside Ray
-actors), never at import time.
+(names: :mod:`pipeline.encoders.common`), on PyTorch or, on CPUs, on ONNX Runtime
+(:mod:`pipeline.encoders.image_onnx`; ``backend``). Heavy objects are built where they are used
+(inside Ray actors), never at import time.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pipeline.encoders.common import DEFAULT_IMAGE, check_open_clip_weights, cre
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["ImageEncoder", "ImageEncoderInfo", "image_encoder_info", "load_image_encoder"]
+__all__ = ["ImageEncoder", "ImageEncoderInfo", "IMAGE_BACKENDS", "image_encoder_info", "load_image_encoder"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,9 @@ def image_encoder_info(name: str, pretrained: str | None = None) -> ImageEncoder
 
 
 class ImageEncoder:
-    """Encodes uint8 ``(n, H, W, 3)`` batches into float32 ``(n, dim)`` features."""
+    """Encodes uint8 ``(n, H, W, 3)`` batches into float32 ``(n, dim)`` features (on PyTorch)."""
+
+    backend = "torch"
 
     def __init__(self, model, *, model_id: str, dim: int, image_size: int, mean, std, device: str,
                  normalize: bool) -> None:
@@ -52,6 +55,7 @@ class ImageEncoder:
         self.model = model.eval().to(device)
         self.model_id, self.dim, self.image_size, self.device = model_id, dim, image_size, device
         self.normalize = normalize
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.half = device == "cuda"  # fp16 autocast (the device check measures both)
@@ -72,6 +76,10 @@ class ImageEncoder:
         if self.normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out.cpu().numpy().astype(np.float32)
+
+    def export_module(self):
+        """The network alone (normalised pixels -> features), as exported to ONNX."""
+        return self.model.model.visual if isinstance(self.model, _ClipVision) else self.model
 
 
 def _load_effnet(device: str) -> ImageEncoder:
@@ -115,8 +123,58 @@ class _ClipVision:
         return self
 
 
-def load_image_encoder(name: str = DEFAULT_IMAGE, pretrained: str | None = None, *, device: str = "auto") -> ImageEncoder:
-    device = resolve_device(device)
+IMAGE_BACKENDS = ("auto", "torch", "onnx")
+
+
+def load_image_encoder(name: str = DEFAULT_IMAGE, pretrained: str | None = None, *, device: str = "auto",
+                       backend: str = "auto", threads: int | None = None, spinning: bool = True):
+    """The image encoder ``name`` (an :class:`ImageEncoder`, or its ONNX Runtime twin
+    :class:`pipeline.encoders.image_onnx.OnnxImageEncoder`; both say which in ``.backend``).
+
+    ``backend``: ``torch``; ``onnx`` (the CPU only: the PyTorch model exported once, cached and checked
+    against PyTorch, :mod:`pipeline.encoders.image_onnx`); ``auto`` (ONNX Runtime on the CPU where
+    onnxruntime is installed, PyTorch on CUDA and for random weights; a failed export or check falls back
+    to PyTorch with a warning). ``threads``, ``spinning``: the ONNX Runtime session's intra-op threads (None: one per core)
+    and whether its idle threads spin."""
+    if backend not in IMAGE_BACKENDS:
+        raise ValueError(f"image backend {backend!r}; use one of {', '.join(IMAGE_BACKENDS)}")
+    if backend == "onnx" and device == "cuda":
+        raise ValueError("image backend 'onnx' runs on the CPU; use device 'cpu' or 'auto', or backend 'torch'")
+    device = "cpu" if backend == "onnx" else resolve_device(device)
+    encoder = _load_torch(name, pretrained, device)
+    if backend == "torch" or (backend == "auto" and not _onnx_wanted(encoder)):
+        return encoder
+    from pipeline.encoders import image_onnx
+
+    try:
+        return image_onnx.onnx_image_encoder(encoder, threads=threads, spinning=spinning)
+    except Exception as exc:  # noqa: BLE001 - auto falls back to the PyTorch model
+        if backend == "onnx":
+            raise
+        LOG.warning("image encoder %s stays on PyTorch: the ONNX path failed (%s: %s)", encoder.model_id,
+                    type(exc).__name__, exc)
+        return encoder
+
+
+def _onnx_wanted(encoder: ImageEncoder) -> bool:
+    """``auto``: ONNX Runtime on the CPU (where installed), PyTorch on a GPU and for random weights."""
+    from pipeline.encoders import onnx_cache
+
+    if encoder.device != "cpu":
+        LOG.info("image encoder %s on PyTorch (%s): the ONNX Runtime path is for CPUs", encoder.model_id,
+                 encoder.device)
+        return False
+    if encoder.model_id.endswith("@random"):
+        LOG.info("image encoder %s on PyTorch: random weights are new in every process, an export would not be "
+                 "reused (backend 'onnx' exports them anyway)", encoder.model_id)
+        return False
+    if not onnx_cache.onnx_available():
+        LOG.warning("image encoder %s stays on PyTorch: onnxruntime is not installed", encoder.model_id)
+        return False
+    return True
+
+
+def _load_torch(name: str, pretrained: str | None, device: str) -> ImageEncoder:
     if name == DEFAULT_IMAGE:
         return _load_effnet(device)
     if name.startswith("open_clip:"):

@@ -11,9 +11,8 @@ Why: on two shared cores, ``make bench-serve`` answers 1.4-1.65x more text queri
 the session than with PyTorch, at half the p99 latency (the session runs with the GIL released, so
 request threads keep going); the vectors differ from PyTorch's by ~3e-7 (1e-4 is the check's bound).
 
-Cache: ``$ZSL_CACHE_DIR/onnx/`` (default ``~/.cache/zsl-pipeline/onnx/``; a per-user folder in the
-temp dir where that cannot be written), one file per model files, torch and onnxruntime version;
-written atomically under a lock file, so concurrent servers share one export.
+Cache, lock and check: :mod:`pipeline.encoders.onnx_cache` (shared with the image encoders), one
+file per model files, torch and onnxruntime version, so concurrent servers share one export.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -29,7 +27,8 @@ from typing import Callable
 import numpy as np
 
 from pipeline.core.vectors import l2n
-from pipeline.core import fs as zio
+from pipeline.encoders import onnx_cache
+from pipeline.encoders.onnx_cache import cache_dir, onnx_available
 
 LOG = logging.getLogger(__name__)
 
@@ -45,19 +44,6 @@ PROBES = ("a photo of a zebra.", "zsl", "a striped horse-like animal standing in
 #: a text cut at the model's 256 tokens), so shapes frozen into the graph would show
 CHECKS = (("giraffe",), ("a photo of a red car.", "a drawing of a cat", "striped " * 300,
                          "the quick brown fox jumps over the lazy dog", "?"))
-
-
-def onnx_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ZSL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "zsl-pipeline")
-    return Path(root) / "onnx"
 
 
 def _check_pipeline(model) -> None:
@@ -117,20 +103,10 @@ def _export(model, path: Path) -> None:
     feats = _tokenize(model, list(PROBES))
     args = tuple(feats[k].cpu() for k in ("input_ids", "attention_mask", "token_type_ids"))
     axes = {k: {0: "batch", 1: "tokens"} for k in ("input_ids", "attention_mask", "token_type_ids", "hidden")}
-    with zio.atomic_local_file(str(path)) as tmp, torch.no_grad(), warnings.catch_warnings():
+    with onnx_cache.export_to(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on Python-level branches; the result is checked
         torch.onnx.export(_Hidden(bert), args, tmp, input_names=["input_ids", "attention_mask", "token_type_ids"],
                           output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
-
-
-def _session(path: Path, threads: int | None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads or 0)  # 0: ONNX Runtime's default (one per core)
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _encode_fn(model, sess) -> Callable[[list[str]], np.ndarray]:
@@ -156,58 +132,12 @@ def _max_diff(model, fn) -> float:
     return diff
 
 
-def _usable_cache() -> Path:
-    """The cache directory, or a per-user one under the temp dir where it cannot be written."""
-    d = cache_dir()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        if os.access(d, os.W_OK):
-            return d
-    except OSError:
-        pass
-    alt = Path(tempfile.gettempdir()) / f"zsl-onnx-{os.getuid()}"
-    LOG.warning("%s cannot be written; the ONNX export is cached in %s (set ZSL_CACHE_DIR)", d, alt)
-    alt.mkdir(parents=True, exist_ok=True)
-    return alt
-
-
 def minilm_onnx_encoder(model, model_dir: str, *, threads: int | None = None) -> Callable[[list[str]], np.ndarray]:
     """The encode function (texts -> un-normalised pooled vectors) of the sentence-transformers
-    ``model`` (loaded from ``model_dir``) on ONNX Runtime; exports and checks it on first use.
-    Processes starting together (Ray Serve replicas) take turns on a lock file: one exports, the
-    others then load its file."""
-    import fcntl
-
+    ``model`` (loaded from ``model_dir``) on ONNX Runtime; exported and checked on first use, then
+    cached (:func:`pipeline.encoders.onnx_cache.cached_export`)."""
     _check_pipeline(model)
-    d = _usable_cache()
-    path = d / f"minilm-{_key(model, model_dir)}.onnx"
-    with open(d / "export.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        zio.remove_temp_files(str(d))  # left by a process killed while exporting (none runs now)
-        return _load_checked(model, path, threads)
-
-
-def _load_checked(model, path: Path, threads: int | None) -> Callable[[list[str]], np.ndarray]:
-    for attempt in (0, 1):
-        fresh = not path.exists()
-        if fresh:
-            LOG.info("exporting the text model to ONNX: %s", path)
-            _export(model, path)
-        try:
-            fn = _encode_fn(model, _session(path, threads))
-            diff = _max_diff(model, fn)
-        except Exception as exc:  # noqa: BLE001 - a torn or foreign cache file: export again
-            if fresh or attempt:
-                path.unlink(missing_ok=True)
-                raise
-            LOG.warning("%s unusable (%s: %s); exporting again", path, type(exc).__name__, exc)
-            path.unlink(missing_ok=True)
-            continue
-        if diff <= TOLERANCE:
-            LOG.info("text model on ONNX Runtime (%s; max |onnx - torch| %.2e on the check texts)", path.name, diff)
-            return fn
-        path.unlink(missing_ok=True)
-        if fresh or attempt:
-            raise ValueError(f"ONNX export of the text model differs from PyTorch by {diff:.2e} (> {TOLERANCE})")
-        LOG.warning("%s differs from the model by %.2e; exporting again", path, diff)
-    raise AssertionError("unreachable")
+    return onnx_cache.cached_export(
+        f"minilm-{_key(model, model_dir)}.onnx", export=lambda path: _export(model, path),
+        build=lambda path: _encode_fn(model, onnx_cache.session(path, threads)),
+        check=lambda fn: _max_diff(model, fn), tolerance=TOLERANCE, what="text model", log=LOG)

@@ -52,11 +52,19 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def decode_image(data: bytes, *, size: int, max_pixels: int = 89_478_485) -> tuple[np.ndarray, int, int]:
+#: EXIF orientations that swap width and height (transpose, rotate 90/270, transverse)
+_SWAPS = (5, 6, 7, 8)
+
+
+def decode_image(data: bytes, *, size: int, max_pixels: int = 89_478_485,
+                 draft: bool = False) -> tuple[np.ndarray, int, int]:
     """Decode ``data`` into a ``(size, size, 3)`` uint8 array.
 
     Returns ``(array, width, height)`` with the original (EXIF-corrected) dimensions.
     Raises :class:`DecodeError` with a short reason for anything that is not a usable image.
+    ``draft``: JPEGs at least twice ``size`` on their shorter side are decoded at 1/2, 1/4 or 1/8 scale
+    (libjpeg's DCT scaling, Pillow's ``draft``; never below ``size``), then resized as usual: about
+    half the decode time of such images, the pixels slightly different (other formats: unchanged).
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
@@ -69,9 +77,16 @@ def decode_image(data: bytes, *, size: int, max_pixels: int = 89_478_485) -> tup
                 raise DecodeError(f"decompression bomb: header claims {w}x{h} pixels (limit {max_pixels})")
             if getattr(im, "is_animated", False):
                 im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            w, h = im.size
+            if draft and im.format == "JPEG" and min(w, h) >= 2 * size:
+                if im.getexif().get(0x0112, 1) in _SWAPS:  # the original size, as exif_transpose reports it
+                    w, h = h, w
+                im.draft(im.mode, (size, size))
+                im.load()
+                im = ImageOps.exif_transpose(im)
+            else:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                w, h = im.size
             im = _to_rgb(im)
             arr = np.asarray(resize_center_crop(im, size), dtype=np.uint8)
     except DecodeError:

@@ -1,7 +1,9 @@
 """Extract stage: input shards -> a feature directory (:mod:`pipeline.core.features`), resumably.
 
 Runs under the resume protocol (:class:`pipeline.core.resume.OutputDir`): the identity is the encoder,
-its weights and the settings that change the features (:data:`pipeline.core.features.IDENTITY_KEYS`). A shard is
+its weights and the settings that change the features (:func:`pipeline.core.features.identity_settings`),
+not how the encoder runs (``image_backend``: PyTorch and ONNX Runtime give the same features within the
+check's bound, so an output may be resumed on the other). A shard is
 finished when its features file exists (its errors file is written first); a rerun processes only
 unfinished shards. ``run.json`` also records a fingerprint of every input shard's membership: a
 rerun whose input listing changed under finished shards (files added in the middle, a tar removed)
@@ -16,11 +18,11 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.cluster.extraction import from_ray_block
+from pipeline.cluster.extraction import TIMING_COLUMNS, from_ray_block
 from pipeline.core import fs as zio
 from pipeline.core import parquet as zpq
 from pipeline.core.config import ConfigError, ExtractConfig
-from pipeline.core.features import IDENTITY_KEYS, shard_id_of, write_error_shard, write_feature_shard
+from pipeline.core.features import identity_settings, shard_id_of, write_error_shard, write_feature_shard
 from pipeline.core.resume import OutputDir
 from pipeline.core.manifests import FeaturesManifest
 from pipeline.core.timing import timed
@@ -99,11 +101,20 @@ class _ShardWriter:
         self.expected: dict[int, int] = {}
         self.written: set[int] = set()
         self.n_ok = self.n_err = 0
+        self.seconds = dict.fromkeys(("read", "decode", "encode", "write"), 0.0)
+        self.by_backend = {"onnx": 0, "torch": 0}  # rows encoded on each
 
     def __call__(self, batch: dict) -> None:
         """Take one batch of the dataflow (any shards, any rows); write the shards it completes."""
         cols = from_ray_block(batch)
         cols.pop("pixels", None)
+        for col in TIMING_COLUMNS:  # the workers' seconds, summed here; not written
+            if col in cols:
+                self.seconds[col[:-2]] += float(np.sum(cols.pop(col)))
+        if "onnx" in cols:
+            on_onnx = int(np.count_nonzero(cols.pop("onnx")))
+            self.by_backend["onnx"] += on_onnx
+            self.by_backend["torch"] += len(cols["shard_id"]) - on_onnx
         shard_ids = np.asarray(cols["shard_id"], np.int64)
         touched = [sid for sid in dict.fromkeys(shard_ids.tolist())
                    if self._add(sid, {k: v[shard_ids == sid] for k, v in cols.items()})]
@@ -113,7 +124,9 @@ class _ShardWriter:
             if n is not None and len(got) >= n and all(r in got for r in range(n)):
                 if len(got) > n:  # a retried task read less of a breaking shard than the first attempt
                     LOG.warning("shard %d: %d rows beyond its %d (from an earlier attempt) dropped", sid, len(got) - n, n)
-                self._write(sid, self._take(sid, n))
+                with timed() as took:
+                    self._write(sid, self._take(sid, n))
+                self.seconds["write"] += took.seconds
 
     def _add(self, sid: int, block: dict) -> bool:
         """Keep one shard's rows of a batch; False when the shard is written already."""
@@ -190,26 +203,39 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> FeaturesManifes
         listing = shard_plan(shards)
         if cfg.limit:
             shards = shards[: cfg.limit]
-        settings = cfg.model_dump()
-        identity = {**{k: settings[k] for k in IDENTITY_KEYS}, "model_id": info.model_id}
+        settings = {**cfg.model_dump(), "jpeg_draft": _jpeg_draft(cfg)}
+        identity = {**identity_settings(settings), "model_id": info.model_id}
         with OutputDir(cfg.output, job="extract", identity=identity, overwrite=cfg.overwrite,
                        owned=("features", "errors", "text")) as out:
             done = _resume(cfg, out, listing)
             pending = [s for s in shards if s.shard_id not in done]
             LOG.info("%d shards in input, %d already done, %d to do", len(shards), len(shards) - len(pending),
                      len(pending))
-            plan = None
+            resources = seconds = None
             if pending:
                 out.begin()
-                plan = _encode(cfg, info, shards, pending, progress)
+                resources, seconds = _encode(cfg, info, shards, pending, progress, draft=settings["jpeg_draft"])
             feat_dir = out.join("features")
             manifest = FeaturesManifest(
                 model_id=info.model_id, dim=info.dim, image_size=info.image_size, n_shards=len(shards),
                 n_shards_in_input=len(listing), n_images=zpq.dir_num_rows(feat_dir),
                 n_errors=zpq.dir_num_rows(out.join("errors")), config=settings,
-                resources=None if plan is None else plan.__dict__, seconds_last_run=round(took.elapsed(), 2))
+                resources=resources, seconds_last_run=round(took.elapsed(), 2),
+                stage_seconds=seconds)
             out.finish(manifest)
             return manifest
+
+
+def _jpeg_draft(cfg: ExtractConfig) -> bool:
+    """``jpeg_draft`` as set, else as the output was extracted (off before the setting existed), else on."""
+    if cfg.jpeg_draft is not None:
+        return cfg.jpeg_draft
+    recorded = OutputDir.recorded_identity(cfg.output, job="extract")
+    if recorded is None:
+        return True
+    if not recorded.get("jpeg_draft"):
+        LOG.info("%s was extracted with full JPEG decoding; it keeps it (jpeg_draft)", cfg.output)
+    return bool(recorded.get("jpeg_draft"))
 
 
 def _list_input(cfg: ExtractConfig) -> list[Shard]:
@@ -241,8 +267,9 @@ def _resume(cfg: ExtractConfig, out: OutputDir, listing: dict[str, str]) -> set[
     return done
 
 
-def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard], progress: bool):
-    """Decode and encode the pending shards on Ray, writing each shard as it completes."""
+def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard], progress: bool, *, draft: bool):
+    """Decode and encode the pending shards on Ray, writing each shard as it completes; the resources
+    (the plan, and the rows each backend encoded) and the seconds of each stage."""
     from tqdm.auto import tqdm
 
     from pipeline.cluster.session import init_ray
@@ -255,10 +282,15 @@ def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard],
     plan = run_extraction(pending, encoder=cfg.encoder, pretrained=cfg.pretrained, image_size=info.image_size,
                           batch_size=cfg.batch_size, num_actors=cfg.num_actors, device=cfg.device,
                           max_pixels=cfg.max_image_pixels, on_rows=writer, decode_rows=cfg.decode_block_rows,
+                          backend=cfg.image_backend, draft=draft,
                           read=dict(image_column=cfg.image_column, label_column=cfg.label_column,
                                     label_field=cfg.label_field))
     writer.finish([s.shard_id for s in pending])
     bar.close()
     if writer.rows:
         raise RuntimeError(f"shards {sorted(writer.rows)} came back incomplete; rerun to retry them")
-    return plan
+    seconds = {k: round(v, 3) for k, v in writer.seconds.items()}
+    LOG.info("stage seconds (summed over workers): %s; rows encoded on ONNX Runtime %d, on PyTorch %d",
+             ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), writer.by_backend["onnx"],
+             writer.by_backend["torch"])
+    return {**plan.__dict__, "rows_by_backend": dict(writer.by_backend)}, seconds

@@ -190,6 +190,35 @@ def test_usage_errors_exit_2(capsys):
     assert main(["no-such-command"]) == 2
 
 
+def test_extract_on_cpu_runs_on_onnx_runtime_with_the_pytorch_features(ray_cluster, data: Path, tmp_path: Path):
+    """The default `zsl extract` on a CPU-only cluster: the encoder actors run the ONNX Runtime export,
+    and its features equal PyTorch's (same decoding, large JPEGs in draft mode) within the bound."""
+    from pipeline.encoders.image import load_image_encoder
+    from pipeline.encoders.image_onnx import TOLERANCE
+    from pipeline.inputs.images import decode_image
+
+    inp = tmp_path / "in"
+    (inp / "bear").mkdir(parents=True)
+    for f in sorted((data / "train" / "bear").glob("*.png"))[:6]:
+        (inp / "bear" / f.name).write_bytes(f.read_bytes())
+    rng = np.random.default_rng(0)
+    for i in range(3):  # large JPEGs: decoded in draft mode
+        arr = np.clip(rng.normal(128, 40, (60, 80, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).resize((800, 600), Image.Resampling.BICUBIC).save(inp / "bear" / f"big{i}.jpg", quality=90)
+    assert run("extract", "--input", inp, "--output", tmp_path / "f", "--shard-size", "4") == 0
+    man = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert man["resources"]["backend"] == "onnx" and man["resources"]["rows_by_backend"] == {"onnx": 9, "torch": 0}
+    assert man["config"]["jpeg_draft"] is True and man["config"]["image_backend"] == "auto"
+    assert set(man["stage_seconds"]) == {"read", "decode", "encode", "write"}
+    assert all(v > 0 for v in man["stage_seconds"].values())
+    t = pq.read_table(tmp_path / "f" / "features")
+    X = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+    torch_enc = load_image_encoder("effnet-lite0", device="cpu", backend="torch")
+    want = torch_enc.encode(np.stack([decode_image(Path(u).read_bytes(), size=224, draft=True)[0]
+                                      for u in t.column("uri").to_pylist()]))
+    assert float(np.abs(X - want).max()) / max(1.0, float(np.abs(want).max())) <= TOLERANCE
+
+
 @pytest.mark.slow  # ~15-20 s: runs in CI's `make test-slow`
 def test_open_clip_backbone_and_text_tower_zero_shot(ray_cluster, data: Path, tmp_path: Path):
     """open_clip path end to end with random weights (no hub download): image tower in the Ray

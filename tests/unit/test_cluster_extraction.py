@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cluster.extraction import ResourcePlan, decode_chunks, decode_shard, plan_resources
+from pipeline.cluster.extraction import (DECODE_SHARE, MAX_ACTOR_THREADS, ResourcePlan, decode_chunks,
+                                         decode_shard, plan_resources)
 from pipeline.inputs.base import Shard
 from pipeline.inputs.registry import list_shards
 
@@ -29,10 +30,12 @@ def test_decode_shard_folder_with_one_broken_file(tiny_images):
     out = decode_shard(_batch(shard), **KW)
     n = len(written) + 1
     assert set(out) == {"shard_id", "shard_n", "shard_row", "image_id", "uri", "label", "caption", "width", "height",
-                        "url", "key", "meta", "error", "stage", "pixels"}
+                        "url", "key", "meta", "error", "stage", "pixels", "read_s", "decode_s"}
     assert out["shard_row"].tolist() == list(range(n))
     assert out["pixels"].shape == (n, SIZE, SIZE, 3) and out["pixels"].dtype == np.uint8
     assert out["shard_n"].tolist() == [n] * n and out["shard_id"].tolist() == [0] * n
+    assert (out["read_s"] > 0).all() and (out["decode_s"] > 0).all()  # each row's seconds (stage timings)
+    assert out["read_s"].sum() + out["decode_s"].sum() < 10
     ids = out["image_id"].tolist()
     assert ids == sorted([*written, "bird/99999.png"])
     bad = ids.index("bird/99999.png")
@@ -71,7 +74,7 @@ def test_decode_chunks_streams_bounded_blocks_with_the_total_on_the_last(tiny_im
         assert all((b["shard_n"] == -1).all() for b in mine[:-1]) and (mine[-1]["shard_n"] == n).all()
     joined = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
     for k in whole:
-        if k != "shard_n":
+        if k not in ("shard_n", "read_s", "decode_s"):  # timings differ run to run
             np.testing.assert_array_equal(joined[k], whole[k])
 
 
@@ -192,17 +195,33 @@ def test_decode_shard_parquet_null_image_is_a_read_error(tmp_path):
 
 def test_plan_two_cpus_keeps_one_for_decode():
     plan = plan_resources(cpus=2, gpus=0, num_actors=None, device="auto")
-    assert plan == ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device="cpu")
+    assert plan == ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device="cpu",
+                                backend="onnx", decode_cpus=1.0, spinning=False)
     assert plan.actor_cpus * plan.num_actors <= 2 - 1
+    assert "1 encoder actor(s) x 2 onnx threads" in plan.describe() and "idle threads sleep" in plan.describe()
 
 
 @pytest.mark.parametrize("cpus", [2, 3, 4, 8, 16, 64])
-def test_plan_cpu_default_keeps_one_cpu_free(cpus):
-    plan = plan_resources(cpus=cpus, gpus=0, num_actors=None, device="auto")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_plan_cpu_default_keeps_one_cpu_free(cpus, backend):
+    plan = plan_resources(cpus=cpus, gpus=0, num_actors=None, device="auto", backend=backend)
     assert plan.device == "cpu" and plan.actor_gpus == 0.0
-    assert 1 <= plan.num_actors <= 4
+    assert plan.backend == ("torch" if backend == "torch" else "onnx")
     assert plan.actor_cpus * plan.num_actors <= cpus - 1 + 1e-9
-    assert plan.threads >= 1
+    assert plan.decode_cpus == pytest.approx(cpus - plan.actor_cpus * plan.num_actors)
+    assert 1 <= plan.threads <= MAX_ACTOR_THREADS
+    # decode tasks get about their share of the cores (threads are whole), at least one; every core has a thread
+    assert plan.decode_cpus >= max(1, 0.6 * cpus * DECODE_SHARE[plan.backend])
+    assert plan.threads * plan.num_actors + plan.decode_cpus >= cpus
+
+
+@pytest.mark.parametrize("cpus, want", [
+    (2, (1, 2, 1.0, 1.0)), (8, (2, 3, 3.0, 2.0)), (16, (4, 3, 3.0, 4.0)),
+])
+def test_plan_onnx_on_2_8_16_cores(cpus, want):
+    """What is chosen on the node sizes the README states (actors, threads, CPUs per actor, decode CPUs)."""
+    plan = plan_resources(cpus=cpus, gpus=0, num_actors=None, device="cpu")
+    assert (plan.num_actors, plan.threads, plan.actor_cpus, plan.decode_cpus) == want
 
 
 @pytest.mark.parametrize("cpus, actors", [
@@ -216,9 +235,16 @@ def test_plan_explicit_actor_count_keeps_one_cpu_free(cpus, actors):
     assert plan.actor_cpus * plan.num_actors <= cpus - 1
 
 
+def test_plan_onnx_on_a_gpu_is_refused():
+    with pytest.raises(ValueError, match="'onnx' runs on the CPU"):
+        plan_resources(cpus=16, gpus=2, num_actors=None, device="auto", backend="onnx")
+    assert plan_resources(cpus=16, gpus=2, num_actors=None, device="cpu", backend="onnx").backend == "onnx"
+
+
 def test_plan_gpus():
     plan = plan_resources(cpus=16, gpus=2, num_actors=None, device="auto")
-    assert plan == ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device="cuda")
+    assert plan == ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device="cuda",
+                                backend="torch", decode_cpus=14.0)
     assert plan.actor_cpus * plan.num_actors <= 16 - 1
     assert plan_resources(cpus=16, gpus=2, num_actors=None, device="cuda").device == "cuda"
 
@@ -230,7 +256,7 @@ def test_plan_gpus_with_few_cpus_keeps_one_cpu_free():
 
 def test_plan_device_cpu_ignores_gpus():
     plan = plan_resources(cpus=16, gpus=2, num_actors=None, device="cpu")
-    assert plan.device == "cpu" and plan.actor_gpus == 0.0 and plan.num_actors == 4
+    assert plan.device == "cpu" and plan.actor_gpus == 0.0 and plan.num_actors == 4 and plan.backend == "onnx"
 
 
 def test_plan_cuda_without_gpu_is_an_error():

@@ -184,3 +184,43 @@ def test_max_pixels_below_pillows_limit_is_enforced():
 
 def test_decode_error_is_a_value_error():
     assert issubclass(DecodeError, ValueError)
+
+
+# ---------------------------------------------------------------- draft (reduced-scale JPEG decoding)
+
+
+def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A photo-like image: smooth colour gradients with texture (seeded)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    arr = np.stack([xx / w * 255, yy / h * 255, (xx + yy) / (w + h) * 255], -1)
+    arr += 20 * np.sin(xx[..., None] / 7.0 + yy[..., None] / 11.0) + rng.normal(0, 6, (h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("w, h", [(900, 600), (2000, 1500), (470, 1000)])
+def test_draft_decodes_large_jpegs_at_a_reduced_scale_close_to_full_decoding(w, h):
+    data = encode(_photo(w, h), "JPEG", quality=90)
+    full, fw, fh = decode_image(data, size=224)
+    fast, dw, dh = decode_image(data, size=224, draft=True)
+    assert (dw, dh) == (fw, fh) == (w, h)  # the original size, as without draft
+    assert fast.shape == full.shape == (224, 224, 3)
+    diff = np.abs(fast.astype(int) - full.astype(int))
+    assert 0 < diff.mean() < 2.0 and np.percentile(diff, 99) < 12  # another decode, close to the full one
+
+
+def test_draft_keeps_the_exif_corrected_original_size():
+    im = _photo(1000, 600)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees to display: 600 wide, 1000 high
+    data = encode(im, "JPEG", exif=exif.tobytes(), quality=90)
+    full = decode_image(data, size=224)
+    fast = decode_image(data, size=224, draft=True)
+    assert full[1:] == fast[1:] == (600, 1000)
+    assert np.abs(fast[0].astype(int) - full[0].astype(int)).mean() < 2.0  # rotated alike
+
+
+@pytest.mark.parametrize("fmt, size", [("JPEG", (400, 300)), ("PNG", (1200, 900)), ("WEBP", (1200, 900))])
+def test_draft_leaves_small_jpegs_and_other_formats_unchanged(fmt, size):
+    data = encode(_photo(*size), fmt)  # a JPEG under twice the input size gains nothing from it
+    np.testing.assert_array_equal(decode_image(data, size=224, draft=True)[0], decode_image(data, size=224)[0])

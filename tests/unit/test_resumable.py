@@ -51,7 +51,8 @@ def fake_ray(monkeypatch):
 
     state = {"batches": 0, "crash_after_batches": None, "shards_run": []}
 
-    def run_extraction(shards, *, image_size, max_pixels, read, on_rows, **_):
+    def run_extraction(shards, *, image_size, max_pixels, read, on_rows, **kw):
+        state["kwargs"] = kw
         outs = []
         for s in shards:
             state["shards_run"].append(s.shard_id)
@@ -244,6 +245,27 @@ def test_rerun_with_another_encoder_or_shard_size_is_refused(fake_ray, image_fol
     with pytest.raises(ConfigError, match="shard_size: was 4, now 5"):
         run_extract(ExtractConfig(input=str(image_folder), output=str(out), shard_size=5), progress=False)
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_jpeg_draft_is_identity_when_on_and_outputs_keep_their_decoding(fake_ray, image_folder, tmp_path):
+    from pipeline.core.features import features_identity, open_features
+
+    new = tmp_path / "new"  # a new output decodes large JPEGs in draft mode, and says so in its identity
+    m = run_extract(_cfg(image_folder, new, limit=2), progress=False)
+    assert fake_ray["kwargs"]["draft"] is True and m.config["jpeg_draft"] is True
+    assert zio.read_json(str(new / "run.json"))["identity"]["jpeg_draft"] is True
+    old = tmp_path / "old"  # as extracted before the setting existed: no jpeg_draft in its identity
+    run_extract(_cfg(image_folder, old, limit=2, jpeg_draft=False), progress=False)
+    assert "jpeg_draft" not in zio.read_json(str(old / "run.json"))["identity"]
+    fid = features_identity(str(old), open_features(str(old)))
+    m = run_extract(_cfg(image_folder, old), progress=False)  # the default resumes it, decoding as before
+    assert fake_ray["kwargs"]["draft"] is False and m.n_images == 30 and m.config["jpeg_draft"] is False
+    assert features_identity(str(old), open_features(str(old))) == fid  # labels/indexes made from it stay valid
+    with pytest.raises(ConfigError, match="jpeg_draft"):  # mixing two decodings in one output is refused
+        run_extract(_cfg(image_folder, old, jpeg_draft=True), progress=False)
+    # how the encoder runs is not identity: an output resumes on either backend
+    m = run_extract(_cfg(image_folder, new, image_backend="torch"), progress=False)
+    assert fake_ray["kwargs"]["backend"] == "torch" and m.n_images == 30 and m.config["jpeg_draft"] is True
 
 
 def test_input_that_changed_under_finished_shards_is_refused(fake_ray, image_folder, tmp_path):
