@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.inputs.base import Record, Shard, stem
 from pipeline.inputs.images import DecodeError, decode_image
+from pipeline.inputs.jpeg_batch import is_jpeg, jpeg_size
 from pipeline.inputs.registry import read_shard
 
 LOG = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ TIMING_COLUMNS = ("read_s", "decode_s", "encode_s")
 
 
 def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
-                  chunk_rows: int = DECODE_CHUNK_ROWS, draft: bool = False) -> Iterator[dict]:
+                  chunk_rows: int = DECODE_CHUNK_ROWS, draft: bool = False,
+                  defer_jpeg: bool = False) -> Iterator[dict]:
     """Ray mapper (CPU task, a generator): shard specs -> blocks of at most ``chunk_rows`` decoded
     rows, yielded as the shard is read, so a task never holds a whole shard's pixels (an
     img2dataset tar holds 10,000 images: 1.5 GB of 224 px pixels). Broken items become error rows.
@@ -53,6 +55,8 @@ def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
     before the break and ends with one ``read`` error row.
     ``read``: keyword arguments of :func:`pipeline.inputs.registry.read_shard` (image column, label field).
     ``draft``: :func:`pipeline.inputs.images.decode_image`'s reduced-scale JPEG decoding.
+    ``defer_jpeg``: JPEGs (within the pixel limit, by their header) are not decoded here but passed
+    on in a ``jpeg`` column (b"" for the other rows) for the GPU actors to decode (``jpeg_on_gpu``).
     Text columns carry "" for None (:func:`from_ray_block` restores it); ``read_s`` and ``decode_s``
     carry each row's seconds of reading and decoding (:data:`TIMING_COLUMNS`)."""
     if chunk_rows < 1:
@@ -78,24 +82,37 @@ def decode_chunks(batch: dict, *, image_size: int, max_pixels: int, read: dict,
             if rec is None:
                 break
             if len(rows) == chunk_rows:  # more rows follow: the total is not known yet
-                yield _block(shard.shard_id, -1, n - len(rows), rows, image_size)
+                yield _block(shard.shard_id, -1, n - len(rows), rows, image_size, defer_jpeg)
                 rows = []
             px, w, h, err, stage = blank, 0, 0, rec.error, (rec.stage or "read") if rec.error else ""
             t1 = time.perf_counter()
-            if err is None:
+            deferred = _deferred(rec.data, max_pixels) if defer_jpeg and err is None else None
+            if deferred is not None:
+                w, h = deferred
+            elif err is None:
                 try:
                     px, w, h = decode_image(rec.data, size=image_size, max_pixels=max_pixels, draft=draft)
                 except DecodeError as exc:
                     err, stage = str(exc), "decode"
-            rows.append((rec, px, w, h, err, stage, t_read, time.perf_counter() - t1))
+            rows.append((rec, px, w, h, err, stage, t_read, time.perf_counter() - t1,
+                         rec.data if deferred is not None else b""))
             n += 1
         if rows:
-            yield _block(shard.shard_id, n, n - len(rows), rows, image_size)
+            yield _block(shard.shard_id, n, n - len(rows), rows, image_size, defer_jpeg)
 
 
-def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image_size: int) -> dict:
+def _deferred(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """``(width, height)`` of a JPEG the GPU actor will decode, or None: decoded here instead."""
+    if not is_jpeg(data):
+        return None
+    size = jpeg_size(data)
+    return size if size is not None and size[0] * size[1] <= max_pixels else None
+
+
+def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image_size: int,
+           jpeg: bool = False) -> dict:
     cols: dict[str, list] = {k: [] for k in _COLUMNS if k not in ("shard_id", "shard_n", "shard_row")}
-    for rec, _px, w, h, err, stage, _tr, _td in rows:
+    for rec, _px, w, h, err, stage, *_ in rows:
         cols["image_id"].append(rec.image_id)
         cols["uri"].append(rec.uri)
         cols["label"].append(rec.label)
@@ -116,7 +133,10 @@ def _block(shard_id: int, shard_n: int, first_row: int, rows: list[tuple], image
     out["pixels"] = np.stack([r[1] for r in rows]) if rows else np.zeros((0, image_size, image_size, 3), np.uint8)
     out["read_s"] = np.array([r[6] for r in rows], np.float64)
     out["decode_s"] = np.array([r[7] for r in rows], np.float64)
-    return {k: out[k] for k in (*_COLUMNS, "pixels", "read_s", "decode_s")}
+    extra = ("jpeg",) if jpeg else ()
+    if jpeg:
+        out["jpeg"] = np.array([r[8] for r in rows] + [None], dtype=object)[:-1]  # 1-d even if lengths agree
+    return {k: out[k] for k in (*_COLUMNS, "pixels", "read_s", "decode_s", *extra)}
 
 
 def from_ray_block(batch: dict) -> dict:
@@ -151,9 +171,10 @@ class EncodeActor:
     share of its batch's encode seconds, ``encode_s``, and whether ONNX Runtime encoded it, ``onnx``)."""
 
     def __init__(self, *, encoder: str, pretrained: str | None, device: str, threads: int, backend: str = "auto",
-                 spinning: bool = True) -> None:
+                 spinning: bool = True, max_pixels: int = 89_478_485) -> None:
         import torch
 
+        self.max_pixels = max_pixels
         from pipeline.encoders.image import load_image_encoder
 
         torch.set_num_threads(max(1, threads))  # Ray sets OMP_NUM_THREADS=1 in workers
@@ -164,7 +185,7 @@ class EncodeActor:
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
-        pixels = batch.pop("pixels")
+        pixels = self._with_jpegs(batch.pop("pixels"), batch.pop("jpeg", None), batch)
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         emb = np.zeros((len(ok), self.encoder.dim), np.float32)
         if ok.any():
@@ -177,6 +198,33 @@ class EncodeActor:
         batch["onnx"] = np.full(len(ok), self.encoder.backend == "onnx", np.bool_)
         _trace_encoded(batch["shard_id"])
         return batch
+
+
+    def _with_jpegs(self, pixels: np.ndarray, jpeg, batch: dict):
+        """``pixels`` with the rows the decode tasks passed on as JPEG bytes (``jpeg_on_gpu``) decoded
+        here, on the encoder's device (nvJPEG on a GPU; a row torchvision cannot take falls back to
+        Pillow, one that cannot be decoded at all becomes a ``decode`` error row). On a GPU the
+        result stays there (a tensor the encoder takes as it is)."""
+        todo = [] if jpeg is None else [i for i, b in enumerate(jpeg) if b is not None and len(b)]
+        if not todo:
+            return pixels
+        from pipeline.inputs.jpeg_batch import decode_jpegs
+
+        device = getattr(self.encoder, "device", "cpu")
+        px, errors, _ = decode_jpegs([bytes(jpeg[i]) for i in todo], size=pixels.shape[1], device=device,
+                                     max_pixels=self.max_pixels)
+        for i, err in zip(todo, errors):
+            if err:
+                batch["error"][i], batch["stage"][i] = err, "decode"
+        if device == "cpu" or self.encoder.backend != "torch":
+            pixels = np.array(pixels, copy=True)
+            pixels[todo] = px.cpu().numpy()
+            return pixels
+        import torch
+
+        out = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
+        out[torch.as_tensor(todo, device=device)] = px
+        return out
 
 
 def _trace_encoded(shard_ids: np.ndarray) -> None:
@@ -275,10 +323,11 @@ def _decode_task_args() -> dict:
 def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None, image_size: int,
                    batch_size: int, num_actors: int | None, device: str, max_pixels: int,
                    read: dict, on_rows: Callable[[dict], None], decode_rows: int = DECODE_CHUNK_ROWS,
-                   backend: str = "auto", draft: bool = False) -> ResourcePlan:
+                   backend: str = "auto", draft: bool = False, jpeg_on_gpu: bool = False) -> ResourcePlan:
     """Run decode + encode on Ray Data; hand each output batch (numpy dict) to ``on_rows``.
     ``backend``: the image encoder's (:func:`pipeline.encoders.image.load_image_encoder`); ``draft``:
-    reduced-scale JPEG decoding (:func:`pipeline.inputs.images.decode_image`)."""
+    reduced-scale JPEG decoding (:func:`pipeline.inputs.images.decode_image`); ``jpeg_on_gpu``: JPEGs
+    decoded by the GPU actors (:meth:`EncodeActor._with_jpegs`), when the actors have GPUs."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -286,6 +335,10 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
     plan = plan_resources(cpus=res.get("CPU", 1), gpus=res.get("GPU", 0), num_actors=num_actors, device=device,
                           backend=backend)
     LOG.info("encoder pool on %g CPUs, %g GPUs: %s", res.get("CPU", 1), res.get("GPU", 0), plan.describe())
+    defer = jpeg_on_gpu and plan.device == "cuda"
+    if jpeg_on_gpu:
+        LOG.info("JPEGs decoded %s", "on the GPUs (nvJPEG), other formats on CPUs" if defer else
+                 "on CPUs: jpeg_on_gpu needs GPU encoder actors")
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -297,14 +350,14 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(decode_chunks, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
                             fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels, read=read,
-                                           chunk_rows=decode_rows, draft=draft))
+                                           chunk_rows=decode_rows, draft=draft, defer_jpeg=defer))
     ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=plan.num_actors),
                         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
                         fn_constructor_kwargs=dict(encoder=encoder, pretrained=pretrained,
                                                    device=plan.device, threads=plan.threads,
                                                    backend=backend,  # auto keeps its PyTorch fallback
-                                                   spinning=plan.spinning))
+                                                   spinning=plan.spinning, max_pixels=max_pixels))
     # No prefetch: a shard is handed to the writer as soon as it is encoded. With prefetch, about one
     # finished shard waits in the driver's queue, and a kill throws it away (benchmarks/redo_share.py).
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):

@@ -67,6 +67,12 @@ class ExtractConfig(_Config):
         "the input size), then resize: about half the decode time of such images; their features move a little "
         "(cosine >= 0.98 to full decoding), so this is part of the features' identity. Default: on for a new "
         "output; an existing one keeps what it was extracted with (off before this setting existed)."))
+    jpeg_on_gpu: bool = Field(False, description=(
+        "With GPU encoder actors: decode JPEGs on the GPU (nvJPEG, via torchvision) in the actors instead of "
+        "in the CPU decode tasks, which then only read and pass the bytes on; other formats, and every image "
+        "on a machine without a GPU, are still decoded on CPUs. For nodes whose CPUs cannot keep up with the "
+        "GPU (see the GPU check's decode section). Pixels differ from Pillow's by the resize kernels "
+        "(embeddings at cosine ~0.999), so this is part of the features' identity."))
     overwrite: bool = Field(False, description="Replace an output extracted with other settings or inputs.")
 
 

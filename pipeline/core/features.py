@@ -43,7 +43,7 @@ IDENTITY_KEYS = ("input", "input_format", "image_column", "label_column", "label
                  "shard_size", "max_image_pixels")
 #: Extract settings that change the features only when on: part of the identity then, absent when off,
 #: so outputs extracted before they existed keep their identity.
-IDENTITY_FLAGS = ("jpeg_draft",)
+IDENTITY_FLAGS = ("jpeg_draft", "jpeg_on_gpu")
 
 
 def identity_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:

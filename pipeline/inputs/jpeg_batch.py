@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["is_jpeg", "decode_jpegs"]
+__all__ = ["is_jpeg", "jpeg_size", "decode_jpegs"]
 
 _SOI = b"\xff\xd8\xff"
 
@@ -30,6 +30,20 @@ _SOI = b"\xff\xd8\xff"
 def is_jpeg(data: bytes) -> bool:
     """The bytes start like a JPEG file."""
     return data[:3] == _SOI
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of a JPEG as shown (EXIF orientation applied), from its header alone;
+    None when the header cannot be read."""
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data), formats=("JPEG",))
+        w, h = im.size
+        turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - the CPU path names what is wrong with it
+        return None
+    return (h, w) if turned else (w, h)
 
 
 def _header_ok(data: bytes, max_pixels: int) -> bool:

@@ -282,7 +282,7 @@ def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard],
     plan = run_extraction(pending, encoder=cfg.encoder, pretrained=cfg.pretrained, image_size=info.image_size,
                           batch_size=cfg.batch_size, num_actors=cfg.num_actors, device=cfg.device,
                           max_pixels=cfg.max_image_pixels, on_rows=writer, decode_rows=cfg.decode_block_rows,
-                          backend=cfg.image_backend, draft=draft,
+                          backend=cfg.image_backend, draft=draft, jpeg_on_gpu=cfg.jpeg_on_gpu,
                           read=dict(image_column=cfg.image_column, label_column=cfg.label_column,
                                     label_field=cfg.label_field))
     writer.finish([s.shard_id for s in pending])

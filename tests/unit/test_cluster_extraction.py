@@ -288,3 +288,43 @@ def test_decode_on_ray_data(ray_start_2_cpus, tiny_images):
     for r in rows:
         assert r["error"] == "" and r["label"] == r["image_id"].split("/")[0]
         np.testing.assert_array_equal(r["pixels"][:, :, 1], written[r["image_id"]])
+
+
+def test_jpegs_deferred_to_the_encoder_actor(tiny_images):
+    """jpeg_on_gpu: decode tasks pass JPEG bytes on (their size from the header) and decode the rest;
+    the actor decodes them on its device (here the CPU) in the same geometry, so the features agree
+    with the all-CPU path; a broken JPEG becomes a decode error row and fails only itself."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.cluster.extraction import EncodeActor
+
+    root, written = tiny_images
+    rels = sorted(written)[:6]
+    for rel in rels[:4]:  # four of them as JPEG (larger, not square), the rest stay PNG
+        big = Image.open(f"{root}/{rel}").convert("RGB").resize((96, 64))
+        buf = io.BytesIO()
+        big.save(buf, "JPEG", quality=92)
+        with open(f"{root}/{rel[:-4]}.jpg", "wb") as f:
+            f.write(buf.getvalue() if rel != rels[3] else buf.getvalue()[:300])  # the fourth is cut short
+    (shard,) = list_shards(root, shard_size=1000)
+    kw = dict(KW, image_size=224)
+    plain = decode_shard(_batch(shard), **kw)
+    deferred = list(decode_chunks(_batch(shard), **kw, chunk_rows=1000, defer_jpeg=True))[0]
+    jpg = np.array([u.endswith(".jpg") for u in deferred["uri"]])
+    assert jpg.sum() == 4 and "jpeg" in deferred and "jpeg" not in plain
+    passed = np.array([len(b) > 0 for b in deferred["jpeg"]])
+    assert passed.sum() >= 3 and not (passed & ~jpg).any()  # the whole JPEGs (the cut one maybe too)
+    assert (deferred["width"][passed] == 96).all() and (deferred["height"][passed] == 64).all()
+    assert int(deferred["pixels"][passed].sum()) == 0  # not decoded by the task
+    actor = EncodeActor(encoder="effnet-lite0", pretrained=None, device="cpu", threads=2, backend="torch")
+    a, b = actor(dict(plain)), actor(dict(deferred))
+    assert "jpeg" not in b
+    cut = np.array([u.endswith(f"{rels[3][:-4].split('/')[-1]}.jpg") for u in b["uri"]])
+    assert b["stage"][cut].tolist() == ["decode"] and a["stage"][cut].tolist() == ["decode"]
+    good = np.array([e == "" for e in a["error"]])
+    ea, eb = a["embedding"][good], b["embedding"][good]
+    cos = (ea * eb).sum(1) / np.linalg.norm(ea, axis=1) / np.linalg.norm(eb, axis=1)
+    assert cos.min() >= 0.999, cos
+    assert np.array_equal(ea[~jpg[good]], eb[~jpg[good]])  # PNG rows: the same pixels, the same features
