@@ -37,6 +37,8 @@ from pathlib import Path
 
 import typer
 
+from benchmarks.cli import run_app
+
 from pipeline.core.timing import timed
 
 LOG = logging.getLogger("zsl.bench")
@@ -548,20 +550,7 @@ def _run_benches(result: dict, work: Path, *, extract: dict | None, label: dict 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark in-process; return the exit status (2 for usage errors)."""
-    for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"),
-                       ("TOKENIZERS_PARALLELISM", "false")):
-        os.environ.setdefault(key, value)
-    from jobs.common import setup_logging
-
-    setup_logging()
-    cmd = typer.main.get_command(app)
-    # Standalone mode lets click/typer report usage errors themselves, whichever click they bundle
-    # (typer >= 0.2x vendors its own, whose exceptions are not ``click.ClickException``).
-    try:
-        cmd.main(args=list(argv if argv is not None else sys.argv[1:]), prog_name="zsl-bench", standalone_mode=True)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+    return run_app(app, argv, "zsl-bench")
 
 
 if __name__ == "__main__":

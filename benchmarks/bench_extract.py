@@ -33,6 +33,8 @@ from pathlib import Path
 
 import typer
 
+from benchmarks.cli import run_app
+
 from benchmarks.bench import RESULTS, machine, median, ratio
 from pipeline.core.timing import timed
 
@@ -267,19 +269,7 @@ def bench(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark in-process; return the exit status (2 for usage errors)."""
-    for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"),
-                       ("TOKENIZERS_PARALLELISM", "false")):
-        os.environ.setdefault(key, value)
-    from jobs.common import setup_logging
-
-    setup_logging()
-    cmd = typer.main.get_command(app)
-    try:
-        cmd.main(args=list(argv if argv is not None else sys.argv[1:]), prog_name="zsl-bench-extract",
-                 standalone_mode=True)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+    return run_app(app, argv, "zsl-bench-extract")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ import datetime as _dt
 import gc
 import logging
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -55,12 +54,14 @@ from pathlib import Path
 
 import typer
 
+from benchmarks.cli import run_app
+
 from benchmarks.bench import FEATURE_MODEL, RESULTS, machine
 from benchmarks.scale_autofaiss import AUTOFAISS_VENV, bench_autofaiss, ensure_autofaiss
 from benchmarks.scale_data import DIM, World, ground_truth, make_scale_data
 from benchmarks.scale_index import bench_our_index, measure_latencies
 from benchmarks.scale_label import bench_label_scale
-from benchmarks.scale_memory import SUBPROCESS_ENV, rss_polling, subprocess_env
+from benchmarks.scale_memory import rss_polling, subprocess_env
 from benchmarks.scale_report import GOALS, NOTES, interpretation, markdown, repo_relative, rss_growth
 from pipeline.core.timing import timed
 
@@ -264,18 +265,7 @@ def write_results(result: dict, output: str, md_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark in-process; return the exit status (2 for usage errors)."""
-    for key, value in SUBPROCESS_ENV.items():
-        os.environ.setdefault(key, value)
-    from jobs.common import setup_logging
-
-    setup_logging()
-    cmd = typer.main.get_command(app)
-    try:
-        cmd.main(args=list(argv if argv is not None else sys.argv[1:]), prog_name="zsl-bench-scale",
-                 standalone_mode=True)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+    return run_app(app, argv, "zsl-bench-scale")
 
 
 if __name__ == "__main__":

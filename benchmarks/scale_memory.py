@@ -15,9 +15,9 @@ import threading
 from pathlib import Path
 
 from pipeline.core.timing import timed
+from benchmarks.cli import OFFLINE_ENV
 
-SUBPROCESS_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
-                  "RAY_AUTH_MODE": "disabled"}
+SUBPROCESS_ENV = OFFLINE_ENV
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 try:
