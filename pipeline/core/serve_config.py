@@ -36,6 +36,8 @@ class ServeConfig(_Config):
         "Origins whose web pages may call the service (CORS), e.g. a clip-retrieval front end's "
         "'http://localhost:3005'; '*' for any; empty: no CORS headers."))
     preload_text: bool = Field(True, description="Load the text encoder before reporting ready.")
+    text_batch: int = Field(4, gt=0, le=64, description=(
+        "Text queries of concurrent requests encoded together, at most this many per encoder call."))
     query_cache: int = Field(10_000, ge=0, description="Query vectors of this many distinct texts are cached (0: none).")
     text_workers: int = Field(0, ge=0, description=(
         "Threads encoding text queries, one torch/ONNX Runtime thread each (0: one per CPU core, at "

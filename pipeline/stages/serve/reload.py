@@ -55,7 +55,7 @@ def serve_searcher(cfg: ServeConfig, name: str, s: Searcher) -> Served:
         s.labels = PredictedLabels(cfg.labels[name], s.manifest)
         lver = labels_version(cfg.labels[name])
     s.prepare_filters()  # label id sets and large sets' copies now, not on the first filtered query
-    batcher = TextBatcher(s, cache_size=cfg.query_cache, workers=text_workers(cfg))
+    batcher = TextBatcher(s, cache_size=cfg.query_cache, workers=text_workers(cfg), max_batch=cfg.text_batch)
     ver = index_version(s.manifest, s.captions_manifest)
     return Served(name=name, searcher=s, batcher=batcher, version=ver, key=(ver, lver), loaded_at=time.time())
 
