@@ -3,7 +3,7 @@
 * ``torch``  — ``run_extract`` as before issue 19: ``image_backend=torch``, ``jpeg_draft=false``;
 * ``onnx``   — ``run_extract`` with the defaults (ONNX Runtime on the CPU, draft JPEG decoding);
 * ``bare``   — the ONNX Runtime encoder in an in-process loop: read, decode (as ``onnx`` decodes),
-  batches of ``batch_size``, encode; each stage timed;
+  batches of the ``onnx`` side's size, encode; each stage timed;
 * ``encode`` — the same encoder over the same images decoded beforehand: the bare ONNX Runtime loop
   over decoded images, what the pipeline's encoding could reach alone.
 
@@ -29,8 +29,9 @@ from pipeline.inputs.images import decode_image
 from pipeline.stages.extract import run_extract
 
 SIDES = ("torch", "onnx", "bare", "encode")
-#: settings of each pipeline side (``torch``: zsl extract as it ran before ONNX Runtime and draft decoding)
-PIPELINES = {"torch": {"image_backend": "torch", "jpeg_draft": False}, "onnx": {}}
+#: settings of each pipeline side (``torch``: zsl extract as it ran before ONNX Runtime, draft decoding
+#: and the plan's batch size; ``onnx``: the defaults)
+PIPELINES = {"torch": {"image_backend": "torch", "jpeg_draft": False, "batch_size": 64}, "onnx": {}}
 
 
 def steady(times: list[float], counts: list[int]) -> float | None:
@@ -43,10 +44,13 @@ def steady(times: list[float], counts: list[int]) -> float | None:
 class Sides:
     """Runs the sides on ``files`` (``src`` as a folder input) and keeps every run's record."""
 
-    def __init__(self, work: Path, src: str, files: list[str], *, plan, shard_size: int, batch_size: int,
-                 repeats: int) -> None:
+    def __init__(self, work: Path, src: str, files: list[str], *, plan, shard_size: int, repeats: int,
+                 batch_size: int | None = None) -> None:
+        """``plan``: the ``onnx`` side's resource plan (the loops use its threads and batch size);
+        ``batch_size``: every side's instead (default: each side's own)."""
         self.work, self.src, self.files, self.plan = work, src, files, plan
-        self.shard_size, self.batch_size, self.repeats = shard_size, batch_size, repeats
+        self.shard_size, self.repeats, self.forced_batch = shard_size, repeats, batch_size
+        self.batch_size = batch_size or plan.batch_size
         self.max_pixels = ExtractConfig(input=src, output=str(work)).max_image_pixels
         with timed() as load:
             self.encoder = load_image_encoder(FEATURE_MODEL, device="cpu", backend="onnx", threads=plan.threads)
@@ -61,8 +65,9 @@ class Sides:
 
     def pipeline(self, side: str, r: int) -> float:
         out = str(self.work / f"extract-{side}-r{r}")
+        settings = {**PIPELINES[side], **({"batch_size": self.forced_batch} if self.forced_batch else {})}
         cfg = ExtractConfig(input=self.src, output=out, input_format="folder", encoder=FEATURE_MODEL,
-                            shard_size=self.shard_size, batch_size=self.batch_size, **PIPELINES[side])
+                            shard_size=self.shard_size, **settings)
         shutil.rmtree(out, ignore_errors=True)
         wall0 = time.time()  # shard files' mtimes are wall-clock times
         with timed() as clock:

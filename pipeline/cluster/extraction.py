@@ -255,14 +255,18 @@ class ResourcePlan:
     decode_cpus: float = 1.0
     #: whether the actors' idle ONNX Runtime threads spin (not when they share cores with decode tasks)
     spinning: bool = True
+    #: images per encoder call
+    batch_size: int = 64
 
     def describe(self) -> str:
         """One line for the log: what was chosen, and why."""
         if self.device == "cuda":
             return (f"{self.num_actors} encoder actor(s), one GPU each, {self.actor_cpus:g} CPU and "
-                    f"{self.threads} torch threads each; {self.decode_cpus:g} CPUs for decode tasks")
+                    f"{self.threads} torch threads each, batches of {self.batch_size}; {self.decode_cpus:g} CPUs for "
+                    "decode tasks")
         return (f"{self.num_actors} encoder actor(s) x {self.threads} {self.backend} threads ({self.actor_cpus:g} "
-                f"logical CPUs each), {self.decode_cpus:g} CPUs for decode tasks: decoding an image costs about "
+                f"logical CPUs each, batches of {self.batch_size}), {self.decode_cpus:g} CPUs for decode tasks: "
+                f"decoding an image costs about "
                 f"{DECODE_SHARE.get(self.backend, 0.2):.0%} of the cores it takes to decode and encode it on "
                 f"{self.backend}, so that share (at least one CPU) decodes and neither side waits; at most "
                 f"{MAX_ACTOR_THREADS} threads per actor, more actors beyond"
@@ -274,22 +278,26 @@ class ResourcePlan:
 #: per image, 28 px PNGs to 400 px JPEGs decoded in draft mode; EfficientNet-Lite0 on ONNX Runtime
 #: ~10 ms of one core per image, on PyTorch ~25 ms).
 DECODE_SHARE = {"onnx": 0.2, "torch": 0.1}
+#: images per encoder call unless set (``batch_size``): on ONNX Runtime on CPUs, 128 (on 2 cores the
+#: pipeline ran 64 -> 115, 128 -> 160, 256 -> 171 images/s with sleeping pool threads, a bare loop
+#: ~170 at each; 256 doubles the actor's activations for little more)
+DEFAULT_BATCH = {"onnx": 128, "torch": 64}
 #: intra-op threads per CPU encoder actor at most (beyond, more actors: a session's threads stop
 #: scaling well past a few cores for one batch of 64)
 MAX_ACTOR_THREADS = 4
 
 
 def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: str,
-                   backend: str = "auto") -> ResourcePlan:
+                   backend: str = "auto", batch_size: int | None = None) -> ResourcePlan:
     """Size the encoder pool so that decode tasks always keep at least one CPU, and on CPU nodes a
     share of the cores in proportion to what decoding costs (:data:`DECODE_SHARE`).
 
     >>> plan_resources(cpus=2, gpus=0, num_actors=None, device="auto")
-    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu', backend='onnx', decode_cpus=1.0, spinning=False)
+    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu', backend='onnx', decode_cpus=1.0, spinning=False, batch_size=128)
     >>> plan_resources(cpus=16, gpus=0, num_actors=None, device="auto")
-    ResourcePlan(num_actors=4, actor_cpus=3.0, actor_gpus=0.0, threads=3, device='cpu', backend='onnx', decode_cpus=4.0, spinning=True)
+    ResourcePlan(num_actors=4, actor_cpus=3.0, actor_gpus=0.0, threads=3, device='cpu', backend='onnx', decode_cpus=4.0, spinning=True, batch_size=128)
     >>> plan_resources(cpus=16, gpus=2, num_actors=None, device="auto")
-    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda', backend='torch', decode_cpus=14.0, spinning=True)
+    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda', backend='torch', decode_cpus=14.0, spinning=True, batch_size=64)
     """
     use_gpu = gpus >= 1 and device in ("auto", "cuda")
     if device == "cuda" and not use_gpu:
@@ -303,7 +311,7 @@ def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: 
         if per <= 0:
             raise ValueError(f"{n} GPU actors on {cpus} CPUs leave no CPU for decoding; use fewer actors")
         return ResourcePlan(n, per, 1.0, max(1, min(4, int(cpus) // (2 * n))), "cuda", "torch",
-                            round(cpus - n * per, 3))
+                            round(cpus - n * per, 3), batch_size=batch_size or DEFAULT_BATCH["torch"])
     backend = "torch" if backend == "torch" else "onnx"  # auto: ONNX Runtime on CPUs
     encode = min(spare, max(0.5, cpus - max(1, round(cpus * DECODE_SHARE[backend]))))
     n = num_actors or max(1, math.ceil(encode / MAX_ACTOR_THREADS))
@@ -313,7 +321,8 @@ def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: 
     else:  # one logical CPU per thread; what the actors leave is the decode tasks'
         threads = max(1, int((encode if num_actors is None else per * n) / n + 0.4))  # 3.5 -> 3, 3.6 -> 4
         per = min(per, float(threads))
-    return ResourcePlan(n, per, 0.0, threads, "cpu", backend, round(cpus - n * per, 3), spinning=threads <= per)
+    return ResourcePlan(n, per, 0.0, threads, "cpu", backend, round(cpus - n * per, 3), spinning=threads <= per,
+                        batch_size=batch_size or DEFAULT_BATCH[backend])
 
 
 def _decode_task_args() -> dict:
@@ -321,7 +330,7 @@ def _decode_task_args() -> dict:
 
 
 def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None, image_size: int,
-                   batch_size: int, num_actors: int | None, device: str, max_pixels: int,
+                   batch_size: int | None, num_actors: int | None, device: str, max_pixels: int,
                    read: dict, on_rows: Callable[[dict], None], decode_rows: int = DECODE_CHUNK_ROWS,
                    backend: str = "auto", draft: bool = False, jpeg_on_gpu: bool = False) -> ResourcePlan:
     """Run decode + encode on Ray Data; hand each output batch (numpy dict) to ``on_rows``.
@@ -333,7 +342,7 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
 
     res = ray.cluster_resources()
     plan = plan_resources(cpus=res.get("CPU", 1), gpus=res.get("GPU", 0), num_actors=num_actors, device=device,
-                          backend=backend)
+                          backend=backend, batch_size=batch_size)
     LOG.info("encoder pool on %g CPUs, %g GPUs: %s", res.get("CPU", 1), res.get("GPU", 0), plan.describe())
     defer = jpeg_on_gpu and plan.device == "cuda"
     if jpeg_on_gpu:
@@ -351,7 +360,7 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
         ds = ds.map_batches(decode_chunks, batch_size=1, batch_format="numpy", ray_remote_args_fn=_decode_task_args,
                             fn_kwargs=dict(image_size=image_size, max_pixels=max_pixels, read=read,
                                            chunk_rows=decode_rows, draft=draft, defer_jpeg=defer))
-    ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy",
+    ds = ds.map_batches(EncodeActor, batch_size=plan.batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=plan.num_actors),
                         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
                         fn_constructor_kwargs=dict(encoder=encoder, pretrained=pretrained,

@@ -49,7 +49,8 @@ class ExtractConfig(_Config):
         None, description="open_clip checkpoint path or pretrained tag; 'random' allows random weights (tests)."
     )
     shard_size: int = Field(256, gt=0, description="Images per shard for folder inputs.")
-    batch_size: int = Field(64, gt=0, description="Images per encoder forward pass.")
+    batch_size: int | None = Field(None, gt=0, description=(
+        "Images per encoder forward pass; default: 128 on ONNX Runtime on CPUs, 64 on PyTorch."))
     decode_block_rows: int = Field(256, gt=0, description=(
         "Decoded images a decode task hands on at a time (its memory: this many images' pixels, "
         "whatever the shard size)."))

@@ -29,10 +29,11 @@ def test_config_error_is_a_value_error():
 
 
 def test_later_layers_win_none_is_skipped_and_dashes_map_to_underscores():
-    cfg = build_config("extract", {**BASE, "shard_size": 8}, {"shard-size": 16, "batch_size": None}, None)
+    cfg = build_config("extract", {**BASE, "shard_size": 8, "batch_size": 32}, {"shard-size": 16, "batch_size": None},
+                       None)
     assert isinstance(cfg, ExtractConfig)
     assert cfg.shard_size == 16
-    assert cfg.batch_size == 64  # the default: a None override does not erase it
+    assert cfg.batch_size == 32  # an earlier layer's: a None override does not erase it
 
 
 def test_bad_value_names_the_field():
