@@ -40,6 +40,8 @@ LOG = logging.getLogger("zsl.bench_extract")
 GOALS = {"onnx_vs_torch_steady_min": 3.0, "onnx_vs_encode_loop_steady_min": 0.9}
 DATASETS = ("animal-mnist", "openclipart")
 OPENCLIPART_PNG = "/usr/share/openclipart/png"
+#: Open Clip Art PNGs above this many pixels are left out (posters; a camera photo has 12-50 million)
+MAX_PIXELS = 50_000_000
 
 NOTES = ("Steady state: images after the first shard (pipelines) or batch (loops) over the time from its end to "
          "the last one's; fixed = total - images / steady (actor start, model load and the ONNX check, ramp-up, "
@@ -69,24 +71,29 @@ def write_data(name: str, out: Path, n: int) -> tuple[str, list[str]]:
 
 
 def _openclipart_jpegs(out: Path, n: int) -> None:
-    """The first ``n`` Open Clip Art PNGs (sorted paths) as JPEGs, one folder per category."""
+    """The first ``n`` Open Clip Art PNGs (sorted paths, at most :data:`MAX_PIXELS`) as JPEGs, one folder per
+    category."""
     from PIL import Image
 
     if not os.path.isdir(OPENCLIPART_PNG):
         raise FileNotFoundError(f"{OPENCLIPART_PNG}: apt-get install openclipart-png")
     pngs = sorted(os.path.join(d, f) for d, _, fs in os.walk(OPENCLIPART_PNG) for f in fs if f.endswith(".png"))
-    if len(pngs) < n:
-        raise ValueError(f"{OPENCLIPART_PNG} holds {len(pngs)} PNGs, {n} requested")
-    for i, p in enumerate(pngs[:n]):
+    done = 0
+    for i, p in enumerate(pngs):
+        if done == n:
+            return
         cat = os.path.relpath(p, OPENCLIPART_PNG).split(os.sep)[0]
         dst = out / cat / f"{i:05d}.jpg"
-        if dst.exists():
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(p) as im:
-            rgba = im.convert("RGBA")
-            flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-            flat.save(dst, quality=90)
+        if not dst.exists():
+            with Image.open(p) as im:
+                if im.size[0] * im.size[1] > MAX_PIXELS:  # a few posters of 100+ megapixels: not photos
+                    continue
+                rgba = im.convert("RGBA")
+                flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                flat.save(dst, quality=90)
+        done += 1
+    raise ValueError(f"{OPENCLIPART_PNG} holds {done} PNGs of at most {MAX_PIXELS:,} pixels, {n} requested")
 
 
 def decode_only(files: list[str], *, repeats: int, size: int = 224) -> dict:

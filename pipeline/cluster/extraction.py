@@ -150,15 +150,14 @@ class EncodeActor:
     """Ray mapper (actor): holds the image encoder, turns pixels into embeddings (and adds each row's
     share of its batch's encode seconds, ``encode_s``, and whether ONNX Runtime encoded it, ``onnx``)."""
 
-    def __init__(self, *, encoder: str, pretrained: str | None, device: str, threads: int, backend: str = "auto",
-                 spinning: bool = True) -> None:
+    def __init__(self, *, encoder: str, pretrained: str | None, device: str, threads: int,
+                 backend: str = "auto") -> None:
         import torch
 
         from pipeline.encoders.image import load_image_encoder
 
         torch.set_num_threads(max(1, threads))  # Ray sets OMP_NUM_THREADS=1 in workers
-        self.encoder = load_image_encoder(encoder, pretrained, device=device, backend=backend, threads=threads,
-                                          spinning=spinning)
+        self.encoder = load_image_encoder(encoder, pretrained, device=device, backend=backend, threads=threads)
         LOG.info("encoder actor: %s on %s (%s), %d threads", self.encoder.model_id, self.encoder.backend, device,
                  threads)
 
@@ -168,7 +167,7 @@ class EncodeActor:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         emb = np.zeros((len(ok), self.encoder.dim), np.float32)
         if ok.any():
-            emb[ok] = self.encoder.encode(pixels[ok])
+            emb[ok] = self.encoder.encode(pixels if ok.all() else pixels[ok])  # no copy when all are fine
             bad = ok & ~np.isfinite(emb).all(axis=1)
             for i in np.flatnonzero(bad):
                 batch["error"][i], batch["stage"][i] = "encoder produced non-finite values", "encode"
@@ -205,8 +204,6 @@ class ResourcePlan:
     backend: str = "torch"
     #: logical CPUs left to decode tasks (how many run at once)
     decode_cpus: float = 1.0
-    #: whether the actors' idle ONNX Runtime threads spin (not when they share cores with decode tasks)
-    spinning: bool = True
     #: images per encoder call
     batch_size: int = 64
 
@@ -222,7 +219,7 @@ class ResourcePlan:
                 f"{DECODE_SHARE.get(self.backend, 0.2):.0%} of the cores it takes to decode and encode it on "
                 f"{self.backend}, so that share (at least one CPU) decodes and neither side waits; at most "
                 f"{MAX_ACTOR_THREADS} threads per actor, more actors beyond"
-                + ("" if self.spinning else "; idle threads sleep (they share cores with decoding)"))
+                + ("; the threads share the cores with decoding" if self.threads > self.actor_cpus else ""))
 
 
 #: Share of a CPU node's cores given to decode tasks: a decoded image's share of the CPU time that
@@ -231,8 +228,8 @@ class ResourcePlan:
 #: ~10 ms of one core per image, on PyTorch ~25 ms).
 DECODE_SHARE = {"onnx": 0.2, "torch": 0.1}
 #: images per encoder call unless set (``batch_size``): on ONNX Runtime on CPUs, 128 (on 2 cores the
-#: pipeline ran 64 -> 115, 128 -> 160, 256 -> 171 images/s with sleeping pool threads, a bare loop
-#: ~170 at each; 256 doubles the actor's activations for little more)
+#: pipeline ran 64 -> 115-157, 128 -> 142-167, 256 -> 121-171 images/s, a bare loop ~170 at each; 256
+#: doubles the actor's activations for nothing clear)
 DEFAULT_BATCH = {"onnx": 128, "torch": 64}
 #: intra-op threads per CPU encoder actor at most (beyond, more actors: a session's threads stop
 #: scaling well past a few cores for one batch of 64)
@@ -245,11 +242,11 @@ def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: 
     share of the cores in proportion to what decoding costs (:data:`DECODE_SHARE`).
 
     >>> plan_resources(cpus=2, gpus=0, num_actors=None, device="auto")
-    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu', backend='onnx', decode_cpus=1.0, spinning=False, batch_size=128)
+    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu', backend='onnx', decode_cpus=1.0, batch_size=128)
     >>> plan_resources(cpus=16, gpus=0, num_actors=None, device="auto")
-    ResourcePlan(num_actors=4, actor_cpus=3.0, actor_gpus=0.0, threads=3, device='cpu', backend='onnx', decode_cpus=4.0, spinning=True, batch_size=128)
+    ResourcePlan(num_actors=4, actor_cpus=3.0, actor_gpus=0.0, threads=3, device='cpu', backend='onnx', decode_cpus=4.0, batch_size=128)
     >>> plan_resources(cpus=16, gpus=2, num_actors=None, device="auto")
-    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda', backend='torch', decode_cpus=14.0, spinning=True, batch_size=64)
+    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda', backend='torch', decode_cpus=14.0, batch_size=64)
     """
     use_gpu = gpus >= 1 and device in ("auto", "cuda")
     if device == "cuda" and not use_gpu:
@@ -273,7 +270,7 @@ def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: 
     else:  # one logical CPU per thread; what the actors leave is the decode tasks'
         threads = max(1, int((encode if num_actors is None else per * n) / n + 0.4))  # 3.5 -> 3, 3.6 -> 4
         per = min(per, float(threads))
-    return ResourcePlan(n, per, 0.0, threads, "cpu", backend, round(cpus - n * per, 3), spinning=threads <= per,
+    return ResourcePlan(n, per, 0.0, threads, "cpu", backend, round(cpus - n * per, 3),
                         batch_size=batch_size or DEFAULT_BATCH[backend])
 
 
@@ -312,8 +309,7 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
                         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
                         fn_constructor_kwargs=dict(encoder=encoder, pretrained=pretrained,
                                                    device=plan.device, threads=plan.threads,
-                                                   backend=backend,  # auto keeps its PyTorch fallback
-                                                   spinning=plan.spinning))
+                                                   backend=backend))  # auto keeps its PyTorch fallback
     # No prefetch: a shard is handed to the writer as soon as it is encoded. With prefetch, about one
     # finished shard waits in the driver's queue, and a kill throws it away (benchmarks/redo_share.py).
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
