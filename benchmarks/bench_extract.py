@@ -244,6 +244,7 @@ def bench(
     output: str = typer.Option(str(RESULTS / "extract.json"), help="JSON file to write (atomically)."),
     workdir: str | None = typer.Option(None, help="Scratch folder (default: a new temp dir, removed after)."),
     one_off: bool = typer.Option(True, "--one-off/--no-one-off", help="Also time the ONNX export into an empty cache."),
+    merge: bool = typer.Option(False, help="Keep the other data sets of an existing --output (each records its date)."),
 ) -> None:
     """Time zsl extract on PyTorch and on ONNX Runtime, and the bare ONNX Runtime loops, side by side."""
     import ray
@@ -256,6 +257,8 @@ def bench(
     result: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                     "parameters": {"data": data, "images": images, "repeats": repeats, "shard_size": shard_size,
                                    "batch_size": batch_size}, "goals": GOALS, "datasets": {}, "notes": NOTES}
+    if merge and os.path.exists(output):
+        result["datasets"] = zio.read_json(output).get("datasets", {})
     try:
         result["one_off_s"] = one_off_costs() if one_off else {}
         with timed() as ray_init:
@@ -266,8 +269,10 @@ def bench(
                               batch_size=batch_size)
         result["plan"] = {**plan.__dict__, "describe": plan.describe()}
         for name in data:
-            result["datasets"][name] = bench_dataset(name, work, n_images=images, shard_size=shard_size,
-                                                     batch_size=batch_size, repeats=repeats, plan=plan)
+            result["datasets"][name] = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                        "loadavg_at_start": list(os.getloadavg()),
+                                        **bench_dataset(name, work, n_images=images, shard_size=shard_size,
+                                                        batch_size=batch_size, repeats=repeats, plan=plan)}
             zio.write_json_atomic(output, result)  # what is done so far survives a later failure
     finally:
         if workdir is None:
