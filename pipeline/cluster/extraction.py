@@ -150,14 +150,15 @@ class EncodeActor:
     """Ray mapper (actor): holds the image encoder, turns pixels into embeddings (and adds each row's
     share of its batch's encode seconds, ``encode_s``, and whether ONNX Runtime encoded it, ``onnx``)."""
 
-    def __init__(self, *, encoder: str, pretrained: str | None, device: str, threads: int,
-                 backend: str = "auto") -> None:
+    def __init__(self, *, encoder: str, pretrained: str | None, device: str, threads: int, backend: str = "auto",
+                 spinning: bool = True) -> None:
         import torch
 
         from pipeline.encoders.image import load_image_encoder
 
         torch.set_num_threads(max(1, threads))  # Ray sets OMP_NUM_THREADS=1 in workers
-        self.encoder = load_image_encoder(encoder, pretrained, device=device, backend=backend, threads=threads)
+        self.encoder = load_image_encoder(encoder, pretrained, device=device, backend=backend, threads=threads,
+                                          spinning=spinning)
         LOG.info("encoder actor: %s on %s (%s), %d threads", self.encoder.model_id, self.encoder.backend, device,
                  threads)
 
@@ -206,6 +207,8 @@ class ResourcePlan:
     decode_cpus: float = 1.0
     #: images per encoder call
     batch_size: int = 64
+    #: whether the actors' idle ONNX Runtime threads spin (not when they share cores with decode tasks)
+    spinning: bool = True
 
     def describe(self) -> str:
         """One line for the log: what was chosen, and why."""
@@ -219,7 +222,7 @@ class ResourcePlan:
                 f"{DECODE_SHARE.get(self.backend, 0.2):.0%} of the cores it takes to decode and encode it on "
                 f"{self.backend}, so that share (at least one CPU) decodes and neither side waits; at most "
                 f"{MAX_ACTOR_THREADS} threads per actor, more actors beyond"
-                + ("; the threads share the cores with decoding" if self.threads > self.actor_cpus else ""))
+                + ("" if self.spinning else "; the threads share the cores with decoding, so they sleep when idle"))
 
 
 #: Share of a CPU node's cores given to decode tasks: a decoded image's share of the CPU time that
@@ -242,11 +245,11 @@ def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: 
     share of the cores in proportion to what decoding costs (:data:`DECODE_SHARE`).
 
     >>> plan_resources(cpus=2, gpus=0, num_actors=None, device="auto")
-    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu', backend='onnx', decode_cpus=1.0, batch_size=128)
+    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu', backend='onnx', decode_cpus=1.0, batch_size=128, spinning=False)
     >>> plan_resources(cpus=16, gpus=0, num_actors=None, device="auto")
-    ResourcePlan(num_actors=4, actor_cpus=3.0, actor_gpus=0.0, threads=3, device='cpu', backend='onnx', decode_cpus=4.0, batch_size=128)
+    ResourcePlan(num_actors=4, actor_cpus=3.0, actor_gpus=0.0, threads=3, device='cpu', backend='onnx', decode_cpus=4.0, batch_size=128, spinning=True)
     >>> plan_resources(cpus=16, gpus=2, num_actors=None, device="auto")
-    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda', backend='torch', decode_cpus=14.0, batch_size=64)
+    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda', backend='torch', decode_cpus=14.0, batch_size=64, spinning=True)
     """
     use_gpu = gpus >= 1 and device in ("auto", "cuda")
     if device == "cuda" and not use_gpu:
@@ -271,7 +274,7 @@ def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: 
         threads = max(1, int((encode if num_actors is None else per * n) / n + 0.4))  # 3.5 -> 3, 3.6 -> 4
         per = min(per, float(threads))
     return ResourcePlan(n, per, 0.0, threads, "cpu", backend, round(cpus - n * per, 3),
-                        batch_size=batch_size or DEFAULT_BATCH[backend])
+                        batch_size=batch_size or DEFAULT_BATCH[backend], spinning=threads <= per)
 
 
 def _decode_task_args() -> dict:
@@ -309,7 +312,8 @@ def run_extraction(shards: list[Shard], *, encoder: str, pretrained: str | None,
                         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
                         fn_constructor_kwargs=dict(encoder=encoder, pretrained=pretrained,
                                                    device=plan.device, threads=plan.threads,
-                                                   backend=backend))  # auto keeps its PyTorch fallback
+                                                   backend=backend,  # auto keeps its PyTorch fallback
+                                                   spinning=plan.spinning))
     # No prefetch: a shard is handed to the writer as soon as it is encoded. With prefetch, about one
     # finished shard waits in the driver's queue, and a kill throws it away (benchmarks/redo_share.py).
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):

@@ -125,14 +125,15 @@ IMAGE_BACKENDS = ("auto", "torch", "onnx")
 
 
 def load_image_encoder(name: str = DEFAULT_IMAGE, pretrained: str | None = None, *, device: str = "auto",
-                       backend: str = "auto", threads: int | None = None):
+                       backend: str = "auto", threads: int | None = None, spinning: bool = True):
     """The image encoder ``name`` (an :class:`ImageEncoder`, or its ONNX Runtime twin
     :class:`pipeline.encoders.image_onnx.OnnxImageEncoder`; both say which in ``.backend``).
 
     ``backend``: ``torch``; ``onnx`` (the CPU only: the PyTorch model exported once, cached and checked
     against PyTorch, :mod:`pipeline.encoders.image_onnx`); ``auto`` (ONNX Runtime on the CPU where
     onnxruntime is installed, PyTorch on CUDA and for random weights; a failed export or check falls back
-    to PyTorch with a warning). ``threads``: the ONNX Runtime session's intra-op threads (None: one per core)."""
+    to PyTorch with a warning). ``threads``, ``spinning``: the ONNX Runtime session's intra-op threads (None: one
+    per core) and whether they spin when idle (:func:`pipeline.encoders.onnx_cache.session`)."""
     if backend not in IMAGE_BACKENDS:
         raise ValueError(f"image backend {backend!r}; use one of {', '.join(IMAGE_BACKENDS)}")
     if backend == "onnx" and device == "cuda":
@@ -144,7 +145,7 @@ def load_image_encoder(name: str = DEFAULT_IMAGE, pretrained: str | None = None,
     from pipeline.encoders import image_onnx
 
     try:
-        return image_onnx.onnx_image_encoder(encoder, threads=threads)
+        return image_onnx.onnx_image_encoder(encoder, threads=threads, spinning=spinning)
     except Exception as exc:  # noqa: BLE001 - auto falls back to the PyTorch model
         if backend == "onnx":
             raise

@@ -82,9 +82,10 @@ def check_images(size: int, n: int, *, seed: int = 0) -> np.ndarray:
     return out
 
 
-def onnx_image_encoder(encoder, *, threads: int | None = None) -> OnnxImageEncoder:
+def onnx_image_encoder(encoder, *, threads: int | None = None, spinning: bool = True) -> OnnxImageEncoder:
     """The PyTorch image ``encoder`` (:class:`pipeline.encoders.image.ImageEncoder`, on the CPU) on ONNX
-    Runtime with ``threads`` intra-op threads; exported and checked on first use, then cached.
+    Runtime with ``threads`` intra-op threads (``spinning``: :func:`pipeline.encoders.onnx_cache.session`);
+    exported and checked on first use, then cached.
     Raises :class:`pipeline.encoders.onnx_cache.OnnxExportError` when the export fails or disagrees."""
     if encoder.device != "cpu":
         raise ValueError(f"the ONNX image path exports a CPU model, not one on {encoder.device!r}")
@@ -93,7 +94,7 @@ def onnx_image_encoder(encoder, *, threads: int | None = None) -> OnnxImageEncod
     name = f"image-{safe}-{_key(encoder, net)}.onnx"
 
     def build(path: Path) -> OnnxImageEncoder:
-        sess = onnx_cache.session(path, threads)
+        sess = onnx_cache.session(path, threads, spinning=spinning)
         return OnnxImageEncoder(sess, model_id=encoder.model_id, dim=encoder.dim, image_size=encoder.image_size,
                                 normalize=encoder.normalize)
 
