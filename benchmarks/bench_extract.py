@@ -257,10 +257,10 @@ def bench(
     result: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                     "parameters": {"data": data, "images": images, "repeats": repeats, "shard_size": shard_size,
                                    "batch_size": batch_size}, "goals": GOALS, "datasets": {}, "notes": NOTES}
-    if merge and os.path.exists(output):
-        result["datasets"] = zio.read_json(output).get("datasets", {})
+    previous = zio.read_json(output) if merge and os.path.exists(output) else {}
+    result["datasets"] = previous.get("datasets", {})
     try:
-        result["one_off_s"] = one_off_costs() if one_off else {}
+        result["one_off_s"] = one_off_costs() if one_off else previous.get("one_off_s", {})
         with timed() as ray_init:
             init_ray()
         result["one_off_s"]["ray_init_s"] = ray_init.seconds
