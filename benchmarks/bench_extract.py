@@ -42,6 +42,8 @@ LOG = logging.getLogger("zsl.bench_extract")
 GOALS = {"onnx_vs_torch_steady_min": 3.0, "onnx_vs_encode_loop_steady_min": 0.9}
 DATASETS = ("animal-mnist", "openclipart")
 OPENCLIPART_PNG = "/usr/share/openclipart/png"
+#: Open Clip Art PNGs above this many pixels are left out (posters; a camera photo has 12-50 million)
+MAX_PIXELS = 50_000_000
 
 NOTES = ("Steady state: images after the first shard (pipelines) or batch (loops) over the time from its end to "
          "the last one's; fixed = total - images / steady (actor start, model load and the ONNX check, ramp-up, "
@@ -71,24 +73,29 @@ def write_data(name: str, out: Path, n: int) -> tuple[str, list[str]]:
 
 
 def _openclipart_jpegs(out: Path, n: int) -> None:
-    """The first ``n`` Open Clip Art PNGs (sorted paths) as JPEGs, one folder per category."""
+    """The first ``n`` Open Clip Art PNGs (sorted paths, at most :data:`MAX_PIXELS`) as JPEGs, one folder per
+    category."""
     from PIL import Image
 
     if not os.path.isdir(OPENCLIPART_PNG):
         raise FileNotFoundError(f"{OPENCLIPART_PNG}: apt-get install openclipart-png")
     pngs = sorted(os.path.join(d, f) for d, _, fs in os.walk(OPENCLIPART_PNG) for f in fs if f.endswith(".png"))
-    if len(pngs) < n:
-        raise ValueError(f"{OPENCLIPART_PNG} holds {len(pngs)} PNGs, {n} requested")
-    for i, p in enumerate(pngs[:n]):
+    done = 0
+    for i, p in enumerate(pngs):
+        if done == n:
+            return
         cat = os.path.relpath(p, OPENCLIPART_PNG).split(os.sep)[0]
         dst = out / cat / f"{i:05d}.jpg"
-        if dst.exists():
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(p) as im:
-            rgba = im.convert("RGBA")
-            flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-            flat.save(dst, quality=90)
+        if not dst.exists():
+            with Image.open(p) as im:
+                if im.size[0] * im.size[1] > MAX_PIXELS:  # a few posters of 100+ megapixels: not photos
+                    continue
+                rgba = im.convert("RGBA")
+                flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                flat.save(dst, quality=90)
+        done += 1
+    raise ValueError(f"{OPENCLIPART_PNG} holds {done} PNGs of at most {MAX_PIXELS:,} pixels, {n} requested")
 
 
 def decode_only(files: list[str], *, repeats: int, size: int = 224) -> dict:
@@ -239,6 +246,7 @@ def bench(
     output: str = typer.Option(str(RESULTS / "extract.json"), help="JSON file to write (atomically)."),
     workdir: str | None = typer.Option(None, help="Scratch folder (default: a new temp dir, removed after)."),
     one_off: bool = typer.Option(True, "--one-off/--no-one-off", help="Also time the ONNX export into an empty cache."),
+    merge: bool = typer.Option(False, help="Keep the other data sets of an existing --output (each records its date)."),
 ) -> None:
     """Time zsl extract on PyTorch and on ONNX Runtime, and the bare ONNX Runtime loops, side by side."""
     import ray
@@ -251,8 +259,10 @@ def bench(
     result: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                     "parameters": {"data": data, "images": images, "repeats": repeats, "shard_size": shard_size,
                                    "batch_size": batch_size}, "goals": GOALS, "datasets": {}, "notes": NOTES}
+    previous = zio.read_json(output) if merge and os.path.exists(output) else {}
+    result["datasets"] = previous.get("datasets", {})
     try:
-        result["one_off_s"] = one_off_costs() if one_off else {}
+        result["one_off_s"] = one_off_costs() if one_off else previous.get("one_off_s", {})
         with timed() as ray_init:
             init_ray()
         result["one_off_s"]["ray_init_s"] = ray_init.seconds
@@ -261,8 +271,10 @@ def bench(
                               batch_size=batch_size)
         result["plan"] = {**plan.__dict__, "describe": plan.describe()}
         for name in data:
-            result["datasets"][name] = bench_dataset(name, work, n_images=images, shard_size=shard_size,
-                                                     batch_size=batch_size, repeats=repeats, plan=plan)
+            result["datasets"][name] = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                        "loadavg_at_start": list(os.getloadavg()),
+                                        **bench_dataset(name, work, n_images=images, shard_size=shard_size,
+                                                        batch_size=batch_size, repeats=repeats, plan=plan)}
             zio.write_json_atomic(output, result)  # what is done so far survives a later failure
     finally:
         if workdir is None:

@@ -189,7 +189,7 @@ class EncodeActor:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         emb = np.zeros((len(ok), self.encoder.dim), np.float32)
         if ok.any():
-            emb[ok] = self.encoder.encode(pixels[ok])
+            emb[ok] = self.encoder.encode(pixels if ok.all() else pixels[ok])  # no copy when all are fine
             bad = ok & ~np.isfinite(emb).all(axis=1)
             for i in np.flatnonzero(bad):
                 batch["error"][i], batch["stage"][i] = "encoder produced non-finite values", "encode"
@@ -253,10 +253,10 @@ class ResourcePlan:
     backend: str = "torch"
     #: logical CPUs left to decode tasks (how many run at once)
     decode_cpus: float = 1.0
-    #: whether the actors' idle ONNX Runtime threads spin (not when they share cores with decode tasks)
-    spinning: bool = True
     #: images per encoder call
     batch_size: int = 64
+    #: whether the actors' idle ONNX Runtime threads spin (not when they share cores with decode tasks)
+    spinning: bool = True
 
     def describe(self) -> str:
         """One line for the log: what was chosen, and why."""
@@ -270,7 +270,7 @@ class ResourcePlan:
                 f"{DECODE_SHARE.get(self.backend, 0.2):.0%} of the cores it takes to decode and encode it on "
                 f"{self.backend}, so that share (at least one CPU) decodes and neither side waits; at most "
                 f"{MAX_ACTOR_THREADS} threads per actor, more actors beyond"
-                + ("" if self.spinning else "; idle threads sleep (they share cores with decoding)"))
+                + ("" if self.spinning else "; the threads share the cores with decoding, so they sleep when idle"))
 
 
 #: Share of a CPU node's cores given to decode tasks: a decoded image's share of the CPU time that
@@ -279,8 +279,8 @@ class ResourcePlan:
 #: ~10 ms of one core per image, on PyTorch ~25 ms).
 DECODE_SHARE = {"onnx": 0.2, "torch": 0.1}
 #: images per encoder call unless set (``batch_size``): on ONNX Runtime on CPUs, 128 (on 2 cores the
-#: pipeline ran 64 -> 115, 128 -> 160, 256 -> 171 images/s with sleeping pool threads, a bare loop
-#: ~170 at each; 256 doubles the actor's activations for little more)
+#: pipeline ran 64 -> 115-157, 128 -> 142-167, 256 -> 121-171 images/s, a bare loop ~170 at each; 256
+#: doubles the actor's activations for nothing clear)
 DEFAULT_BATCH = {"onnx": 128, "torch": 64}
 #: intra-op threads per CPU encoder actor at most (beyond, more actors: a session's threads stop
 #: scaling well past a few cores for one batch of 64)
@@ -293,11 +293,11 @@ def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: 
     share of the cores in proportion to what decoding costs (:data:`DECODE_SHARE`).
 
     >>> plan_resources(cpus=2, gpus=0, num_actors=None, device="auto")
-    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu', backend='onnx', decode_cpus=1.0, spinning=False, batch_size=128)
+    ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device='cpu', backend='onnx', decode_cpus=1.0, batch_size=128, spinning=False)
     >>> plan_resources(cpus=16, gpus=0, num_actors=None, device="auto")
-    ResourcePlan(num_actors=4, actor_cpus=3.0, actor_gpus=0.0, threads=3, device='cpu', backend='onnx', decode_cpus=4.0, spinning=True, batch_size=128)
+    ResourcePlan(num_actors=4, actor_cpus=3.0, actor_gpus=0.0, threads=3, device='cpu', backend='onnx', decode_cpus=4.0, batch_size=128, spinning=True)
     >>> plan_resources(cpus=16, gpus=2, num_actors=None, device="auto")
-    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda', backend='torch', decode_cpus=14.0, spinning=True, batch_size=64)
+    ResourcePlan(num_actors=2, actor_cpus=1.0, actor_gpus=1.0, threads=4, device='cuda', backend='torch', decode_cpus=14.0, batch_size=64, spinning=True)
     """
     use_gpu = gpus >= 1 and device in ("auto", "cuda")
     if device == "cuda" and not use_gpu:
@@ -321,8 +321,8 @@ def plan_resources(*, cpus: float, gpus: float, num_actors: int | None, device: 
     else:  # one logical CPU per thread; what the actors leave is the decode tasks'
         threads = max(1, int((encode if num_actors is None else per * n) / n + 0.4))  # 3.5 -> 3, 3.6 -> 4
         per = min(per, float(threads))
-    return ResourcePlan(n, per, 0.0, threads, "cpu", backend, round(cpus - n * per, 3), spinning=threads <= per,
-                        batch_size=batch_size or DEFAULT_BATCH[backend])
+    return ResourcePlan(n, per, 0.0, threads, "cpu", backend, round(cpus - n * per, 3),
+                        batch_size=batch_size or DEFAULT_BATCH[backend], spinning=threads <= per)
 
 
 def _decode_task_args() -> dict:

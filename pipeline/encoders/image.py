@@ -134,8 +134,8 @@ def load_image_encoder(name: str = DEFAULT_IMAGE, pretrained: str | None = None,
     ``backend``: ``torch``; ``onnx`` (the CPU only: the PyTorch model exported once, cached and checked
     against PyTorch, :mod:`pipeline.encoders.image_onnx`); ``auto`` (ONNX Runtime on the CPU where
     onnxruntime is installed, PyTorch on CUDA and for random weights; a failed export or check falls back
-    to PyTorch with a warning). ``threads``, ``spinning``: the ONNX Runtime session's intra-op threads (None: one per core)
-    and whether its idle threads spin."""
+    to PyTorch with a warning). ``threads``, ``spinning``: the ONNX Runtime session's intra-op threads (None: one
+    per core) and whether they spin when idle (:func:`pipeline.encoders.onnx_cache.session`)."""
     if backend not in IMAGE_BACKENDS:
         raise ValueError(f"image backend {backend!r}; use one of {', '.join(IMAGE_BACKENDS)}")
     if backend == "onnx" and device == "cuda":

@@ -84,7 +84,8 @@ def check_images(size: int, n: int, *, seed: int = 0) -> np.ndarray:
 
 def onnx_image_encoder(encoder, *, threads: int | None = None, spinning: bool = True) -> OnnxImageEncoder:
     """The PyTorch image ``encoder`` (:class:`pipeline.encoders.image.ImageEncoder`, on the CPU) on ONNX
-    Runtime with ``threads`` intra-op threads; exported and checked on first use, then cached.
+    Runtime with ``threads`` intra-op threads (``spinning``: :func:`pipeline.encoders.onnx_cache.session`);
+    exported and checked on first use, then cached.
     Raises :class:`pipeline.encoders.onnx_cache.OnnxExportError` when the export fails or disagrees."""
     if encoder.device != "cpu":
         raise ValueError(f"the ONNX image path exports a CPU model, not one on {encoder.device!r}")

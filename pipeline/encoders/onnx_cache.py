@@ -60,8 +60,9 @@ def usable_cache() -> Path:
 
 def session(path: Path, threads: int | None, *, spinning: bool = True):
     """An ONNX Runtime CPU session on ``path``: ``threads`` intra-op threads (None or 0: one per core),
-    one inter-op thread; ``spinning=False`` lets idle pool threads sleep at once instead of spinning
-    (for processes that share their cores with other work, e.g. decode tasks beside an encoder actor)."""
+    one inter-op thread; ``spinning=False``: idle pool threads sleep at once instead of spinning a
+    moment first (for processes that share their cores with other work: in the 2-core extraction
+    pipeline, beside decode tasks, 153 vs 143 images/s and 10 % less CPU, medians of 3)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -87,8 +87,9 @@ def decode_image(data: bytes, *, size: int, max_pixels: int = 89_478_485,
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 w, h = im.size
-            im = _to_rgb(im)
-            arr = np.asarray(resize_center_crop(im, size), dtype=np.uint8)
+            im = _to_rgb(im) if im.mode != "L" else im  # grey: resized as one band (the same numbers, a third
+            im = resize_center_crop(im, size)           # of the work), then made RGB
+            arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
     except DecodeError:
         raise
     except UnidentifiedImageError:

@@ -196,11 +196,11 @@ def test_decode_shard_parquet_null_image_is_a_read_error(tmp_path):
 def test_plan_two_cpus_keeps_one_for_decode():
     plan = plan_resources(cpus=2, gpus=0, num_actors=None, device="auto")
     assert plan == ResourcePlan(num_actors=1, actor_cpus=1.0, actor_gpus=0.0, threads=2, device="cpu",
-                                backend="onnx", decode_cpus=1.0, spinning=False, batch_size=128)
+                                backend="onnx", decode_cpus=1.0, batch_size=128, spinning=False)
     assert plan_resources(cpus=2, gpus=0, num_actors=None, device="auto", backend="torch").batch_size == 64
     assert plan_resources(cpus=2, gpus=0, num_actors=None, device="auto", batch_size=32).batch_size == 32
     assert plan.actor_cpus * plan.num_actors <= 2 - 1
-    assert "1 encoder actor(s) x 2 onnx threads" in plan.describe() and "idle threads sleep" in plan.describe()
+    assert "1 encoder actor(s) x 2 onnx threads" in plan.describe() and "sleep when idle" in plan.describe()
 
 
 @pytest.mark.parametrize("cpus", [2, 3, 4, 8, 16, 64])

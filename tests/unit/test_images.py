@@ -224,3 +224,17 @@ def test_draft_keeps_the_exif_corrected_original_size():
 def test_draft_leaves_small_jpegs_and_other_formats_unchanged(fmt, size):
     data = encode(_photo(*size), fmt)  # a JPEG under twice the input size gains nothing from it
     np.testing.assert_array_equal(decode_image(data, size=224, draft=True)[0], decode_image(data, size=224)[0])
+
+
+@pytest.mark.parametrize("w, h", [(28, 28), (640, 480), (300, 1000)])
+def test_a_grey_image_decodes_exactly_as_its_rgb_copy(w, h):
+    """Grey images are resized as one band, then made RGB: the very numbers of resizing them as RGB."""
+    grey = Image.fromarray(np.asarray(_photo(w, h, seed=3))[..., 1])
+    for fmt in ("PNG", "JPEG"):
+        a = decode_image(encode(grey, fmt), size=224)
+        b = decode_image(encode(grey.convert("RGB"), "PNG" if fmt == "PNG" else "BMP"), size=224)
+        c = decode_image(encode(grey, fmt), size=224, draft=True)
+        if fmt == "PNG":
+            np.testing.assert_array_equal(a[0], b[0])
+        assert a[0].shape == c[0].shape == (224, 224, 3) and a[1:] == b[1:] == c[1:] == (w, h)
+        assert (a[0][..., 0] == a[0][..., 2]).all()
