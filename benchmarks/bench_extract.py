@@ -87,8 +87,12 @@ def _openclipart_jpegs(out: Path, n: int) -> None:
         cat = os.path.relpath(p, OPENCLIPART_PNG).split(os.sep)[0]
         dst = out / cat / f"{i:05d}.jpg"
         if not dst.exists():
-            with Image.open(p) as im:
-                if im.size[0] * im.size[1] > MAX_PIXELS:  # a few posters of 100+ megapixels: not photos
+            try:
+                im = Image.open(p)
+            except Image.DecompressionBombError:  # a few posters of 100+ megapixels: not photos
+                continue
+            with im:
+                if im.size[0] * im.size[1] > MAX_PIXELS:
                     continue
                 rgba = im.convert("RGBA")
                 flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

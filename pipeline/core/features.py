@@ -31,7 +31,7 @@ from pipeline.core.manifests import CaptionsManifest, FeaturesManifest, read_man
 __all__ = ["shard_name", "shard_id_of", "open_features", "feature_shards", "features_identity", "check_feature_shards",
            "table_embeddings", "iter_shard_batches", "Features", "load_features", "write_features",
            "write_feature_shard", "write_error_shard", "write_caption_shard",
-           "labelled_rows", "IDENTITY_KEYS", "IDENTITY_FLAGS", "identity_settings", "CAPTIONS_DIR", "open_captions", "caption_shards",
+           "labelled_rows", "feature_shard_problem", "split_feature_shards", "IDENTITY_KEYS", "IDENTITY_FLAGS", "identity_settings", "CAPTIONS_DIR", "open_captions", "caption_shards",
            "read_caption_shard"]
 
 #: Where a feature directory keeps its caption embeddings (``zsl embed-text``), one shard per feature shard.
@@ -125,22 +125,43 @@ def features_identity(uri: str, manifest: FeaturesManifest) -> str:
                             "dim": manifest.dim, **identity_settings(cfg)})
 
 
+def feature_shard_problem(uri: str, dim: int) -> str | None:
+    """Why ``uri`` is not a shard of ``dim``-d float32 embeddings (its footer only), or None when it is."""
+    want = pa.list_(pa.float32(), dim)
+    fs, path = zio.filesystem(uri)
+    try:
+        with fs.open(path, "rb") as fh:
+            schema = pq.ParquetFile(fh).schema_arrow
+    except Exception as exc:  # noqa: BLE001 - a corrupted footer is bad input, named
+        return f"not a readable feature shard ({type(exc).__name__}: {exc})"
+    idx = schema.get_field_index("embedding")
+    if idx < 0:
+        return f"no 'embedding' column (columns: {', '.join(schema.names)})"
+    if schema.field(idx).type != want:
+        return (f"embeddings are {schema.field(idx).type}, the manifest and model expect "
+                f"fixed_size_list<float>[{dim}]")
+    return None
+
+
+def split_feature_shards(files: Sequence[str], dim: int) -> tuple[list[str], dict[str, str]]:
+    """``(usable shards, {unusable shard: reason})``, in the order given: a job that can go on without
+    a broken shard (label, index) does the others and reports these (footers only are read)."""
+    ok, bad = [], {}
+    for f in files:
+        why = feature_shard_problem(f, dim)
+        if why is None:
+            ok.append(f)
+        else:
+            bad[f] = why
+    return ok, bad
+
+
 def check_feature_shards(files: Sequence[str], dim: int) -> None:
     """Every shard holds ``dim``-d float32 embeddings (footers only); ValueError naming the first that does not."""
-    want = pa.list_(pa.float32(), dim)
     for f in files:
-        fs, path = zio.filesystem(f)
-        try:
-            with fs.open(path, "rb") as fh:
-                schema = pq.ParquetFile(fh).schema_arrow
-        except Exception as exc:  # noqa: BLE001 - a corrupted footer is bad input, named
-            raise ValueError(f"{f}: not a readable feature shard ({type(exc).__name__}: {exc})") from None
-        idx = schema.get_field_index("embedding")
-        if idx < 0:
-            raise ValueError(f"{f}: no 'embedding' column (columns: {', '.join(schema.names)})")
-        if schema.field(idx).type != want:
-            raise ValueError(f"{f}: embeddings are {schema.field(idx).type}, the manifest and model expect "
-                             f"fixed_size_list<float>[{dim}]")
+        why = feature_shard_problem(f, dim)
+        if why is not None:
+            raise ValueError(f"{f}: {why}")
 
 
 def table_embeddings(table: pa.Table, dim: int, where: str) -> np.ndarray:
