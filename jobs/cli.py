@@ -1,6 +1,6 @@
 """The ``zsl`` command line: one thin entry point per job, registered here in the order ``zsl --help`` lists.
 
-The commands live beside this module, grouped by what they make (:mod:`jobs.prepare`, :mod:`jobs.labeling`,
+The commands live beside this module, grouped by what they make (:mod:`jobs.living`, :mod:`jobs.prepare`, :mod:`jobs.labeling`,
 :mod:`jobs.retrieval`, :mod:`jobs.interop`); what they share (config layering, logging, exit status 2
 on bad input, common options) is :mod:`jobs.common`.
 """
@@ -11,12 +11,13 @@ import sys
 
 import typer
 
-from jobs import interop, labeling, prepare, retrieval
+from jobs import interop, labeling, living, prepare, retrieval
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Zero-shot labeling and text retrieval of images at scale.")
 
 COMMANDS = {
+    "run": living.run,
     "extract": prepare.extract,
     "classes": prepare.classes,
     "train": labeling.train,

@@ -7,6 +7,7 @@
     index                     choose, build, store, search, tune; the searcher
     cluster                   all Ray code
     stages                    one module per command, side by side, never importing one another
+    flows                     the stages put together: the living pipeline (zsl run) and its run records
     jobs                      the ``zsl`` CLI
     benchmarks                harnesses (never imported by the library or the CLI)
 
@@ -34,8 +35,9 @@ RANKS = {
     "pipeline.index": 4,
     "pipeline.cluster": 5,
     "pipeline.stages": 6,
-    "jobs": 7,
-    "benchmarks": 8,
+    "pipeline.flows": 7,
+    "jobs": 8,
+    "benchmarks": 9,
 }
 OURS = ("pipeline", "jobs", "benchmarks")
 

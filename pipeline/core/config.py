@@ -13,12 +13,13 @@ from typing import Any, Literal, Mapping
 from pydantic import Field, ValidationError, field_validator
 
 from pipeline.core.config_base import ConfigError, Uri, _Config
+from pipeline.core.run_config import SECTION_DERIVED, make_run_config, nested_model
 from pipeline.core.serve_config import ServeConfig
 from pipeline.core.units import parse_memory
 
 __all__ = ["ConfigError", "ExtractConfig", "ClassesConfig", "TrainConfig", "EvaluateConfig", "LabelConfig",
            "IndexConfig", "SearchConfig", "ServeConfig", "AddClassesConfig", "ReportConfig", "DemoDataConfig",
-           "CONFIGS", "Uri", "build_config"]
+           "RunConfig", "CONFIGS", "Uri", "build_config"]
 
 
 DEFAULT_TEMPLATES = (
@@ -309,6 +310,9 @@ class DemoDataConfig(_Config):
     seed: int = 0
 
 
+RunConfig = make_run_config({"extract": ExtractConfig, "classes": ClassesConfig, "train": TrainConfig,
+                              "captions": EmbedTextConfig, "label": LabelConfig, "index": IndexConfig})
+
 CONFIGS: dict[str, type[_Config]] = {
     "extract": ExtractConfig,
     "classes": ClassesConfig,
@@ -322,6 +326,7 @@ CONFIGS: dict[str, type[_Config]] = {
     "report": ReportConfig,
     "demo-data": DemoDataConfig,
     "embed-text": EmbedTextConfig,
+    "run": RunConfig,
     "export": ExportConfig,
     "import": ImportConfig,
     "corpus": CorpusConfig,
@@ -365,8 +370,12 @@ def build_config(job: str, *layers: Layer | Mapping[str, Any] | None) -> _Config
             loc = ".".join(str(p) for p in err["loc"]) or "<root>"
             src = origin.get(str(err["loc"][0])) if err["loc"] else None
             where = f" in {src}" if src else ""
-            if err["type"] == "extra_forbidden":
-                known = ", ".join(sorted(cls.model_fields))
+            if err["type"] == "extra_forbidden" and job == "run" and len(err["loc"]) == 2 and \
+                    str(err["loc"][1]) in SECTION_DERIVED.get(str(err["loc"][0]), ()):
+                problems.append(f"'{loc}'{where} is set by the pipeline (from root and the other stages): leave it out")
+            elif err["type"] == "extra_forbidden":
+                holder = nested_model(cls, err["loc"]) or cls
+                known = ", ".join(sorted(holder.model_fields))
                 problems.append(f"unknown key '{loc}'{where} (known: {known})")
             elif err["type"] == "missing":
                 problems.append(f"missing required '{loc}' (give --{loc.replace('_', '-')} or set it in a config file)")

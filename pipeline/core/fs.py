@@ -12,6 +12,7 @@ import io as _io
 import json
 import logging
 import os
+import time
 import uuid
 from typing import Any
 
@@ -269,12 +270,13 @@ class OutputLocked(ValueError):
 
 
 @contextlib.contextmanager
-def output_lock(uri: str):
+def output_lock(uri: str, *, name: str = ".zsl.lock", wait_s: float = 0.0, what: str = "zsl job"):
     """Hold an exclusive lock on an output directory for the duration of a job (local paths).
 
-    The lock is an ``flock`` on ``<uri>/.zsl.lock``: the kernel drops it when the process dies,
-    SIGKILL included, so a killed job never leaves a stale lock. Other filesystems (object
-    stores) have no such lock; there, one job per output directory is the caller's rule.
+    The lock is an ``flock`` on ``<uri>/<name>``: the kernel drops it when the process dies,
+    SIGKILL included, so a killed job never leaves a stale lock. Held by another process, it is
+    waited for up to ``wait_s`` seconds, then :class:`OutputLocked` names the holder's pid. Other
+    filesystems (object stores) have no such lock; there, one job per output directory is the caller's rule.
     """
     fs, path = filesystem(uri)
     if not isinstance(fs, LocalFileSystem):
@@ -283,14 +285,20 @@ def output_lock(uri: str):
     import fcntl
 
     os.makedirs(path, exist_ok=True)
-    fd = os.open(os.path.join(path, ".zsl.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(os.path.join(path, name), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise OutputLocked(f"{uri}: another zsl job (pid {holder}) is writing to this output; "
-                               "wait for it or use another --output") from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                    waited = f" (waited {wait_s:g} s)" if wait_s else ""
+                    raise OutputLocked(f"{uri}: another {what} (pid {holder}) is writing to this output{waited}; "
+                                       "wait for it or use another --output") from None
+                time.sleep(min(0.5, max(0.01, deadline - time.monotonic())))
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield

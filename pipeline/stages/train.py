@@ -152,6 +152,10 @@ def _seen_data(cfg: TrainConfig, feats, classes) -> _Seen:
     seen_ids = classes.index_of(list(cfg.seen), "seen class")
     S = classes.semantics(cfg.semantics, cfg.semantic_weights)
     rows, cls = labelled_rows(feats.labels, classes.names, list(cfg.seen), cfg.features)
+    # in image-id order: the model does not depend on the order of the shards (a feature directory grown
+    # shard by shard trains the same model as one extracted at once from the same images)
+    order = np.argsort(np.asarray([feats.image_ids[i] for i in rows], dtype=object), kind="stable")
+    rows, cls = rows[order], cls[order]
     LOG.info("training %s on %d images of %d seen classes (%s semantics, %d-d)",
              cfg.method, len(rows), len(seen_ids), cfg.semantics, S.shape[1])
     return _Seen(X=feats.X[rows], cls=cls, S=S, seen_ids=seen_ids)
