@@ -96,7 +96,19 @@ demo: install
 	$(ZSL) report --evaluation $(DEMO)/evaluation.json $$(test -f $(DEMO)/evaluation_bridge.json && echo --evaluation $(DEMO)/evaluation_bridge.json) \
 		--search $(DEMO)/search_1.json --search $(DEMO)/search_2.json --search $(DEMO)/search_3.json \
 		--title "zsl-pipeline demo: animal-mnist, 7 seen / 3 unseen" --output $(DEMO)/report.html
+	@# the living pipeline (zsl run): day 1, then day 2 brings new images and a new class, day 3 nothing
+	rm -rf $(DEMO)/living && mkdir -p $(DEMO)/living/images
+	cp conf/demo/living/classes-day1.yaml $(DEMO)/living/classes.yaml
+	for c in bear bird cow dog elephant giraffe horse sheep zebra; do mkdir -p $(DEMO)/living/images/$$c; \
+	  ls $(DEMO)/data/train/$$c | head -n 50 | while read f; do cp $(DEMO)/data/train/$$c/$$f $(DEMO)/living/images/$$c/; done; done
+	$(ZSL) run conf/demo/pipeline.yaml --no-progress
+	@echo "day 2: 50 more images of each class, and a new class (cat) with its images"
+	cp -r $(DEMO)/data/train/. $(DEMO)/living/images/ && cp conf/demo/classes.yaml $(DEMO)/living/classes.yaml
+	$(ZSL) run conf/demo/pipeline.yaml --no-progress
+	@echo "day 3: nothing new"
+	$(ZSL) run conf/demo/pipeline.yaml --no-progress
 	@echo ""
+	@echo "The living pipeline's runs, each with its report (the label diff of day 2 with thumbnails): $(DEMO)/living/out/runs/index.html"
 	@echo "Search the demo index in a browser:  $(ZSL) serve --index $(DEMO)/index --labels $(DEMO)/labels   then open http://127.0.0.1:8000/?q=a+striped+animal"
 	@if [ -d $(DEMO)/index-corpus ]; then echo "... and the drawings too:  $(ZSL) serve --index animals=$(DEMO)/index --labels animals=$(DEMO)/labels --index drawings=$(DEMO)/index-corpus"; fi
 

@@ -47,6 +47,10 @@ def run(
         rec = run_pipeline(cfg, spec=str(spec.resolve()), progress=progress, wait_s=wait)
         for s in rec.stages:
             typer.echo(f"{s.name:9s} {s.status:12s} {s.did or ''}" + (f"  [{len(s.failed)} failed]" if s.failed else ""))
+            pairs = (s.details.get("diff") or {}).get("pairs") or []
+            if pairs:
+                typer.echo(" " * 22 + "moved: " + ", ".join(f"{p['old']} -> {p['new']} {p['n']}" for p in pairs[:6])
+                           + (f" and {len(pairs) - 6} more" if len(pairs) > 6 else ""))
         report = f"{cfg.root}/runs/{rec.run_id}/report.html"
         typer.echo(f"{rec.status} (exit {rec.exit_code})" + (f": {rec.message}" if rec.message else "")
                    + ("" if rec.exit_code == 75 else f"; report: {report}"))
