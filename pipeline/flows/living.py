@@ -339,6 +339,7 @@ def run_pipeline(cfg: RunConfig, *, spec: str | None = None, progress: bool = Tr
         with zio.output_lock(cfg.root, name=".zsl-run.lock", wait_s=wait_s, what=f"`zsl run` of {cfg.name}"):
             rec.previous = _last_run(runner.paths.runs)
             write_run(runner.paths.runs, rec, final=False)
+            _preflight(cfg)
             for name in ("extract", "classes", "captions", "train", "label", "index"):
                 runner.stage(name, getattr(runner, name))
     except zio.OutputLocked as exc:
@@ -359,6 +360,25 @@ def run_pipeline(cfg: RunConfig, *, spec: str | None = None, progress: bool = Tr
     if zio.exists(cfg.root):
         write_run(runner.paths.runs, rec, final=True, keep=cfg.keep_runs)
     return rec
+
+
+def _preflight(cfg: RunConfig) -> None:
+    """What can be checked before any stage changes anything: the class table reads, the seen classes are
+    in it, the named model is a finished `zsl train` output (bad input: exit 2 with nothing changed)."""
+    from pipeline.semantics.class_table import read_class_table
+
+    c = cfg.classes
+    if not zio.exists(c.input):
+        raise FileNotFoundError(f"classes.input: {c.input} not found")
+    table = read_class_table(c.input, name_column=c.name_column, description_column=c.description_column,
+                             missing_value=c.missing_value)
+    if cfg.train is not None:
+        seen = _seen_names(cfg.train.seen)
+        missing = [n for n in seen if n not in set(table.names)]
+        if missing:
+            raise ValueError(f"train.seen: {', '.join(missing[:5])} not in the class table {c.input}")
+    elif not _exists(str(cfg.model)):
+        raise FileNotFoundError(f"model: {cfg.model} is not a finished `zsl train` output (no manifest.json)")
 
 
 def _last_run(runs_dir: str) -> str | None:

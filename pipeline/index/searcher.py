@@ -36,11 +36,14 @@ class Searcher:
     """Loaded index (memory-mapped) + model + text encoder; reuse it for many queries."""
 
     def __init__(self, index_dir: str, *, load_text: bool = True, text_backend: str = "torch",
-                 text_threads: int | None = None) -> None:
+                 text_threads: int | None = None, image_threads: int | None = None) -> None:
         """``text_backend``/``text_threads``: how the text model runs (:func:`pipeline.encoders.text.load_text_encoder`;
         ``zsl serve`` uses ``auto``: ONNX Runtime on CPUs; one-shot searches keep PyTorch)."""
         self.index_dir = index_dir
         self.text_backend, self.text_threads = text_backend, text_threads
+        #: ONNX Runtime threads of the image encoder (None: one per core); 1 runs it on the calling thread,
+        #: at that thread's priority (the service's image threads are niced), with idle threads not spinning
+        self.image_threads = image_threads
         self.index, self.ids, self.manifest = load_index(index_dir, lazy_ids=True)
         m = self.manifest
         if not m.model_dir or not m.model_fingerprint:
@@ -99,8 +102,8 @@ class Searcher:
             (b.text_model, b.text_model_name, b.text_pretrained, other.text_backend, other.text_threads)
         if same_text and other._encoder is not None and self._encoder is None:
             self._encoder = other._encoder
-        same_image = (a.image_encoder, a.image_pretrained, a.feature_model) == \
-            (b.image_encoder, b.image_pretrained, b.feature_model)
+        same_image = (a.image_encoder, a.image_pretrained, a.feature_model, self.image_threads) == \
+            (b.image_encoder, b.image_pretrained, b.feature_model, other.image_threads)
         if same_image and a.image_encoder and other._image_encoder is not None:
             self._image_encoder = other._image_encoder
 
@@ -129,7 +132,8 @@ class Searcher:
             if encoder_id(name, pretrained) != m.feature_model:
                 raise ValueError(f"{self.index_dir}: encoder {encoder_id(name, pretrained)} is not the one that "
                                  f"made the indexed features ({m.feature_model})")
-            self._image_encoder = load_image_encoder(name, pretrained, device="cpu")
+            self._image_encoder = load_image_encoder(name, pretrained, device="cpu", threads=self.image_threads,
+                                                     spinning=self.image_threads is None)
         return self._image_encoder
 
     def image_queries(self, images: list[bytes]) -> np.ndarray:

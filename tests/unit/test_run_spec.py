@@ -116,3 +116,13 @@ def test_report_shows_stages_failures_and_the_label_diff(tmp_path):
     assert "<b>bad</b>" not in page and "&lt;b&gt;bad&lt;/b&gt;" in page  # escaped
     assert "3 of 40 images changed label" in page and "<td>dog</td><td>cat</td><td>3</td>" in page
     json.dumps(rec.to_json())
+
+
+def test_preflight_refuses_a_seen_class_missing_from_the_table_before_any_stage(tmp_path):
+    table = tmp_path / "c.yaml"
+    table.write_text(yaml.safe_dump({"classes": [{"name": "a"}, {"name": "b"}]}))
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    cfg = build_config("run", ("p.yaml", _spec(tmp_path, classes={"input": str(table)}, train={"seen": ["a", "z"]})))
+    rec = run_pipeline(cfg, progress=False)
+    assert rec.exit_code == 2 and "train.seen: z not in the class table" in rec.message
+    assert rec.stages == [] and sorted(os.listdir(cfg.root)) == [".zsl-run.lock", "runs"]

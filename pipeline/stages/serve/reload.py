@@ -64,7 +64,7 @@ def load_searcher(cfg: ServeConfig, index_dir: str, *, like: Searcher | None = N
     """The index at ``index_dir`` loaded as ``zsl serve`` loads it; ``like``: the version it
     replaces, whose loaded text and image encoders it takes over when it uses the same ones."""
     s = Searcher(index_dir, load_text=False, text_backend=cfg.text_backend,
-                 text_threads=1 if text_workers(cfg) > 1 else None)
+                 text_threads=1 if text_workers(cfg) > 1 else None, image_threads=cfg.image_threads or None)
     if like is not None:
         s.adopt_encoders(like)
     if cfg.preload_text:
