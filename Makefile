@@ -13,12 +13,13 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install tools demo test test-slow test-all bench bench-extract bench-scale bench-serve bench-filters bench-reload bench-decode bench-compare device-check gpu-check eval redo-share clean help
+.PHONY: install tools demo test test-slow test-all bench bench-extract bench-scale bench-serve bench-filters bench-reload bench-pipeline bench-decode bench-compare device-check gpu-check eval redo-share clean help
 
 help:
 	@echo "make demo   - install into $(VENV) and run extract -> classes -> train -> evaluate -> label -> index -> search -> report"
 	@echo "make test   - run the default test suite (slow/gpu/integration tests excluded)"
 	@echo "make bench  - extraction and labeling throughput vs bare loops -> benchmarks/results/results.json"
+	@echo "make bench-pipeline - zsl run at 1M images: idle rerun and relabel-from-features vs fresh labelling -> benchmarks/results/pipeline.json"
 	@echo "make bench-extract - zsl extract on CPUs, PyTorch vs ONNX Runtime vs bare ONNX Runtime loops, 5,000 real images per data set -> benchmarks/results/extract.json"
 	@echo "make bench-scale - label/index at SCALE_ROWS rows vs bare loops and autofaiss -> benchmarks/results/SCALE.md"
 	@echo "make bench-serve - load test of zsl serve on loopback (PyTorch vs ONNX Runtime text model; 50 clients of mixed text/image/thumbnail/filtered queries) -> benchmarks/results/serve.json"
@@ -127,6 +128,11 @@ bench: install
 # Not part of `make test`: ~30 min on 2 cores (4 sides x 3 repeats x 2 data sets of 5,000 images).
 bench-extract: install
 	$(BIN)/python -m benchmarks.bench_extract --output benchmarks/results/extract.json $(EXTRACT_ARGS)
+
+# Not part of `make test`: ~25 min at 1M rows (writes 1M tiny images into tars under TMPDIR first).
+PIPELINE_ROWS ?= 1000000
+bench-pipeline: install
+	$(BIN)/python -m benchmarks.bench_pipeline --rows $(PIPELINE_ROWS) --output benchmarks/results/pipeline.json
 
 # Not part of `make test`: takes long at 1M rows (scratch data under TMPDIR, default /tmp; autofaiss in .venv-tools/autofaiss).
 SCALE_ROWS ?= 100000 1000000
