@@ -11,9 +11,9 @@ from jobs.common import ConfigOpt, OverwriteOpt, SetOpt, run_job
 
 
 def extract(
-    input: Optional[str] = typer.Option(None, help=(
+    input: Optional[list[str]] = typer.Option(None, help=(
         "Image folder, img2dataset output (files / webdataset / parquet), .tar shards or Parquet with image "
-        "bytes; any fsspec URI; brace patterns like shards/{00000..00099}.tar.")),
+        "bytes; any fsspec URI; brace patterns like shards/{00000..00099}.tar. Repeat for several inputs.")),
     output: Optional[str] = typer.Option(None, help="Output directory for feature shards."),
     encoder: Optional[str] = typer.Option(None, help="'effnet-lite0' (default) or 'open_clip:<arch>'."),
     pretrained: Optional[str] = typer.Option(None, help="open_clip checkpoint path or pretrained tag."),
@@ -36,8 +36,11 @@ def extract(
 
         m = run_extract(cfg)
         typer.echo(f"extracted {m.n_images} images ({m.n_errors} errors) in {m.n_shards} shards "
-                   f"with {m.model_id} ({m.dim}-d) -> {cfg.output}")
-    run_job("extract", dict(input=input, output=output, encoder=encoder, pretrained=pretrained,
+                   f"with {m.model_id} ({m.dim}-d) -> {cfg.output}"
+                   + (f"; {m.n_vanished} input item(s) vanished, {m.n_changed} changed since extracted "
+                      "(kept; see input_changes.parquet)" if m.n_vanished or m.n_changed else ""))
+    inputs = (input[0] if len(input) == 1 else list(input)) if input else None
+    run_job("extract", dict(input=inputs, output=output, encoder=encoder, pretrained=pretrained,
                             input_format=input_format, label_field=label_field, shard_size=shard_size,
                             batch_size=batch_size, num_actors=num_actors, address=address, limit=limit,
                             device=device, image_backend=image_backend, overwrite=overwrite), config, set, body)

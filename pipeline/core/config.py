@@ -34,9 +34,10 @@ DEFAULT_TEMPLATES = (
 class ExtractConfig(_Config):
     """``zsl extract``: image shards -> feature Parquet shards."""
 
-    input: Uri = Field(description=(
+    input: Uri | tuple[Uri, ...] = Field(description=(
         "Folder of images, img2dataset output (files / webdataset / parquet), .tar shards or Parquet with "
-        "image bytes; local or any fsspec URI; brace patterns such as shards/{00000..00099}.tar."))
+        "image bytes; local or any fsspec URI; brace patterns such as shards/{00000..00099}.tar. Several: "
+        "one feature directory of all (the first names it; adding one later is growth)."))
     output: Uri = Field(description="Output directory (local or fsspec URI).")
     input_format: Literal["auto", "folder", "files", "webdataset", "parquet"] = Field("auto", description=(
         "'auto' recognises img2dataset's three layouts, Parquet with image bytes and image folders, and logs why."))

@@ -53,8 +53,12 @@ def identity_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     {'encoder': 'effnet-lite0'}
     >>> identity_settings({"encoder": "effnet-lite0", "jpeg_draft": True})
     {'encoder': 'effnet-lite0', 'jpeg_draft': True}
+    >>> identity_settings({"input": ["/a", "/b"], "encoder": "effnet-lite0"})
+    {'input': '/a', 'encoder': 'effnet-lite0'}
     """
     out = {k: cfg.get(k) for k in IDENTITY_KEYS if k in cfg}
+    if isinstance(out.get("input"), (list, tuple)):  # several inputs: the first names the features; more is growth
+        out["input"] = out["input"][0]
     out.update({k: True for k in IDENTITY_FLAGS if cfg.get(k)})
     return out
 

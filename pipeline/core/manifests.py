@@ -63,6 +63,10 @@ class FeaturesManifest(Manifest):
     n_shards_in_input: int | None = None
     n_images: int = Field(ge=0)
     n_errors: int = Field(0, ge=0)
+    #: items of recorded shards no longer in the input, or of another size (kept, not re-extracted;
+    #: listed in ``input_changes.parquet``)
+    n_vanished: int = Field(0, ge=0)
+    n_changed: int = Field(0, ge=0)
     config: dict[str, Any] = Field(default_factory=dict)
     resources: dict[str, Any] | None = None
     seconds_last_run: float | None = None

@@ -112,7 +112,8 @@ def train_key(settings: dict, features: str, classes: str) -> dict:
     order = np.argsort(np.asarray(rows.column("image_id").to_pylist(), dtype=object), kind="stable")
     rows = rows.take(order)
     return {"settings": zio.fingerprint(settings),
-            "seen_semantics": zio.fingerprint(np.ascontiguousarray(sem[ids], np.float32).tobytes().hex()),
+            # rounded: a text encoder's batch (the table grew) moves the last float bits of an embedding
+            "seen_semantics": zio.fingerprint(np.round(np.asarray(sem[ids], np.float64), 4).tobytes().hex()),
             "seen_rows": zio.fingerprint([rows.column("image_id").to_pylist(), rows.column("label").to_pylist()]),
             "n_seen_rows": rows.num_rows}
 
@@ -160,7 +161,7 @@ class _Runner:
         before = set(zpq.parquet_names(zio.join(p.features, "features")))
         errs_before = set(zpq.parquet_names(zio.join(p.features, "errors")))
         inputs = list(cfg.inputs)
-        ecfg = cfg.stage_config("extract", input=inputs if len(inputs) > 1 else inputs[0], output=p.features,
+        ecfg = cfg.stage_config("extract", input=inputs[0] if len(inputs) == 1 else tuple(inputs), output=p.features,
                                 overwrite=False, address=cfg.address)
         man = run_extract(ecfg, progress=self.progress)
         new = sorted(set(zpq.parquet_names(zio.join(p.features, "features"))) - before)
@@ -286,7 +287,10 @@ class _Runner:
             return
         from pipeline.stages.index import run_index
 
+        from pipeline.core.resume import OutputDir, describe_diff
+
         old = _manifest(p.index, IndexManifest)
+        old_identity = OutputDir.recorded_identity(p.index, job="index") if old is not None else None
         icfg = cfg.stage_config("index", features=p.features, model=self.model_dir(), output=p.index,
                                 overwrite=True, address=cfg.address)
         man = run_index(icfg, progress=self.progress)
@@ -298,7 +302,9 @@ class _Runner:
         if old is not None and old.model_dump() == man.model_dump():
             rec.status, rec.found, rec.did = "nothing new", "no new feature shards", "index kept"
         else:
-            rec.found = reason or ("first run" if old is None else "the features or the model changed")
+            new_identity = OutputDir.recorded_identity(p.index, job="index")
+            why = describe_diff(old_identity, new_identity) if old_identity and old_identity != new_identity else ""
+            rec.found = reason or ("first run" if old is None else f"rebuilt: {why}" if why else "new feature shards")
             rec.did = f"{action or 'built'}: {man.ntotal} vectors ({man.factory})"
             if old is not None:
                 rec.counts["added"] = man.ntotal - old.ntotal

@@ -12,6 +12,7 @@ is refused rather than silently mixing two listings (``overwrite`` starts afresh
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import defaultdict
@@ -28,11 +29,15 @@ from pipeline.core.manifests import FeaturesManifest
 from pipeline.core.timing import timed
 from pipeline.encoders.image import image_encoder_info
 from pipeline.inputs.base import Shard
+from pipeline.inputs.plan import PLAN_FILE, PlanUpdate, grow_plan, read_plan, write_plan
 from pipeline.inputs.registry import describe_input, list_shards
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["run_extract", "shard_plan", "check_checkpoint"]
+__all__ = ["run_extract", "shard_plan", "check_checkpoint", "inputs_of", "CHANGES_FILE"]
+
+#: vanished and changed input items (item, what), kept beside the features while there are any
+CHANGES_FILE = "input_changes.parquet"
 
 
 def shard_plan(shards: list[Shard]) -> dict[str, str]:
@@ -195,33 +200,43 @@ def _done_shards(feat_dir: str) -> set[int]:
 
 
 def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> FeaturesManifest:
-    """Extract features for every unfinished shard of ``cfg.input``; return the manifest."""
+    """Extract features for every unfinished shard of ``cfg.input``; return the manifest.
+
+    Shard ids come from the output's recorded plan (:mod:`pipeline.inputs.plan`): new input becomes new
+    shards after the recorded ones, whatever it sorts as; vanished and changed items are reported. A run
+    with nothing to do changes no file."""
     with timed() as took:
         info = image_encoder_info(cfg.encoder, cfg.pretrained)
         check_checkpoint(cfg.pretrained)
-        shards = _list_input(cfg)
-        listing = shard_plan(shards)
-        if cfg.limit:
-            shards = shards[: cfg.limit]
+        listed = _list_input(cfg)
         settings = {**cfg.model_dump(), "jpeg_draft": _jpeg_draft(cfg)}
         identity = {**identity_settings(settings), "model_id": info.model_id}
         with OutputDir(cfg.output, job="extract", identity=identity, overwrite=cfg.overwrite,
-                       owned=("features", "errors", "text")) as out:
-            done = _resume(cfg, out, listing)
+                       owned=("features", "errors", "text", PLAN_FILE, CHANGES_FILE)) as out:
+            update = _resume(cfg, out, listed)
+            shards = update.shards[: cfg.limit] if cfg.limit else update.shards
+            feat_dir = out.join("features")
+            done = _done_shards(feat_dir)
             pending = [s for s in shards if s.shard_id not in done]
-            LOG.info("%d shards in input, %d already done, %d to do", len(shards), len(shards) - len(pending),
-                     len(pending))
+            LOG.info("%d shards in the plan (%d new), %d already done, %d to do", len(update.shards), len(update.new),
+                     len(shards) - len(pending), len(pending))
+            _report_changes(cfg, out, update)
+            finished = out.finished(FeaturesManifest)
+            if not pending and finished is not None and finished.n_shards == len(shards) and \
+                    (finished.n_vanished, finished.n_changed) == (len(update.vanished), len(update.changed)):
+                LOG.info("%s: nothing new to extract", cfg.output)
+                return finished  # nothing changed: no file is rewritten
             resources = seconds = None
             if pending:
                 out.begin()
                 resources, seconds = _encode(cfg, info, shards, pending, progress, draft=settings["jpeg_draft"])
-            feat_dir = out.join("features")
             manifest = FeaturesManifest(
                 model_id=info.model_id, dim=info.dim, image_size=info.image_size, n_shards=len(shards),
-                n_shards_in_input=len(listing), n_images=zpq.dir_num_rows(feat_dir),
-                n_errors=zpq.dir_num_rows(out.join("errors")), config=settings,
-                resources=resources, seconds_last_run=round(took.elapsed(), 2),
-                stage_seconds=seconds)
+                n_shards_in_input=len(update.shards), n_images=zpq.dir_num_rows(feat_dir),
+                n_errors=zpq.dir_num_rows(out.join("errors")), n_vanished=len(update.vanished),
+                n_changed=len(update.changed), config=settings,
+                resources=resources if pending else (finished.resources if finished else None),
+                seconds_last_run=round(took.elapsed(), 2), stage_seconds=seconds)
             out.finish(manifest)
             return manifest
 
@@ -238,33 +253,72 @@ def _jpeg_draft(cfg: ExtractConfig) -> bool:
     return bool(recorded.get("jpeg_draft"))
 
 
+def inputs_of(cfg: ExtractConfig) -> list[str]:
+    """The config's input URIs (one, or several)."""
+    return [cfg.input] if isinstance(cfg.input, str) else list(cfg.input)
+
+
 def _list_input(cfg: ExtractConfig) -> list[Shard]:
-    """The input's shards (with ``auto``, the layout chosen is logged with its reason)."""
-    if cfg.input_format == "auto":
-        fmt, why = describe_input(cfg.input, cfg.image_column)
-        LOG.info("%s: input format %s (%s)", cfg.input, fmt, why)
+    """The shards of every input as listed now, ids in order across the inputs (with ``auto``, the layout
+    chosen for each input is logged with its reason)."""
+    out: list[Shard] = []
+    for uri in inputs_of(cfg):
+        if cfg.input_format == "auto":
+            fmt, why = describe_input(uri, cfg.image_column)
+            LOG.info("%s: input format %s (%s)", uri, fmt, why)
+        else:
+            fmt = cfg.input_format
+        for s in list_shards(uri, input_format=fmt, shard_size=cfg.shard_size, image_column=cfg.image_column):
+            out.append(dataclasses.replace(s, shard_id=len(out)))
+    return out
+
+
+def _resume(cfg: ExtractConfig, out: OutputDir, listed: list[Shard]) -> PlanUpdate:
+    """The plan brought up to date with the input as listed now (written when it grew).
+
+    An output extracted before plans were recorded (its run.json has only the shards' fingerprints)
+    adopts today's listing when every finished shard still holds what it held; otherwise the input changed
+    under it in a way that cannot be told apart from renaming, and the run is refused (``--overwrite``
+    starts afresh)."""
+    recorded = read_plan(out.uri)
+    if recorded is None:
+        done = _done_shards(out.join("features"))
+        try:
+            if done:
+                _check_plan(cfg, out, shard_plan(listed), done)  # an output of an earlier version: same listing?
+        except ConfigError:
+            if not cfg.overwrite:
+                raise
+            LOG.warning("%s: input changed under finished shards; extracting every shard afresh", cfg.output)
+            out.begin()
+            for part in ("features", "errors", "text"):  # the text: caption embeddings of the old features
+                zio.remove(out.join(part))
+        update = grow_plan(None, listed, shard_size=cfg.shard_size)
     else:
-        fmt = cfg.input_format
-    return list_shards(cfg.input, input_format=fmt, shard_size=cfg.shard_size, image_column=cfg.image_column)
+        update = grow_plan(recorded, listed, shard_size=cfg.shard_size)
+    if recorded is None or update.new:
+        write_plan(out.uri, update.plan)  # before any new shard is written: the ids are fixed from here on
+    return update
 
 
-def _resume(cfg: ExtractConfig, out: OutputDir, listing: dict[str, str]) -> set[int]:
-    """The shards already done; with ``overwrite``, an input changed under them starts afresh."""
-    feat_dir = out.join("features")
-    done = _done_shards(feat_dir)
-    try:
-        _check_plan(cfg, out, listing, done)
-    except ConfigError:
-        if not cfg.overwrite:
-            raise
-        LOG.warning("%s: input changed under finished shards; extracting every shard afresh", cfg.output)
-        out.begin()
-        zio.remove(feat_dir)
-        zio.remove(out.join("errors"))
-        zio.remove(out.join("text"))  # caption embeddings of the old features
-        done = set()
-    out.set_state({"shards": listing})
-    return done
+def _report_changes(cfg: ExtractConfig, out: OutputDir, update: PlanUpdate) -> None:
+    """Log vanished and changed items and keep their list in ``input_changes.parquet`` (rewritten only when
+    it differs)."""
+    import pyarrow as pa
+
+    rows = [(it, "vanished") for it in update.vanished] + [(it, "changed") for it in update.changed]
+    path = out.join(CHANGES_FILE)
+    old = zpq.read_parquet(path) if zio.exists(path) else None
+    old_rows = list(zip(old.column("item").to_pylist(), old.column("what").to_pylist())) if old is not None else []
+    if rows == old_rows:
+        return
+    if rows:
+        LOG.warning("%s: %d item(s) of extracted shards vanished and %d changed since (first: %s); they are kept "
+                    "as extracted, not re-read: a changed file needs a new name, or --overwrite to start afresh",
+                    cfg.output, len(update.vanished), len(update.changed), rows[0][0])
+        zpq.write_parquet_atomic(path, pa.table({"item": [r[0] for r in rows], "what": [r[1] for r in rows]}))
+    else:
+        zio.remove(path)
 
 
 def _encode(cfg: ExtractConfig, info, shards: list[Shard], pending: list[Shard], progress: bool, *, draft: bool):

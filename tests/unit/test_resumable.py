@@ -268,21 +268,77 @@ def test_jpeg_draft_is_identity_when_on_and_outputs_keep_their_decoding(fake_ray
     assert fake_ray["kwargs"]["backend"] == "torch" and m.n_images == 30 and m.config["jpeg_draft"] is True
 
 
-def test_input_that_changed_under_finished_shards_is_refused(fake_ray, image_folder, tmp_path):
+def _files(out) -> dict:
+    return {p.relative_to(out).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*")
+            if p.is_file() and not p.name.endswith(".lock")}
+
+
+def test_new_files_become_new_shards_whatever_they_sort_as(fake_ray, image_folder, tmp_path):
+    """Growth: a file sorting into finished shards, a new class folder sorting first, more inputs: new shards
+    after the recorded ones; recorded shards never change; a run with nothing new writes nothing."""
+    out = tmp_path / "out"
+    run_extract(_cfg(image_folder, out, limit=3), progress=False)  # shards 0-2 of 0-7 done
+    done = {k: v for k, v in _files(out).items() if k.startswith("features/")}
+    Image.new("L", (28, 28)).save(image_folder / "bear" / "00000-new.png")  # sorts into shard 0
+    (image_folder / "ant").mkdir()
+    for i in range(5):  # a new class folder, sorting before every other
+        Image.new("L", (28, 28), color=i * 40).save(image_folder / "ant" / f"{i}.png")
+    fake_ray.update(shards_run=[])
+    m = run_extract(_cfg(image_folder, out), progress=False)
+    assert sorted(fake_ray["shards_run"]) == [3, 4, 5, 6, 7, 8, 9]  # the rest of the plan, then 2 new shards
+    assert {k: v for k, v in _files(out).items() if k in done} == done  # finished shards untouched
+    assert m.n_images == 36 and m.n_shards == 10
+    new_ids = zpq.read_parquet_dir(str(out / "features")).column("image_id").to_pylist()
+    assert len(new_ids) == len(set(new_ids)) == 36
+    eight = zpq.read_parquet(str(out / "features" / "shard-000008.parquet")).column("image_id").to_pylist()
+    assert eight == ["ant/0.png", "ant/1.png", "ant/2.png", "ant/3.png"]  # listing order among the new ones
+    # nothing new: nothing run, no file rewritten
+    before = _files(out)
+    fake_ray.update(shards_run=[])
+    run_extract(_cfg(image_folder, out), progress=False)
+    assert fake_ray["shards_run"] == [] and _files(out) == before
+    # a second input added later is growth too (the first input names the features)
+    extra = tmp_path / "more" / "dog"
+    extra.mkdir(parents=True)
+    Image.new("L", (28, 28)).save(extra / "1.png")
+    m = run_extract(_cfg(image_folder, out).model_copy(update={"input": (str(image_folder), str(tmp_path / "more"))}),
+                    progress=False)
+    assert fake_ray["shards_run"] == [10] and m.n_images == 37
+
+
+def test_vanished_and_changed_files_are_reported_not_reextracted(fake_ray, image_folder, tmp_path):
+    out = tmp_path / "out"
+    run_extract(_cfg(image_folder, out), progress=False)
+    victims = sorted((image_folder / "bird").iterdir())
+    victims[0].unlink()
+    victims[1].write_bytes(victims[1].read_bytes() + b"\0" * 10)  # same name, other content
+    fake_ray.update(shards_run=[])
+    m = run_extract(_cfg(image_folder, out), progress=False)
+    assert fake_ray["shards_run"] == [] and (m.n_vanished, m.n_changed) == (1, 1)
+    t = zpq.read_parquet(str(out / "input_changes.parquet"))
+    assert dict(zip(t.column("item").to_pylist(), t.column("what").to_pylist())) == {
+        str(victims[0]): "vanished", str(victims[1]): "changed"}
+    assert m.n_images == 30  # their rows stay as extracted
+
+
+def test_an_output_of_an_earlier_version_keeps_its_shards_or_is_refused(fake_ray, image_folder, tmp_path):
+    """Outputs extracted before plans were recorded: the listing is adopted when their shards still hold what
+    they held; a file sorted into them cannot be told from a rename, so that is refused as before."""
     out = tmp_path / "out"
     run_extract(_cfg(image_folder, out, limit=3), progress=False)
-    run_json = (out / "run.json").read_bytes()
-    # a new file sorted into the middle shifts every later shard's members
+    (out / "plan.parquet").unlink()  # as an earlier version left it (run.json holds the shards' fingerprints)
+    import json
+    from pipeline.stages.extract import _list_input, shard_plan
+    rec = json.loads((out / "run.json").read_text())
+    rec["state"] = {"shards": shard_plan(_list_input(_cfg(image_folder, out)))}
+    (out / "run.json").write_text(json.dumps(rec))
     Image.new("L", (28, 28)).save(image_folder / "bear" / "00000-new.png")
     with pytest.raises(ConfigError, match=r"changed since .* was extracted \(shard\(s\) 0, 1, 2 now hold other items"):
         run_extract(_cfg(image_folder, out), progress=False)
-    assert (out / "run.json").read_bytes() == run_json
     os.remove(image_folder / "bear" / "00000-new.png")
-    # files added after the last finished shard are fine: only unfinished shards change
-    Image.new("L", (28, 28)).save(image_folder / "cat" / "zzzzz-new.png")
     fake_ray.update(shards_run=[])
     m = run_extract(_cfg(image_folder, out), progress=False)
-    assert sorted(fake_ray["shards_run"]) == [3, 4, 5, 6, 7] and m.n_images == 31
+    assert sorted(fake_ray["shards_run"]) == [3, 4, 5, 6, 7] and m.n_images == 30 and (out / "plan.parquet").exists()
 
 
 def test_second_job_on_the_same_output_is_refused(tmp_path, image_folder, capsys):

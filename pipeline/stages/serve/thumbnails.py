@@ -156,10 +156,14 @@ def _feature_input_root(s: Searcher) -> list[str] | None:
         source = open_features(s.manifest.features_dir).config.get("input") if s.manifest.features_dir else None
     except (FileNotFoundError, ValueError):
         source = None
-    if not source or not zio.is_local(str(source)):
-        return None
-    path = str(source)[7:] if str(source).startswith("file://") else str(source)
-    return [os.path.realpath(path if os.path.isdir(path) else os.path.dirname(path))]
+    sources = [str(x) for x in source] if isinstance(source, (list, tuple)) else [str(source)] if source else []
+    roots = []
+    for src in sources:  # one input, or several (`zsl run`'s inputs)
+        if not zio.is_local(src):
+            continue
+        path = src[7:] if src.startswith("file://") else src
+        roots.append(os.path.realpath(path if os.path.isdir(path) else os.path.dirname(path)))
+    return roots or None
 
 
 def check_source(uri: str, *, roots: list[str] | None, remote: bool) -> str:
