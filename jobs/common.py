@@ -131,3 +131,16 @@ def run_job(job: str, flags: dict | Callable[[], dict], config: Path | None, set
     def go() -> None:
         body(load_config(job, flags() if callable(flags) else flags, config, sets))
     run_guarded(go)
+
+
+#: exit status of a job that finished with some items failed (listed; the next run retries them)
+EXIT_PARTIAL = 3
+
+
+def exit_partial(failed: dict[str, str]) -> None:
+    """List ``failed`` (item -> why) on stderr and exit :data:`EXIT_PARTIAL` when there are any."""
+    if failed:
+        for item, why in list(failed.items())[:20]:
+            typer.echo(f"zsl: failed: {item}: {why}", err=True)
+        typer.echo(f"zsl: {len(failed)} item(s) failed; the others are done, and a rerun retries these", err=True)
+        raise typer.Exit(EXIT_PARTIAL)

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from jobs.common import (AddressOpt, ConfigOpt, OverwriteOpt, SetOpt, WorkersOpt, key_values, names_or_file,
-                         run_guarded, run_job)
+from jobs.common import (AddressOpt, ConfigOpt, OverwriteOpt, SetOpt, WorkersOpt, exit_partial, key_values,
+                         names_or_file, run_guarded, run_job)
 
 
 def train(
@@ -114,15 +114,35 @@ def label(
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Bulk-label features: top-k classes with scores per image, shard by shard (resumable)."""
+    failed: dict = {}
+
     def body(cfg):
         from pipeline.stages.label import run_label
 
         m = run_label(cfg)
         typer.echo(f"labeled {m.n_labeled_this_run} images in {m.n_shards} shards against "
                    f"{len(m.classes)} classes -> {cfg.output}")
+        _echo_diff(cfg.output, m)
+        failed.update(m.failed_shards)
     run_job("label", dict(model=model, features=features, classes=classes, output=output, top_k=top_k,
                           calibrated=calibrated, address=address, num_workers=num_workers, overwrite=overwrite),
             config, set, body)
+    exit_partial(failed)
+
+
+def _echo_diff(output: str, m) -> None:
+    """The moves of a relabel's label diff, one line."""
+    if not m.last_diff or m.n_labeled_this_run == 0:
+        return
+    import json
+    from pathlib import Path as _P
+
+    summary = _P(output, m.last_diff, "summary.json")
+    if summary.exists():
+        d = json.loads(summary.read_text())
+        moves = ", ".join(f"{p['old']} -> {p['new']} {p['n']}" for p in d["pairs"][:6])
+        typer.echo(f"label diff {m.last_diff}: {d['moved']} of {d['compared']} images changed label"
+                   + (f" ({moves}{', ...' if len(d['pairs']) > 6 else ''})" if moves else ""))
 
 
 def add_classes(
@@ -141,6 +161,7 @@ def add_classes(
                    f"{cm.n_classes} classes in {cfg.classes}")
         if lm is not None:
             typer.echo(f"re-labeled {lm.n_labeled_this_run} images against {len(lm.classes)} classes -> {cfg.relabel}")
+            _echo_diff(cfg.relabel, lm)
     run_job("add-classes", dict(model=model, classes=classes, input=input, relabel=relabel), config, set, body)
 
 

@@ -152,6 +152,12 @@ class LabelsManifest(Manifest):
     n_labeled_this_run: int = Field(ge=0)
     config: dict[str, Any] = Field(default_factory=dict)
     seconds_last_run: float | None = None
+    #: feature shards that could not be labelled (name -> why); their label shards are missing, so the
+    #: next run retries them
+    failed_shards: dict[str, str] = Field(default_factory=dict)
+    #: the label diff of the last relabel under another model or class set (``diffs/NNNN``, relative
+    #: to the output): ``summary.json`` and one Parquet shard per label shard (the rows whose top-1 moved)
+    last_diff: str | None = None
 
 
 class IndexTuning(BaseModel):

@@ -14,6 +14,9 @@ output through :class:`OutputDir`, so they share one set of rules:
    nothing is changed, unless ``overwrite``: then the old manifest and the job's own files are
    removed first, and the run starts afresh. Settings that do not change the result (batch size,
    actors, cluster address) are not part of the identity and may change between runs.
+   A job may instead replace a finished output *in place* (``replace_in_place``: ``zsl label``
+   relabelling from stored features writes a diff of old and new labels shard by shard), recording in
+   ``run.json``, atomically with the new identity, which identity it is replacing.
 4. **Manifest last.** :meth:`OutputDir.begin` removes ``manifest.json`` before any file changes,
    and :meth:`OutputDir.finish` writes it after the last one: an output without a manifest is
    unfinished, and every reader refuses it. A finished output rerun with the same identity does
@@ -79,15 +82,20 @@ class OutputDir:
         identity: JSON-able facts that define the result (fingerprints and result-changing settings).
         overwrite: replace an output of another identity instead of refusing.
         owned: paths under ``uri`` that the job writes besides ``manifest.json`` (removed on overwrite).
+        replace_in_place: on overwrite of a *finished* output of another identity, keep the old files (the job
+            replaces them one by one, e.g. to diff old and new labels): the manifest goes, and ``run.json``
+            takes the new identity with ``state["replacing"] = {"identity": <the old one>}`` in one atomic
+            write, so a kill part-way and a rerun (same identity now) find what is left to replace there.
     """
 
     def __init__(self, uri: str, *, job: str, identity: dict[str, Any], overwrite: bool = False,
-                 owned: Sequence[str] = ()) -> None:
+                 owned: Sequence[str] = (), replace_in_place: bool = False) -> None:
         self.uri = str(uri)
         self.job = job
         self.identity = zio.to_jsonable(identity)
         self.overwrite = overwrite
         self.owned = tuple(owned)
+        self.replace_in_place = replace_in_place
         self.previous_state: dict[str, Any] = {}
         self._in_place = False
         self._stack: contextlib.ExitStack | None = None
@@ -158,6 +166,14 @@ class OutputDir:
                                    f"({what}); use a new --output, or --overwrite to replace it "
                                    "(nothing was changed)")
             LOG.warning("%s: replacing an output made from other inputs or settings (%s)", self.uri, what)
+            if self.replace_in_place and isinstance(prev, RunRecord) and zio.exists(self.join(MANIFEST_FILE)):
+                # the job replaces its files one by one (comparing old and new first): the old files stay,
+                # the output is unfinished until the job's manifest, and run.json says what is being replaced
+                zio.remove(self.join(MANIFEST_FILE))
+                self.previous_state = {"replacing": {"identity": dict(prev.identity)}}
+                zio.write_json_atomic(self.join(RUN_FILE), RunRecord(
+                    job=self.job, identity=self.identity, state=self.previous_state).model_dump(mode="json"))
+                return
             self._clear()
         zio.write_json_atomic(self.join(RUN_FILE),
                               RunRecord(job=self.job, identity=self.identity).model_dump(mode="json"))

@@ -264,12 +264,10 @@ class _Runner:
         rec.failed = [{"item": k.rsplit("/", 1)[-1], "reason": v} for k, v in failed.items()]
         rec.counts = {"shards": man.n_shards, "images": man.n_images, "labelled_now": man.n_labeled_this_run,
                       "failed_shards": len(failed)}
-        relabel = old is not None and old.identity != man.identity
+        relabel = man.last_diff is not None and (old is None or old.last_diff != man.last_diff)
         if relabel:
-            from pipeline.core.resume import describe_diff
-
-            rec.found = f"relabel from stored features ({describe_diff(old.identity, man.identity)})"
             rec.details["diff"] = _diff_summary(p.labels, man)
+            rec.found = f"relabel from stored features ({rec.details['diff'].get('changed') or 'model or classes changed'})"
             rec.did = f"relabelled {man.n_labeled_this_run} images"
             moved = rec.details["diff"].get("moved") if rec.details["diff"] else None
             if moved is not None:
