@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import typer
 
-from jobs.common import AddressOpt, ConfigOpt, OverwriteOpt, SetOpt, WorkersOpt, run_job
+from jobs.common import AddressOpt, ConfigOpt, OverwriteOpt, SetOpt, WorkersOpt, exit_partial, run_job
 
 
 def index(
@@ -28,10 +28,13 @@ def index(
 ) -> None:
     """Build a FAISS index of images in the model's text space (chosen under a memory budget, tuned
     to a recall target); on a feature directory that gained shards, add only their vectors."""
+    failed: dict = {}
+
     def body(cfg):
         from pipeline.stages.index import run_index
 
         m = run_index(cfg)
+        failed.update(m.failed_shards)
         tuned = (f"; {m.search_params or 'exact'}: recall@10 {m.tuning.recall_at_10:.3f}, "
                  f"{m.tuning.latency_ms_mean:.2f} ms/query" if m.tuning else "")
         typer.echo(f"indexed {m.ntotal} images with {m.factory} ({m.index_bytes / 2**20:.1f} MiB, "
@@ -41,6 +44,7 @@ def index(
                           target_recall=target_recall, max_query_ms=max_query_ms, use_gpu=use_gpu,
                           address=address, num_workers=num_workers, partitions=partitions, overwrite=overwrite),
             config, set, body)
+    exit_partial(failed)
 
 
 def serve(

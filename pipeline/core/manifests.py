@@ -227,6 +227,8 @@ class IndexManifest(Manifest):
     max_memory: str | None = None
     estimated_bytes: int | None = None
     shards_projected_last_run: int | None = None
+    #: feature shards left out because they could not be read (name -> why); the next run adds them
+    failed_shards: dict[str, str] = Field(default_factory=dict)
     seconds: float | None = None
 
 

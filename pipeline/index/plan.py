@@ -100,7 +100,7 @@ def _keep(cfg: IndexConfig, done: IndexManifest, rows: dict[str, int], dim: int)
     """The plan for a finished index that stays: nothing, retune or add."""
     n_total, names = sum(rows.values()), tuple(rows)
     common = dict(factory=done.factory, n_total=n_total, search_params=fixed_params(cfg))
-    if tuple(done.shards) == names and (_tuned_by(done.tuning) == _tuning_settings(cfg, n_total) or n_total < 2):
+    if set(done.shards) == set(names) and (_tuned_by(done.tuning) == _tuning_settings(cfg, n_total) or n_total < 2):
         return IndexPlan("nothing", shards=names, new_shards=(), **common,
                          reason="index of these features with this model is complete; nothing to do")
     new = tuple(n for n in names if n not in set(done.shards))
@@ -134,7 +134,7 @@ def plan_index(cfg: IndexConfig, *, done: IndexManifest | None, rows: dict[str, 
     """
     n_total, names = sum(rows.values()), tuple(rows)
     budget = parse_memory(cfg.max_memory)
-    why = _stale(done, rows, dim, budget) if done is not None and tuple(done.shards) != names else None
+    why = _stale(done, rows, dim, budget) if done is not None and set(done.shards) != set(names) else None
     if done is not None and why is None:
         return _keep(cfg, done, rows, dim)
     factory = cfg.index_factory or choose_index(n_total, dim, max_memory_bytes=budget)

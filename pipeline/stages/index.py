@@ -34,9 +34,9 @@ from pipeline.core import fs as zio
 from pipeline.core import parquet as zpq
 from pipeline.core.config import IndexConfig
 from pipeline.core.units import parse_memory
-from pipeline.core.features import check_feature_shards, feature_shards, features_identity, open_features
+from pipeline.core.features import feature_shards, features_identity, open_features, split_feature_shards
 from pipeline.core.resume import OutputDir
-from pipeline.core.manifests import IndexManifest, IndexTuning
+from pipeline.core.manifests import IndexManifest, IndexTuning, read_manifest
 from pipeline.core.timing import timed
 from pipeline.index.build import add_vectors, build_index, check_search_params, merge_ivf_parts
 from pipeline.index.captions import update_caption_index
@@ -68,6 +68,7 @@ class _Inputs:
     rows: dict[str, int]
     dim: int
     identity: dict
+    failed: dict  # feature shard name -> why it was left out (unreadable)
 
 
 def _open_inputs(cfg: IndexConfig) -> _Inputs:
@@ -76,8 +77,21 @@ def _open_inputs(cfg: IndexConfig) -> _Inputs:
     if mman.semantics != "text":
         raise ValueError(f"{cfg.model}: model scores against '{mman.semantics}' semantics; text search needs "
                          "a model trained with --semantics text")
-    shards = feature_shards(cfg.features)
-    check_feature_shards(shards, fman.dim)
+    shards, bad = split_feature_shards(feature_shards(cfg.features), fman.dim)
+    failed = {f.rsplit("/", 1)[-1]: why for f, why in bad.items()}
+    if bad and not shards:
+        first = next(iter(bad.items()))
+        raise ValueError(f"{first[0]}: {first[1]} (and every other feature shard is unusable too)")
+    try:
+        done = read_manifest(cfg.output, IndexManifest) if zio.exists(zio.join(cfg.output, "manifest.json")) else None
+    except Exception:  # noqa: BLE001 - another output: the resume protocol says so when it opens it
+        done = None
+    indexed_bad = sorted(set(failed) & set(done.shards if done is not None else ()))
+    if indexed_bad:  # its vectors are in the index: it cannot be left out without a rebuild
+        raise ValueError(f"{cfg.features}: indexed feature shard {indexed_bad[0]} is unreadable now "
+                         f"({failed[indexed_bad[0]]}); restore it, or rebuild with --overwrite")
+    for name, why in failed.items():
+        LOG.error("%s: feature shard %s left out: %s (the next run adds it)", cfg.output, name, why)
     files = {f.rsplit("/", 1)[-1]: f for f in shards}
     rows = {n: zpq.parquet_num_rows(f) for n, f in files.items()}
     if sum(rows.values()) == 0:
@@ -86,7 +100,7 @@ def _open_inputs(cfg: IndexConfig) -> _Inputs:
     # what the vectors and the index type are; the tuning settings only re-tune a finished index
     identity = {"model": model_fingerprint(cfg.model, mman), "features": features_identity(cfg.features, fman),
                 "dim": dim, "index_factory": cfg.index_factory, "max_memory": cfg.max_memory, "nprobe": cfg.nprobe}
-    return _Inputs(fman, model, mman, files, rows, dim, identity)
+    return _Inputs(fman, model, mman, files, rows, dim, identity, failed)
 
 
 @contextmanager
@@ -106,6 +120,9 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
             plan = plan_index(cfg, done=done, rows=src.rows, dim=src.dim)
             (LOG.warning if plan.rebuild else LOG.info)("%s: %s", cfg.output, plan.reason)
             files = [src.files[n] for n in plan.shards]
+            if plan.action == "nothing" and src.failed != (done.failed_shards if done else {}):
+                done = done.model_copy(update={"failed_shards": src.failed})  # failures changed: say so
+                out.finish(done)
             if plan.action == "nothing":
                 _drop_cache(out)  # a kill after the manifest, before the cache was removed
                 # captions embedded since (or gone): the caption index is a directory of its own,
@@ -220,7 +237,8 @@ def _manifest(cfg: IndexConfig, plan: IndexPlan, src: _Inputs, fields: dict, tun
         feature_model=src.fman.model_id, **_image_encoder(src.fman), text_model=mman.text_model,
         text_model_name=mman.text_model_name, text_pretrained=mman.text_pretrained, templates=mman.templates,
         features_dir=cfg.features, shards=list(plan.shards), max_memory=cfg.max_memory,
-        estimated_bytes=plan.estimated_bytes, shards_projected_last_run=n_new, seconds=round(seconds, 2))
+        estimated_bytes=plan.estimated_bytes, shards_projected_last_run=n_new, seconds=round(seconds, 2),
+        failed_shards=src.failed)
 
 
 def _captions(cfg: IndexConfig, out: OutputDir, src: _Inputs, files: list[str], plan: IndexPlan,

@@ -130,3 +130,30 @@ def test_a_broken_feature_shard_fails_alone_and_is_retried(small_world, tmp_path
     assert main(argv) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["failed_shards"] == {} and m["n_images"] == 40 and m["n_labeled_this_run"] == 8
+
+
+def test_index_leaves_out_a_broken_shard_and_adds_it_once_restored(small_world, tmp_path, capsys):
+    import faiss
+
+    from jobs.cli import main
+
+    w = small_world(n_images=40, shard_size=8)
+    shard = os.path.join(w["features"], "features", "shard-000002.parquet")
+    good = open(shard, "rb").read()
+    open(shard, "wb").write(good[: len(good) // 2])
+    out = tmp_path / "index"
+    argv = ["index", "--features", w["features"], "--model", w["model"], "--output", str(out),
+            "--index-factory", "Flat"]
+    assert main(argv) == 3
+    assert "shard-000002.parquet" in capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    assert list(m["failed_shards"]) == ["shard-000002.parquet"] and m["ntotal"] == 32
+    open(shard, "wb").write(good)
+    assert main(argv) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["failed_shards"] == {} and m["ntotal"] == 40 and m["added_last_run"] == 8
+    ids = zpq.read_parquet(str(out / "ids.parquet")).column("image_id").to_pylist()
+    assert sorted(ids) == [f"img{i:04d}" for i in range(40)]  # each image once
+    assert faiss.read_index(str(out / "index.faiss")).ntotal == 40
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert main(argv) == 0 and (out / "manifest.json").stat().st_mtime_ns == stamp  # nothing new: nothing written
