@@ -78,9 +78,6 @@ def make_run_config(stages: dict[str, type[_Config]]) -> type[_Config]:
         index: sec["index"] | None = Field(default_factory=sec["index"], description=(
             "`zsl index` settings; null: no index (its model must be trained with text semantics)."))
         address: str | None = Field(None, description="Ray cluster address for the stages that run there.")
-        retire_missing: bool = Field(False, description=(
-            "Retire the rows of input files that vanished or changed from the labels and the index "
-            "(default: report them)."))
         keep_runs: int = Field(100, gt=0, description="Run records and reports kept under runs/ (oldest removed).")
 
         @model_validator(mode="after")

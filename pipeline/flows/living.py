@@ -178,9 +178,9 @@ class _Runner:
         else:
             rec.status, rec.found, rec.did = "nothing new", "no new input", "nothing to extract"
         if rec.counts.get("vanished") or rec.counts.get("changed"):
-            rec.notes.append(f"{rec.counts.get('vanished', 0)} input file(s) vanished and "
-                             f"{rec.counts.get('changed', 0)} changed since they were extracted (kept, not re-read"
-                             + ("; retired" if cfg.retire_missing else "; set retire_missing to drop their rows") + ")")
+            rec.notes.append(f"{rec.counts.get('vanished', 0)} input item(s) vanished and "
+                             f"{rec.counts.get('changed', 0)} changed since they were extracted: their rows are kept as "
+                             "extracted, not re-read (listed in features/input_changes.parquet)")
 
     def classes(self, rec: StageRecord) -> None:
         from pipeline.semantics.classset import load_class_set
