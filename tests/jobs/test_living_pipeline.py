@@ -25,25 +25,11 @@ import pytest
 import yaml
 
 from pipeline.core import parquet as zpq
+from tests.jobs.test_resume import KILL_AT_COMMIT  # the zsl CLI, SIGKILLed at the N-th commit of a matching file
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 PER_CLASS, DAY1 = 6, 4  # images per class folder; the first DAY1 of each arrive on day 1
-
-KILL_AT_COMMIT = """
-import os, signal, sys
-import pipeline.core.fs as zio
-real, seen = zio._commit, [0]
-def commit(fs, tmp, path):
-    if os.environ["KILL_MATCH"] in path:
-        seen[0] += 1
-        if seen[0] == int(os.environ["KILL_AT"]):
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-    real(fs, tmp, path)
-zio._commit = commit
-from jobs.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")
