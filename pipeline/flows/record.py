@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +30,10 @@ __all__ = ["RunRecord", "StageRecord", "write_run", "render_report", "RECORD_FIL
 RECORD_FILE, REPORT_FILE, INDEX_FILE = "record.json", "report.html", "index.html"
 #: label-diff pairs shown with thumbnails, and examples per pair
 DIFF_PAIRS, DIFF_EXAMPLES, THUMB_PX = 12, 6, 96
+#: at most this long making thumbnails for one report (images in remote tars can be slow to reach)
+THUMB_SECONDS = 20
+#: larger source images get no thumbnail
+THUMB_MAX_BYTES = 32 << 20
 
 
 @dataclass
@@ -199,16 +204,24 @@ def _diff_examples(diff_dir: str | None, pairs: list[dict]) -> dict[tuple, list[
 
     wanted = {(p.get("old"), p.get("new")) for p in pairs}
     out: dict[tuple, list[tuple[str, str]]] = {}
+    tries: dict[tuple, int] = {}
+    deadline = time.monotonic() + THUMB_SECONDS
     try:
         for f in sorted(zpq.iter_parquet_files(diff_dir)):
             t = zpq.read_parquet(f, columns=["image_id", "uri", "old_label", "new_label"])
             for iid, uri, old, new in zip(*(t.column(c).to_pylist() for c in t.column_names)):
                 key = (old, new)
-                if key in wanted and len(out.setdefault(key, [])) < DIFF_EXAMPLES:
-                    src = _thumbnail(uri)
-                    if src:
-                        out[key].append((iid, src))
-            if all(len(out.get(k, [])) >= DIFF_EXAMPLES for k in wanted):
+                if key not in wanted or tries.get(key, 0) >= 2 * DIFF_EXAMPLES or \
+                        len(out.get(key, [])) >= DIFF_EXAMPLES:
+                    continue
+                tries[key] = tries.get(key, 0) + 1  # unreadable images are not tried for every row
+                src = _thumbnail(uri)
+                if src:
+                    out.setdefault(key, []).append((iid, src))
+                if time.monotonic() > deadline:
+                    LOG.info("label diff thumbnails: stopped after %d s", THUMB_SECONDS)
+                    return out
+            if all(len(out.get(k, [])) >= DIFF_EXAMPLES or tries.get(k, 0) >= 2 * DIFF_EXAMPLES for k in wanted):
                 break
     except Exception as exc:  # noqa: BLE001 - the report goes on without thumbnails
         LOG.warning("label diff thumbnails left out: %s: %s", type(exc).__name__, exc)
@@ -224,12 +237,35 @@ def _thumbnail(uri: str | None) -> str | None:
 
         from pipeline.inputs.images import decode_image
 
-        px, _, _ = decode_image(zio.read_bytes(uri), size=THUMB_PX, max_pixels=50_000_000)
+        data = _read_source(uri)
+        if data is None:
+            return None
+        px, _, _ = decode_image(data, size=THUMB_PX, max_pixels=50_000_000)
         buf = io.BytesIO()
         Image.fromarray(px).save(buf, format="JPEG", quality=80)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
     except Exception:  # noqa: BLE001 - a moved or unreadable image has no thumbnail
         return None
+
+
+def _read_source(uri: str) -> bytes | None:
+    """The bytes of an image file or of a tar member (``a.tar::member``, as webdataset inputs name their
+    images); None when larger than :data:`THUMB_MAX_BYTES`."""
+    import tarfile
+
+    container, _, member = uri.partition("::")
+    fs, path = zio.filesystem(container)
+    with fs.open(path, "rb") as fh:
+        if not member:
+            data = fh.read(THUMB_MAX_BYTES + 1)
+            return data if len(data) <= THUMB_MAX_BYTES else None
+        with tarfile.open(fileobj=fh, mode="r|*") as tar:  # streamed: read up to the member only
+            for info in tar:
+                if info.name == member:
+                    if not info.isfile() or info.size > THUMB_MAX_BYTES:
+                        return None
+                    return tar.extractfile(info).read()
+    return None
 
 
 def _render_index(runs_dir: str) -> str:

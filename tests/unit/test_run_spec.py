@@ -126,3 +126,25 @@ def test_preflight_refuses_a_seen_class_missing_from_the_table_before_any_stage(
     rec = run_pipeline(cfg, progress=False)
     assert rec.exit_code == 2 and "train.seen: z not in the class table" in rec.message
     assert rec.stages == [] and sorted(os.listdir(cfg.root)) == [".zsl-run.lock", "runs"]
+
+
+def test_report_thumbnails_read_files_and_tar_members(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from pipeline.flows.record import _thumbnail
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="PNG")
+    (tmp_path / "a.png").write_bytes(buf.getvalue())
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name in ("k1.json", "k1.png"):
+            data = b"{}" if name.endswith(".json") else buf.getvalue()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert _thumbnail(str(tmp_path / "a.png")).startswith("data:image/jpeg;base64,")
+    assert _thumbnail(f"{tmp_path / 's.tar'}::k1.png").startswith("data:image/jpeg;base64,")
+    assert _thumbnail(f"{tmp_path / 's.tar'}::nope.png") is None and _thumbnail(str(tmp_path / "gone.png")) is None
