@@ -28,6 +28,12 @@ AddressOpt = typer.Option(None, help="Ray cluster address: run the per-shard wor
 WorkersOpt = typer.Option(None, help="Ray workers (default: the cluster's CPUs - 1).")
 
 
+#: Exit status of a command that finished but left some items out (``zsl index``: feature shards that
+#: cannot be read, listed on stderr and in the manifest's ``failed_shards``; a rerun retries them).
+#: Bad config or input, with nothing changed, is status 2 (:func:`run_guarded`).
+EXIT_PARTIAL = 3
+
+
 class BadInput(Exception):
     """Reported as a one-line message with exit status 2."""
 
