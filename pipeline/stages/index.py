@@ -149,7 +149,8 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
     """Build (or resume, or bring up to date) the text-searchable index of a feature directory.
 
     Unreadable feature shards are left out and named in the returned manifest's ``failed_shards``
-    (see the module docstring); ``ValueError`` when none can be read (nothing is changed then).
+    (see the module docstring); ``ValueError`` when none can be read (the finished index there
+    stays as it was).
     """
     with timed() as took:
         src = _open_inputs(cfg)
@@ -161,21 +162,7 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
             timings: dict[str, float] = {}
             vec_files, n_new = [], 0
             if plan.action != "nothing":
-                check_search_params(src.dim, plan.factory, plan.search_params)  # before any work
-                # projected into the cache before the manifest goes: a shard that fails here only
-                # changes the plan, and when every one fails the finished index stays as it was
-                with _step(timings, "project_s"):
-                    n_new, bad = _project(cfg, src, [src.files[n] for n in plan.shards], out.join("vectors"),
-                                          progress)
-                if bad:
-                    failed.update(bad)
-                    rows = {n: r for n, r in src.rows.items() if n not in bad}
-                    if not sum(rows.values()):
-                        _drop_cache(out)
-                        raise ValueError(f"{cfg.features}: no feature shard can be read ({_listing(failed)}); "
-                                         f"nothing was indexed or changed in {cfg.output}")
-                    plan = _plan(cfg, done, rows, src.dim, failed, replaced)
-                    check_search_params(src.dim, plan.factory, plan.search_params)
+                plan, n_new = _project_all(cfg, src, out, done, plan, failed, replaced, timings, progress)
                 vec_files = [cache_file(out.join("vectors"), src.files[n]) for n in plan.shards]
             files = [src.files[n] for n in plan.shards]
             if plan.action == "nothing":
@@ -202,6 +189,29 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
             out.finish(manifest)
             _drop_cache(out)
             return manifest
+
+
+def _project_all(cfg: IndexConfig, src: _Inputs, out: OutputDir, done: IndexManifest | None, plan: IndexPlan,
+                 failed: dict[str, str], replaced: str | None, timings: dict[str, float],
+                 progress: bool) -> tuple[IndexPlan, int]:
+    """Project the plan's shards into the cache, before the manifest goes: ``(plan, shards projected
+    now)``. Shards that fail are added to ``failed`` and the plan is made again without them (it
+    may then be ``nothing``); when every one fails, ``ValueError`` and the finished index stays."""
+    check_search_params(src.dim, plan.factory, plan.search_params)  # before any work
+    with _step(timings, "project_s"):
+        n_new, bad = _project(cfg, src, [src.files[n] for n in plan.shards], out.join("vectors"), progress)
+    if not bad:
+        return plan, n_new
+    failed.update(bad)
+    rows = {n: r for n, r in src.rows.items() if n not in bad}
+    if not sum(rows.values()):
+        _drop_cache(out)
+        kept = (f"the index there was already removed (--overwrite of one made from {replaced})" if replaced
+                else f"nothing was indexed or changed in {cfg.output}")
+        raise ValueError(f"{cfg.features}: no feature shard can be read ({_listing(failed)}); {kept}")
+    plan = _plan(cfg, done, rows, src.dim, failed, replaced)
+    check_search_params(src.dim, plan.factory, plan.search_params)
+    return plan, n_new
 
 
 def _plan(cfg: IndexConfig, done: IndexManifest | None, rows: dict[str, int], dim: int, failed: dict[str, str],
