@@ -133,7 +133,8 @@ def _replaced(cfg: IndexConfig, identity: dict) -> str | None:
     words = [_IDENTITY_WORDS[k] for k in keys if k in _IDENTITY_WORDS]
     rest = [k for k in keys if k not in _IDENTITY_WORDS]
     if rest:
-        words.append(f"other settings ({describe_diff({k: before.get(k) for k in rest}, {k: now.get(k) for k in rest})})")
+        diff = describe_diff({k: before.get(k) for k in rest}, {k: now.get(k) for k in rest})
+        words.append(f"other settings ({diff})")
     return " and ".join(words)
 
 
