@@ -28,6 +28,12 @@ AddressOpt = typer.Option(None, help="Ray cluster address: run the per-shard wor
 WorkersOpt = typer.Option(None, help="Ray workers (default: the cluster's CPUs - 1).")
 
 
+#: Exit status of a command that finished but left some items out (``zsl label``/``index``: feature shards that
+#: cannot be read, listed on stderr and in the manifest's ``failed_shards``; a rerun retries them).
+#: Bad config or input, with nothing changed, is status 2 (:func:`run_guarded`).
+EXIT_PARTIAL = 3
+
+
 class BadInput(Exception):
     """Reported as a one-line message with exit status 2."""
 
@@ -132,9 +138,6 @@ def run_job(job: str, flags: dict | Callable[[], dict], config: Path | None, set
         body(load_config(job, flags() if callable(flags) else flags, config, sets))
     run_guarded(go)
 
-
-#: exit status of a job that finished with some items failed (listed; the next run retries them)
-EXIT_PARTIAL = 3
 
 
 def exit_partial(failed: dict[str, str]) -> None:

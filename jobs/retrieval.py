@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import typer
 
-from jobs.common import AddressOpt, ConfigOpt, OverwriteOpt, SetOpt, WorkersOpt, exit_partial, run_job
+from jobs.common import EXIT_PARTIAL, AddressOpt, ConfigOpt, OverwriteOpt, SetOpt, WorkersOpt, run_job
 
 
 def index(
@@ -27,24 +27,32 @@ def index(
     config: Optional[Path] = ConfigOpt, set: Optional[list[str]] = SetOpt,
 ) -> None:
     """Build a FAISS index of images in the model's text space (chosen under a memory budget, tuned
-    to a recall target); on a feature directory that gained shards, add only their vectors."""
-    failed: dict = {}
+    to a recall target); on a feature directory that gained shards, add only their vectors.
 
+    Exit status 0 when every feature shard is indexed, 3 when the run finished but some shards
+    cannot be read (listed; the index holds the others, a rerun retries them), 2 on bad config or
+    input, or when no shard can be read (nothing changed).
+    """
     def body(cfg):
         from pipeline.stages.index import run_index
 
         m = run_index(cfg)
-        failed.update(m.failed_shards)
         tuned = (f"; {m.search_params or 'exact'}: recall@10 {m.tuning.recall_at_10:.3f}, "
                  f"{m.tuning.latency_ms_mean:.2f} ms/query" if m.tuning else "")
         typer.echo(f"indexed {m.ntotal} images with {m.factory} ({m.index_bytes / 2**20:.1f} MiB, "
                    f"{m.build}){tuned} -> {cfg.output}")
+        typer.echo(f"index: {m.last_run_summary()}")
+        if m.failed_shards:
+            for name, why in m.failed_shards.items():
+                typer.echo(f"zsl: feature shard {name} not indexed: {why}", err=True)
+            typer.echo(f"zsl: {len(m.failed_shards)} of {len(m.failed_shards) + len(m.shards)} feature shards not "
+                       "indexed; rerun to try them again", err=True)
+            raise typer.Exit(EXIT_PARTIAL)
     run_job("index", dict(features=features, model=model, output=output, max_memory=max_memory,
                           index_factory=index_factory, nprobe=nprobe, search_params=search_params,
                           target_recall=target_recall, max_query_ms=max_query_ms, use_gpu=use_gpu,
                           address=address, num_workers=num_workers, partitions=partitions, overwrite=overwrite),
             config, set, body)
-    exit_partial(failed)
 
 
 def serve(

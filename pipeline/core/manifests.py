@@ -227,9 +227,32 @@ class IndexManifest(Manifest):
     max_memory: str | None = None
     estimated_bytes: int | None = None
     shards_projected_last_run: int | None = None
-    #: feature shards left out because they could not be read (name -> why); the next run adds them
-    failed_shards: dict[str, str] = Field(default_factory=dict)
     seconds: float | None = None
+    #: what the last run did to the index (:class:`~pipeline.index.plan.IndexPlan`'s action, and
+    #: "rebuild" when it replaced a finished index), and why, in one sentence (its plan's reason)
+    last_action: Literal["build", "rebuild", "add", "retune", "nothing"] | None = None
+    last_reason: str | None = None
+    #: feature shards whose vectors went in during the last run (``added_last_run`` counts the vectors)
+    shards_added_last_run: int | None = None
+    #: feature shards left out because they could not be read (name -> why, without file contents);
+    #: they are not in ``shards``, so the next run retries them (added when they can be read)
+    failed_shards: dict[str, str] = Field(default_factory=dict)
+
+    def last_run_summary(self) -> str:
+        """One line for a run report: ``added 3 shard(s) (1,200 vectors; 8,000 in all)``, or
+        ``rebuilt from 5 shard(s) (8,000 vectors): <why>``, and the shards left out."""
+        n, k = f"{self.ntotal:,}", len(self.shards)
+        what = {
+            "build": f"built from {k} shard(s) ({n} vectors)",
+            "rebuild": f"rebuilt from {k} shard(s) ({n} vectors): {self.last_reason}",
+            "add": f"added {self.shards_added_last_run or 0} shard(s) ({self.added_last_run or 0:,} vectors; "
+                   f"{n} in all)",
+            "retune": f"re-tuned ({n} vectors): {self.last_reason}",
+            "nothing": f"up to date ({n} vectors from {k} shard(s))",
+        }.get(self.last_action or "", f"{self.build or 'index'} ({n} vectors from {k} shard(s))")
+        if self.failed_shards:
+            what += f"; {len(self.failed_shards)} unreadable shard(s) left out: {', '.join(sorted(self.failed_shards))}"
+        return what
 
 
 class CaptionsManifest(Manifest):

@@ -303,7 +303,7 @@ class _Runner:
             new_identity = OutputDir.recorded_identity(p.index, job="index")
             why = describe_diff(old_identity, new_identity) if old_identity and old_identity != new_identity else ""
             rec.found = reason or ("first run" if old is None else f"rebuilt: {why}" if why else "new feature shards")
-            rec.did = f"{action or 'built'}: {man.ntotal} vectors ({man.factory})"
+            rec.did = f"{man.last_run_summary()} ({man.factory})" if action else f"{man.ntotal} vectors ({man.factory})"
             if old is not None:
                 rec.counts["added"] = man.ntotal - old.ntotal
 

@@ -15,6 +15,13 @@ up to date too (:mod:`pipeline.index.captions`).
 Runs under the resume protocol: the identity is the model (manifest and weights), the features
 and the index settings; the tuning settings only re-tune a finished index.
 
+One unreadable feature shard does not stop the run: a shard whose footer is bad is left out before
+planning, one whose data fails while projecting (here or on a Ray worker) after it, and the plan is
+made again without it. The index holds every other shard; the manifest names the ones left out and
+why (``failed_shards``), and what the run did and why (``last_action``, ``last_reason``). A rerun
+retries them: one readable again is added like a new shard. When no shard can be read the run
+fails and nothing is changed.
+
 With ``address`` (a Ray cluster) the projection runs on the cluster (workers read the feature
 shards and write the cache files themselves); an IVF index is then built as partitions on the
 workers, all from one quantiser trained here, and their inverted lists are merged on disk
@@ -35,14 +42,14 @@ from pipeline.core import parquet as zpq
 from pipeline.core.config import IndexConfig
 from pipeline.core.units import parse_memory
 from pipeline.core.features import feature_shards, features_identity, open_features, split_feature_shards
-from pipeline.core.resume import OutputDir
-from pipeline.core.manifests import IndexManifest, IndexTuning, read_manifest
+from pipeline.core.resume import OutputDir, describe_diff
+from pipeline.core.manifests import IndexManifest, IndexTuning
 from pipeline.core.timing import timed
 from pipeline.index.build import add_vectors, build_index, check_search_params, merge_ivf_parts
 from pipeline.index.captions import update_caption_index
 from pipeline.index.partitions import part_worker, partition_specs, train_quantiser
 from pipeline.index.plan import IndexPlan, plan_index
-from pipeline.index.projection import CachedVectors, Projector, cache_file, projector
+from pipeline.index.projection import CachedVectors, Projector, cache_file, projector, unreadable_reason
 from pipeline.index.store import CAPTIONS_INDEX, IDS_FILE, INDEX_FILE, IVFDATA_FILE, MODEL_COPY, copy_model, \
     load_index, write_ids, write_index_files
 from pipeline.index.tune import tune_index
@@ -64,11 +71,22 @@ class _Inputs:
     fman: Any
     model: Any
     mman: Any
-    files: dict[str, str]  # feature shard name -> file, in the feature directory's order
+    files: dict[str, str]  # readable feature shard name -> file, in the feature directory's order
     rows: dict[str, int]
+    #: feature shard name -> why it cannot be read (its footer): left out
+    failed: dict[str, str]
     dim: int
     identity: dict
-    failed: dict  # feature shard name -> why it was left out (unreadable)
+
+
+def _name(uri: str) -> str:
+    return uri.rsplit("/", 1)[-1]
+
+
+def _listing(failed: dict[str, str], limit: int = 3) -> str:
+    """``shard-a (why); shard-b (why); and 2 more``."""
+    items = [f"{n} ({why})" for n, why in list(failed.items())[:limit]]
+    return "; ".join(items) + (f"; and {len(failed) - limit} more" if len(failed) > limit else "")
 
 
 def _open_inputs(cfg: IndexConfig) -> _Inputs:
@@ -77,30 +95,47 @@ def _open_inputs(cfg: IndexConfig) -> _Inputs:
     if mman.semantics != "text":
         raise ValueError(f"{cfg.model}: model scores against '{mman.semantics}' semantics; text search needs "
                          "a model trained with --semantics text")
-    shards, bad = split_feature_shards(feature_shards(cfg.features), fman.dim)
-    failed = {f.rsplit("/", 1)[-1]: why for f, why in bad.items()}
-    if bad and not shards:
-        first = next(iter(bad.items()))
-        raise ValueError(f"{first[0]}: {first[1]} (and every other feature shard is unusable too)")
-    try:
-        done = read_manifest(cfg.output, IndexManifest) if zio.exists(zio.join(cfg.output, "manifest.json")) else None
-    except Exception:  # noqa: BLE001 - another output: the resume protocol says so when it opens it
-        done = None
-    indexed_bad = sorted(set(failed) & set(done.shards if done is not None else ()))
-    if indexed_bad:  # its vectors are in the index: it cannot be left out without a rebuild
-        raise ValueError(f"{cfg.features}: indexed feature shard {indexed_bad[0]} is unreadable now "
-                         f"({failed[indexed_bad[0]]}); restore it, or rebuild with --overwrite")
-    for name, why in failed.items():
-        LOG.error("%s: feature shard %s left out: %s (the next run adds it)", cfg.output, name, why)
-    files = {f.rsplit("/", 1)[-1]: f for f in shards}
+    shards = feature_shards(cfg.features)
+    usable, bad = split_feature_shards(shards, fman.dim)
+    failed = {_name(f): unreadable_reason(why) for f, why in bad.items()}
+    if shards and not usable:
+        raise ValueError(f"{cfg.features}: none of its {len(shards)} feature shard(s) can be read "
+                         f"({_listing(failed)}); nothing was indexed or changed")
+    for n, why in failed.items():
+        LOG.warning("%s: feature shard %s cannot be read (%s); left out of the index, a later run retries it",
+                    cfg.features, n, why)
+    files = {_name(f): f for f in usable}
     rows = {n: zpq.parquet_num_rows(f) for n, f in files.items()}
     if sum(rows.values()) == 0:
-        raise ValueError(f"{cfg.features}: no features to index")
+        raise ValueError(f"{cfg.features}: no features to index" + (f" ({len(failed)} unreadable shard(s): "
+                                                                      f"{_listing(failed)})" if failed else ""))
     dim = mman.search_dim or mman.semantic_dim
     # what the vectors and the index type are; the tuning settings only re-tune a finished index
     identity = {"model": model_fingerprint(cfg.model, mman), "features": features_identity(cfg.features, fman),
                 "dim": dim, "index_factory": cfg.index_factory, "max_memory": cfg.max_memory, "nprobe": cfg.nprobe}
-    return _Inputs(fman, model, mman, files, rows, dim, identity, failed)
+    return _Inputs(fman, model, mman, files, rows, failed, dim, identity)
+
+
+#: what the identity's keys say when an index of other ones is replaced (``--overwrite``)
+_IDENTITY_WORDS = {"model": "another model", "features": "other features", "dim": "another search space"}
+
+
+def _replaced(cfg: IndexConfig, identity: dict) -> str | None:
+    """What an index at ``cfg.output`` that ``--overwrite`` replaces was made from (None: none is
+    replaced), e.g. ``another model``, ``other settings (max_memory: was '4G', now '1G')``."""
+    if not cfg.overwrite:
+        return None
+    before = OutputDir.recorded_identity(cfg.output, job="index")
+    now = zio.to_jsonable(identity)
+    if before is None or before == now:
+        return None
+    keys = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    words = [_IDENTITY_WORDS[k] for k in keys if k in _IDENTITY_WORDS]
+    rest = [k for k in keys if k not in _IDENTITY_WORDS]
+    if rest:
+        diff = describe_diff({k: before.get(k) for k in rest}, {k: now.get(k) for k in rest})
+        words.append(f"other settings ({diff})")
+    return " and ".join(words)
 
 
 @contextmanager
@@ -112,38 +147,44 @@ def _step(timings: dict[str, float], key: str) -> Iterator[None]:
 
 
 def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
-    """Build (or resume, or bring up to date) the text-searchable index of a feature directory."""
+    """Build (or resume, or bring up to date) the text-searchable index of a feature directory.
+
+    Unreadable feature shards are left out and named in the returned manifest's ``failed_shards``
+    (see the module docstring); ``ValueError`` when none can be read (the finished index there
+    stays as it was).
+    """
     with timed() as took:
         src = _open_inputs(cfg)
+        replaced = _replaced(cfg, src.identity)
         with OutputDir(cfg.output, job="index", identity=src.identity, overwrite=cfg.overwrite, owned=_OWNED) as out:
             done = out.finished(IndexManifest)
-            plan = plan_index(cfg, done=done, rows=src.rows, dim=src.dim)
-            (LOG.warning if plan.rebuild else LOG.info)("%s: %s", cfg.output, plan.reason)
+            failed = dict(src.failed)
+            plan = _plan(cfg, done, src.rows, src.dim, failed, replaced)
+            timings: dict[str, float] = {}
+            vec_files, n_new = [], 0
+            if plan.action != "nothing":
+                plan, n_new = _project_all(cfg, src, out, done, plan, failed, replaced, timings, progress)
+                vec_files = [cache_file(out.join("vectors"), src.files[n]) for n in plan.shards]
             files = [src.files[n] for n in plan.shards]
-            if plan.action == "nothing" and src.failed != (done.failed_shards if done else {}):
-                done = done.model_copy(update={"failed_shards": src.failed})  # failures changed: say so
-                out.finish(done)
             if plan.action == "nothing":
                 _drop_cache(out)  # a kill after the manifest, before the cache was removed
                 # captions embedded since (or gone): the caption index is a directory of its own,
                 # written manifest last, so the image index's manifest stays as it is
                 _captions(cfg, out, src, files, plan, progress)
-                return done
+                return _still(out, done, plan, failed)
             # writable to add to, before the manifest goes; mapped when only re-tuning
             index = load_index(cfg.output, mmap=plan.action == "retune")[0] if plan.action != "build" else None
-            check_search_params(src.dim, plan.factory, plan.search_params)  # before any work
             out.begin()
             LOG.info("indexing %d images (%d-d) with %s", plan.n_total, src.dim, plan.factory)
-            timings: dict[str, float] = {}
-            with _step(timings, "project_s"):
-                vec_files, n_new = _project(cfg, src, files, out.join("vectors"), progress)
             index, added = _fill(cfg, plan, src, out, index, vec_files, timings, progress)
+            if index.ntotal != plan.n_total:  # the ids below are written for exactly these rows
+                raise RuntimeError(f"{cfg.output}: the index holds {index.ntotal} vectors, the plan {plan.n_total}")
             with _step(timings, "tune_s"):
                 tuning = _tune(cfg, plan, index, CachedVectors(vec_files))
             with _step(timings, "write_s"):
                 fields = _write(cfg, plan, done, index, files)
             manifest = _manifest(cfg, plan, src, fields, tuning, added=added, timings=timings, n_new=n_new,
-                                 seconds=took.elapsed())
+                                 failed=failed, seconds=took.elapsed())
             copy_model(cfg.model, out.uri)
             _captions(cfg, out, src, files, plan, progress)
             out.finish(manifest)
@@ -151,15 +192,61 @@ def run_index(cfg: IndexConfig, *, progress: bool = True) -> IndexManifest:
             return manifest
 
 
-def _project(cfg: IndexConfig, src: _Inputs, files: list[str], cache: str, progress: bool) -> tuple[list[str], int]:
-    """Project every shard into the cache (here, or on the Ray cluster at ``cfg.address``): the
-    cached vector files in id order, and how many were computed (not found cached) now."""
+def _project_all(cfg: IndexConfig, src: _Inputs, out: OutputDir, done: IndexManifest | None, plan: IndexPlan,
+                 failed: dict[str, str], replaced: str | None, timings: dict[str, float],
+                 progress: bool) -> tuple[IndexPlan, int]:
+    """Project the plan's shards into the cache, before the manifest goes: ``(plan, shards projected
+    now)``. Shards that fail are added to ``failed`` and the plan is made again without them (it
+    may then be ``nothing``); when every one fails, ``ValueError`` and the finished index stays."""
+    check_search_params(src.dim, plan.factory, plan.search_params)  # before any work
+    with _step(timings, "project_s"):
+        n_new, bad = _project(cfg, src, [src.files[n] for n in plan.shards], out.join("vectors"), progress)
+    if not bad:
+        return plan, n_new
+    failed.update(bad)
+    rows = {n: r for n, r in src.rows.items() if n not in bad}
+    if not sum(rows.values()):
+        _drop_cache(out)
+        kept = (f"the index there was already removed (--overwrite of one made from {replaced})" if replaced
+                else f"nothing was indexed or changed in {cfg.output}")
+        raise ValueError(f"{cfg.features}: no feature shard can be read ({_listing(failed)}); {kept}")
+    plan = _plan(cfg, done, rows, src.dim, failed, replaced)
+    check_search_params(src.dim, plan.factory, plan.search_params)
+    return plan, n_new
+
+
+def _plan(cfg: IndexConfig, done: IndexManifest | None, rows: dict[str, int], dim: int, failed: dict[str, str],
+          replaced: str | None) -> IndexPlan:
+    """:func:`plan_index`, logged (a rebuild as a warning)."""
+    plan = plan_index(cfg, done=done, rows=rows, dim=dim, failed=failed, replaced=replaced)
+    (LOG.warning if plan.rebuild else LOG.info)("%s: %s", cfg.output, plan.reason)
+    return plan
+
+
+def _still(out: OutputDir, done: IndexManifest, plan: IndexPlan, failed: dict[str, str]) -> IndexManifest:
+    """The finished index, unchanged; its manifest is written again only when the shards left out
+    changed (one more is unreadable, or one left out is gone from the features)."""
+    if done.failed_shards == failed:
+        return done
+    manifest = IndexManifest.model_validate({
+        **done.to_json(), "failed_shards": failed, "last_action": plan.last_action, "last_reason": plan.reason,
+        "added_last_run": 0, "shards_added_last_run": 0, "shards_projected_last_run": 0})
+    out.finish(manifest)
+    return manifest
+
+
+def _project(cfg: IndexConfig, src: _Inputs, files: list[str], cache: str,
+             progress: bool) -> tuple[int, dict[str, str]]:
+    """Project every shard into the cache (here, or on the Ray cluster at ``cfg.address``):
+    ``(how many were computed now (not found cached), {shard name: why} of those that cannot be read)``."""
     done = map_shards(files, partial(projector, cfg.model, src.fman.dim, src.dim, cache), address=cfg.address,
                       what="projections", num_workers=cfg.num_workers, progress=progress,
                       local=partial(Projector, cfg.model, src.fman.dim, src.dim, cache, model=src.model))
+    bad = {_name(r["shard"]): r["failed"] for r in done if r.get("failed")}
     n_new = sum(r["projected"] for r in done)
-    LOG.info("projected %d of %d shards (%d cached by an earlier run)", n_new, len(files), len(files) - n_new)
-    return [cache_file(cache, f) for f in files], n_new
+    LOG.info("projected %d of %d shards (%d cached by an earlier run%s)", n_new, len(files),
+             len(files) - n_new - len(bad), f", {len(bad)} unreadable" if bad else "")
+    return n_new, bad
 
 
 def _fill(cfg: IndexConfig, plan: IndexPlan, src: _Inputs, out: OutputDir, index, vec_files: list[str],
@@ -225,7 +312,8 @@ def _image_encoder(fman) -> dict:
 
 
 def _manifest(cfg: IndexConfig, plan: IndexPlan, src: _Inputs, fields: dict, tuning: IndexTuning | None, *,
-              added: int, timings: dict[str, float], n_new: int, seconds: float) -> IndexManifest:
+              added: int, timings: dict[str, float], n_new: int, failed: dict[str, str],
+              seconds: float) -> IndexManifest:
     if fields["index_bytes"] + sum(fields["data_files"].values()) > parse_memory(cfg.max_memory):
         LOG.warning("%s: the index takes %d bytes, above the %s budget (estimated %d)", cfg.output,
                     fields["index_bytes"], cfg.max_memory, plan.estimated_bytes)
@@ -238,7 +326,8 @@ def _manifest(cfg: IndexConfig, plan: IndexPlan, src: _Inputs, fields: dict, tun
         text_model_name=mman.text_model_name, text_pretrained=mman.text_pretrained, templates=mman.templates,
         features_dir=cfg.features, shards=list(plan.shards), max_memory=cfg.max_memory,
         estimated_bytes=plan.estimated_bytes, shards_projected_last_run=n_new, seconds=round(seconds, 2),
-        failed_shards=src.failed)
+        last_action=plan.last_action, last_reason=plan.reason, shards_added_last_run=len(plan.new_shards),
+        failed_shards=failed)
 
 
 def _captions(cfg: IndexConfig, out: OutputDir, src: _Inputs, files: list[str], plan: IndexPlan,

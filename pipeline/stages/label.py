@@ -98,16 +98,7 @@ def run_label(cfg: LabelConfig, *, progress: bool = True) -> LabelsManifest:
         with OutputDir(cfg.output, job="label", identity=identity, overwrite=cfg.overwrite, owned=("labels", "diffs"),
                        replace_in_place=True) as out:
             labels_dir = out.join("labels")
-            replacing = out.previous_state.get("replacing")
-            diff_dir = None
-            if replacing is not None:  # relabel in place, diffing each shard against its old labels
-                diff_dir = out.join(replacing.setdefault("diff", _next_diff(out.uri)))
-                out.set_state({"replacing": replacing})
-                done_now = set(replacing.get("done", []))
-                todo = [s for s in shards if s.rsplit("/", 1)[-1] not in done_now]
-            else:
-                done = zpq.parquet_names(labels_dir)
-                todo = [s for s in shards if s.rsplit("/", 1)[-1] not in done]
+            replacing, diff_dir, todo = _todo(out, shards)
             finished = out.finished(LabelsManifest)
             if not todo and not bad and finished is not None and finished.n_shards == len(all_shards) \
                     and not finished.failed_shards:
@@ -136,6 +127,19 @@ def run_label(cfg: LabelConfig, *, progress: bool = True) -> LabelsManifest:
                 seconds_last_run=round(took.elapsed(), 2), failed_shards=failed, last_diff=last_diff)
             out.finish(manifest)
             return manifest
+
+
+def _todo(out: OutputDir, shards: list[str]) -> tuple[dict | None, str | None, list[str]]:
+    """``(replacing, diff dir, shards to label)``: a relabel in place (``replacing``: what run.json says is
+    being replaced) diffs every shard not relabelled yet; otherwise the shards without labels are to do."""
+    replacing = out.previous_state.get("replacing")
+    if replacing is None:
+        done = zpq.parquet_names(out.join("labels"))
+        return None, None, [s for s in shards if s.rsplit("/", 1)[-1] not in done]
+    diff_dir = out.join(replacing.setdefault("diff", _next_diff(out.uri)))
+    out.set_state({"replacing": replacing})
+    done_now = set(replacing.get("done", []))
+    return replacing, diff_dir, [s for s in shards if s.rsplit("/", 1)[-1] not in done_now]
 
 
 #: columns of a label diff shard

@@ -360,19 +360,24 @@ def _foreign_shard(features_dir: str, name: str, dim: int, n: int = 3) -> None:
     zpq.write_parquet_atomic(zio.join(features_dir, "features", name), table)
 
 
-def test_label_and_index_refuse_a_shard_of_another_dimension_before_writing(small_world, tmp_path):
+def test_label_and_index_leave_out_a_shard_of_another_dimension(small_world, tmp_path):
     from pipeline.stages.label import run_label
     from pipeline.stages.index import run_index
 
     w = small_world(n_images=24, shard_size=8)
     _foreign_shard(w["features"], "shard-000001.parquet", dim=5)  # 5-d in a 6-d feature directory
+    why = "embeddings are fixed_size_list<element: float>[5], the manifest and model expect fixed_size_list<float>[6]"
     lcfg = LabelConfig(model=w["model"], features=w["features"], classes=w["classes"], output=str(tmp_path / "l"))
-    with pytest.raises(ValueError, match=r"shard-000001.parquet: embeddings are fixed_size_list<element: float>\[5\]"):
-        run_label(lcfg, progress=False)
-    icfg = IndexConfig(features=w["features"], model=w["model"], output=str(tmp_path / "i"))
-    with pytest.raises(ValueError, match=r"shard-000001.parquet: embeddings are .*\[5\].*expect .*\[6\]"):
-        run_index(icfg, progress=False)
-    assert not (tmp_path / "l").exists() and not (tmp_path / "i").exists()
+    lm = run_label(lcfg, progress=False)  # labelling goes on without it, and names it
+    assert lm.failed_shards == {"shard-000001.parquet": why} and lm.n_images == 16
+    assert sorted(os.listdir(tmp_path / "l" / "labels")) == ["shard-000000.parquet", "shard-000002.parquet"]
+    # indexing goes on without it: the other shards are indexed, this one is named in the manifest
+    icfg = IndexConfig(features=w["features"], model=w["model"], output=str(tmp_path / "i"), index_factory="Flat",
+                       use_gpu="no")
+    m = run_index(icfg, progress=False)
+    assert m.failed_shards == {"shard-000001.parquet": "embeddings are fixed_size_list<element: float>[5], the "
+                                                       "manifest and model expect fixed_size_list<float>[6]"}
+    assert m.shards == ["shard-000000.parquet", "shard-000002.parquet"] and m.ntotal == 16
 
 
 def test_label_refuses_a_model_of_another_feature_dimension(small_world, tmp_path):

@@ -88,12 +88,19 @@ def test_new_shards_are_added_after_the_indexed_ones():
     assert p.estimated_bytes == estimate_memory("HNSW32,Flat", 8000, DIM)
 
 
-def test_indexed_shards_listed_in_another_order_only_retune():
+def test_indexed_shards_listed_in_another_order_keep_the_index_and_its_order():
+    """A shard added after a later one (left out as unreadable, then readable again) stays where the
+    index put it: the same shards in another order are the same index, with nothing to do."""
     cfg = _cfg()
     rows = _rows(3)
     done = _done(cfg, dict(reversed(list(rows.items()))))
     p = plan_index(cfg, done=done, rows=rows, dim=DIM)
-    assert p.action == "retune" and p.shards == tuple(done.shards) and "another order" in p.reason
+    assert p.action == "nothing" and p.shards == tuple(done.shards) and "nothing to do" in p.reason
+    p = plan_index(_cfg(target_recall=0.99), done=done, rows=rows, dim=DIM)
+    assert p.action == "retune" and p.shards == tuple(done.shards)
+    grown = {**rows, "shard-000009.parquet": 10}
+    p = plan_index(cfg, done=done, rows=grown, dim=DIM)
+    assert p.action == "add" and p.shards == (*done.shards, "shard-000009.parquet")
 
 
 @pytest.mark.parametrize("change, why", [
@@ -159,3 +166,57 @@ print(p.action, p.factory, p.partitions, sorted(m for m in sys.modules if "faiss
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["build", "HNSW32,Flat", "0", "[]"]
+
+
+# ------------------------------------------------------------------ unreadable shards, and why a rebuild
+
+def test_a_shard_left_out_as_unreadable_is_added_once_readable_not_rebuilt():
+    cfg = _cfg()
+    rows = _rows(4)
+    left_out = {"shard-000001.parquet": "not a readable feature shard (ArrowInvalid: ...)"}
+    now = {n: r for n, r in rows.items() if n not in left_out}
+    p = plan_index(cfg, done=None, rows=now, dim=DIM, failed=left_out)
+    assert p.action == "build" and p.shards == tuple(now) and p.n_total == 3 * SHARD_ROWS
+    assert "leaving out 1 unreadable shard(s) (shard-000001.parquet)" in p.reason
+    done = _done(cfg, now, failed_shards=left_out)
+    # still unreadable: nothing to do (and said)
+    p = plan_index(cfg, done=done, rows=now, dim=DIM, failed=left_out)
+    assert p.action == "nothing" and "leaving out 1 unreadable" in p.reason
+    # readable again: added after the indexed shards, faiss ids continuing
+    p = plan_index(cfg, done=done, rows=rows, dim=DIM)
+    assert p.action == p.last_action == "add" and not p.rebuild
+    assert p.new_shards == ("shard-000001.parquet",) and p.shards == (*now, "shard-000001.parquet")
+    assert p.n_total == 4 * SHARD_ROWS and "1 left out as unreadable by an earlier run" in p.reason
+
+
+def test_an_indexed_shard_unreadable_now_rebuilds_and_says_so():
+    cfg = _cfg()
+    rows = _rows(3)
+    bad = {"shard-000000.parquet": "OSError: Couldn't deserialize thrift"}
+    now = {n: r for n, r in rows.items() if n not in bad}
+    p = plan_index(cfg, done=_done(cfg, rows), rows=now, dim=DIM, failed=bad)
+    assert p.action == "build" and p.rebuild and p.last_action == "rebuild" and p.shards == tuple(now)
+    assert "1 indexed shard(s) cannot be read now (shard-000000.parquet)" in p.reason
+
+
+def test_an_index_replaced_with_overwrite_is_a_rebuild_that_says_what_it_was_made_from():
+    p = plan_index(_cfg(), done=None, rows=_rows(2), dim=DIM, replaced="another model")
+    assert p.action == "build" and p.rebuild and p.last_action == "rebuild"
+    assert "made from another model and is replaced (--overwrite)" in p.reason
+
+
+@pytest.mark.parametrize("done_kw, rows, cfg_kw, replaced", [
+    ({}, dict(list(_rows(3).items())[1:]), {}, None),  # a shard gone
+    ({}, {**_rows(3), "shard-000000.parquet": 5, "shard-000009.parquet": 9}, {}, None),  # resized
+    ({"data_files": {"index.ivfdata": 9}}, {**_rows(3), "shard-000009.parquet": 9}, {}, None),  # on-disk IVF
+    ({"factory": "Flat"}, _rows(3), {"max_memory": str(estimate_memory("Flat", 2 * SHARD_ROWS, DIM) + 100)},
+     None),  # budget
+    (None, _rows(3), {}, "another model"),  # --overwrite
+])
+def test_every_rebuild_says_why(done_kw, rows, cfg_kw, replaced):
+    cfg = _cfg(**cfg_kw)
+    done = None if done_kw is None else _done(cfg, _rows(2 if "factory" in done_kw else 3), **done_kw)
+    p = plan_index(cfg, done=done, rows=rows, dim=DIM, replaced=replaced)
+    assert p.rebuild and p.last_action == "rebuild" and p.reason.endswith("rebuilding it")
+    fresh = plan_index(cfg, done=None, rows=rows, dim=DIM).reason
+    assert p.reason != fresh and "(" in p.reason  # the cause, named
