@@ -52,5 +52,5 @@ def test_every_command_is_registered_once():
     from jobs.cli import app
 
     names = [c.name for c in app.registered_commands]
-    assert len(names) == len(set(names)) == 17
-    assert {"embed-text", "export", "import", "demo-data", "add-classes"} <= set(names)
+    assert len(names) == len(set(names)) == 18
+    assert {"run", "embed-text", "export", "import", "demo-data", "add-classes"} <= set(names)
