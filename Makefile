@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install tools demo test test-slow test-all bench bench-extract bench-scale bench-serve bench-filters bench-reload bench-pipeline bench-decode bench-compare device-check gpu-check eval redo-share clean help
+.PHONY: install tools demo test test-slow test-all bench bench-extract bench-scale bench-serve bench-filters bench-reload bench-pipeline bench-relabel bench-decode bench-compare device-check gpu-check eval redo-share clean help
 
 help:
 	@echo "make demo   - install into $(VENV) and run extract -> classes -> train -> evaluate -> label -> index -> search -> report"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-compare BASE=<rev> - bench-scale (100k, ours) and bench-serve (onnx) on BASE and this tree, alternating -> benchmarks/results/compare.json"
 	@echo "make bench-filters - label filters, old post-filter vs search among the allowed ids, two label geometries, FILTER_ROWS=200000 -> benchmarks/results/filters.json (FILTER_ROWS=1000000 -> filters_1m.json)"
 	@echo "make bench-reload - zsl serve under load while zsl index adds shards, then rebuilds -> benchmarks/results/reload.json"
+	@echo "make bench-relabel - zsl label fresh vs an in-place relabel with its label diff after adding classes, RELABEL_ROWS=1000000 -> benchmarks/results/relabel.json"
 	@echo "make bench-decode - peak RSS decoding a 10,000-image tar, whole vs streamed -> benchmarks/results/decode_memory.json"
 	@echo "make device-check - prepare .device/ (wheels + real JPEGs, <= 64 MiB) for infra/device/run-check.sh on a borrowed GPU machine"
 	@echo "make gpu-check - CUDA extraction and faiss-gpu figures -> benchmarks/results/gpu.json (needs a GPU)"
@@ -179,6 +180,12 @@ bench-filters: install
 
 bench-reload: install
 	$(BIN)/python -m benchmarks.bench_reload --output benchmarks/results/reload.json
+
+# zsl label into an empty directory vs relabelling a finished output in place (with the label diff)
+RELABEL_ROWS ?= 1000000
+bench-relabel: install
+	$(BIN)/python -m benchmarks.bench_relabel --rows $(RELABEL_ROWS) \
+		--output benchmarks/results/relabel.json
 
 bench-decode: install
 	$(BIN)/python -m benchmarks.bench_decode_memory --output benchmarks/results/decode_memory.json
