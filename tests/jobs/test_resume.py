@@ -240,7 +240,7 @@ def test_extract_killed_at_several_points_resumes_to_the_exact_rows(corpus, refe
             shutil.rmtree(_env(tag)["ZSL_RAY_TMPDIR"], ignore_errors=True)
 
     assert kills[:2] == [0, 1] and kills[2] >= 3 and kills[3] >= 6
-    assert f"{N_SHARDS} shards in input, {done_before} already done, {N_SHARDS - done_before} to do" in log5
+    assert f"{N_SHARDS} shards in the plan (0 new), {done_before} already done, {N_SHARDS - done_before} to do" in log5
     # every features file was written once: none was rewritten by a later run
     assert {n: os.stat(out / "features" / n).st_mtime_ns for n in watch.first_seen} == watch.first_seen
     assert sorted(watch.first_seen) == [f"shard-{i:06d}.parquet" for i in range(N_SHARDS)]
