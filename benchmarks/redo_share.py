@@ -86,7 +86,7 @@ def rerun_counts(out: str | os.PathLike, before: dict[str, FileStamp], after: di
     """What a rerun of ``zsl extract`` did to ``out``, from two :func:`snapshot` s and the directory's records.
 
     ``before`` is taken when the rerun starts (after the kill), ``after`` when it has finished. Reads
-    ``run.json`` (the shard plan the extract recorded) and ``manifest.json`` (written last, so its
+    ``plan.parquet`` (the shard plan the extract recorded) and ``manifest.json`` (written last, so its
     presence means the rerun completed) and checks both against the files on disk. Raises
     ``RuntimeError`` if the output is unfinished or its records disagree with its files.
     """
@@ -99,9 +99,12 @@ def rerun_counts(out: str | os.PathLike, before: dict[str, FileStamp], after: di
     record = RunRecord.model_validate(zio.read_json(os.path.join(out, "run.json")))
     if record.job != "extract":
         raise RuntimeError(f"{out}: run.json is a `zsl {record.job}` record, not an extract one")
-    plan = record.state.get("shards")
+    from pipeline.inputs.plan import read_plan
+
+    recorded = read_plan(out)  # plan.parquet; outputs of earlier versions kept the ids in run.json
+    plan = {str(s.shard_id): s for s, _, _ in recorded} if recorded else record.state.get("shards")
     if not isinstance(plan, dict) or not plan:
-        raise RuntimeError(f"{out}: run.json records no shard plan (state: {sorted(record.state)})")
+        raise RuntimeError(f"{out}: no shard plan recorded (no plan.parquet; run.json state: {sorted(record.state)})")
     manifest = open_features(out)  # FileNotFoundError: the rerun did not finish
     expected = {shard_name(int(i)) for i in plan}
     if manifest.n_shards != len(expected):  # a --limit run plans every shard but extracts the first ones
