@@ -49,7 +49,7 @@ class _ShardWorker:
 
 def map_shards(items: list[str], factory: Callable[[], Worker], *, address: str | None, what: str,
                num_workers: int | None = None, local: Callable[[], Worker] | None = None,
-               progress: bool = False) -> list[dict]:
+               progress: bool = False, on_result: Callable[[dict], None] | None = None) -> list[dict]:
     """``factory()(item)`` for every item: the results (JSON-able dicts), in item order here, in no
     order on a cluster.
 
@@ -57,15 +57,25 @@ def map_shards(items: list[str], factory: Callable[[], Worker], *, address: str 
     one that reuses a model already loaded here) runs the items one by one behind a tqdm bar
     (``progress``) named ``what``. With ``address``, on that Ray cluster: :func:`run_shard_jobs`
     (``factory`` must then be picklable; ``num_workers`` sizes the actor pool). No items: no worker.
+    ``on_result(result)``: called for each result as its item is done here, after the job on a cluster
+    (e.g. to record progress a rerun resumes from).
     """
     if not items:
         return []
     if address:
-        return run_shard_jobs(items, factory, address=address, num_workers=num_workers, what=what)
+        results = run_shard_jobs(items, factory, address=address, num_workers=num_workers, what=what)
+        for r in results if on_result is not None else ():
+            on_result(r)
+        return results
     from tqdm.auto import tqdm
 
     worker = (local or factory)()
-    return [worker(item) for item in tqdm(items, desc=what, unit="shard", disable=not progress)]
+    results = []
+    for item in tqdm(items, desc=what, unit="shard", disable=not progress):
+        results.append(worker(item))
+        if on_result is not None:
+            on_result(results[-1])
+    return results
 
 
 def run_shard_jobs(items: list[str], factory: Callable[[], Worker], *, address: str | None,

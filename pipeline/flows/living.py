@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -37,9 +36,9 @@ import numpy as np
 from pipeline.core import fs as zio
 from pipeline.core import parquet as zpq
 from pipeline.core.config import ConfigError, RunConfig
-from pipeline.core.manifests import ClassesManifest, FeaturesManifest, IndexManifest, LabelsManifest, ModelManifest
+from pipeline.core.manifests import ClassesManifest, IndexManifest, LabelsManifest
 from pipeline.core.timing import peak_rss_bytes, reset_peak_rss, timed
-from pipeline.flows.record import RunRecord, StageRecord, write_run
+from pipeline.flows.record import RunRecord, StageRecord, run_ids, write_run
 
 LOG = logging.getLogger(__name__)
 
@@ -167,9 +166,7 @@ class _Runner:
         new = sorted(set(zpq.parquet_names(zio.join(p.features, "features"))) - before)
         new_errs = sorted(set(zpq.parquet_names(zio.join(p.features, "errors"))) - errs_before)
         rec.counts = {"shards": man.n_shards, "images": man.n_images, "errors": man.n_errors, "new_shards": len(new)}
-        for key in ("n_vanished", "n_changed", "n_retired"):
-            if getattr(man, key, None) is not None:
-                rec.counts[key[2:]] = getattr(man, key)
+        rec.counts.update(vanished=man.n_vanished, changed=man.n_changed)
         rec.failed = _error_rows(zio.join(p.features, "errors"), new_errs)
         if new:
             n_new = sum(zpq.parquet_num_rows(zio.join(p.features, "features", n)) for n in new)
@@ -260,8 +257,8 @@ class _Runner:
         lcfg = cfg.stage_config("label", model=self.model_dir(), features=p.features, classes=p.classes,
                                 output=p.labels, overwrite=True, address=cfg.address)
         man = run_label(lcfg, progress=self.progress)
-        failed = getattr(man, "failed_shards", None) or {}
-        rec.failed = [{"item": k.rsplit("/", 1)[-1], "reason": v} for k, v in failed.items()]
+        failed = man.failed_shards
+        rec.failed = [{"item": k, "reason": v} for k, v in failed.items()]
         rec.counts = {"shards": man.n_shards, "images": man.n_images, "labelled_now": man.n_labeled_this_run,
                       "failed_shards": len(failed)}
         relabel = man.last_diff is not None and (old is None or old.last_diff != man.last_diff)
@@ -285,53 +282,40 @@ class _Runner:
             return
         from pipeline.stages.index import run_index
 
-        from pipeline.core.resume import OutputDir, describe_diff
-
         old = _manifest(p.index, IndexManifest)
-        old_identity = OutputDir.recorded_identity(p.index, job="index") if old is not None else None
         icfg = cfg.stage_config("index", features=p.features, model=self.model_dir(), output=p.index,
                                 overwrite=True, address=cfg.address)
         man = run_index(icfg, progress=self.progress)
-        failed = getattr(man, "failed_shards", None) or {}
-        rec.failed = [{"item": k.rsplit("/", 1)[-1], "reason": v} for k, v in failed.items()]
-        rec.counts = {"vectors": man.ntotal, "failed_shards": len(failed)}
-        action = getattr(man, "last_action", None)
-        reason = getattr(man, "last_reason", None)
+        rec.failed = [{"item": k, "reason": v} for k, v in man.failed_shards.items()]
+        rec.counts = {"vectors": man.ntotal, "failed_shards": len(man.failed_shards)}
         if old is not None and old.model_dump() == man.model_dump():
             rec.status, rec.found, rec.did = "nothing new", "no new feature shards", "index kept"
         else:
-            new_identity = OutputDir.recorded_identity(p.index, job="index")
-            why = describe_diff(old_identity, new_identity) if old_identity and old_identity != new_identity else ""
-            rec.found = reason or ("first run" if old is None else f"rebuilt: {why}" if why else "new feature shards")
-            rec.did = f"{man.last_run_summary()} ({man.factory})" if action else f"{man.ntotal} vectors ({man.factory})"
+            rec.found = man.last_reason or ("first run" if old is None else "new feature shards")
+            rec.did = f"{man.last_run_summary()} ({man.factory})"
             if old is not None:
                 rec.counts["added"] = man.ntotal - old.ntotal
 
 
 def _error_rows(err_dir: str, names: list[str], limit: int = 200) -> list[dict]:
-    """The failed items of the error shards ``names`` (image id and reason), at most ``limit``."""
+    """The failed items of the error shards ``names`` (image id, stage, reason), at most ``limit``."""
     out: list[dict] = []
     for n in names:
-        t = zpq.read_parquet(zio.join(err_dir, n))
-        cols = {c: t.column(c).to_pylist() for c in t.column_names if c in ("image_id", "uri", "stage", "reason", "error")}
-        for i in range(t.num_rows):
-            if len(out) >= limit:
-                return out
-            out.append({"item": cols.get("image_id", [None] * t.num_rows)[i] or cols.get("uri", [""])[i],
-                        "reason": (cols.get("reason") or cols.get("error") or [""] * t.num_rows)[i],
-                        "stage": (cols.get("stage") or [""] * t.num_rows)[i]})
+        t = zpq.read_parquet(zio.join(err_dir, n), columns=["image_id", "stage", "reason"])
+        out += [{"item": i, "stage": st, "reason": r} for i, st, r in
+                zip(*(t.column(c).to_pylist() for c in ("image_id", "stage", "reason")))]
+        if len(out) >= limit:
+            return out[:limit]
     return out
 
 
-def _diff_summary(labels_dir: str, man) -> dict:
-    """The label diff the relabel wrote (its summary JSON), or {} when the label stage wrote none."""
-    where = getattr(man, "last_diff", None)
-    if not where:
+def _diff_summary(labels_dir: str, man: LabelsManifest) -> dict:
+    """The label diff the relabel wrote (its summary JSON and where it is), or {} when it wrote none."""
+    if not man.last_diff:
         return {}
-    uri = where if "://" in where or where.startswith("/") else zio.join(labels_dir, where)
+    uri = zio.join(labels_dir, man.last_diff)
     summary = zio.join(uri, "summary.json")
-    data = zio.read_json(summary) if zio.exists(summary) else {}
-    return {**data, "dir": uri}
+    return {**(zio.read_json(summary) if zio.exists(summary) else {}), "dir": uri}
 
 
 def run_pipeline(cfg: RunConfig, *, spec: str | None = None, progress: bool = True,
@@ -387,8 +371,5 @@ def _preflight(cfg: RunConfig) -> None:
 
 def _last_run(runs_dir: str) -> str | None:
     """The id of the latest run recorded under ``runs_dir`` (None: the first run)."""
-    if not zio.exists(runs_dir):
-        return None
-    ids = sorted(Path(runs_dir).iterdir()) if zio.is_local(runs_dir) else []
-    ids = [p.name for p in ids if (p / "record.json").exists()]
+    ids = run_ids(runs_dir)
     return ids[-1] if ids else None

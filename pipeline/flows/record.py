@@ -25,7 +25,7 @@ from pipeline.core import fs as zio
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["RunRecord", "StageRecord", "write_run", "render_report", "RECORD_FILE", "REPORT_FILE"]
+__all__ = ["RunRecord", "StageRecord", "write_run", "run_ids", "render_report", "RECORD_FILE", "REPORT_FILE"]
 
 RECORD_FILE, REPORT_FILE, INDEX_FILE = "record.json", "report.html", "index.html"
 #: label-diff pairs shown with thumbnails, and examples per pair
@@ -107,14 +107,15 @@ def write_run(runs_dir: str, rec: RunRecord, *, final: bool, keep: int | None = 
     return where
 
 
-def _run_ids(runs_dir: str) -> list[str]:
+def run_ids(runs_dir: str) -> list[str]:
+    """The ids of the runs recorded under ``runs_dir``, oldest first."""
     if not zio.is_local(runs_dir) or not os.path.isdir(runs_dir):
         return []
     return sorted(d for d in os.listdir(runs_dir) if os.path.isfile(os.path.join(runs_dir, d, RECORD_FILE)))
 
 
 def _prune(runs_dir: str, keep: int) -> None:
-    for old in _run_ids(runs_dir)[:-keep]:
+    for old in run_ids(runs_dir)[:-keep]:
         shutil.rmtree(os.path.join(runs_dir, old), ignore_errors=True)
 
 
@@ -270,7 +271,7 @@ def _read_source(uri: str) -> bytes | None:
 
 def _render_index(runs_dir: str) -> str:
     rows = []
-    for rid in reversed(_run_ids(runs_dir)):
+    for rid in reversed(run_ids(runs_dir)):
         try:
             r = zio.read_json(zio.join(runs_dir, rid, RECORD_FILE))
         except Exception:  # noqa: BLE001

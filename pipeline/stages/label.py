@@ -191,12 +191,10 @@ def _write_diff_summary(diff_dir: str, old_identity: dict, new_identity: dict) -
         t = zpq.read_parquet(f, columns=["old_label", "new_label"])
         moved += t.num_rows
         pairs.update(zip(t.column("old_label").to_pylist(), t.column("new_label").to_pylist()))
-    fs, path = zio.filesystem(diff_dir)
-    compared = sum(int(sum(zio.read_json(f if "://" not in diff_dir else f"{diff_dir.split('://')[0]}://{f}").values()))
-                   for f in fs.glob(f"{path.rstrip('/')}/compared-*.json"))
+    compared = sum(n for f in zio.list_files(diff_dir, suffixes=(".json",), recursive=False)
+                   if f.rsplit("/", 1)[-1].startswith("compared-") for n in zio.read_json(f).values())
     summary = {"moved": moved, "compared": compared,
-               "changed": describe_diff({k: v for k, v in old_identity.items()},
-                                        {k: v for k, v in new_identity.items()}),
+               "changed": describe_diff(old_identity, new_identity),
                "pairs": [{"old": a, "new": b, "n": n} for (a, b), n in pairs.most_common()]}
     zio.write_json_atomic(zio.join(diff_dir, "summary.json"), summary)
     return summary
@@ -270,27 +268,16 @@ def _labeler(cfg_json: dict, dim: int, labels_dir: str, diff_dir: str | None = N
 def _label_shards(cfg: LabelConfig, model, mman, classes: ClassSet, todo: list[str], dim: int, labels_dir: str,
                   progress: bool, *, diff_dir: str | None = None, on_done=None) -> list[dict]:
     """Label the ``todo`` shards (here with the model already loaded, or on the Ray cluster at
-    ``cfg.address``); each shard's result (``rows``, and ``error`` for a shard that failed)."""
-    if on_done is None or cfg.address:
-        done = map_shards(todo, partial(_labeler, cfg.model_dump(mode="json"), dim, labels_dir, diff_dir),
-                          address=cfg.address, what="label shards", num_workers=cfg.num_workers, progress=progress,
-                          local=partial(_ShardLabeler, cfg, dim, labels_dir, loaded=(model, mman, classes),
-                                        diff_dir=diff_dir))
-        if on_done is not None:
-            for r in done:
-                if not r.get("error"):
-                    on_done(r["shard"].rsplit("/", 1)[-1])
-        return done
-    from tqdm.auto import tqdm
+    ``cfg.address``); each shard's result (``rows``, and ``error`` for a shard that failed).
+    ``on_done(name)``: called for each shard labelled, as it is done here (after the job on a cluster)."""
+    def done(r: dict) -> None:
+        if on_done is not None and not r.get("error"):
+            on_done(r["shard"].rsplit("/", 1)[-1])
 
-    worker = _ShardLabeler(cfg, dim, labels_dir, loaded=(model, mman, classes), diff_dir=diff_dir)
-    out = []
-    for f in tqdm(todo, desc="relabel shards", unit="shard", disable=not progress):
-        r = worker(f)
-        if not r.get("error"):
-            on_done(f.rsplit("/", 1)[-1])
-        out.append(r)
-    return out
+    return map_shards(todo, partial(_labeler, cfg.model_dump(mode="json"), dim, labels_dir, diff_dir),
+                      address=cfg.address, what="label shards", num_workers=cfg.num_workers, progress=progress,
+                      local=partial(_ShardLabeler, cfg, dim, labels_dir, loaded=(model, mman, classes),
+                                    diff_dir=diff_dir), on_result=done)
 
 
 def run_add_classes(cfg: AddClassesConfig, *, text_encoder=None,
