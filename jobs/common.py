@@ -7,7 +7,6 @@ Bad input exits with status 2 and a one-line message.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -100,17 +99,13 @@ def names_or_file(value: str | None, key: str) -> list[str] | None:
     """``a,b,c`` or a file: text (one name per line), or JSON (a list, or a dict with ``key``)."""
     if value is None:
         return None
-    path = Path(value)
-    if path.is_file():
-        text = path.read_text()
-        if path.suffix == ".json":
-            data = json.loads(text)
-            if isinstance(data, dict):
-                if key not in data:
-                    raise BadInput(f"{value}: no '{key}' list in the JSON file")
-                data = data[key]
-            return [str(x) for x in data]
-        return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if Path(value).is_file():
+        from pipeline.core.fs import read_names
+
+        try:
+            return read_names(value, key)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
     names = [n.strip() for n in value.split(",") if n.strip()]
     if not names:
         raise BadInput(f"--{key}: no class names given")

@@ -306,6 +306,21 @@ def output_lock(uri: str, *, name: str = ".zsl.lock", wait_s: float = 0.0, what:
         os.close(fd)  # releases the lock
 
 
+def read_names(uri: str, key: str) -> list[str]:
+    """Names from a file: one per line (blank lines and ``#`` comments skipped), or, for ``.json``, a list or
+    a dict with a ``key`` list (as ``splits.json`` files hold ``seen`` and ``unseen``). ValueError naming the
+    file when the dict has no such list."""
+    text = read_bytes(uri).decode()
+    if uri.endswith(".json"):
+        data = json.loads(text)
+        if isinstance(data, dict):
+            if key not in data:
+                raise ValueError(f"{uri}: no '{key}' list in the JSON file")
+            data = data[key]
+        return [str(x) for x in data]
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
 def write_npy_atomic(uri: str, array: np.ndarray) -> None:
     """Write a numeric array as ``.npy`` (never with pickled objects), atomically."""
     a = np.asarray(array)

@@ -82,15 +82,10 @@ def _seen_names(seen: Any) -> list[str]:
         return list(seen)
     if not zio.exists(seen):
         raise FileNotFoundError(f"train.seen: {seen} not found (give a list of class names or a file of them)")
-    text = zio.read_bytes(seen).decode()
-    if seen.endswith(".json"):
-        data = json.loads(text)
-        if isinstance(data, dict):
-            if "seen" not in data:
-                raise ValueError(f"train.seen: {seen} has no 'seen' list")
-            data = data["seen"]
-        return [str(x) for x in data]
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    try:
+        return zio.read_names(seen, "seen")
+    except ValueError as exc:
+        raise ValueError(f"train.seen: {exc}") from None
 
 
 def train_key(settings: dict, features: str, classes: str) -> dict:
