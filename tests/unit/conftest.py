@@ -47,3 +47,15 @@ def small_world(tmp_path):
         return {"features": feats, "classes": classes, "model": model_dir, "X": X, "text": text, "root": root}
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """Tiny k-means runs are slower with OpenMP threads spinning on a shared, busy CPU: one faiss thread
+    for a module's tests (``pytestmark = pytest.mark.usefixtures("one_faiss_thread")``)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

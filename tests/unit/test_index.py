@@ -28,15 +28,7 @@ def clustered(n: int, dim: int = DIM, clusters: int = 20, seed: int = 0, spread:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread():
-    """Tiny k-means runs are slower with OpenMP threads spinning on a shared, busy CPU."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")

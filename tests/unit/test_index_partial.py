@@ -22,14 +22,7 @@ DIM, K, N_CLASSES, SHARD_ROWS, N_SHARDS = 32, 16, 12, 300, 4
 NAMES = [f"shard-{i:06d}.parquet" for i in range(N_SHARDS)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread():
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")
